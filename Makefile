@@ -1,0 +1,97 @@
+# mocod — build, test, bench.  `make`, `make test`, `make test SANITIZE=1`, `make bench`, `make run`.
+#
+# Sources are found by wildcard: a new module is a new src/<concern>/x.c with include/<concern>/x.h,
+# a new test suite is tests/test_x.c defining `Suite *x_suite(void)`, a new benchmark tests/bench/bench_x.c.
+
+CC      ?= cc
+PKGS    := libuv openblas jansson check zlib
+MARCH   ?= -march=native
+ifeq ($(SANITIZE),1)
+BUILD   := build-asan
+OPT     := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+else
+BUILD   := build
+OPT     := -O2 -g $(MARCH)
+endif
+BIN     := $(BUILD)/bin
+
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+CFLAGS  := -std=c11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -D_GNU_SOURCE \
+           $(OPT) -Iinclude $(PKG_CFLAGS) $(EXTRA_CFLAGS)
+LDLIBS  := $(PKG_LIBS) -lm
+
+# Program entry points; every other file under src/ goes into the library.
+MAINS   := src/service/mocod.c src/client/mococtl.c src/tools/mocopack.c
+LIB_SRC := $(filter-out $(MAINS),$(wildcard src/*/*.c))
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
+LIB     := $(BUILD)/libmocod.a
+PROGS   := $(foreach m,$(wildcard $(MAINS)),$(BIN)/$(basename $(notdir $(m))))
+
+TEST_SRC := $(wildcard tests/test_*.c)
+TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/%.o) $(BUILD)/tests/runner.o $(BUILD)/tests/testutil.o
+SUITES   := $(patsubst tests/test_%.c,%,$(TEST_SRC))
+BENCH_SRC := $(wildcard tests/bench/bench_*.c)
+BENCHES  := $(patsubst tests/bench/%.c,$(BIN)/%,$(BENCH_SRC))
+
+.PHONY: all deps test check asan bench run clean
+all: $(PROGS)
+
+deps:
+	@scripts/install-deps.sh
+
+# The test target installs what is missing first, so one command works on a fresh machine;
+# the recursive make re-reads pkg-config once the packages are there.
+test check: deps
+	@$(MAKE) --no-print-directory test-run
+asan:
+	@$(MAKE) --no-print-directory test SANITIZE=1
+
+.PHONY: test-run
+test-run: $(BIN)/mocod-tests $(PROGS)
+	@MOCOD_BIN=$(BIN) MOCOD_BUILD=$(BUILD) $(BIN)/mocod-tests
+
+bench: deps
+	@$(MAKE) --no-print-directory bench-run
+.PHONY: bench-run
+bench-run: $(BENCHES) $(PROGS)
+	@for b in $(BENCHES); do echo "== $$b"; MOCOD_BIN=$(BIN) $$b || exit 1; done
+
+run: deps
+	@$(MAKE) --no-print-directory all
+	@scripts/run-default.sh $(BIN)
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(LIB): $(LIB_OBJ)
+	@mkdir -p $(dir $@)
+	$(AR) rcs $@ $^
+
+define PROGRAM_RULE
+$(BIN)/$(basename $(notdir $(1))): $(BUILD)/$(1:.c=.o) $(LIB)
+	@mkdir -p $$(dir $$@)
+	$$(CC) $$(CFLAGS) $$< $(LIB) $$(LDLIBS) -o $$@
+endef
+$(foreach m,$(MAINS),$(eval $(call PROGRAM_RULE,$(m))))
+
+$(BIN)/bench_%: $(BUILD)/tests/bench/bench_%.o $(BUILD)/tests/testutil.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $^ $(LDLIBS) -o $@
+
+# The runner learns the suites from the file names: tests/test_foo.c provides foo_suite().
+$(BUILD)/tests/suites.inc: $(TEST_SRC) Makefile
+	@mkdir -p $(dir $@)
+	@printf '%s\n' $(foreach s,$(SUITES),'SUITE($(s))') > $@
+$(BUILD)/tests/runner.o: $(BUILD)/tests/suites.inc
+$(BUILD)/tests/runner.o: CFLAGS += -I$(BUILD)/tests
+
+$(BIN)/mocod-tests: $(TEST_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(TEST_OBJ) $(LIB) $(LDLIBS) -o $@
+
+clean:
+	rm -rf build build-asan
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

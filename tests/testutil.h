@@ -1,0 +1,32 @@
+/* Helpers shared by the test suites and benchmarks. */
+#ifndef MOCO_TESTS_TESTUTIL_H
+#define MOCO_TESTS_TESTUTIL_H
+
+#include <stddef.h>
+
+#include "core/rng.h"
+
+/* Loss as a function of whatever the test perturbs; evaluated in double where the test can. */
+typedef double (*gc_loss_fn)(void *ctx);
+
+/* Central finite differences on up to max_checks entries of x (spread over the whole vector), compared
+ * with the analytic gradient `grad` (computed beforehand at the unperturbed x). Returns the largest
+ * error |a - f| / max(|a| + |f|, floor) over the entries checked; x is restored. Prints the worst entry
+ * when verbose is set in the environment (MOCOD_GC_VERBOSE=1). */
+double gradcheck(gc_loss_fn f, void *ctx, float *x, const float *grad, size_t n, float h,
+                 size_t max_checks, double floor);
+
+/* Fills x with U(lo, hi). */
+void fill_uniform(float *x, size_t n, rng_t *r, float lo, float hi);
+
+/* Directory for test files, created fresh per call ("/tmp/mocod-test-XXXXXX"); removed by rm_rf. */
+char *test_tmpdir(void);
+void rm_rf(const char *path);
+
+/* Path of a file in the repository's data/ directory (static buffer). */
+const char *data_path(const char *name);
+
+/* Seconds from a monotonic clock. */
+double now_seconds(void);
+
+#endif
