@@ -1,0 +1,586 @@
+#include "service/config.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/err.h"
+
+/* ---------------------------------------------------------------------------------------------------
+ * The schema. One row per option; the order here is the order of --print-config and of the reference.
+ * Rows with CONFIG_RUNTIME may be changed by `set` while training (applied between two steps).
+ * ------------------------------------------------------------------------------------------------- */
+
+#define R CONFIG_RUNTIME
+#define INT(p, d, lo, hi, f, doc) {p, CONFIG_INT, #d, lo, hi, NULL, f, doc}
+#define NUM(p, d, lo, hi, f, doc) {p, CONFIG_NUM, #d, lo, hi, NULL, f, doc}
+#define BOOL(p, d, f, doc) {p, CONFIG_BOOL, #d, 0, 0, NULL, f, doc}
+#define STR(p, d, f, doc) {p, CONFIG_STR, d, 0, 0, NULL, f, doc}
+#define ENUM(p, d, ch, f, doc) {p, CONFIG_ENUM, "\"" d "\"", 0, 0, ch, f, doc}
+#define LAYERS(p, d, doc) {p, CONFIG_LAYERS, d, 0, 0, NULL, 0, doc}
+
+const config_option config_options[] = {
+    /* ---- model ---- */
+    LAYERS("model.backbone",
+           "[{\"type\":\"conv2d\",\"out\":32,\"kernel\":3,\"stride\":1,\"pad\":1},{\"type\":\"batchnorm\"},"
+           "{\"type\":\"relu\"},{\"type\":\"maxpool\",\"kernel\":2},"
+           "{\"type\":\"conv2d\",\"out\":64,\"kernel\":3,\"stride\":1,\"pad\":1},{\"type\":\"batchnorm\"},"
+           "{\"type\":\"relu\"},{\"type\":\"maxpool\",\"kernel\":2},"
+           "{\"type\":\"conv2d\",\"out\":128,\"kernel\":3,\"stride\":1,\"pad\":1},{\"type\":\"batchnorm\"},"
+           "{\"type\":\"relu\"},{\"type\":\"avgpool\"},{\"type\":\"flatten\"}]",
+           "encoder layers up to the features that evaluation uses (kNN, linear probe, export)"),
+    LAYERS("model.head", "[{\"type\":\"linear\",\"out\":128},{\"type\":\"relu\"}]",
+           "projection head after the backbone; mocod appends linear(embed_dim) and l2norm"),
+    INT("model.embed_dim", 64, 2, 4096, 0, "dimension of the L2-normalised embedding (queue keys)"),
+    /* ---- contrast ---- */
+    INT("contrast.queue_size", 4096, 1, 1 << 22, 0, "K: keys kept in the queue as negatives"),
+    NUM("contrast.momentum", 0.99, 0, 1, 0, "m of the key encoder: key <- m*key + (1-m)*query"),
+    ENUM("contrast.momentum_schedule", "constant", "constant|cosine", 0,
+         "constant m, or BYOL's cosine ramp from m to 1 over training"),
+    NUM("contrast.temperature", 0.2, 0.001, 10, R, "softmax temperature of the contrastive loss"),
+    ENUM("contrast.loss", "infonce", "infonce|hcl|triplet", 0, "contrastive loss"),
+    BOOL("contrast.symmetric", false, 0, "also contrast the second view's query against the first's key"),
+    ENUM("contrast.negatives.strategy", "hardest",
+         "all|random|hardest|semi-hard|band|mixing|adversarial", R, "which candidates are negatives"),
+    BOOL("contrast.negatives.in_batch", false, 0, "also use the batch's other keys as candidates"),
+    INT("contrast.negatives.num_negatives", 1024, 1, 1 << 22, R, "negatives per query at hardness 1"),
+    /* ---- optim ---- */
+    ENUM("optim.optimizer", "sgd", "sgd|adamw|lars", 0, "update rule"),
+    INT("optim.batch_size", 256, 2, 65536, 0, "samples per step (B)"),
+    INT("optim.epochs", 10, 0, 100000, 0, "training length in passes over the data (when optim.steps is 0)"),
+    INT("optim.steps", 0, 0, 1e12, 0, "training length in steps; 0 derives it from optim.epochs"),
+    NUM("optim.lr", 0.06, 0, 100, R, "base learning rate (peak of the schedule)"),
+    ENUM("optim.lr_schedule", "cosine", "constant|cosine|step", 0, "learning-rate schedule over the training length"),
+    INT("optim.warmup_steps", 0, 0, 1e9, 0, "linear warm-up from 0 to optim.lr"),
+    NUM("optim.weight_decay", 5e-4, 0, 1, R, "L2 weight decay (not on biases and BatchNorm parameters)"),
+    NUM("optim.momentum", 0.9, 0, 0.9999, 0, "SGD / LARS momentum"),
+    /* ---- eval ---- */
+    INT("eval.every_steps", 0, 0, 1e12, R, "kNN monitor every N steps; 0 only at the end and on `eval`"),
+    INT("eval.k", 200, 1, 10000, R, "neighbours of the weighted kNN monitor"),
+    NUM("eval.temperature", 0.1, 0.001, 10, R, "kNN weight temperature T: weight exp(s/T)"),
+    ENUM("eval.encoder", "query", "query|key", R, "encoder whose backbone features are evaluated"),
+    BOOL("eval.probe_at_end", true, R, "train a linear probe on frozen features when training ends"),
+    /* ---- checkpoint ---- */
+    STR("checkpoint.dir", "\"run/checkpoints\"", 0, "directory of checkpoint files"),
+    INT("checkpoint.every_steps", 1000, 0, 1e12, R, "checkpoint every N steps; 0: not by steps"),
+    INT("checkpoint.every_seconds", 600, 0, 1e9, R, "checkpoint every N seconds; 0: not by time"),
+    INT("checkpoint.keep", 3, 1, 1000, R, "checkpoints kept; older ones are deleted"),
+    /* ---- log ---- */
+    STR("log.progress", "\"run/progress.jsonl\"", 0, "JSON-lines progress file; \"\" for none"),
+    STR("log.file", "\"run/mocod.log\"", 0, "human-readable log; \"\" for standard error"),
+    ENUM("log.level", "notice", "debug|verbose|notice|warning", R, "lowest level written to log.file"),
+    INT("log.every_steps", 10, 1, 1e9, R, "a progress event every N steps"),
+    /* ---- service ---- */
+    STR("service.socket", "\"run/mocod.sock\"", 0, "control socket (Unix domain, mode 0600)"),
+    STR("service.pid_file", "\"run/mocod.pid\"", 0, "pid file, locked while mocod runs"),
+    BOOL("service.exit_on_finish", false, 0,
+         "exit once training is finished; otherwise keep answering (status, eval, export) until stopped"),
+    /* ---- top level ---- */
+    INT("seed", 1, 0, 1e15, 0, "seed of every random stream (initialisation, shuffling, views, sampling)"),
+    INT("threads", 1, 1, 256, 0, "BLAS and data threads; results are reproducible for a fixed value"),
+};
+const size_t config_n_options = sizeof config_options / sizeof config_options[0];
+
+#undef R
+#undef INT
+#undef NUM
+#undef BOOL
+#undef STR
+#undef ENUM
+#undef LAYERS
+
+/* ---------------------------------------------------------------------------------------------------
+ * A growing text buffer for reports.
+ * ------------------------------------------------------------------------------------------------- */
+
+typedef struct {
+  char *s;
+  size_t len, cap;
+  int count; /* problems recorded */
+  char first[512];
+} report_buf;
+
+static void report_add(report_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void report_add(report_buf *b, const char *fmt, ...) {
+  char line[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(line, sizeof line, fmt, ap);
+  va_end(ap);
+  size_t n = strlen(line);
+  if (b->count++ == 0) {
+    size_t k = n < sizeof b->first - 1 ? n : sizeof b->first - 1;
+    memcpy(b->first, line, k);
+    b->first[k] = '\0';
+  }
+  if (b->len + n + 2 > b->cap) {
+    size_t cap = b->cap ? b->cap * 2 : 1024;
+    while (cap < b->len + n + 2) cap *= 2;
+    char *p = realloc(b->s, cap);
+    if (!p) return; /* the count and the first line still say what failed */
+    b->s = p;
+    b->cap = cap;
+  }
+  memcpy(b->s + b->len, line, n);
+  b->len += n;
+  b->s[b->len++] = '\n';
+  b->s[b->len] = '\0';
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Paths and lookups.
+ * ------------------------------------------------------------------------------------------------- */
+
+const config_option *config_option_find(const char *path) {
+  for (size_t i = 0; i < config_n_options; i++)
+    if (!strcmp(config_options[i].path, path)) return &config_options[i];
+  return NULL;
+}
+
+/* 1 when `path` names an object holding options ("contrast", "contrast.negatives"). */
+static int is_section(const char *path) {
+  size_t n = strlen(path);
+  for (size_t i = 0; i < config_n_options; i++)
+    if (!strncmp(config_options[i].path, path, n) && config_options[i].path[n] == '.') return 1;
+  return 0;
+}
+
+json_t *config_get(const json_t *root, const char *path) {
+  char key[256];
+  const json_t *node = root;
+  while (node && *path) {
+    const char *dot = strchr(path, '.');
+    size_t n = dot ? (size_t)(dot - path) : strlen(path);
+    if (n >= sizeof key || !json_is_object(node)) return NULL;
+    memcpy(key, path, n);
+    key[n] = '\0';
+    node = json_object_get(node, key);
+    path += n + (dot ? 1 : 0);
+  }
+  return (json_t *)node;
+}
+
+/* Sets the value at a dotted path, creating intermediate objects; steals `v`. */
+static int set_path(json_t *root, const char *path, json_t *v) {
+  char key[256];
+  json_t *node = root;
+  for (;;) {
+    const char *dot = strchr(path, '.');
+    size_t n = dot ? (size_t)(dot - path) : strlen(path);
+    if (n == 0 || n >= sizeof key) {
+      json_decref(v);
+      return moco_error(MOCO_EINVAL, "config path '%s': empty or overlong component", path);
+    }
+    memcpy(key, path, n);
+    key[n] = '\0';
+    if (!dot) return json_object_set_new(node, key, v) ? MOCO_ENOMEM : 0;
+    json_t *child = json_object_get(node, key);
+    if (!child) {
+      child = json_object();
+      if (!child || json_object_set_new(node, key, child)) {
+        json_decref(v);
+        return MOCO_ENOMEM;
+      }
+    } else if (!json_is_object(child)) {
+      json_decref(v);
+      return moco_error(MOCO_EINVAL, "config path '%s': '%s' is not an object", path, key);
+    }
+    node = child;
+    path = dot + 1;
+  }
+}
+
+long long config_int(const json_t *root, const char *path) {
+  json_t *v = config_get(root, path);
+  return json_is_integer(v) ? json_integer_value(v) : json_is_real(v) ? (long long)json_real_value(v)
+                                                                       : 0;
+}
+
+double config_num(const json_t *root, const char *path) {
+  json_t *v = config_get(root, path);
+  return json_is_number(v) ? json_number_value(v) : 0.0;
+}
+
+int config_bool(const json_t *root, const char *path) { return json_is_true(config_get(root, path)); }
+
+const char *config_str(const json_t *root, const char *path) {
+  json_t *v = config_get(root, path);
+  return json_is_string(v) ? json_string_value(v) : "";
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Value checks.
+ * ------------------------------------------------------------------------------------------------- */
+
+static const char *type_name(config_type t) {
+  switch (t) {
+  case CONFIG_INT: return "integer";
+  case CONFIG_NUM: return "number";
+  case CONFIG_BOOL: return "boolean";
+  case CONFIG_STR: return "string";
+  case CONFIG_ENUM: return "string";
+  case CONFIG_LAYERS: return "layer list";
+  }
+  return "?";
+}
+
+static int enum_has(const char *choices, const char *word) {
+  size_t n = strlen(word);
+  for (const char *p = choices; *p;) {
+    const char *bar = strchr(p, '|');
+    size_t len = bar ? (size_t)(bar - p) : strlen(p);
+    if (len == n && !strncmp(p, word, n)) return 1;
+    p += len + (bar ? 1 : 0);
+  }
+  return 0;
+}
+
+/* The value as it appeared, for messages: compact JSON, cut at a reasonable length. */
+static void show_value(const json_t *v, char *buf, size_t n) {
+  char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+  if (!s) {
+    snprintf(buf, n, "?");
+    return;
+  }
+  if (strlen(s) > 60) snprintf(buf, n, "%.57s...", s);
+  else snprintf(buf, n, "%s", s);
+  free(s);
+}
+
+static void fmt_bound(char *buf, size_t n, double v) {
+  if (v == (long long)v && fabs(v) < 1e15) snprintf(buf, n, "%lld", (long long)v);
+  else snprintf(buf, n, "%g", v);
+}
+
+static int check_layers(const json_t *v, char *why, size_t n) {
+  if (!json_is_array(v)) return snprintf(why, n, "expected a layer list (JSON array)"), MOCO_ECONFIG;
+  size_t i;
+  json_t *l;
+  json_array_foreach(v, i, l) {
+    if (!json_is_object(l) || !json_is_string(json_object_get(l, "type")))
+      return snprintf(why, n, "element %zu: expected an object with a \"type\" string", i),
+             MOCO_ECONFIG;
+  }
+  return 0;
+}
+
+int config_check_value(const config_option *o, const json_t *v, char *why, size_t n) {
+  char found[96], lo[32], hi[32];
+  show_value(v, found, sizeof found);
+  switch (o->type) {
+  case CONFIG_INT:
+  case CONFIG_NUM: {
+    double x;
+    if (json_is_integer(v)) x = (double)json_integer_value(v);
+    else if (json_is_real(v)) x = json_real_value(v);
+    else return snprintf(why, n, "expected %s, found %s", type_name(o->type), found), MOCO_ECONFIG;
+    if (o->type == CONFIG_INT && x != floor(x))
+      return snprintf(why, n, "expected an integer, found %s", found), MOCO_ECONFIG;
+    if (!(x >= o->min && x <= o->max)) {
+      fmt_bound(lo, sizeof lo, o->min);
+      fmt_bound(hi, sizeof hi, o->max);
+      return snprintf(why, n, "value %s out of range, allowed [%s, %s]", found, lo, hi),
+             MOCO_ECONFIG;
+    }
+    return 0;
+  }
+  case CONFIG_BOOL:
+    if (!json_is_boolean(v))
+      return snprintf(why, n, "expected true or false, found %s", found), MOCO_ECONFIG;
+    return 0;
+  case CONFIG_STR:
+    if (!json_is_string(v)) return snprintf(why, n, "expected a string, found %s", found), MOCO_ECONFIG;
+    return 0;
+  case CONFIG_ENUM:
+    if (!json_is_string(v) || !enum_has(o->choices, json_string_value(v)))
+      return snprintf(why, n, "value %s not allowed, expected one of %s", found, o->choices),
+             MOCO_ECONFIG;
+    return 0;
+  case CONFIG_LAYERS: return check_layers(v, why, n);
+  }
+  return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Rules that tie options together: each returns 0 or writes the problem (path first) to why.
+ * ------------------------------------------------------------------------------------------------- */
+
+typedef int (*config_rule)(const json_t *root, char *why, size_t n);
+
+static int rule_length(const json_t *root, char *why, size_t n) {
+  if (config_int(root, "optim.steps") == 0 && config_int(root, "optim.epochs") == 0)
+    return snprintf(why, n, "optim.steps: 0 with optim.epochs 0: set one of them to the training "
+                            "length"), 1;
+  return 0;
+}
+
+static int rule_queue_batch(const json_t *root, char *why, size_t n) {
+  long long K = config_int(root, "contrast.queue_size"), B = config_int(root, "optim.batch_size");
+  if (K < B)
+    return snprintf(why, n, "contrast.queue_size: value %lld smaller than optim.batch_size %lld: the "
+                            "queue must hold at least one batch of keys", K, B), 1;
+  return 0;
+}
+
+static int rule_ranges(const json_t *root, char *why, size_t n) {
+  const char *pairs[][2] = {
+      {"views.crop_min_scale", "views.crop_max_scale"},
+      {"contrast.negatives.semi_hard_low", "contrast.negatives.semi_hard_high"},
+      {"contrast.curriculum.start", "contrast.curriculum.end"},
+  };
+  for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++) {
+    double a = config_num(root, pairs[i][0]), b = config_num(root, pairs[i][1]);
+    if (a > b)
+      return snprintf(why, n, "%s: value %g greater than %s %g", pairs[i][0], a, pairs[i][1], b), 1;
+  }
+  return 0;
+}
+
+static const config_rule config_rules[] = {rule_length, rule_queue_batch, rule_ranges};
+
+static void check_rules(const json_t *root, report_buf *rep) {
+  char why[512];
+  for (size_t i = 0; i < sizeof config_rules / sizeof config_rules[0]; i++)
+    if (config_rules[i](root, why, sizeof why)) report_add(rep, "%s", why);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Unknown keys, with a suggestion.
+ * ------------------------------------------------------------------------------------------------- */
+
+static size_t edit_distance(const char *a, const char *b) {
+  size_t la = strlen(a), lb = strlen(b);
+  if (la > 64 || lb > 64) return (size_t)-1;
+  size_t d[65], prev;
+  for (size_t j = 0; j <= lb; j++) d[j] = j;
+  for (size_t i = 1; i <= la; i++) {
+    prev = d[0];
+    d[0] = i;
+    for (size_t j = 1; j <= lb; j++) {
+      size_t keep = d[j];
+      size_t sub = prev + (a[i - 1] != b[j - 1]);
+      size_t del = d[j] + 1, ins = d[j - 1] + 1;
+      d[j] = sub < del ? (sub < ins ? sub : ins) : (del < ins ? del : ins);
+      prev = keep;
+    }
+  }
+  return d[lb];
+}
+
+/* The known option or section path closest to `path`, written to out, when it is close enough to be
+ * a typo; returns 0 when nothing is. Candidates are every option and each of its enclosing sections. */
+static int suggest(const char *path, char *out, size_t n) {
+  size_t best_d = (size_t)-1;
+  char cand[256];
+  for (size_t i = 0; i < config_n_options; i++) {
+    const char *p = config_options[i].path;
+    for (const char *end = p;; end++) {
+      if (*end != '.' && *end != '\0') continue;
+      size_t len = (size_t)(end - p);
+      if (len < sizeof cand) {
+        memcpy(cand, p, len);
+        cand[len] = '\0';
+        size_t d = edit_distance(path, cand);
+        if (d < best_d) {
+          best_d = d;
+          snprintf(out, n, "%s", cand);
+        }
+      }
+      if (!*end) break;
+    }
+  }
+  size_t len = strlen(path);
+  size_t limit = len < 6 ? 1 : len < 12 ? 2 : 3;
+  return best_d <= limit;
+}
+
+static void walk(json_t *obj, const char *prefix, report_buf *rep) {
+  const char *key;
+  json_t *v;
+  char path[512];
+  json_object_foreach(obj, key, v) {
+    if (*prefix) snprintf(path, sizeof path, "%s.%s", prefix, key);
+    else snprintf(path, sizeof path, "%s", key);
+    const config_option *o = config_option_find(path);
+    if (o) {
+      char why[512];
+      if (config_check_value(o, v, why, sizeof why)) report_add(rep, "%s: %s", path, why);
+    } else if (is_section(path)) {
+      if (json_is_object(v)) walk(v, path, rep);
+      else report_add(rep, "%s: expected an object (a section), found %s", path,
+                      json_is_array(v) ? "an array" : "a value");
+    } else {
+      char s[256];
+      if (suggest(path, s, sizeof s)) report_add(rep, "%s: unknown key (did you mean '%s'?)", path, s);
+      else report_add(rep, "%s: unknown key", path);
+    }
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Loading, overriding, finalizing, setting.
+ * ------------------------------------------------------------------------------------------------- */
+
+json_t *config_new(void) { return json_object(); }
+
+int config_load_file(json_t **root, const char *path) {
+  json_error_t e;
+  *root = NULL;
+  FILE *f = fopen(path, "rb");
+  if (!f) return moco_error(MOCO_ENOENT, "%s: %s", path, strerror(errno));
+  json_t *j = json_loadf(f, JSON_REJECT_DUPLICATES, &e);
+  fclose(f);
+  if (!j) return moco_error(MOCO_EFORMAT, "%s:%d:%d: %s", path, e.line, e.column, e.text);
+  if (!json_is_object(j)) {
+    json_decref(j);
+    return moco_error(MOCO_EFORMAT, "%s: the top level must be a JSON object", path);
+  }
+  *root = j;
+  return 0;
+}
+
+int config_override(json_t *root, const char *assignment) {
+  const char *eq = strchr(assignment, '=');
+  if (!eq || eq == assignment)
+    return moco_error(MOCO_EINVAL, "--set '%s': expected PATH=VALUE", assignment);
+  char path[256];
+  size_t n = (size_t)(eq - assignment);
+  if (n >= sizeof path) return moco_error(MOCO_EINVAL, "--set: path of %zu bytes is too long", n);
+  memcpy(path, assignment, n);
+  path[n] = '\0';
+  json_error_t e;
+  json_t *v = json_loads(eq + 1, JSON_DECODE_ANY, &e);
+  if (!v) v = json_string(eq + 1); /* `--set data.dir=/tmp/x`: a bare word is a string */
+  if (!v) return moco_error(MOCO_EINVAL, "--set %s: value is neither JSON nor UTF-8 text", path);
+  int rc = set_path(root, path, v);
+  return rc ? moco_error_wrap(rc, "--set %s", path) : 0;
+}
+
+static int fill_defaults(json_t *root) {
+  for (size_t i = 0; i < config_n_options; i++) {
+    const config_option *o = &config_options[i];
+    if (config_get(root, o->path)) continue;
+    json_error_t e;
+    json_t *v = json_loads(o->def, JSON_DECODE_ANY, &e);
+    if (!v) return moco_error(MOCO_EINVAL, "schema: default of %s does not parse: %s", o->path, e.text);
+    int rc = set_path(root, o->path, v);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
+int config_finalize(json_t *root, char **report) {
+  report_buf rep = {0};
+  if (report) *report = NULL;
+  if (!json_is_object(root)) return moco_error(MOCO_ECONFIG, "config: the top level must be an object");
+  walk(root, "", &rep);
+  if (rep.count == 0) {
+    int rc = fill_defaults(root);
+    if (rc) {
+      free(rep.s);
+      return rc;
+    }
+    check_rules(root, &rep);
+  }
+  if (rep.count == 0) {
+    free(rep.s);
+    return 0;
+  }
+  int count = rep.count;
+  if (report) *report = rep.s;
+  else free(rep.s);
+  if (count == 1) return moco_error(MOCO_ECONFIG, "%s", rep.first);
+  return moco_error(MOCO_ECONFIG, "%s (and %d more problems)", rep.first, count - 1);
+}
+
+int config_set(json_t *root, const char *path, const json_t *value, int runtime) {
+  const config_option *o = config_option_find(path);
+  if (!o) {
+    char s[256];
+    if (suggest(path, s, sizeof s)) return moco_error(MOCO_ENOENT, "%s: unknown key (did you mean '%s'?)", path, s);
+    return moco_error(MOCO_ENOENT, "%s: unknown key", path);
+  }
+  if (runtime && !(o->flags & CONFIG_RUNTIME))
+    return moco_error(MOCO_ESTATE, "%s: cannot change while training (it fixes the model, data or "
+                                   "memory layout); change it in the config file and restart",
+                      path);
+  char why[512];
+  if (config_check_value(o, value, why, sizeof why))
+    return moco_error(MOCO_ECONFIG, "%s: %s", path, why);
+  /* Try the change on a copy so that a rule it breaks leaves the config as it was. */
+  json_t *copy = json_deep_copy(root);
+  if (!copy) return MOCO_ENOMEM;
+  int rc = set_path(copy, path, json_deep_copy(value));
+  if (rc) {
+    json_decref(copy);
+    return rc;
+  }
+  report_buf rep = {0};
+  check_rules(copy, &rep);
+  json_decref(copy);
+  free(rep.s);
+  if (rep.count) return moco_error(MOCO_ECONFIG, "%s", rep.first);
+  return set_path(root, path, json_deep_copy(value));
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The markdown reference.
+ * ------------------------------------------------------------------------------------------------- */
+
+static void allowed_text(const config_option *o, char *buf, size_t n) {
+  char lo[32], hi[32];
+  switch (o->type) {
+  case CONFIG_INT:
+  case CONFIG_NUM:
+    fmt_bound(lo, sizeof lo, o->min);
+    fmt_bound(hi, sizeof hi, o->max);
+    snprintf(buf, n, "%s in [%s, %s]", type_name(o->type), lo, hi);
+    break;
+  case CONFIG_ENUM: {
+    /* a|b|c  ->  `a`, `b`, `c` */
+    size_t k = 0;
+    buf[k++] = '`';
+    for (const char *p = o->choices; *p && k + 5 < n; p++) {
+      if (*p == '|') {
+        memcpy(buf + k, "`, `", 4);
+        k += 4;
+      } else {
+        buf[k++] = *p;
+      }
+    }
+    buf[k++] = '`';
+    buf[k] = '\0';
+    break;
+  }
+  default: snprintf(buf, n, "%s", type_name(o->type)); break;
+  }
+}
+
+void config_write_doc(FILE *out) {
+  char section[128] = "";
+  for (size_t i = 0; i < config_n_options; i++) {
+    const config_option *o = &config_options[i];
+    const char *dot = strchr(o->path, '.');
+    size_t n = dot ? (size_t)(dot - o->path) : 0;
+    char sec[128];
+    snprintf(sec, sizeof sec, "%.*s", (int)n, o->path);
+    if (i == 0 || strcmp(sec, section)) {
+      snprintf(section, sizeof section, "%s", sec);
+      fprintf(out, "%s### %s\n\n", i ? "\n" : "", n ? section : "top level");
+      fprintf(out, "| key | default | allowed | `set` | meaning |\n|---|---|---|---|---|\n");
+    }
+    char allowed[512];
+    allowed_text(o, allowed, sizeof allowed);
+    const char *def = o->def;
+    char defbuf[64];
+    if (o->type == CONFIG_LAYERS) {
+      snprintf(defbuf, sizeof defbuf, "see `config/default.json`");
+      def = defbuf;
+    }
+    fprintf(out, "| `%s` | %s%s%s | %s | %s | %s |\n", o->path, o->type == CONFIG_LAYERS ? "" : "`",
+            def, o->type == CONFIG_LAYERS ? "" : "`", allowed,
+            (o->flags & CONFIG_RUNTIME) ? "yes" : "no", o->doc);
+  }
+}
