@@ -1,0 +1,177 @@
+#include "service/log.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/err.h"
+
+static struct {
+  pthread_mutex_t mu;
+  FILE *f; /* NULL: standard error */
+  char *path;
+  log_level level;
+  pthread_t main;
+  int main_set;
+} L = {.mu = PTHREAD_MUTEX_INITIALIZER, .level = LL_NOTICE};
+
+static const char *const level_names[] = {"debug", "verbose", "notice", "warning"};
+
+int log_level_parse(const char *name, log_level *out) {
+  for (int i = 0; i < 4; i++)
+    if (!strcmp(name, level_names[i])) {
+      *out = (log_level)i;
+      return 0;
+    }
+  return moco_error(MOCO_EINVAL, "log level '%s': expected debug, verbose, notice or warning", name);
+}
+
+static int open_locked(void) {
+  if (!L.path) return 0;
+  FILE *f = fopen(L.path, "a");
+  if (!f) return moco_error(MOCO_EIO, "log file %s: %s", L.path, strerror(errno));
+  setvbuf(f, NULL, _IOLBF, 0);
+  L.f = f;
+  return 0;
+}
+
+int log_open(const char *path, log_level level) {
+  pthread_mutex_lock(&L.mu);
+  if (L.f) fclose(L.f);
+  L.f = NULL;
+  free(L.path);
+  L.path = path && *path ? strdup(path) : NULL;
+  L.level = level;
+  int rc = path && *path && !L.path ? MOCO_ENOMEM : open_locked();
+  pthread_mutex_unlock(&L.mu);
+  return rc;
+}
+
+int log_reopen(void) {
+  pthread_mutex_lock(&L.mu);
+  if (L.f) fclose(L.f);
+  L.f = NULL;
+  int rc = open_locked();
+  pthread_mutex_unlock(&L.mu);
+  return rc;
+}
+
+void log_close(void) {
+  pthread_mutex_lock(&L.mu);
+  if (L.f) fclose(L.f);
+  L.f = NULL;
+  free(L.path);
+  L.path = NULL;
+  pthread_mutex_unlock(&L.mu);
+}
+
+void log_set_level(log_level level) {
+  pthread_mutex_lock(&L.mu);
+  L.level = level;
+  pthread_mutex_unlock(&L.mu);
+}
+
+void log_set_main_thread(void) {
+  L.main = pthread_self();
+  L.main_set = 1;
+}
+
+void log_msg(log_level level, const char *fmt, ...) {
+  static const char marks[] = ".-*#";
+  char msg[2048], stamp[64];
+  if (level < L.level) return; /* a racy read is harmless: the level only filters */
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  struct timeval tv;
+  struct tm tm;
+  gettimeofday(&tv, NULL);
+  localtime_r(&tv.tv_sec, &tm);
+  size_t n = strftime(stamp, sizeof stamp, "%d %b %Y %H:%M:%S", &tm);
+  snprintf(stamp + n, sizeof stamp - n, ".%03d", (int)(tv.tv_usec / 1000));
+  char role = L.main_set && pthread_equal(L.main, pthread_self()) ? 'M' : 'T';
+  pthread_mutex_lock(&L.mu);
+  FILE *f = L.f ? L.f : stderr;
+  fprintf(f, "%d:%c %s %c %s\n", (int)getpid(), role, stamp, marks[level], msg);
+  fflush(f);
+  pthread_mutex_unlock(&L.mu);
+}
+
+double log_unix_time(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---- progress log ---- */
+
+int progress_open(progress_log *p, const char *path) {
+  p->f = NULL;
+  p->path = NULL;
+  if (!path || !*path) return 0;
+  if (!(p->path = strdup(path))) return MOCO_ENOMEM;
+  return progress_reopen(p);
+}
+
+int progress_reopen(progress_log *p) {
+  if (!p->path) return 0;
+  if (p->f) fclose(p->f);
+  p->f = fopen(p->path, "a");
+  if (!p->f) return moco_error(MOCO_EIO, "progress log %s: %s", p->path, strerror(errno));
+  return 0;
+}
+
+void progress_close(progress_log *p) {
+  if (p->f) fclose(p->f);
+  free(p->path);
+  p->f = NULL;
+  p->path = NULL;
+}
+
+json_t *progress_event(const char *kind) {
+  /* Milliseconds are enough for ordering events and keep the lines short. */
+  double t = round(log_unix_time() * 1000.0) / 1000.0;
+  return json_pack("{s:s, s:f}", "event", kind, "time", t);
+}
+
+json_t *progress_f32(float x) {
+  if (!isfinite(x)) return json_null(); /* JSON has no NaN or infinity */
+  char buf[32];
+  for (int prec = 6; prec <= 9; prec++) {
+    snprintf(buf, sizeof buf, "%.*g", prec, (double)x);
+    if ((float)strtod(buf, NULL) == x) break;
+  }
+  return json_real(strtod(buf, NULL));
+}
+
+char *progress_line(const json_t *event) {
+  char *s = json_dumps(event, JSON_COMPACT | JSON_PRESERVE_ORDER);
+  if (!s) return NULL;
+  size_t n = strlen(s);
+  char *line = realloc(s, n + 2);
+  if (!line) {
+    free(s);
+    return NULL;
+  }
+  line[n] = '\n';
+  line[n + 1] = '\0';
+  return line;
+}
+
+int progress_write(progress_log *p, const json_t *event) {
+  if (!p->f) return 0;
+  char *line = progress_line(event);
+  if (!line) return MOCO_ENOMEM;
+  size_t n = strlen(line);
+  int ok = fwrite(line, 1, n, p->f) == n && fflush(p->f) == 0;
+  free(line);
+  if (!ok) return moco_error(MOCO_EIO, "progress log %s: %s", p->path, strerror(errno));
+  return 0;
+}

@@ -1,0 +1,252 @@
+#include "train/checkpoint.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/err.h"
+
+/* Trailer: tag (4) | length (8) | crc (4) + covered length (8) | section crc (4). */
+enum { TRAILER_PAYLOAD = 12, TRAILER_SIZE = 4 + 8 + TRAILER_PAYLOAD + 4 };
+
+void checkpoint_begin(blob_writer *w, int64_t step) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  double t = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+  blob_section_begin(w, "MCKP");
+  blob_put_u32(w, CHECKPOINT_VERSION);
+  blob_put_u64(w, (uint64_t)step);
+  blob_put(w, &t, sizeof t);
+  blob_section_end(w);
+}
+
+static int write_all(int fd, const uint8_t *p, size_t n) {
+  while (n > 0) {
+    ssize_t k = write(fd, p, n);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
+static int fsync_dir(const char *dir) {
+  int fd = open(dir, O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return -1;
+  int rc = fsync(fd);
+  close(fd);
+  return rc;
+}
+
+int checkpoint_commit(blob_writer *w, const char *dir, int64_t step, char *path, size_t path_len) {
+  uint64_t covered = w->len;
+  uint32_t crc = blob_crc32(w->data, w->len);
+  blob_section_begin(w, "CSUM");
+  blob_put_u32(w, crc);
+  blob_put_u64(w, covered);
+  blob_section_end(w);
+  if (w->err) return moco_error(w->err, "checkpoint of step %lld: out of memory", (long long)step);
+
+  char tmp[1100], final[1100];
+  snprintf(final, sizeof final, "%s/ckpt-%012lld.mcp", dir, (long long)step);
+  snprintf(tmp, sizeof tmp, "%s/.ckpt-%012lld.mcp.tmp", dir, (long long)step);
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return moco_error(MOCO_EIO, "checkpoint %s: %s", tmp, strerror(errno));
+  if (write_all(fd, w->data, w->len) || fsync(fd)) {
+    int e = errno;
+    close(fd);
+    unlink(tmp);
+    return moco_error(MOCO_EIO, "checkpoint %s: %s", tmp, strerror(e));
+  }
+  if (close(fd) || rename(tmp, final)) {
+    int e = errno;
+    unlink(tmp);
+    return moco_error(MOCO_EIO, "checkpoint %s: %s", final, strerror(e));
+  }
+  /* The rename is durable only once the directory entry is. */
+  if (fsync_dir(dir)) return moco_error(MOCO_EIO, "checkpoint dir %s: fsync: %s", dir, strerror(errno));
+  if (path) snprintf(path, path_len, "%s", final);
+  return 0;
+}
+
+/* ---- listing ---- */
+
+typedef struct {
+  long long step;
+  char name[64];
+} entry;
+
+static int entry_newest_first(const void *a, const void *b) {
+  long long x = ((const entry *)a)->step, y = ((const entry *)b)->step;
+  return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* The checkpoint files of dir, newest first (malloc'd in *out). Returns the count or a negative code;
+ * a directory that does not exist holds none. Stray temporary files are deleted when clean_tmp. */
+static int list_dir(const char *dir, entry **out, int clean_tmp) {
+  *out = NULL;
+  DIR *d = opendir(dir);
+  if (!d) {
+    if (errno == ENOENT) return 0;
+    return moco_error(MOCO_EIO, "checkpoint dir %s: %s", dir, strerror(errno));
+  }
+  int n = 0, cap = 0;
+  entry *v = NULL;
+  struct dirent *de;
+  while ((de = readdir(d))) {
+    long long step;
+    char tail[8];
+    size_t len = strlen(de->d_name);
+    if (clean_tmp && len > 4 && !strncmp(de->d_name, ".ckpt-", 6) &&
+        !strcmp(de->d_name + len - 4, ".tmp")) {
+      char p[1100];
+      snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
+      unlink(p);
+      continue;
+    }
+    if (len >= sizeof v->name || sscanf(de->d_name, "ckpt-%lld.%4s", &step, tail) != 2 ||
+        strcmp(tail, "mcp"))
+      continue;
+    if (n == cap) {
+      cap = cap ? cap * 2 : 16;
+      entry *nv = realloc(v, (size_t)cap * sizeof *v);
+      if (!nv) {
+        free(v);
+        closedir(d);
+        return MOCO_ENOMEM;
+      }
+      v = nv;
+    }
+    v[n].step = step;
+    memcpy(v[n].name, de->d_name, len + 1);
+    n++;
+  }
+  closedir(d);
+  if (n > 1) qsort(v, (size_t)n, sizeof *v, entry_newest_first);
+  *out = v;
+  return n;
+}
+
+int checkpoint_prune(const char *dir, int keep) {
+  entry *v;
+  int n = list_dir(dir, &v, 1);
+  if (n < 0) return n;
+  int deleted = 0;
+  for (int i = keep; i < n; i++) {
+    char p[1100];
+    snprintf(p, sizeof p, "%s/%s", dir, v[i].name);
+    if (unlink(p) == 0) deleted++;
+  }
+  free(v);
+  return deleted;
+}
+
+/* ---- reading ---- */
+
+static int read_whole(const char *path, uint8_t **data, size_t *len) {
+  *data = NULL;
+  *len = 0;
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return moco_error(errno == ENOENT ? MOCO_ENOENT : MOCO_EIO, "%s: %s", path, strerror(errno));
+  struct stat st;
+  if (fstat(fd, &st)) {
+    close(fd);
+    return moco_error(MOCO_EIO, "%s: %s", path, strerror(errno));
+  }
+  size_t n = (size_t)st.st_size;
+  uint8_t *p = malloc(n ? n : 1);
+  if (!p) {
+    close(fd);
+    return moco_error(MOCO_ENOMEM, "%s: %zu bytes", path, n);
+  }
+  size_t got = 0;
+  while (got < n) {
+    ssize_t k = read(fd, p + got, n - got);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) break;
+    got += (size_t)k;
+  }
+  close(fd);
+  *data = p;
+  *len = got;
+  return 0;
+}
+
+int checkpoint_read(checkpoint_file *f, const char *path) {
+  memset(f, 0, sizeof *f);
+  snprintf(f->path, sizeof f->path, "%s", path);
+  int rc = read_whole(path, &f->data, &f->len);
+  if (rc) return rc;
+  if (f->len < TRAILER_SIZE)
+    return moco_error(MOCO_EEOF, "%s: %zu bytes, too short for a checkpoint (truncated?)", path, f->len);
+
+  /* The trailer first: it covers everything, so nothing below reads damaged bytes. */
+  blob_reader all, tr, sub;
+  size_t body_end = f->len - TRAILER_SIZE;
+  blob_reader_init(&all, f->data, f->len, f->path);
+  all.pos = body_end;
+  uint32_t crc = 0;
+  uint64_t covered = 0;
+  if (blob_section(&all, "CSUM", &tr) || blob_get_u32(&tr, &crc) || blob_get_u64(&tr, &covered))
+    return moco_error(MOCO_EEOF, "%s: no valid checksum trailer at offset %zu (truncated?)", path,
+                      body_end);
+  if (covered != body_end)
+    return moco_error(MOCO_EEOF, "%s: trailer covers %llu bytes but %zu precede it (truncated?)", path,
+                      (unsigned long long)covered, body_end);
+  if (crc != blob_crc32(f->data, body_end))
+    return moco_error(MOCO_ECHECKSUM, "%s: whole-file checksum mismatch (damaged)", path);
+
+  blob_reader_init(&f->body, f->data, body_end, f->path);
+  uint32_t version = 0;
+  uint64_t step = 0;
+  if ((rc = blob_section(&f->body, "MCKP", &sub))) return moco_error_wrap(rc, "checkpoint header");
+  if ((rc = blob_get_u32(&sub, &version)) || (rc = blob_get_u64(&sub, &step)) ||
+      (rc = blob_get(&sub, &f->time, sizeof f->time)))
+    return rc;
+  if (version != CHECKPOINT_VERSION)
+    return moco_error(MOCO_EFORMAT, "%s: checkpoint format version %u, this mocod reads %u", path,
+                      version, CHECKPOINT_VERSION);
+  f->step = (int64_t)step;
+  return 0;
+}
+
+void checkpoint_file_free(checkpoint_file *f) {
+  free(f->data);
+  memset(f, 0, sizeof *f);
+}
+
+int checkpoint_read_latest(checkpoint_file *f, const char *dir, checkpoint_skip_fn skip, void *ctx) {
+  memset(f, 0, sizeof *f);
+  entry *v;
+  int n = list_dir(dir, &v, 0);
+  if (n < 0) return n;
+  if (n == 0) return moco_error(MOCO_ENOENT, "%s: no checkpoint", dir);
+  for (int i = 0; i < n; i++) {
+    char p[1100];
+    snprintf(p, sizeof p, "%s/%s", dir, v[i].name);
+    int rc = checkpoint_read(f, p);
+    if (rc == 0) {
+      free(v);
+      return 0;
+    }
+    if (rc == MOCO_ENOMEM) {
+      free(v);
+      checkpoint_file_free(f);
+      return rc;
+    }
+    if (skip) skip(ctx, p, moco_errmsg());
+    checkpoint_file_free(f);
+  }
+  free(v);
+  return moco_error(MOCO_ECHECKSUM, "%s: all %d checkpoints are damaged", dir, n);
+}
