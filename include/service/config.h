@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include "train/trainer.h"
+
 typedef enum {
   CONFIG_INT,    /* JSON integer within [min, max] */
   CONFIG_NUM,    /* JSON number within [min, max] */
@@ -72,6 +74,9 @@ long long config_int(const json_t *root, const char *path);
 double config_num(const json_t *root, const char *path);
 int config_bool(const json_t *root, const char *path);
 const char *config_str(const json_t *root, const char *path);
+
+/* Maps a finalized config onto the modules' config structs. */
+int config_to_trainer(const json_t *root, trainer_config *tc);
 
 /* The markdown reference: one table per section. */
 void config_write_doc(FILE *out);

@@ -584,3 +584,19 @@ void config_write_doc(FILE *out) {
             (o->flags & CONFIG_RUNTIME) ? "yes" : "no", o->doc);
   }
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * The config as the modules' structs.
+ * ------------------------------------------------------------------------------------------------- */
+
+int config_to_trainer(const json_t *root, trainer_config *tc) {
+  memset(tc, 0, sizeof *tc);
+  tc->steps = config_int(root, "optim.steps");
+  tc->batch_size = (int)config_int(root, "optim.batch_size");
+  tc->queue_size = (int)config_int(root, "contrast.queue_size");
+  tc->lr = (float)config_num(root, "optim.lr");
+  tc->temperature = (float)config_num(root, "contrast.temperature");
+  tc->seed = (uint64_t)config_int(root, "seed");
+  tc->threads = (int)config_int(root, "threads");
+  return 0;
+}

@@ -1,0 +1,269 @@
+/* mocod: the momentum-contrast trainer daemon.
+ *
+ *   mocod -c CONFIG.json [--set PATH=VALUE]... [-d] [--resume | --no-resume]
+ *   mocod -c CONFIG.json --check-config | --print-config
+ *   mocod --config-doc
+ *
+ * This file is the process: arguments, the pid file, daemonising; everything else is server_run. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "core/err.h"
+#include "service/config.h"
+#include "service/log.h"
+#include "service/server.h"
+#include "train/trainer.h"
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: mocod [-c CONFIG.json] [--set PATH=VALUE]... [-d] [--resume | --no-resume]\n"
+          "       mocod [-c CONFIG.json] [--set PATH=VALUE]... --check-config | --print-config\n"
+          "       mocod --config-doc\n"
+          "\n"
+          "  -c, --config FILE   the JSON config (default: every option at its default)\n"
+          "  --set PATH=VALUE    override one option (VALUE is JSON, else a string); repeatable\n"
+          "  -d, --daemon        run in the background; returns once the control socket is ready\n"
+          "  --resume            continue from the newest checkpoint (fail when there is none)\n"
+          "  --no-resume         start from scratch even when checkpoints exist\n"
+          "                      (default: continue when a checkpoint exists)\n"
+          "  --check-config      validate the config, build the model and data, and exit\n"
+          "  --print-config      print the effective config with every default filled in\n"
+          "  --config-doc        print the config reference as markdown\n"
+          "  -h, --help          this text\n");
+}
+
+/* ---- pid file: an exclusive flock held for the life of the process ---- */
+
+static int pid_fd = -1;
+static char pid_path[1024];
+
+static int read_pid(int fd) {
+  char buf[32] = {0};
+  ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+  return n > 0 ? atoi(buf) : 0;
+}
+
+static int pidfile_acquire(const char *path, char *err, size_t errlen) {
+  if (!*path) return 0;
+  int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return snprintf(err, errlen, "pid file %s: %s", path, strerror(errno)), -1;
+  if (flock(fd, LOCK_EX | LOCK_NB)) {
+    int e = errno, other = read_pid(fd);
+    close(fd);
+    if (e == EWOULDBLOCK)
+      return snprintf(err, errlen, "another mocod (pid %d) is running with pid file %s", other, path), -1;
+    return snprintf(err, errlen, "pid file %s: lock: %s", path, strerror(e)), -1;
+  }
+  /* The lock is ours, so whoever wrote a pid here is gone: a stale file from a crash. */
+  int stale = read_pid(fd);
+  if (stale && stale != getpid())
+    log_msg(LL_WARNING, "replacing stale pid file %s (pid %d is not running)", path, stale);
+  char buf[32];
+  int n = snprintf(buf, sizeof buf, "%d\n", (int)getpid());
+  if (ftruncate(fd, 0) || pwrite(fd, buf, (size_t)n, 0) != n) {
+    int e = errno;
+    close(fd);
+    return snprintf(err, errlen, "pid file %s: %s", path, strerror(e)), -1;
+  }
+  pid_fd = fd;
+  snprintf(pid_path, sizeof pid_path, "%s", path);
+  return 0;
+}
+
+static void pidfile_release(void) {
+  if (pid_fd < 0) return;
+  unlink(pid_path); /* still holding the lock, so no other mocod owns this path yet */
+  close(pid_fd);
+  pid_fd = -1;
+}
+
+
+/* ---- daemonising: the parent waits on a pipe for "ok" or the reason the daemon could not start ---- */
+
+static int ready_fd = -1;
+
+static void on_ready(void *ctx, int rc, const char *msg) {
+  (void)ctx;
+  if (ready_fd < 0) {
+    if (rc) fprintf(stderr, "mocod: %s\n", msg);
+    return;
+  }
+  char buf[2048];
+  int n = rc ? snprintf(buf, sizeof buf, "error %s", msg) : snprintf(buf, sizeof buf, "ok");
+  if (write(ready_fd, buf, (size_t)n) < 0) { /* the parent is gone; nothing to tell */
+  }
+  close(ready_fd);
+  ready_fd = -1;
+}
+
+/* Returns in the daemon (0) or exits in the parent with the daemon's verdict. */
+static int daemonise(void) {
+  int p[2];
+  if (pipe2(p, O_CLOEXEC)) {
+    fprintf(stderr, "mocod: pipe: %s\n", strerror(errno));
+    return -1;
+  }
+  pid_t pid = fork();
+  if (pid < 0) {
+    fprintf(stderr, "mocod: fork: %s\n", strerror(errno));
+    return -1;
+  }
+  if (pid > 0) {
+    close(p[1]);
+    char buf[2048];
+    size_t got = 0;
+    ssize_t k;
+    while (got < sizeof buf - 1 && ((k = read(p[0], buf + got, sizeof buf - 1 - got)) > 0 ||
+                                    (k < 0 && errno == EINTR)))
+      if (k > 0) got += (size_t)k;
+    buf[got] = '\0';
+    waitpid(pid, NULL, 0); /* the intermediate child, which exits at once */
+    if (!strcmp(buf, "ok")) exit(0);
+    if (!strncmp(buf, "error ", 6)) fprintf(stderr, "mocod: %s\n", buf + 6);
+    else fprintf(stderr, "mocod: the daemon exited before it was ready (see log.file)\n");
+    exit(1);
+  }
+  close(p[0]);
+  if (setsid() < 0) _exit(1);
+  /* A second fork: the daemon is no session leader and can never acquire a terminal. */
+  pid = fork();
+  if (pid < 0) _exit(1);
+  if (pid > 0) _exit(0);
+  int null = open("/dev/null", O_RDWR);
+  if (null >= 0) {
+    dup2(null, 0);
+    dup2(null, 1);
+    dup2(null, 2);
+    if (null > 2) close(null);
+  }
+  ready_fd = p[1];
+  return 0;
+}
+
+static void say_not_ready(const char *fmt, const char *a) {
+  char msg[1400];
+  snprintf(msg, sizeof msg, fmt, a);
+  on_ready(NULL, MOCO_EINVAL, msg);
+}
+
+enum { OPT_SET = 256, OPT_CHECK, OPT_PRINT, OPT_DOC, OPT_RESUME, OPT_NO_RESUME };
+
+int main(int argc, char **argv) {
+  static const struct option longopts[] = {
+      {"config", required_argument, NULL, 'c'}, {"daemon", no_argument, NULL, 'd'},
+      {"set", required_argument, NULL, OPT_SET}, {"check-config", no_argument, NULL, OPT_CHECK},
+      {"print-config", no_argument, NULL, OPT_PRINT}, {"config-doc", no_argument, NULL, OPT_DOC},
+      {"resume", no_argument, NULL, OPT_RESUME}, {"no-resume", no_argument, NULL, OPT_NO_RESUME},
+      {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+  const char *config_path = NULL;
+  int daemon_mode = 0, check = 0, print = 0, doc = 0, resume = -1, c;
+  const char **sets = calloc((size_t)argc, sizeof *sets);
+  int n_sets = 0;
+  if (!sets) return 1;
+  while ((c = getopt_long(argc, argv, "c:dh", longopts, NULL)) != -1) {
+    switch (c) {
+    case 'c': config_path = optarg; break;
+    case 'd': daemon_mode = 1; break;
+    case OPT_SET: sets[n_sets++] = optarg; break;
+    case OPT_CHECK: check = 1; break;
+    case OPT_PRINT: print = 1; break;
+    case OPT_DOC: doc = 1; break;
+    case OPT_RESUME: resume = 1; break;
+    case OPT_NO_RESUME: resume = 0; break;
+    case 'h': usage(stdout); return 0;
+    default: usage(stderr); return 2;
+    }
+  }
+  if (optind < argc) {
+    fprintf(stderr, "mocod: unexpected argument '%s'\n", argv[optind]);
+    usage(stderr);
+    return 2;
+  }
+  if (doc) {
+    config_write_doc(stdout);
+    return 0;
+  }
+
+  json_t *config = NULL;
+  if (config_path) {
+    if (config_load_file(&config, config_path)) {
+      fprintf(stderr, "mocod: config %s\n", moco_errmsg());
+      return 2;
+    }
+  } else {
+    config = config_new();
+  }
+  for (int i = 0; i < n_sets; i++)
+    if (config_override(config, sets[i])) {
+      fprintf(stderr, "mocod: %s\n", moco_errmsg());
+      return 2;
+    }
+  free(sets);
+  char *report = NULL;
+  if (config_finalize(config, &report)) {
+    fprintf(stderr, "mocod: config %s is invalid:\n", config_path ? config_path : "(defaults)");
+    if (report) {
+      for (char *line = strtok(report, "\n"); line; line = strtok(NULL, "\n"))
+        fprintf(stderr, "  %s\n", line);
+    } else {
+      fprintf(stderr, "  %s\n", moco_errmsg());
+    }
+    free(report);
+    json_decref(config);
+    return 2;
+  }
+  if (print) {
+    json_dumpf(config, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    fputc('\n', stdout);
+    json_decref(config);
+    return 0;
+  }
+  if (check) {
+    trainer_config tc;
+    trainer *t = NULL;
+    if (config_to_trainer(config, &tc) || trainer_create(&t, &tc)) {
+      fprintf(stderr, "mocod: config %s: %s\n", config_path ? config_path : "(defaults)", moco_errmsg());
+      json_decref(config);
+      return 2;
+    }
+    printf("config %s is valid: %lld steps\n", config_path ? config_path : "(defaults)",
+           (long long)trainer_total_steps(t));
+    trainer_destroy(t);
+    json_decref(config);
+    return 0;
+  }
+
+  if (daemon_mode && daemonise()) return 1;
+
+  /* From here on, failures reach the parent through on_ready when daemonised. */
+  const char *pidf = config_str(config, "service.pid_file");
+  char err[1400];
+  if (server_open_log(config)) {
+    say_not_ready("%s", moco_errmsg());
+    return 1;
+  }
+  if (*pidf && server_make_dirs(pidf, 0)) {
+    say_not_ready("pid file: %s", moco_errmsg());
+    return 1;
+  }
+  if (pidfile_acquire(pidf, err, sizeof err)) {
+    on_ready(NULL, MOCO_EBUSY, err);
+    json_decref(config);
+    return 1;
+  }
+  server_options opt = {.resume = resume, .config_path = config_path, .ready = on_ready};
+  int code = server_run(config, &opt);
+  pidfile_release();
+  json_decref(config);
+  log_close();
+  return code;
+}

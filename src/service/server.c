@@ -1,0 +1,1075 @@
+#include "service/server.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "core/err.h"
+#include "service/config.h"
+#include "service/ctl.h"
+#include "service/log.h"
+#include "train/checkpoint.h"
+#include "train/trainer.h"
+
+typedef enum { ST_RUNNING, ST_PAUSED, ST_STOPPING, ST_FINISHED, ST_ERROR } run_state;
+static const char *const state_names[] = {"running", "paused", "stopping", "finished", "error"};
+
+/* Commands that need the trainer or change the run wait here until no job is in flight. */
+typedef enum { OP_PAUSE, OP_RESUME, OP_STOP, OP_SET, OP_CHECKPOINT, OP_EVAL, OP_EXPORT } op_kind;
+
+typedef struct op {
+  op_kind kind;
+  ctl_call *call; /* NULL for operations mocod starts itself (a signal's stop) */
+  json_t *args;   /* a reference of our own */
+  struct op *next;
+} op;
+
+typedef enum { JOB_STEP, JOB_EVAL, JOB_CHECKPOINT, JOB_EXPORT } job_kind;
+
+/* Why a checkpoint or an evaluation is taken, for the logs. */
+typedef enum { WHY_PERIODIC, WHY_COMMAND, WHY_STOP, WHY_FINISH } job_reason;
+static const char *const reason_names[] = {"periodic", "command", "stop", "finish"};
+
+/* One job off the loop. The worker touches the trainer and this struct only. */
+typedef struct {
+  uv_work_t req;
+  job_kind kind;
+  job_reason reason;
+  ctl_call *call;
+  int rc;
+  char err[1024];
+  /* step */
+  trainer_stats stats;
+  /* eval */
+  trainer_eval_request ereq;
+  trainer_eval_result eres;
+  /* checkpoint */
+  char *config_text; /* the effective config, serialised into the checkpoint */
+  char dir[1024];
+  int keep;
+  int64_t bytes;
+  /* checkpoint and export */
+  char path[1024];
+  /* export */
+  char split[16];
+  trainer_encoder enc;
+  int embeddings;
+  int64_t rows;
+  int dim;
+  double seconds;
+} job;
+
+typedef struct {
+  uv_loop_t *loop;
+  ctl_server ctl;
+  int ctl_open;
+  uv_signal_t sig_term, sig_int, sig_hup;
+  json_t *config;
+  trainer_config tcfg;
+  trainer *tr;
+  progress_log plog;
+  run_state state;
+  char error[1024];
+  double started; /* Unix time */
+
+  job job;
+  int busy;
+  op *ops, *ops_tail;
+  op *stoppers; /* stop calls answered once the final checkpoint is written */
+  int stop_reason_signal;
+
+  /* what has to happen between steps */
+  int eval_due, ckpt_due;
+  int finish_stage; /* 0 training, 1 final evaluation queued, 2 final checkpoint queued, 3 done */
+  int stop_ckpt;    /* the checkpoint on stop has been started (once, even when it fails) */
+
+  /* snapshot for status, updated by the loop after each job */
+  trainer_stats last;
+  int have_last;
+  json_t *last_eval;       /* the last eval event's figures */
+  json_t *last_checkpoint; /* {"path","step","time"} */
+  int64_t ckpt_step;       /* step of the newest checkpoint on disk, -1 none */
+  double ckpt_time;        /* monotonic seconds of the last checkpoint (or start) */
+  /* progress window: means over the steps since the last progress event */
+  int win_n;
+  double win_loss, win_pos, win_neg, win_hard, win_acc, win_negs, win_filt, win_fn, win_sec;
+  int win_fn_n;
+  double rate; /* samples/s over the last window */
+
+  int exit_code;
+  const server_options *opt;
+} server;
+
+static void pump(server *s);
+
+/* ---------------------------------------------------------------------------------------------------
+ * Small helpers.
+ * ------------------------------------------------------------------------------------------------- */
+
+static double mono_now(void) { return uv_hrtime() * 1e-9; }
+
+static void emit(server *s, json_t *ev) {
+  if (!ev) return;
+  if (progress_write(&s->plog, ev)) log_msg(LL_WARNING, "%s", moco_errmsg());
+  if (s->ctl_open && s->ctl.subscribers > 0) {
+    char *line = progress_line(ev);
+    if (line) ctl_broadcast(&s->ctl, line);
+    free(line);
+  }
+  json_decref(ev);
+}
+
+static json_t *f32_or_null(float x, int known) { return known ? progress_f32(x) : json_null(); }
+
+static json_t *eval_figures(const trainer_eval_result *r) {
+  json_t *o = json_object();
+  json_object_set_new(o, "step", json_integer(r->step));
+  if (r->has_knn) {
+    json_object_set_new(o, "knn_acc", progress_f32(r->knn_acc));
+    json_object_set_new(o, "knn_k", json_integer(r->k));
+    json_object_set_new(o, "knn_t", progress_f32(r->t));
+    json_object_set_new(o, "alignment", progress_f32(r->alignment));
+    json_object_set_new(o, "uniformity", progress_f32(r->uniformity));
+  }
+  if (r->has_probe) {
+    json_object_set_new(o, "probe_acc", progress_f32(r->probe_acc));
+    json_object_set_new(o, "probe_train_acc", progress_f32(r->probe_train_acc));
+  }
+  json_object_set_new(o, "n_train", json_integer(r->n_train));
+  json_object_set_new(o, "n_eval", json_integer(r->n_eval));
+  json_object_set_new(o, "eval_sec", json_real(round(r->seconds * 1000) / 1000));
+  return o;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Jobs: run on the work queue, finished on the loop.
+ * ------------------------------------------------------------------------------------------------- */
+
+static void job_work(uv_work_t *req) {
+  job *j = req->data;
+  server *s = j->req.loop->data;
+  double t0 = mono_now();
+  moco_error_clear();
+  switch (j->kind) {
+  case JOB_STEP: j->rc = trainer_step(s->tr, &j->stats); break;
+  case JOB_EVAL: j->rc = trainer_evaluate(s->tr, &j->ereq, &j->eres); break;
+  case JOB_EXPORT:
+    j->rc = trainer_export(s->tr, j->split, j->enc, j->embeddings, j->path, &j->rows, &j->dim);
+    break;
+  case JOB_CHECKPOINT: {
+    blob_writer w;
+    blob_writer_init(&w);
+    int64_t step = trainer_step_count(s->tr);
+    checkpoint_begin(&w, step);
+    trainer_save(s->tr, &w);
+    /* The effective config rides along, for the record and for warnings on resume. */
+    blob_section_begin(&w, "CONF");
+    blob_put_str(&w, j->config_text);
+    blob_section_end(&w);
+    j->bytes = (int64_t)w.len;
+    j->rc = checkpoint_commit(&w, j->dir, step, j->path, sizeof j->path);
+    blob_writer_free(&w);
+    if (j->rc == 0) {
+      int pruned = checkpoint_prune(j->dir, j->keep);
+      if (pruned < 0) j->rc = pruned;
+    }
+    break;
+  }
+  }
+  j->seconds = mono_now() - t0;
+  if (j->rc) snprintf(j->err, sizeof j->err, "%s", moco_errmsg()[0] ? moco_errmsg() : moco_strerror(j->rc));
+}
+
+static void job_done(uv_work_t *req, int status);
+
+static void job_start(server *s, job_kind kind) {
+  job *j = &s->job;
+  j->kind = kind;
+  j->rc = 0;
+  j->err[0] = '\0';
+  j->req.data = j;
+  s->busy = 1;
+  int rc = uv_queue_work(s->loop, &j->req, job_work, job_done);
+  if (rc) {
+    /* Only fails on invalid arguments; report it as the job's failure. */
+    s->busy = 0;
+    j->rc = MOCO_EINVAL;
+    snprintf(j->err, sizeof j->err, "uv_queue_work: %s", uv_strerror(rc));
+    job_done(&j->req, 0);
+  }
+}
+
+static void start_checkpoint(server *s, job_reason why, ctl_call *call) {
+  job *j = &s->job;
+  j->reason = why;
+  j->call = call;
+  free(j->config_text);
+  j->config_text = json_dumps(s->config, JSON_COMPACT | JSON_PRESERVE_ORDER);
+  snprintf(j->dir, sizeof j->dir, "%s", config_str(s->config, "checkpoint.dir"));
+  j->keep = (int)config_int(s->config, "checkpoint.keep");
+  if (!j->config_text) {
+    j->rc = MOCO_ENOMEM;
+    snprintf(j->err, sizeof j->err, "checkpoint: out of memory");
+  }
+  job_start(s, JOB_CHECKPOINT);
+}
+
+static void start_eval(server *s, job_reason why, ctl_call *call, int probe) {
+  job *j = &s->job;
+  j->reason = why;
+  j->call = call;
+  j->ereq.encoder = strcmp(config_str(s->config, "eval.encoder"), "key") ? TRAINER_QUERY : TRAINER_KEY;
+  j->ereq.knn = 1;
+  j->ereq.probe = probe;
+  job_start(s, JOB_EVAL);
+}
+
+/* ---- what each finished job means ---- */
+
+static void window_add(server *s, const trainer_stats *st) {
+  s->win_n++;
+  s->win_loss += st->loss;
+  s->win_pos += st->pos_sim;
+  s->win_neg += st->neg_sim;
+  s->win_hard += st->hardest_neg_sim;
+  s->win_acc += st->inst_acc;
+  s->win_negs += st->negatives;
+  s->win_filt += st->filtered;
+  s->win_sec += st->seconds;
+  if (st->fn_rate >= 0) {
+    s->win_fn += st->fn_rate;
+    s->win_fn_n++;
+  }
+}
+
+static double eta_seconds(const server *s) {
+  const trainer_stats *st = &s->last;
+  if (s->rate <= 0 || st->batch_size <= 0) return -1;
+  return (double)(st->total_steps - st->step) * st->batch_size / s->rate;
+}
+
+static void emit_progress(server *s) {
+  const trainer_stats *st = &s->last;
+  double n = s->win_n;
+  s->rate = s->win_sec > 0 ? n * st->batch_size / s->win_sec : 0;
+  json_t *ev = progress_event("progress");
+  json_object_set_new(ev, "step", json_integer(st->step));
+  json_object_set_new(ev, "total_steps", json_integer(st->total_steps));
+  json_object_set_new(ev, "epoch", json_real(round(st->epoch * 1000) / 1000));
+  json_object_set_new(ev, "loss", progress_f32((float)(s->win_loss / n)));
+  json_object_set_new(ev, "lr", progress_f32(st->lr));
+  json_object_set_new(ev, "temperature", progress_f32(st->temperature));
+  json_object_set_new(ev, "momentum", progress_f32(st->momentum));
+  json_object_set_new(ev, "pos_sim", progress_f32((float)(s->win_pos / n)));
+  json_object_set_new(ev, "neg_sim", progress_f32((float)(s->win_neg / n)));
+  json_object_set_new(ev, "hardest_neg_sim", progress_f32((float)(s->win_hard / n)));
+  json_object_set_new(ev, "inst_acc", progress_f32((float)(s->win_acc / n)));
+  json_object_set_new(ev, "negatives", progress_f32((float)(s->win_negs / n)));
+  json_object_set_new(ev, "filtered", progress_f32((float)(s->win_filt / n)));
+  json_object_set_new(ev, "fn_rate",
+                      f32_or_null((float)(s->win_fn / (s->win_fn_n ? s->win_fn_n : 1)), s->win_fn_n));
+  json_object_set_new(ev, "hardness", progress_f32(st->hardness));
+  json_object_set_new(ev, "samples_per_sec", json_real(round(s->rate * 10) / 10));
+  double eta = eta_seconds(s);
+  json_object_set_new(ev, "eta_sec", eta >= 0 ? json_integer((json_int_t)llround(eta)) : json_null());
+  emit(s, ev);
+  log_msg(LL_VERBOSE, "step %lld/%lld loss %.4f inst_acc %.3f lr %.4g %.0f samples/s",
+          (long long)st->step, (long long)st->total_steps, s->win_loss / n, s->win_acc / n, st->lr,
+          s->rate);
+  s->win_n = s->win_fn_n = 0;
+  s->win_loss = s->win_pos = s->win_neg = s->win_hard = s->win_acc = s->win_negs = s->win_filt = 0;
+  s->win_fn = s->win_sec = 0;
+}
+
+static void enter_error(server *s, const char *what, const char *msg) {
+  s->state = ST_ERROR;
+  snprintf(s->error, sizeof s->error, "%s: %.1000s", what, msg);
+  log_msg(LL_WARNING, "training stopped: %s", s->error);
+  json_t *ev = progress_event("error");
+  json_object_set_new(ev, "step", json_integer(trainer_step_count(s->tr)));
+  json_object_set_new(ev, "message", json_string(s->error));
+  emit(s, ev);
+}
+
+static void after_step(server *s, job *j) {
+  if (j->rc) {
+    enter_error(s, "step", j->err);
+    return;
+  }
+  s->last = j->stats;
+  s->have_last = 1;
+  window_add(s, &j->stats);
+  int64_t step = j->stats.step;
+  long long every_log = config_int(s->config, "log.every_steps");
+  if (step % every_log == 0 || step >= j->stats.total_steps) emit_progress(s);
+  long long every_eval = config_int(s->config, "eval.every_steps");
+  if (every_eval > 0 && step % every_eval == 0 && step < j->stats.total_steps) s->eval_due = 1;
+  long long every_ck = config_int(s->config, "checkpoint.every_steps");
+  long long every_sec = config_int(s->config, "checkpoint.every_seconds");
+  if ((every_ck > 0 && step % every_ck == 0) ||
+      (every_sec > 0 && mono_now() - s->ckpt_time >= (double)every_sec))
+    s->ckpt_due = 1;
+}
+
+static void after_eval(server *s, job *j) {
+  if (j->rc) {
+    log_msg(LL_WARNING, "evaluation failed: %s", j->err);
+    if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "evaluation failed: %s", j->err);
+    return;
+  }
+  json_t *fig = eval_figures(&j->eres);
+  json_t *ev = progress_event("eval");
+  json_object_update(ev, fig);
+  json_object_set_new(ev, "reason", json_string(reason_names[j->reason]));
+  json_object_set_new(ev, "encoder", json_string(j->ereq.encoder == TRAINER_KEY ? "key" : "query"));
+  emit(s, ev);
+  log_msg(LL_NOTICE, "eval at step %lld: kNN %.2f%% (k=%d, T=%g)%s alignment %.4f uniformity %.4f",
+          (long long)j->eres.step, 100.0 * j->eres.knn_acc, j->eres.k, j->eres.t,
+          j->eres.has_probe ? "" : ",", j->eres.alignment, j->eres.uniformity);
+  if (j->eres.has_probe) log_msg(LL_NOTICE, "linear probe: %.2f%%", 100.0 * j->eres.probe_acc);
+  json_decref(s->last_eval);
+  s->last_eval = fig;
+  if (j->call) ctl_reply(j->call, json_deep_copy(fig));
+}
+
+static void after_checkpoint(server *s, job *j) {
+  if (j->rc) {
+    log_msg(LL_WARNING, "checkpoint failed: %s", j->err);
+    if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "checkpoint failed: %s", j->err);
+    return;
+  }
+  int64_t step = trainer_step_count(s->tr);
+  s->ckpt_step = step;
+  s->ckpt_time = mono_now();
+  json_decref(s->last_checkpoint);
+  s->last_checkpoint = json_pack("{s:s, s:I, s:f, s:I}", "path", j->path, "step", (json_int_t)step,
+                                 "time", round(log_unix_time() * 1000) / 1000, "bytes",
+                                 (json_int_t)j->bytes);
+  json_t *ev = progress_event("checkpoint");
+  json_object_set_new(ev, "step", json_integer(step));
+  json_object_set_new(ev, "path", json_string(j->path));
+  json_object_set_new(ev, "bytes", json_integer(j->bytes));
+  json_object_set_new(ev, "seconds", json_real(round(j->seconds * 1000) / 1000));
+  json_object_set_new(ev, "reason", json_string(reason_names[j->reason]));
+  emit(s, ev);
+  log_msg(LL_NOTICE, "checkpoint at step %lld: %s (%lld bytes, %.3f s)", (long long)step, j->path,
+          (long long)j->bytes, j->seconds);
+  if (j->call) ctl_reply(j->call, json_deep_copy(s->last_checkpoint));
+}
+
+static void after_export(server *s, job *j) {
+  if (j->rc) {
+    log_msg(LL_WARNING, "export failed: %s", j->err);
+    if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "export failed: %s", j->err);
+    return;
+  }
+  log_msg(LL_NOTICE, "exported %lld x %d %s of the %s split to %s", (long long)j->rows, j->dim,
+          j->embeddings ? "embeddings" : "features", j->split, j->path);
+  if (j->call)
+    ctl_reply(j->call, json_pack("{s:s, s:s, s:I, s:i, s:s}", "path", j->path, "split", j->split, "rows",
+                                 (json_int_t)j->rows, "dim", j->dim, "what",
+                                 j->embeddings ? "embeddings" : "features"));
+}
+
+static void job_done(uv_work_t *req, int status) {
+  job *j = req->data;
+  server *s = req->loop->data;
+  s->busy = 0;
+  if (status == UV_ECANCELED && !j->rc) {
+    j->rc = MOCO_ESTATE;
+    snprintf(j->err, sizeof j->err, "cancelled");
+  }
+  switch (j->kind) {
+  case JOB_STEP: after_step(s, j); break;
+  case JOB_EVAL: after_eval(s, j); break;
+  case JOB_CHECKPOINT: after_checkpoint(s, j); break;
+  case JOB_EXPORT: after_export(s, j); break;
+  }
+  j->call = NULL;
+  pump(s);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Operations queued by commands, applied between jobs.
+ * ------------------------------------------------------------------------------------------------- */
+
+static void op_push(server *s, op_kind kind, ctl_call *call, json_t *args) {
+  op *o = calloc(1, sizeof *o);
+  if (!o) {
+    if (call) ctl_reply_errno(call, MOCO_ENOMEM);
+    return;
+  }
+  o->kind = kind;
+  o->call = call;
+  o->args = args ? json_incref(args) : NULL;
+  if (s->ops_tail) s->ops_tail->next = o;
+  else s->ops = o;
+  s->ops_tail = o;
+}
+
+static op *op_pop(server *s) {
+  op *o = s->ops;
+  if (o) {
+    s->ops = o->next;
+    if (!s->ops) s->ops_tail = NULL;
+    o->next = NULL;
+  }
+  return o;
+}
+
+static void op_free(op *o) {
+  json_decref(o->args);
+  free(o);
+}
+
+static json_t *state_reply(server *s) {
+  return json_pack("{s:s, s:I}", "state", state_names[s->state], "step",
+                   (json_int_t)trainer_step_count(s->tr));
+}
+
+/* Applies a set of dotted keys (already validated against the schema and the trainer) and logs each
+ * change; the config and the trainer change together or not at all. */
+static int apply_set(server *s, json_t *changes, json_t **applied) {
+  json_t *next = json_deep_copy(s->config);
+  if (!next) return MOCO_ENOMEM;
+  const char *key;
+  json_t *v;
+  int rc = 0;
+  json_object_foreach(changes, key, v) {
+    if ((rc = config_set(next, key, v, 1))) break;
+  }
+  trainer_config tc;
+  if (!rc) rc = config_to_trainer(next, &tc);
+  if (!rc) rc = trainer_check_runtime(s->tr, &tc);
+  if (!rc) rc = trainer_apply_runtime(s->tr, &tc);
+  if (rc) {
+    json_decref(next);
+    return rc;
+  }
+  *applied = json_object();
+  json_object_foreach(changes, key, v) {
+    json_t *old = config_get(s->config, key);
+    json_t *ev = progress_event("config_change");
+    json_object_set_new(ev, "step", json_integer(trainer_step_count(s->tr)));
+    json_object_set_new(ev, "key", json_string(key));
+    json_object_set(ev, "old", old ? old : json_null());
+    json_object_set(ev, "new", v);
+    char *o = json_dumps(old ? old : json_null(), JSON_ENCODE_ANY | JSON_COMPACT);
+    char *n = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+    log_msg(LL_NOTICE, "set %s: %s -> %s", key, o ? o : "?", n ? n : "?");
+    free(o);
+    free(n);
+    emit(s, ev);
+    json_object_set(*applied, key, v);
+  }
+  json_decref(s->config);
+  s->config = next;
+  s->tcfg = tc;
+  log_level lvl;
+  if (!log_level_parse(config_str(s->config, "log.level"), &lvl)) log_set_level(lvl);
+  return 0;
+}
+
+/* Turns the set command's args into {dotted key: value}: either {"key": K, "value": V} or
+ * {"optim.lr": 0.1, "contrast.temperature": 0.2, ...}. */
+static int set_changes(json_t *args, json_t **out) {
+  json_t *k = json_object_get(args, "key");
+  if (k) {
+    json_t *v = json_object_get(args, "value");
+    if (!json_is_string(k) || !v || json_object_size(args) != 2)
+      return moco_error(MOCO_EINVAL, "set: expected {\"key\": \"a.b\", \"value\": V} or {\"a.b\": V, ...}");
+    *out = json_pack("{s:O}", json_string_value(k), v);
+    return *out ? 0 : MOCO_ENOMEM;
+  }
+  if (json_object_size(args) == 0) return moco_error(MOCO_EINVAL, "set: no key given");
+  *out = json_incref(args);
+  return 0;
+}
+
+static void run_op(server *s, op *o) {
+  switch (o->kind) {
+  case OP_PAUSE:
+    if (s->state == ST_RUNNING) {
+      s->state = ST_PAUSED;
+      log_msg(LL_NOTICE, "paused at step %lld", (long long)trainer_step_count(s->tr));
+    }
+    if (o->call) ctl_reply(o->call, state_reply(s));
+    break;
+  case OP_RESUME:
+    if (s->state == ST_PAUSED) {
+      s->state = ST_RUNNING;
+      log_msg(LL_NOTICE, "resumed at step %lld", (long long)trainer_step_count(s->tr));
+    }
+    if (o->call) ctl_reply(o->call, state_reply(s));
+    break;
+  case OP_SET: {
+    json_t *changes = NULL, *applied = NULL;
+    int rc = set_changes(o->args, &changes);
+    if (!rc) rc = apply_set(s, changes, &applied);
+    json_decref(changes);
+    if (o->call) {
+      if (rc) ctl_reply_errno(o->call, rc);
+      else ctl_reply(o->call, json_pack("{s:o}", "changed", applied));
+    } else {
+      json_decref(applied);
+    }
+    break;
+  }
+  case OP_STOP:
+    if (s->state != ST_STOPPING) {
+      log_msg(LL_NOTICE, "stopping at step %lld (%s)", (long long)trainer_step_count(s->tr),
+              o->call ? "stop command" : "signal");
+      s->stop_reason_signal = o->call == NULL;
+    }
+    s->state = ST_STOPPING;
+    if (o->call) {
+      o->next = s->stoppers;
+      s->stoppers = o;
+      return; /* answered at shutdown */
+    }
+    break;
+  case OP_CHECKPOINT:
+  case OP_EVAL:
+  case OP_EXPORT: break; /* started as jobs by pump */
+  }
+  op_free(o);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The scheduler: called whenever a job ends or an operation arrives. Decides the next job.
+ * ------------------------------------------------------------------------------------------------- */
+
+static void shutdown_server(server *s);
+
+static int export_prepare(server *s, op *o) {
+  job *j = &s->job;
+  json_t *a = o->args;
+  const char *split = json_string_value(json_object_get(a, "split"));
+  const char *enc = json_string_value(json_object_get(a, "encoder"));
+  const char *what = json_string_value(json_object_get(a, "what"));
+  split = split ? split : "eval";
+  if (strcmp(split, "train") && strcmp(split, "eval"))
+    return moco_error(MOCO_EINVAL, "args.split: \"%s\" not allowed, expected \"train\" or \"eval\"", split);
+  enc = enc ? enc : config_str(s->config, "eval.encoder");
+  if (strcmp(enc, "query") && strcmp(enc, "key"))
+    return moco_error(MOCO_EINVAL, "args.encoder: \"%s\" not allowed, expected \"query\" or \"key\"", enc);
+  what = what ? what : "features";
+  if (strcmp(what, "features") && strcmp(what, "embeddings"))
+    return moco_error(MOCO_EINVAL, "args.what: \"%s\" not allowed, expected \"features\" or \"embeddings\"",
+                      what);
+  snprintf(j->split, sizeof j->split, "%s", split);
+  snprintf(j->path, sizeof j->path, "%s", json_string_value(json_object_get(a, "path")));
+  j->enc = strcmp(enc, "key") ? TRAINER_QUERY : TRAINER_KEY;
+  j->embeddings = !strcmp(what, "embeddings");
+  return 0;
+}
+
+/* Starts the job an operation needs; returns 1 when a job was started. */
+static int start_op_job(server *s, op *o) {
+  switch (o->kind) {
+  case OP_CHECKPOINT:
+    if (s->ckpt_step == trainer_step_count(s->tr) && s->last_checkpoint) {
+      /* Nothing changed since the newest checkpoint: it is the answer. */
+      ctl_reply(o->call, json_deep_copy(s->last_checkpoint));
+      return 0;
+    }
+    start_checkpoint(s, WHY_COMMAND, o->call);
+    return 1;
+  case OP_EVAL:
+    start_eval(s, WHY_COMMAND, o->call, json_is_true(json_object_get(o->args, "probe")));
+    if (json_is_string(json_object_get(o->args, "encoder")))
+      s->job.ereq.encoder = strcmp(json_string_value(json_object_get(o->args, "encoder")), "key")
+                                ? TRAINER_QUERY
+                                : TRAINER_KEY;
+    return 1;
+  case OP_EXPORT: {
+    int rc = export_prepare(s, o);
+    if (rc) {
+      ctl_reply_errno(o->call, rc);
+      return 0;
+    }
+    s->job.call = o->call;
+    job_start(s, JOB_EXPORT);
+    return 1;
+  }
+  default: return 0;
+  }
+}
+
+static void pump(server *s) {
+  if (s->busy) return;
+  op *o;
+  while ((o = op_pop(s))) {
+    if (o->kind == OP_CHECKPOINT || o->kind == OP_EVAL || o->kind == OP_EXPORT) {
+      int started = start_op_job(s, o);
+      op_free(o);
+      if (started) return;
+      continue;
+    }
+    run_op(s, o);
+  }
+  if (s->state == ST_STOPPING) {
+    if (!s->stop_ckpt && s->ckpt_step != trainer_step_count(s->tr) && !s->error[0]) {
+      s->stop_ckpt = 1;
+      start_checkpoint(s, WHY_STOP, NULL);
+      return;
+    }
+    shutdown_server(s);
+    return;
+  }
+  if (s->state != ST_RUNNING) return;
+  if (s->eval_due) {
+    s->eval_due = 0;
+    start_eval(s, WHY_PERIODIC, NULL, 0);
+    return;
+  }
+  if (s->ckpt_due) {
+    s->ckpt_due = 0;
+    if (s->ckpt_step != trainer_step_count(s->tr)) {
+      start_checkpoint(s, WHY_PERIODIC, NULL);
+      return;
+    }
+  }
+  if (trainer_step_count(s->tr) < trainer_total_steps(s->tr)) {
+    job_start(s, JOB_STEP);
+    return;
+  }
+  /* Training is done: a final evaluation (with the probe when configured), a final checkpoint. */
+  if (s->finish_stage == 0) {
+    s->finish_stage = 1;
+    log_msg(LL_NOTICE, "training finished at step %lld", (long long)trainer_step_count(s->tr));
+    start_eval(s, WHY_FINISH, NULL, config_bool(s->config, "eval.probe_at_end"));
+    return;
+  }
+  if (s->finish_stage == 1) {
+    s->finish_stage = 2;
+    if (s->ckpt_step != trainer_step_count(s->tr)) {
+      start_checkpoint(s, WHY_FINISH, NULL);
+      return;
+    }
+  }
+  s->finish_stage = 3;
+  s->state = ST_FINISHED;
+  json_t *ev = progress_event("finished");
+  json_object_set_new(ev, "step", json_integer(trainer_step_count(s->tr)));
+  emit(s, ev);
+  if (config_bool(s->config, "service.exit_on_finish")) {
+    s->state = ST_STOPPING;
+    pump(s);
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Shutdown.
+ * ------------------------------------------------------------------------------------------------- */
+
+static void on_handle_closed(uv_handle_t *h) { (void)h; }
+
+static void on_ctl_closed(ctl_server *c) { (void)c; }
+
+static void shutdown_server(server *s) {
+  int64_t step = trainer_step_count(s->tr);
+  json_t *ev = progress_event("stop");
+  json_object_set_new(ev, "step", json_integer(step));
+  json_object_set_new(ev, "reason",
+                      json_string(s->error[0] ? "error" : s->stop_reason_signal ? "signal"
+                                  : s->stoppers                                 ? "command"
+                                                                                : "finished"));
+  if (s->last_checkpoint) json_object_set(ev, "checkpoint", json_object_get(s->last_checkpoint, "path"));
+  emit(s, ev);
+  while (s->stoppers) {
+    op *o = s->stoppers;
+    s->stoppers = o->next;
+    json_t *r = state_reply(s);
+    json_object_set_new(r, "state", json_string("stopped"));
+    if (s->last_checkpoint) json_object_set(r, "checkpoint", json_object_get(s->last_checkpoint, "path"));
+    ctl_reply(o->call, r);
+    op_free(o);
+  }
+  log_msg(LL_NOTICE, "mocod stopped at step %lld", (long long)step);
+  if (s->ctl_open) {
+    s->ctl_open = 0;
+    ctl_close(&s->ctl, on_ctl_closed);
+  }
+  uv_close((uv_handle_t *)&s->sig_term, on_handle_closed);
+  uv_close((uv_handle_t *)&s->sig_int, on_handle_closed);
+  uv_close((uv_handle_t *)&s->sig_hup, on_handle_closed);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Signals.
+ * ------------------------------------------------------------------------------------------------- */
+
+static void on_stop_signal(uv_signal_t *h, int signum) {
+  server *s = h->loop->data;
+  log_msg(LL_NOTICE, "received %s", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+  if (s->state == ST_STOPPING) return;
+  op_push(s, OP_STOP, NULL, NULL);
+  pump(s);
+}
+
+static void on_hup(uv_signal_t *h, int signum) {
+  (void)signum;
+  server *s = h->loop->data;
+  if (log_reopen()) log_msg(LL_WARNING, "SIGHUP: %s", moco_errmsg());
+  if (progress_reopen(&s->plog)) log_msg(LL_WARNING, "SIGHUP: %s", moco_errmsg());
+  log_msg(LL_NOTICE, "SIGHUP: log files reopened");
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Commands.
+ * ------------------------------------------------------------------------------------------------- */
+
+static json_t *status_json(server *s) {
+  const trainer_stats *st = &s->last;
+  trainer_stats d;
+  trainer_describe(s->tr, &d);
+  json_t *r = json_object();
+  json_object_set_new(r, "state", json_string(state_names[s->state]));
+  json_object_set_new(r, "step", json_integer(trainer_step_count(s->tr)));
+  json_object_set_new(r, "total_steps", json_integer(trainer_total_steps(s->tr)));
+  json_object_set_new(r, "epoch", json_real(round(d.epoch * 1000) / 1000));
+  json_object_set_new(r, "progress", json_real(trainer_total_steps(s->tr) > 0
+                                                   ? (double)trainer_step_count(s->tr) /
+                                                         (double)trainer_total_steps(s->tr)
+                                                   : 0));
+  json_object_set_new(r, "lr", progress_f32(d.lr));
+  json_object_set_new(r, "temperature", progress_f32(d.temperature));
+  json_object_set_new(r, "momentum", progress_f32(d.momentum));
+  json_object_set_new(r, "hardness", progress_f32(d.hardness));
+  if (s->have_last) {
+    json_object_set_new(r, "loss", progress_f32(st->loss));
+    json_object_set_new(r, "pos_sim", progress_f32(st->pos_sim));
+    json_object_set_new(r, "neg_sim", progress_f32(st->neg_sim));
+    json_object_set_new(r, "hardest_neg_sim", progress_f32(st->hardest_neg_sim));
+    json_object_set_new(r, "inst_acc", progress_f32(st->inst_acc));
+    json_object_set_new(r, "negatives", progress_f32(st->negatives));
+    json_object_set_new(r, "filtered", progress_f32(st->filtered));
+    json_object_set_new(r, "fn_rate", f32_or_null(st->fn_rate, st->fn_rate >= 0));
+    json_object_set_new(r, "step_sec", json_real(round(st->seconds * 1e6) / 1e6));
+  } else {
+    json_object_set_new(r, "loss", json_null());
+  }
+  json_object_set_new(r, "samples_per_sec", json_real(round(s->rate * 10) / 10));
+  double eta = s->state == ST_RUNNING ? eta_seconds(s) : -1;
+  json_object_set_new(r, "eta_sec", eta >= 0 ? json_integer((json_int_t)llround(eta)) : json_null());
+  json_object_set_new(r, "queue", json_pack("{s:i, s:i}", "filled", d.queue_filled, "size",
+                                            d.queue_size));
+  json_object_set_new(r, "batch_size", json_integer(d.batch_size));
+  json_object_set(r, "last_checkpoint", s->last_checkpoint ? s->last_checkpoint : json_null());
+  json_object_set(r, "last_eval", s->last_eval ? s->last_eval : json_null());
+  json_object_set_new(r, "error", s->error[0] ? json_string(s->error) : json_null());
+  json_object_set_new(r, "pid", json_integer(getpid()));
+  json_object_set_new(r, "uptime_sec", json_real(round((log_unix_time() - s->started) * 1000) / 1000));
+  json_object_set_new(r, "clients", json_integer(s->ctl.clients));
+  json_object_set_new(r, "subscribers", json_integer(s->ctl.subscribers));
+  json_object_set_new(r, "pending", json_integer(s->busy + (s->ops != NULL)));
+  return r;
+}
+
+static int cmd_status(ctl_call *call, json_t *args, void *data) {
+  (void)args;
+  ctl_reply(call, status_json(data));
+  return 0;
+}
+
+static int cmd_config(ctl_call *call, json_t *args, void *data) {
+  server *s = data;
+  json_t *key = json_object_get(args, "key");
+  if (key) {
+    const char *k = json_string_value(key);
+    const config_option *o = config_option_find(k);
+    json_t *v = config_get(s->config, k);
+    if (!o || !v) return moco_error(MOCO_ENOENT, "args.key: unknown key '%s'", k);
+    ctl_reply(call, json_pack("{s:s, s:O, s:b, s:s}", "key", k, "value", v, "runtime",
+                              (o->flags & CONFIG_RUNTIME) != 0, "doc", o->doc));
+    return 0;
+  }
+  json_t *runtime = json_array();
+  for (size_t i = 0; i < config_n_options; i++)
+    if (config_options[i].flags & CONFIG_RUNTIME)
+      json_array_append_new(runtime, json_string(config_options[i].path));
+  ctl_reply(call, json_pack("{s:O, s:o}", "config", s->config, "runtime_keys", runtime));
+  return 0;
+}
+
+static int cmd_subscribe(ctl_call *call, json_t *args, void *data) {
+  (void)args;
+  server *s = data;
+  ctl_call_subscribe(call);
+  ctl_reply(call, json_pack("{s:s, s:I}", "state", state_names[s->state], "step",
+                            (json_int_t)trainer_step_count(s->tr)));
+  return 0;
+}
+
+/* pause, resume, stop, checkpoint, eval, export: queued, answered when applied. */
+static int cmd_queued(ctl_call *call, json_t *args, void *data) {
+  server *s = data;
+  const char *name = ctl_call_command(call)->name;
+  op_kind k = !strcmp(name, "pause")        ? OP_PAUSE
+              : !strcmp(name, "resume")     ? OP_RESUME
+              : !strcmp(name, "stop")       ? OP_STOP
+              : !strcmp(name, "checkpoint") ? OP_CHECKPOINT
+              : !strcmp(name, "eval")       ? OP_EVAL
+                                            : OP_EXPORT;
+  if ((k == OP_PAUSE || k == OP_RESUME) && s->state != ST_RUNNING && s->state != ST_PAUSED) {
+    ctl_reply_error(call, "state", "cannot %s: training is %s", name, state_names[s->state]);
+    return 0;
+  }
+  if (k == OP_CHECKPOINT && s->state == ST_ERROR) {
+    ctl_reply_error(call, "state", "no checkpoint of a run that failed (%s); the last good one is kept",
+                    s->error);
+    return 0;
+  }
+  op_push(s, k, call, args);
+  pump(s);
+  return 0;
+}
+
+static int cmd_set(ctl_call *call, json_t *args, void *data) {
+  server *s = data;
+  json_t *changes = NULL;
+  int rc = set_changes(args, &changes);
+  if (rc) return rc;
+  /* Validate now, so that a bad request is refused at once even while a step runs. */
+  json_t *trial = json_deep_copy(s->config);
+  const char *key;
+  json_t *v;
+  json_object_foreach(changes, key, v) {
+    if ((rc = config_set(trial, key, v, 1))) break;
+  }
+  json_decref(trial);
+  json_decref(changes);
+  if (rc) return rc;
+  op_push(s, OP_SET, call, args);
+  pump(s);
+  return 0;
+}
+
+static int gate(ctl_call *call, const ctl_command *cmd, void *data) {
+  server *s = data;
+  if ((cmd->flags & CTL_CHANGES_STATE) && s->state == ST_STOPPING) {
+    ctl_reply_error(call, "state", "mocod is stopping");
+    return 1;
+  }
+  return 0;
+}
+
+static const ctl_arg config_args[] = {{"key", CTL_T_STRING, 0, 0, 0}, {NULL, 0, 0, 0, 0}};
+static const ctl_arg eval_args[] = {
+    {"probe", CTL_T_BOOL, 0, 0, 0}, {"encoder", CTL_T_STRING, 0, 0, 0}, {NULL, 0, 0, 0, 0}};
+static const ctl_arg export_args[] = {{"path", CTL_T_STRING, CTL_ARG_REQUIRED, 0, 0},
+                                      {"split", CTL_T_STRING, 0, 0, 0},
+                                      {"encoder", CTL_T_STRING, 0, 0, 0},
+                                      {"what", CTL_T_STRING, 0, 0, 0},
+                                      {NULL, 0, 0, 0, 0}};
+
+static const ctl_command commands[] = {
+    {"status", cmd_status, CTL_SAFE_WHILE_RUNNING, NULL,
+     "state, progress, last step's diagnostics, throughput, ETA, last checkpoint and evaluation"},
+    {"config", cmd_config, CTL_SAFE_WHILE_RUNNING, config_args,
+     "the effective config (or one key with its doc), and the keys `set` may change"},
+    {"pause", cmd_queued, CTL_CHANGES_STATE, NULL, "pause training after the current step"},
+    {"resume", cmd_queued, CTL_CHANGES_STATE, NULL, "resume a paused run"},
+    {"stop", cmd_queued, CTL_CHANGES_STATE, NULL,
+     "finish the current step, write a checkpoint and exit; answers when done"},
+    {"checkpoint", cmd_queued, CTL_CHANGES_STATE, NULL, "write a checkpoint now; answers with the file"},
+    {"eval", cmd_queued, CTL_CHANGES_STATE, eval_args,
+     "kNN monitor and alignment/uniformity now (probe: true adds a linear probe)"},
+    {"export", cmd_queued, CTL_CHANGES_STATE, export_args,
+     "write features (or embeddings) of the train or eval split to a file"},
+    {"set", cmd_set, CTL_CHANGES_STATE | CTL_ANY_ARGS, NULL,
+     "change runtime settings between steps: {\"optim.lr\": 0.03, ...}"},
+    {"subscribe", cmd_subscribe, CTL_SAFE_WHILE_RUNNING, NULL,
+     "receive every progress, eval, checkpoint and config_change event as a line"},
+    {NULL, NULL, 0, NULL, NULL},
+};
+
+/* ---------------------------------------------------------------------------------------------------
+ * Start-up.
+ * ------------------------------------------------------------------------------------------------- */
+
+/* mkdir -p for the directory part of a file path (or the whole path when is_dir). */
+int server_make_dirs(const char *path, int is_dir) {
+  char buf[1024];
+  snprintf(buf, sizeof buf, "%s", path);
+  if (!is_dir) {
+    char *slash = strrchr(buf, '/');
+    if (!slash) return 0;
+    *slash = '\0';
+  }
+  for (char *p = buf + 1;; p++) {
+    if (*p == '/' || *p == '\0') {
+      char c = *p;
+      *p = '\0';
+      if (buf[0] && mkdir(buf, 0700) && errno != EEXIST)
+        return moco_error(MOCO_EIO, "mkdir %s: %s", buf, strerror(errno));
+      *p = c;
+      if (!c) break;
+    }
+  }
+  return 0;
+}
+
+static void on_skip(void *ctx, const char *path, const char *why) {
+  (void)ctx;
+  log_msg(LL_WARNING, "skipping damaged checkpoint %s: %s", path, why);
+}
+
+/* Warns about every option whose value differs between the checkpoint's config and this run's. */
+static void compare_configs(const json_t *then, const json_t *now) {
+  for (size_t i = 0; i < config_n_options; i++) {
+    const char *p = config_options[i].path;
+    json_t *a = config_get(then, p), *b = config_get(now, p);
+    if (a && b && !json_equal(a, b)) {
+      char *x = json_dumps(a, JSON_ENCODE_ANY | JSON_COMPACT), *y = json_dumps(b, JSON_ENCODE_ANY | JSON_COMPACT);
+      log_msg(LL_WARNING, "resume: %s was %.80s in the checkpoint, now %.80s", p, x ? x : "?", y ? y : "?");
+      free(x);
+      free(y);
+    }
+  }
+}
+
+static int resume_from_checkpoint(server *s, int mode, char *from, size_t from_len) {
+  from[0] = '\0';
+  if (mode == 0) return 0;
+  const char *dir = config_str(s->config, "checkpoint.dir");
+  checkpoint_file f;
+  int rc = checkpoint_read_latest(&f, dir, on_skip, NULL);
+  if (rc == MOCO_ENOENT && mode < 0) return 0;
+  if (rc) return moco_error_wrap(rc, "resume");
+  rc = trainer_load(s->tr, &f.body);
+  if (!rc) {
+    blob_reader sub;
+    uint32_t n = 0;
+    if (blob_section(&f.body, "CONF", &sub) == 0 && blob_get_u32(&sub, &n) == 0 &&
+        n <= sub.len - sub.pos) {
+      json_t *then = json_loadb((const char *)sub.data + sub.pos, n, 0, NULL);
+      if (then) compare_configs(then, s->config);
+      json_decref(then);
+    }
+  }
+  if (rc) {
+    checkpoint_file_free(&f);
+    return moco_error_wrap(rc, "resume from %s (start with --no-resume or another checkpoint.dir)",
+                           f.path[0] ? f.path : dir);
+  }
+  snprintf(from, from_len, "%s", f.path);
+  s->ckpt_step = f.step;
+  s->last_checkpoint = json_pack("{s:s, s:I, s:f, s:I}", "path", f.path, "step", (json_int_t)f.step,
+                                 "time", f.time, "bytes", (json_int_t)f.len);
+  checkpoint_file_free(&f);
+  return 0;
+}
+
+static int fail(const server_options *opt, int rc, const char *what) {
+  char msg[1400];
+  snprintf(msg, sizeof msg, "%s: %s", what, moco_errmsg()[0] ? moco_errmsg() : moco_strerror(rc));
+  log_msg(LL_WARNING, "%s", msg);
+  if (opt->ready) opt->ready(opt->ready_ctx, rc, msg);
+  return 1;
+}
+
+int server_open_log(const json_t *config) {
+  log_level lvl = LL_NOTICE;
+  int rc = log_level_parse(config_str(config, "log.level"), &lvl);
+  const char *lf = config_str(config, "log.file");
+  if (!rc && *lf) rc = server_make_dirs(lf, 0);
+  if (!rc) rc = log_open(lf, lvl);
+  return rc;
+}
+
+static int open_progress(server *s) {
+  const char *pf = config_str(s->config, "log.progress");
+  int rc = *pf ? server_make_dirs(pf, 0) : 0;
+  return rc ? rc : progress_open(&s->plog, pf);
+}
+
+int server_run(json_t *config, const server_options *opt) {
+  server *s = calloc(1, sizeof *s);
+  if (!s) return fail(opt, MOCO_ENOMEM, "start");
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  loop.data = s;
+  s->loop = &loop;
+  s->config = json_incref(config);
+  s->opt = opt;
+  s->ckpt_step = -1;
+  s->started = log_unix_time();
+  s->ckpt_time = mono_now();
+  log_set_main_thread();
+  int rc, code = 1;
+  char from[1100] = "";
+
+  if ((rc = open_progress(s))) {
+    code = fail(opt, rc, "progress log");
+    goto out;
+  }
+  if ((rc = server_make_dirs(config_str(s->config, "checkpoint.dir"), 1))) {
+    code = fail(opt, rc, "checkpoint.dir");
+    goto out;
+  }
+  ctl_config cc;
+  ctl_config_default(&cc);
+  cc.path = config_str(s->config, "service.socket");
+  cc.gate = gate;
+  if ((rc = ctl_init(&s->ctl, &loop, &cc, commands, s))) {
+    code = fail(opt, rc, "control socket");
+    goto out;
+  }
+  s->ctl_open = 1;
+  if ((rc = config_to_trainer(s->config, &s->tcfg)) || (rc = trainer_create(&s->tr, &s->tcfg))) {
+    code = fail(opt, rc, "trainer");
+    goto out;
+  }
+  if ((rc = resume_from_checkpoint(s, opt->resume, from, sizeof from))) {
+    code = fail(opt, rc, "checkpoint");
+    goto out;
+  }
+  uv_signal_init(&loop, &s->sig_term);
+  uv_signal_init(&loop, &s->sig_int);
+  uv_signal_init(&loop, &s->sig_hup);
+  uv_signal_start(&s->sig_term, on_stop_signal, SIGTERM);
+  uv_signal_start(&s->sig_int, on_stop_signal, SIGINT);
+  uv_signal_start(&s->sig_hup, on_hup, SIGHUP);
+
+  if (from[0])
+    log_msg(LL_NOTICE, "resumed from %s at step %lld", from, (long long)trainer_step_count(s->tr));
+  log_msg(LL_NOTICE, "mocod %d ready on %s (config %s), step %lld of %lld", (int)getpid(), cc.path,
+          opt->config_path ? opt->config_path : "defaults", (long long)trainer_step_count(s->tr),
+          (long long)trainer_total_steps(s->tr));
+  json_t *ev = progress_event("start");
+  json_object_set_new(ev, "step", json_integer(trainer_step_count(s->tr)));
+  json_object_set_new(ev, "total_steps", json_integer(trainer_total_steps(s->tr)));
+  json_object_set_new(ev, "pid", json_integer(getpid()));
+  json_object_set_new(ev, "resumed_from", from[0] ? json_string(from) : json_null());
+  json_object_set(ev, "config", s->config);
+  emit(s, ev);
+  s->state = ST_RUNNING;
+  if (opt->ready) opt->ready(opt->ready_ctx, 0, NULL);
+  pump(s);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  code = 0;
+
+out:
+  if (s->ctl_open) {
+    /* Failed after the socket was up: close it so that the file is unlinked. */
+    ctl_close(&s->ctl, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+  }
+  while (s->ops) op_free(op_pop(s));
+  if (s->tr) trainer_destroy(s->tr);
+  free(s->job.config_text);
+  json_decref(s->last_eval);
+  json_decref(s->last_checkpoint);
+  json_decref(s->config);
+  progress_close(&s->plog);
+  if (uv_loop_close(&loop)) log_msg(LL_WARNING, "event loop closed with handles still open");
+  free(s);
+  return code;
+}
