@@ -751,6 +751,152 @@ START_TEST(closing_with_a_deferred_call_in_flight_is_safe) {
 }
 END_TEST
 
+/* ---- mococtl against the in-process server ---- */
+
+typedef struct {
+  int status;
+  char out[8192], err[4096];
+} ctl_run;
+
+static void slurp(const char *path, char *buf, size_t n) {
+  FILE *f = fopen(path, "r");
+  size_t k = f ? fread(buf, 1, n - 1, f) : 0;
+  buf[k] = '\0';
+  if (f) fclose(f);
+}
+
+/* Runs $MOCOD_BIN/mococtl with args (NULL-terminated) and MOCOD_SOCKET=env_socket when given,
+ * stdout and stderr going to files (so stdout is no tty). */
+static void run_mococtl(ctl_run *r, tserver *ts, const char *env_socket, const char *const *args) {
+  const char *bin_dir = getenv("MOCOD_BIN");
+  char bin[512], out[200], err[200];
+  snprintf(bin, sizeof bin, "%s/mococtl", bin_dir ? bin_dir : "build/bin");
+  snprintf(out, sizeof out, "%s/out", ts->dir);
+  snprintf(err, sizeof err, "%s/err", ts->dir);
+  const char *argv[16] = {"mococtl"};
+  int n = 1;
+  while (args[n - 1]) argv[n] = args[n - 1], n++;
+  argv[n] = NULL;
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    if (!freopen(out, "w", stdout) || !freopen(err, "w", stderr)) _exit(126);
+    if (env_socket) setenv("MOCOD_SOCKET", env_socket, 1);
+    else unsetenv("MOCOD_SOCKET");
+    execv(bin, (char *const *)argv);
+    _exit(127);
+  }
+  int st;
+  ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+  ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) < 100, "%s did not run (status %d)", bin, st);
+  r->status = WEXITSTATUS(st);
+  slurp(out, r->out, sizeof r->out);
+  slurp(err, r->err, sizeof r->err);
+}
+
+#define MOCOCTL(r, ts, ...) run_mococtl(r, ts, NULL, (const char *const[]){__VA_ARGS__, NULL})
+
+static void assert_has(const char *text, const char *needle) {
+  ck_assert_msg(strstr(text, needle), "'%s' not in:\n%s", needle, text);
+}
+
+START_TEST(mococtl_exit_status_json_and_human_output) {
+  tserver *ts = server_start();
+  ctl_run r;
+  MOCOCTL(&r, ts, "-s", ts->path, "--json", "status");
+  ck_assert_int_eq(r.status, 0);
+  json_t *j = json_loads(r.out, 0, NULL);
+  ck_assert_msg(j && json_is_object(j), "--json status printed: %s", r.out);
+  ck_assert_str_eq(json_string_value(json_object_get(j, "state")), "running");
+  json_decref(j);
+
+  run_mococtl(&r, ts, ts->path, (const char *const[]){"status", NULL}); /* socket from MOCOD_SOCKET */
+  ck_assert_int_eq(r.status, 0);
+  ck_assert_str_eq(r.out, "state:           running\n"
+                          "step:            120 / 1000 (12.0%)\n"
+                          "epoch:           2\n"
+                          "loss:            5.25\n"
+                          "samples_per_sec: 812.5\n"
+                          "eta:             1:02:05\n"
+                          "last_checkpoint: -\n"
+                          "diagnostics:\n"
+                          "  pos_sim:  0.75\n"
+                          "  inst_acc: 0.5\n");
+
+  MOCOCTL(&r, ts, "-s", ts->path, "pause");
+  ck_assert_int_eq(r.status, 1);
+  assert_has(r.err, "mococtl: pause: pause: training is already paused (state)");
+  MOCOCTL(&r, ts, "--json", "-s", ts->path, "pause");
+  ck_assert_int_eq(r.status, 1);
+  assert_has(r.out, "\"code\":\"state\"");
+
+  MOCOCTL(&r, ts, "-s", ts->path, "--json", "set", "lr=0.01", "name=foo", "flag=true", "q=\"1 2\"",
+          "n=3");
+  ck_assert_int_eq(r.status, 0);
+  j = json_loads(r.out, 0, NULL);
+  json_t *want = json_pack("{s:f, s:s, s:b, s:s, s:i}", "lr", 0.01, "name", "foo", "flag", 1, "q",
+                           "1 2", "n", 3);
+  ck_assert_msg(json_equal(j, want), "set sent %s", r.out);
+  json_decref(j);
+  json_decref(want);
+  MOCOCTL(&r, ts, "-s", ts->path, "set", "a=1");
+  ck_assert_int_eq(r.status, 0);
+  ck_assert_str_eq(r.out, "a: 1\n");
+
+  MOCOCTL(&r, ts, "-s", ts->path, "raw", "{\"id\":\"r\",\"cmd\":\"nope\"}");
+  ck_assert_int_eq(r.status, 1);
+  assert_has(r.out, "{\"id\":\"r\",\"ok\":false,\"error\":{\"code\":\"unknown_command\"");
+  MOCOCTL(&r, ts, "-s", ts->path, "raw", "{\"cmd\":\"echo\",\"args\":{\"n\":4}}");
+  ck_assert_int_eq(r.status, 0);
+  ck_assert_str_eq(r.out, "{\"id\":null,\"ok\":true,\"result\":{\"n\":4}}\n");
+  MOCOCTL(&r, ts, "-s", ts->path, "eval"); /* this server has no eval */
+  ck_assert_int_eq(r.status, 1);
+  assert_has(r.err, "unknown command 'eval' (unknown_command)");
+
+  char missing[200];
+  snprintf(missing, sizeof missing, "%s/none.sock", ts->dir);
+  MOCOCTL(&r, ts, "-s", missing, "status");
+  ck_assert_int_eq(r.status, 2);
+  assert_has(r.err, "mococtl: cannot connect to ");
+  assert_has(r.err, "none.sock: No such file or directory");
+
+  const char *const bad[][4] = {{"bogus"}, {"set", "novalue"}, {"set"}, {"-s"},
+                                {"--timeout", "x", "status"}, {"--frob", "status"},
+                                {"status", "extra"}, {"raw"}};
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    run_mococtl(&r, ts, ts->path, bad[i]);
+    ck_assert_msg(r.status == 3, "%s %s: status %d", bad[i][0], bad[i][1] ? bad[i][1] : "", r.status);
+    assert_has(r.err, "usage: mococtl");
+  }
+  server_stop(ts);
+}
+END_TEST
+
+START_TEST(mococtl_watch_prints_progress_and_events_until_stop) {
+  tserver *ts = server_start();
+  ctl_run r;
+  MOCOCTL(&r, ts, "-s", ts->path, "watch");
+  ck_assert_msg(r.status == 0, "watch: status %d, stderr %s", r.status, r.err);
+  assert_has(r.out, "[############............] 500/1000  50.0%  loss 4.5000  inst_acc 0.250  "
+                    "hardness 0.50  900 samples/s  ETA 0:01:01\n");
+  assert_has(r.out, "eval:  step 500  knn_acc 0.8125\n");
+  assert_has(r.out, "1000/1000 100.0%  loss 4.0000\n");
+  assert_has(r.out, "stop:  reason finished  step 1000\n");
+  ck_assert_ptr_null(strchr(r.out, '\r')); /* no redrawing when stdout is not a terminal */
+
+  MOCOCTL(&r, ts, "-s", ts->path, "--json", "watch");
+  ck_assert_int_eq(r.status, 0);
+  int lines = 0;
+  for (char *line = strtok(r.out, "\n"); line; line = strtok(NULL, "\n"), lines++) {
+    json_t *ev = json_loads(line, 0, NULL);
+    ck_assert_msg(ev && json_object_get(ev, "event"), "not an event: %s", line);
+    json_decref(ev);
+  }
+  ck_assert_int_eq(lines, 4);
+  server_stop(ts);
+}
+END_TEST
+
 Suite *ctl_suite(void) {
   Suite *s = suite_create("ctl");
   TCase *tc = tcase_create("protocol");
@@ -771,5 +917,10 @@ Suite *ctl_suite(void) {
   tcase_add_test(tc, a_stale_socket_is_replaced_and_other_files_are_not);
   tcase_add_test(tc, closing_with_a_deferred_call_in_flight_is_safe);
   suite_add_tcase(s, tc);
+  TCase *cli = tcase_create("mococtl");
+  tcase_set_timeout(cli, 30);
+  tcase_add_test(cli, mococtl_exit_status_json_and_human_output);
+  tcase_add_test(cli, mococtl_watch_prints_progress_and_events_until_stop);
+  suite_add_tcase(s, cli);
   return s;
 }
