@@ -99,6 +99,7 @@ struct ctl_server {
   unsigned long rejected;    /* connections refused over max_clients */
   /* private */
   uv_pipe_t listener;
+  uv_idle_t resume; /* runs requests queued behind a deferred call on the next loop turn */
   ctl_config cfg;
   char *path;
   const ctl_command *table;

@@ -1,0 +1,451 @@
+/* mococtl: the command-line client of mocod's control socket (protocol: include/service/ctl.h).
+ * Plain blocking sockets and a line buffer; no event loop is needed for one request at a time. */
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "service/ctl.h"
+
+/* Exit status, for scripts. */
+enum { EXIT_OK = 0, EXIT_ANSWERED_ERROR = 1, EXIT_UNREACHABLE = 2, EXIT_USAGE = 3 };
+
+/* An answer longer than this is not from mocod. */
+#define MAX_ANSWER (64u << 20)
+/* Commands that wait for work done off the loop (a whole evaluation, a checkpoint write) have no limit
+ * unless --timeout gives one; the others are answered from the loop at once. */
+#define DEFAULT_TIMEOUT 30.0
+
+static const char usage[] =
+    "usage: mococtl [-s SOCKET] [--json] [--timeout SEC] COMMAND\n"
+    "commands:\n"
+    "  status              state, progress, loss, diagnostics, speed, ETA\n"
+    "  pause | resume      hold / continue training between steps\n"
+    "  stop                finish the step, write a checkpoint, exit\n"
+    "  checkpoint          write a checkpoint now (answers with the file)\n"
+    "  eval                run the evaluation now (answers with its figures)\n"
+    "  set KEY=VALUE...    change settings at run time (VALUE is JSON if it parses, else a string)\n"
+    "  config              the effective config\n"
+    "  watch               live progress until training stops\n"
+    "  raw JSON            send one request line as is, print the answer line\n"
+    "socket: -s, else $MOCOD_SOCKET, else " CTL_DEFAULT_SOCKET "\n"
+    "exit status: 0 ok, 1 mocod answered an error, 2 mocod not reachable, 3 usage\n";
+
+typedef struct {
+  int fd;
+  const char *path;
+  char *buf;
+  size_t len, cap;
+} conn;
+
+static int die_usage(const char *fmt, const char *arg) {
+  fprintf(stderr, "mococtl: ");
+  fprintf(stderr, fmt, arg);
+  fprintf(stderr, "\n%s", usage);
+  return EXIT_USAGE;
+}
+
+static int conn_open(conn *c, const char *path) {
+  memset(c, 0, sizeof *c);
+  c->path = path;
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  if (strlen(path) >= sizeof sa.sun_path) {
+    fprintf(stderr, "mococtl: cannot connect to %s: path too long\n", path);
+    return -1;
+  }
+  strcpy(sa.sun_path, path);
+  c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (c->fd < 0 || connect(c->fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+    fprintf(stderr, "mococtl: cannot connect to %s: %s\n", path, strerror(errno));
+    if (c->fd >= 0) close(c->fd);
+    return -1;
+  }
+  return 0;
+}
+
+static void conn_close(conn *c) {
+  close(c->fd);
+  free(c->buf);
+}
+
+static int conn_send(conn *c, const char *line) {
+  size_t n = strlen(line);
+  for (size_t off = 0; off < n + 1;) {
+    const char *p = off < n ? line + off : "\n";
+    size_t left = off < n ? n - off : 1;
+    ssize_t k = send(c->fd, p, left, MSG_NOSIGNAL); /* a daemon gone mid-send is an error, not a signal */
+    if (k < 0 && errno == EINTR) continue;
+    if (k < 0) {
+      fprintf(stderr, "mococtl: %s: sending: %s\n", c->path, strerror(errno));
+      return -1;
+    }
+    off += (size_t)k;
+  }
+  return 0;
+}
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* The next line (NUL-terminated, in c->buf, valid until the next call). Returns its length, -1 when the
+ * connection closed, -2 on timeout (timeout <= 0: none), -3 on a read error or an oversized line. */
+static long conn_line(conn *c, double timeout, size_t *consumed) {
+  double deadline = now() + timeout;
+  if (*consumed) { /* drop the line returned last time */
+    memmove(c->buf, c->buf + *consumed, c->len - *consumed);
+    c->len -= *consumed;
+    *consumed = 0;
+  }
+  for (;;) {
+    char *nl = c->buf ? memchr(c->buf, '\n', c->len) : NULL;
+    if (nl) {
+      *nl = '\0';
+      *consumed = (size_t)(nl - c->buf) + 1;
+      return (long)(nl - c->buf);
+    }
+    if (c->len + 4096 > c->cap) {
+      if (c->cap >= MAX_ANSWER) return -3;
+      size_t cap = c->cap ? c->cap * 2 : 65536;
+      char *p = realloc(c->buf, cap);
+      if (!p) return -3;
+      c->buf = p;
+      c->cap = cap;
+    }
+    if (timeout > 0) {
+      double left = deadline - now();
+      struct pollfd pf = {.fd = c->fd, .events = POLLIN};
+      int r = left > 0 ? poll(&pf, 1, (int)ceil(left * 1000)) : 0;
+      if (r < 0 && errno == EINTR) continue;
+      if (r == 0) return -2;
+    }
+    ssize_t k = read(c->fd, c->buf + c->len, c->cap - c->len - 1);
+    if (k < 0 && errno == EINTR) continue;
+    if (k < 0) return -3;
+    if (k == 0) return -1;
+    c->len += (size_t)k;
+  }
+}
+
+/* Reads lines until one that is a response (subscribers also get events). Returns the parsed response
+ * or NULL after printing why; *raw keeps the line when asked. */
+static json_t *conn_answer(conn *c, double timeout, size_t *consumed, char **raw) {
+  for (;;) {
+    long n = conn_line(c, timeout, consumed);
+    if (n == -1) fprintf(stderr, "mococtl: %s: connection closed before the answer\n", c->path);
+    if (n == -2) fprintf(stderr, "mococtl: %s: no answer within %g s\n", c->path, timeout);
+    if (n == -3) fprintf(stderr, "mococtl: %s: reading the answer failed\n", c->path);
+    if (n < 0) return NULL;
+    json_t *msg = json_loadb(c->buf, (size_t)n, 0, NULL);
+    if (!msg) {
+      fprintf(stderr, "mococtl: %s: the answer is not JSON: %.200s\n", c->path, c->buf);
+      return NULL;
+    }
+    if (!json_object_get(msg, "event")) {
+      if (raw) *raw = strdup(c->buf);
+      return msg;
+    }
+    json_decref(msg);
+  }
+}
+
+/* ---- human-readable output ---- */
+
+static void print_scalar(FILE *f, const json_t *v) {
+  switch (json_typeof(v)) {
+  case JSON_STRING: fputs(json_string_value(v), f); break;
+  case JSON_INTEGER: fprintf(f, "%" JSON_INTEGER_FORMAT, json_integer_value(v)); break;
+  case JSON_REAL: fprintf(f, "%.6g", json_real_value(v)); break;
+  case JSON_TRUE: fputs("true", f); break;
+  case JSON_FALSE: fputs("false", f); break;
+  case JSON_NULL: fputs("-", f); break;
+  default: { /* arrays (and objects where a scalar is expected) stay JSON */
+    char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+    fputs(s ? s : "?", f);
+    free(s);
+  }
+  }
+}
+
+/* "key: value" lines with the values aligned; nested objects after them, indented under their key. */
+static void print_object(const json_t *obj, int indent) {
+  const char *key;
+  json_t *v;
+  int width = 0;
+  json_object_foreach((json_t *)obj, key, v) if ((int)strlen(key) > width) width = (int)strlen(key);
+  for (int nested = 0; nested < 2; nested++) {
+    json_object_foreach((json_t *)obj, key, v) {
+      if (nested != (json_is_object(v) && json_object_size(v) > 0)) continue;
+      if (nested) {
+        printf("%*s%s:\n", indent, "", key);
+        print_object(v, indent + 2);
+        continue;
+      }
+      printf("%*s%s:%*s ", indent, "", key, width - (int)strlen(key), "");
+      print_scalar(stdout, v);
+      putchar('\n');
+    }
+  }
+}
+
+static void format_duration(char *out, size_t n, double sec) {
+  if (!(sec >= 0) || sec > 1e8) {
+    snprintf(out, n, "-");
+    return;
+  }
+  long s = lround(sec);
+  snprintf(out, n, "%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
+}
+
+static double num(const json_t *obj, const char *key, int *found) {
+  json_t *v = json_object_get(obj, key);
+  *found = json_is_number(v);
+  return *found ? json_number_value(v) : 0;
+}
+
+/* status: the known fields first in a fixed order, then whatever else mocod sent. */
+static void print_status(const json_t *result) {
+  json_t *rest = json_deep_copy(result);
+  json_t *top = json_object();
+  int has_step, has_total, has_progress, has_eta;
+  double step = num(result, "step", &has_step), total = num(result, "total_steps", &has_total);
+  double progress = num(result, "progress", &has_progress), eta = num(result, "eta_sec", &has_eta);
+  if (json_object_get(result, "state")) json_object_set(top, "state", json_object_get(result, "state"));
+  if (has_step) {
+    char s[96];
+    int n = snprintf(s, sizeof s, "%.0f", step);
+    if (has_total) n += snprintf(s + n, sizeof s - (size_t)n, " / %.0f", total);
+    if (has_progress) snprintf(s + n, sizeof s - (size_t)n, " (%.1f%%)", 100 * progress);
+    json_object_set_new(top, "step", json_string(s));
+  }
+  static const char *order[] = {"epoch", "loss", "lr", "temperature", "hardness", "samples_per_sec",
+                                "eta_sec", "queue_fill", NULL};
+  for (int i = 0; order[i]; i++) {
+    json_t *v = json_object_get(result, order[i]);
+    if (v && !strcmp(order[i], "eta_sec") && has_eta) {
+      char s[32];
+      format_duration(s, sizeof s, eta);
+      json_object_set_new(top, "eta", json_string(s));
+    } else if (v) {
+      json_object_set(top, order[i], v);
+    }
+  }
+  static const char *shown[] = {"state", "step", "total_steps", "progress", NULL};
+  for (int i = 0; shown[i]; i++) json_object_del(rest, shown[i]);
+  for (int i = 0; order[i]; i++) json_object_del(rest, order[i]);
+  json_object_update(top, rest); /* last_checkpoint, last_eval, diagnostics, and anything new */
+  print_object(top, 0);
+  json_decref(top);
+  json_decref(rest);
+}
+
+/* ---- watch ---- */
+
+/* One line: "[#####.....] 500/1000  50.0%  loss 4.500  inst_acc 0.250  hardness 0.50  900 samples/s  ETA 0:01:01" */
+static void format_progress(char *out, size_t n, const json_t *ev) {
+  int has_step, has_total, f;
+  double step = num(ev, "step", &has_step), total = num(ev, "total_steps", &has_total);
+  size_t k = 0;
+#define ADD(...) k += (size_t)snprintf(out + k, k < n ? n - k : 0, __VA_ARGS__)
+  if (has_step && has_total && total > 0) {
+    enum { W = 24 };
+    int fill = (int)(W * fmin(fmax(step / total, 0), 1));
+    ADD("[%.*s%.*s] %.0f/%.0f %5.1f%%", fill, "########################", W - fill,
+        "........................", step, total, 100 * step / total);
+  } else if (has_step) {
+    ADD("step %.0f", step);
+  }
+  double v;
+  if ((v = num(ev, "loss", &f)), f) ADD("  loss %.4f", v);
+  if ((v = num(ev, "inst_acc", &f)), f) ADD("  inst_acc %.3f", v);
+  if ((v = num(ev, "hardness", &f)), f) ADD("  hardness %.2f", v);
+  if ((v = num(ev, "samples_per_sec", &f)), f) ADD("  %.0f samples/s", v);
+  if ((v = num(ev, "eta_sec", &f)), f) {
+    char d[32];
+    format_duration(d, sizeof d, v);
+    ADD("  ETA %s", d);
+  }
+#undef ADD
+  if (k >= n && n) out[n - 1] = '\0';
+}
+
+/* Any other event: "eval: step 500  knn_acc 0.8125". */
+static void print_event(const json_t *ev) {
+  const char *key;
+  json_t *v;
+  printf("%s:", json_string_value(json_object_get(ev, "event")));
+  json_object_foreach((json_t *)ev, key, v) {
+    if (!strcmp(key, "event") || !strcmp(key, "time")) continue;
+    printf("  %s ", key);
+    print_scalar(stdout, v);
+  }
+  putchar('\n');
+}
+
+static int watch(conn *c, int as_json, size_t *consumed) {
+  int tty = isatty(STDOUT_FILENO), bar = 0;
+  for (;;) {
+    long n = conn_line(c, 0, consumed);
+    if (n < 0) {
+      if (bar) putchar('\n');
+      fflush(stdout);
+      fprintf(stderr, "mococtl: %s: connection closed before training ended\n", c->path);
+      return EXIT_UNREACHABLE;
+    }
+    json_t *ev = json_loadb(c->buf, (size_t)n, 0, NULL);
+    const char *name = json_string_value(json_object_get(ev, "event"));
+    if (!name) { /* a response, or noise: not an event */
+      json_decref(ev);
+      continue;
+    }
+    int end = !strcmp(name, "stop") || !strcmp(name, "finished");
+    if (as_json) {
+      puts(c->buf);
+    } else if (!strcmp(name, "progress")) {
+      char line[512];
+      format_progress(line, sizeof line, ev);
+      if (tty) printf("\r%s\033[K", line); /* redrawn in place */
+      else puts(line);
+      bar = tty;
+    } else {
+      if (bar) fputs("\r\033[K", stdout); /* the event goes where the bar was; the next one redraws */
+      print_event(ev);
+      bar = 0;
+    }
+    fflush(stdout);
+    json_decref(ev);
+    if (end) {
+      if (bar) putchar('\n');
+      return EXIT_OK;
+    }
+  }
+}
+
+/* ---- main ---- */
+
+/* set's KEY=VALUE words as an args object; VALUE is JSON when it parses (0.01, true, "x"), else text. */
+static json_t *parse_set(int argc, char **argv) {
+  json_t *args = json_object();
+  for (int i = 0; i < argc; i++) {
+    const char *eq = strchr(argv[i], '=');
+    if (!eq || eq == argv[i]) {
+      json_decref(args);
+      return NULL;
+    }
+    json_t *v = json_loads(eq + 1, JSON_DECODE_ANY, NULL);
+    if (!v) v = json_string(eq + 1);
+    json_object_setn_new(args, argv[i], (size_t)(eq - argv[i]), v);
+  }
+  return args;
+}
+
+int main(int argc, char **argv) {
+  const char *path = getenv("MOCOD_SOCKET"), *sock_opt = NULL;
+  int as_json = 0;
+  double timeout = -1;
+  char *words[argc];
+  int nwords = 0, opts_done = 0;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (opts_done || a[0] != '-' || !a[1]) words[nwords++] = argv[i];
+    else if (!strcmp(a, "--")) opts_done = 1;
+    else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+      fputs(usage, stdout);
+      return EXIT_OK;
+    } else if (!strcmp(a, "--json")) as_json = 1;
+    else if (!strcmp(a, "-s") || !strcmp(a, "--socket")) {
+      if (++i == argc) return die_usage("%s needs a socket path", a);
+      sock_opt = argv[i];
+    } else if (!strcmp(a, "--timeout")) {
+      char *end;
+      if (++i == argc) return die_usage("%s needs seconds", a);
+      timeout = strtod(argv[i], &end);
+      if (*end || !(timeout >= 0)) return die_usage("--timeout: '%s' is not a number of seconds", argv[i]);
+    } else return die_usage("unknown option %s", a);
+  }
+  if (sock_opt) path = sock_opt;
+  if (!path || !*path) path = CTL_DEFAULT_SOCKET;
+  if (nwords == 0) return die_usage("%s", "no command given");
+
+  const char *cmd = words[0];
+  static const char *plain[] = {"status", "pause", "resume", "stop", "checkpoint", "eval", "config", NULL};
+  int known = 0;
+  for (int i = 0; plain[i]; i++) known |= !strcmp(cmd, plain[i]);
+  json_t *args = NULL;
+  char *request = NULL;
+  if (known || !strcmp(cmd, "watch")) {
+    if (nwords != 1) return die_usage("%s takes no arguments", cmd);
+  } else if (!strcmp(cmd, "set")) {
+    if (nwords < 2 || !(args = parse_set(nwords - 1, words + 1)))
+      return die_usage("%s", "set needs KEY=VALUE words");
+  } else if (!strcmp(cmd, "raw")) {
+    if (nwords != 2) return die_usage("%s", "raw needs exactly one JSON request");
+    request = strdup(words[1]);
+  } else {
+    return die_usage("unknown command '%s'", cmd);
+  }
+  if (!request) {
+    json_t *req = json_pack("{s:i, s:s}", "id", 1, "cmd", !strcmp(cmd, "watch") ? "subscribe" : cmd);
+    if (args) json_object_set_new(req, "args", args);
+    request = json_dumps(req, JSON_COMPACT);
+    json_decref(req);
+  }
+  if (timeout < 0)
+    timeout = !strcmp(cmd, "eval") || !strcmp(cmd, "checkpoint") || !strcmp(cmd, "stop")
+                  ? 0
+                  : DEFAULT_TIMEOUT;
+
+  conn c;
+  if (conn_open(&c, path) != 0) {
+    free(request);
+    return EXIT_UNREACHABLE;
+  }
+  size_t consumed = 0;
+  char *raw = NULL;
+  int rc = conn_send(&c, request);
+  json_t *answer = rc == 0 ? conn_answer(&c, timeout, &consumed, &raw) : NULL;
+  free(request);
+  if (!answer) {
+    conn_close(&c);
+    return EXIT_UNREACHABLE;
+  }
+  int ok = json_is_true(json_object_get(answer, "ok"));
+  json_t *result = json_object_get(answer, "result"), *err = json_object_get(answer, "error");
+  if (!strcmp(cmd, "raw")) {
+    puts(raw);
+  } else if (!ok) {
+    if (as_json) {
+      char *s = json_dumps(err, JSON_COMPACT | JSON_ENCODE_ANY);
+      puts(s ? s : "null");
+      free(s);
+    }
+    fprintf(stderr, "mococtl: %s: %s (%s)\n", cmd, json_string_value(json_object_get(err, "message")),
+            json_string_value(json_object_get(err, "code")));
+  } else if (!strcmp(cmd, "watch")) {
+    rc = watch(&c, as_json, &consumed);
+  } else if (as_json || !strcmp(cmd, "config")) {
+    char *s = json_dumps(result, as_json ? JSON_COMPACT : JSON_INDENT(2));
+    puts(s ? s : "{}");
+    free(s);
+  } else if (!strcmp(cmd, "status")) {
+    print_status(result);
+  } else if (json_object_size(result)) {
+    print_object(result, 0);
+  } else {
+    puts("ok");
+  }
+  free(raw);
+  json_decref(answer);
+  conn_close(&c);
+  if (rc) return rc;
+  return ok ? EXIT_OK : EXIT_ANSWERED_ERROR;
+}
