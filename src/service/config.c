@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/err.h"
+#include "service/log.h"
 
 /* ---------------------------------------------------------------------------------------------------
  * The schema. One row per option; the order here is the order of --print-config and of the reference.
@@ -22,6 +23,8 @@
 #define LAYERS(p, d, doc) {p, CONFIG_LAYERS, d, 0, 0, NULL, 0, doc}
 
 const config_option config_options[] = {
+    /* ---- data ---- */
+    STR("data.dir", "\"/usr/share/datasets/fashion-mnist\"", 0, "directory of the data files"),
     /* ---- model ---- */
     LAYERS("model.backbone",
            "[{\"type\":\"conv2d\",\"out\":32,\"kernel\":3,\"stride\":1,\"pad\":1},{\"type\":\"batchnorm\"},"
@@ -239,7 +242,7 @@ static int enum_has(const char *choices, const char *word) {
 
 /* The value as it appeared, for messages: compact JSON, cut at a reasonable length. */
 static void show_value(const json_t *v, char *buf, size_t n) {
-  char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+  char *s = json_dumps(v, LOG_JSON_FLAGS);
   if (!s) {
     snprintf(buf, n, "?");
     return;

@@ -152,7 +152,7 @@ json_t *progress_f32(float x) {
 }
 
 char *progress_line(const json_t *event) {
-  char *s = json_dumps(event, JSON_COMPACT | JSON_PRESERVE_ORDER);
+  char *s = json_dumps(event, LOG_JSON_FLAGS);
   if (!s) return NULL;
   size_t n = strlen(s);
   char *line = realloc(s, n + 2);

@@ -222,7 +222,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   if (print) {
-    json_dumpf(config, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_dumpf(config, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(15));
     fputc('\n', stdout);
     json_decref(config);
     return 0;

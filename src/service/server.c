@@ -209,7 +209,7 @@ static void start_checkpoint(server *s, job_reason why, ctl_call *call) {
   j->reason = why;
   j->call = call;
   free(j->config_text);
-  j->config_text = json_dumps(s->config, JSON_COMPACT | JSON_PRESERVE_ORDER);
+  j->config_text = json_dumps(s->config, JSON_COMPACT);
   snprintf(j->dir, sizeof j->dir, "%s", config_str(s->config, "checkpoint.dir"));
   j->keep = (int)config_int(s->config, "checkpoint.keep");
   if (!j->config_text) {
@@ -459,8 +459,8 @@ static int apply_set(server *s, json_t *changes, json_t **applied) {
     json_object_set_new(ev, "key", json_string(key));
     json_object_set(ev, "old", old ? old : json_null());
     json_object_set(ev, "new", v);
-    char *o = json_dumps(old ? old : json_null(), JSON_ENCODE_ANY | JSON_COMPACT);
-    char *n = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+    char *o = json_dumps(old ? old : json_null(), LOG_JSON_FLAGS);
+    char *n = json_dumps(v, LOG_JSON_FLAGS);
     log_msg(LL_NOTICE, "set %s: %s -> %s", key, o ? o : "?", n ? n : "?");
     free(o);
     free(n);
@@ -927,7 +927,7 @@ static void compare_configs(const json_t *then, const json_t *now) {
     const char *p = config_options[i].path;
     json_t *a = config_get(then, p), *b = config_get(now, p);
     if (a && b && !json_equal(a, b)) {
-      char *x = json_dumps(a, JSON_ENCODE_ANY | JSON_COMPACT), *y = json_dumps(b, JSON_ENCODE_ANY | JSON_COMPACT);
+      char *x = json_dumps(a, LOG_JSON_FLAGS), *y = json_dumps(b, LOG_JSON_FLAGS);
       log_msg(LL_WARNING, "resume: %s was %.80s in the checkpoint, now %.80s", p, x ? x : "?", y ? y : "?");
       free(x);
       free(y);
