@@ -7,6 +7,7 @@
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "core/err.h"
 #include "core/net.h"
@@ -91,7 +92,8 @@ static double bench_net(const char *name, const char *spec_text, net_shape in, i
   return gf;
 }
 
-int main(void) {
+/* Optional argument: run only the named network ("mlp" or "cnn"), e.g. under perf. */
+int main(int argc, char **argv) {
   const char *mlp =
       "[{\"type\":\"flatten\"},"
       "{\"type\":\"linear\",\"out\":1024},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
@@ -107,7 +109,7 @@ int main(void) {
       "{\"type\":\"avgpool\"},{\"type\":\"linear\",\"out\":128},{\"type\":\"l2norm\"}]";
   double gemm = bench_sgemm(2048);
   printf("sgemm 2048^3: %.1f GFLOP/s (median of %d)\n", gemm, REPS);
-  bench_net("mlp", mlp, (net_shape){1, 28, 28}, 256, gemm);
-  bench_net("cnn", cnn, (net_shape){1, 28, 28}, 256, gemm);
+  if (argc < 2 || strcmp(argv[1], "mlp") == 0) bench_net("mlp", mlp, (net_shape){1, 28, 28}, 256, gemm);
+  if (argc < 2 || strcmp(argv[1], "cnn") == 0) bench_net("cnn", cnn, (net_shape){1, 28, 28}, 256, gemm);
   return 0;
 }
