@@ -375,12 +375,13 @@ END_TEST
 
 /* ---- maxpool ---- */
 
-static void mp_f(lt *t) { maxpool_forward(t->out, (int32_t *)t->saved, t->x, t->B, &t->g); }
-static void mp_b(lt *t) { maxpool_backward(t->dx, t->dout, (const int32_t *)t->saved, t->B, &t->g); }
+static void mp_f(lt *t) { maxpool_forward(t->out, t->x, t->B, &t->g); }
+static void mp_b(lt *t) { maxpool_backward(t->dx, t->dout, t->x, t->out, t->B, &t->g); }
 
 /* B, C, H, W, K, stride, pad */
 static const int pool_cases[][7] = {{2, 3, 4, 4, 2, 2, 0}, {1, 2, 7, 5, 3, 2, 1}, {3, 1, 5, 5, 3, 1, 0},
-                                    {2, 2, 6, 7, 2, 3, 1}, {1, 1, 3, 3, 3, 3, 0}};
+                                    {2, 2, 6, 7, 2, 3, 1}, {1, 1, 3, 3, 3, 3, 0}, {2, 3, 5, 7, 2, 2, 0},
+                                    {1, 2, 6, 6, 3, 2, 0}};
 
 static void pool_setup(lt *t, const int *c, rng_t *r) {
   *t = (lt){.forward = mp_f, .backward = mp_b, .B = c[0]};
@@ -393,7 +394,6 @@ static void pool_setup(lt *t, const int *c, rng_t *r) {
   rng_shuffle_u32(r, perm, (uint32_t)nx);
   for (size_t i = 0; i < nx; i++) t->x[i] = 0.05f * (float)perm[i] - 1.0f;
   free(perm);
-  t->saved = fresh(nout, NULL, 0, 0);
 }
 
 START_TEST(maxpool_matches_naive_and_gradients) {
@@ -418,6 +418,24 @@ START_TEST(maxpool_matches_naive_and_gradients) {
         }
     lt_check(&t, 1e-2f, 1e-3);
     lt_free(&t);
+  }
+}
+END_TEST
+
+START_TEST(maxpool_ties_send_the_gradient_to_the_first_maximum) {
+  /* 2x2 stride 2 (the vectorised path) and 3x3 stride 1 (the general one), every value equal. */
+  for (int k = 0; k < 2; k++) {
+    conv_geom g;
+    conv_geom_init(&g, 1, 4, 4, k ? 3 : 2, k ? 1 : 2, 0);
+    float x[16], y[4], dy[4] = {1, 2, 3, 4}, dx[16];
+    vec_fill(x, 0.5f, 16);
+    maxpool_forward(y, x, 1, &g);
+    maxpool_backward(dx, dy, x, y, 1, &g);
+    float total = 0;
+    for (int i = 0; i < 16; i++) total += dx[i];
+    ck_assert(total == 10.0f);
+    if (k == 0) ck_assert(dx[0] == 1 && dx[1] == 0 && dx[4] == 0 && dx[2] == 2 && dx[8] == 3 && dx[10] == 4);
+    else ck_assert(dx[0] == 1 && dx[1] == 2 && dx[4] == 3 && dx[5] == 4);
   }
 }
 END_TEST
@@ -450,6 +468,7 @@ Suite *layers_suite(void) {
   tcase_add_test(tc, conv2d_matches_naive_convolution);
   tcase_add_test(tc, conv2d_chunk_does_not_change_results);
   tcase_add_test(tc, maxpool_matches_naive_and_gradients);
+  tcase_add_test(tc, maxpool_ties_send_the_gradient_to_the_first_maximum);
   tcase_add_test(tc, conv_geometry_rejects_kernels_that_do_not_fit);
   suite_add_tcase(s, tc);
   return s;

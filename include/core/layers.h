@@ -72,11 +72,15 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, float *ws, const
                      const float *inp, const float *weight, int B, int OC, const conv_geom *g,
                      int chunk);
 
-/* ---- MaxPool2d (implicit -inf padding, as PyTorch) ---------------------------------------------- */
-/* out [B, C, OH, OW], argmax [B, C, OH, OW] (index of the winner within its input plane), inp [B, C, H, W] */
-void maxpool_forward(float *out, int32_t *argmax, const float *inp, int B, const conv_geom *g);
-/* dinp [B, C, H, W] (written), dout [B, C, OH, OW] */
-void maxpool_backward(float *dinp, const float *dout, const int32_t *argmax, int B, const conv_geom *g);
+/* ---- MaxPool2d (implicit -inf padding, as PyTorch) ----------------------------------------------
+ * Comparisons are strict `>`, so the first maximum of a window wins; backward finds it again by comparing
+ * the input with the output instead of storing an argmax. A NaN propagates only where it is the first
+ * element of its window (as in most SIMD max kernels); a non-finite loss is the trainer's to catch. */
+/* out [B, C, OH, OW], inp [B, C, H, W] */
+void maxpool_forward(float *out, const float *inp, int B, const conv_geom *g);
+/* dinp [B, C, H, W] (written), dout, out [B, C, OH, OW], inp [B, C, H, W] as in the forward */
+void maxpool_backward(float *dinp, const float *dout, const float *inp, const float *out, int B,
+                      const conv_geom *g);
 
 /* ---- Global average pool: (C, H, W) -> (C) ------------------------------------------------------- */
 /* out [B, C], inp [B, C, S] */

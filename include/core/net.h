@@ -58,7 +58,7 @@ typedef struct {
   int chunk;               /* conv2d: samples per sgemm (see conv2d_chunk) */
   /* activation storage, sized for max_batch */
   float *out;   /* [B, out] */
-  float *saved; /* per-layer state for backward: BN mean/rstd per group, pool argmax, row norms */
+  float *saved; /* per-layer state for backward: BN mean/rstd per group, row norms */
   size_t saved_len;
 } layer;
 

@@ -221,10 +221,7 @@ static int layer_shape(layer *L, const char *path, int i, int max_batch) {
       return moco_error(MOCO_ESHAPE, "%s[%d].kernel: %d does not fit the input %dx%d with pad %d", path, i,
                         L->kernel, in.h, in.w, L->pad);
     L->out_shape = (net_shape){L->kind == LAYER_CONV2D ? L->out_features : in.c, g.OH, g.OW};
-    if (L->kind == LAYER_MAXPOOL) {
-      L->saved_len = net_shape_size(L->out_shape) * (size_t)max_batch; /* argmax, int32 */
-      break;
-    }
+    if (L->kind == LAYER_MAXPOOL) break;
     L->w_len = (size_t)L->out_features * in.c * L->kernel * L->kernel;
     L->b_len = L->bias ? (size_t)L->out_features : 0;
     L->chunk = conv2d_chunk(&g, L->out_features, max_batch);
@@ -444,7 +441,7 @@ static void layer_forward(net *n, layer *L, const float *x, int B) {
     break;
   case LAYER_MAXPOOL:
     layer_geom(L, &g);
-    maxpool_forward(L->out, (int32_t *)L->saved, x, B, &g);
+    maxpool_forward(L->out, x, B, &g);
     break;
   case LAYER_AVGPOOL: avgpool_forward(L->out, x, B, L->in_shape.c, L->in_shape.h * L->in_shape.w); break;
   case LAYER_FLATTEN: flatten_forward(L->out, x, len); break;
@@ -474,7 +471,7 @@ static void layer_backward(net *n, layer *L, float *dx, const float *dy, const f
     break;
   case LAYER_MAXPOOL:
     layer_geom(L, &g);
-    maxpool_backward(dx, dy, (const int32_t *)L->saved, B, &g);
+    maxpool_backward(dx, dy, x, L->out, B, &g);
     break;
   case LAYER_AVGPOOL: avgpool_backward(dx, dy, B, L->in_shape.c, L->in_shape.h * L->in_shape.w); break;
   case LAYER_FLATTEN: flatten_backward(dx, dy, len); break;
@@ -503,10 +500,15 @@ int net_backward(net *n, const float *dout, float *dx, int B) {
   if (B != n->last_batch || B < 1)
     return moco_error(MOCO_ESTATE, "net_backward: batch %d, but the last forward had %d", B,
                       n->last_batch);
+  /* Without dx nothing below the first layer with parameters needs an input gradient (a leading
+   * flatten would otherwise cost the first linear layer a whole gemm). */
+  int stop = 0;
+  if (!dx)
+    while (stop < n->n_layers - 1 && !n->layers[stop].w_len) stop++;
   const float *dy = dout;
-  for (int i = n->n_layers - 1; i >= 0; i--) {
+  for (int i = n->n_layers - 1; i >= stop; i--) {
     const float *x = i ? n->layers[i - 1].out : n->input;
-    float *din = i ? n->gbuf[i & 1] : dx;
+    float *din = i > stop ? n->gbuf[i & 1] : i ? NULL : dx;
     layer_backward(n, &n->layers[i], din, dy, x, B);
     dy = din;
   }
