@@ -116,7 +116,8 @@ typedef struct {
  * they are diagnostics and never change the selection unless `supervised` is set. */
 typedef struct {
   float hardness;            /* as used (0 during warm-up) */
-  int knob_n;                /* n(h) or N(h), 0 when the strategy has none */
+  int knob_n;                /* largest n(h) or N(h) over rows, clipped to the candidates there; 0 when the
+                                strategy has no count (all, band, adversarial) */
   float band_lo, band_hi;    /* band window used */
   float hcl_beta;            /* beta(h) for an HCL loss */
   double negatives_per_query;/* mean number of MINE_NEG columns per row (synthetic included) */
@@ -135,16 +136,16 @@ typedef struct {
 typedef struct {
   mine_config cfg;
   int max_batch, max_queue, dim;
-  int max_cols;
+  int max_cols;      /* largest layout.cols accepted */
   /* workspaces, sized at init */
-  float *vals;        /* [max_cols] gathered similarities */
-  int32_t *idx;       /* [max_cols] gathered columns */
-  int32_t *pool;      /* [max_cols] a row's hard pool (mixing) */
-  int32_t *excl;      /* same-id exclusions of the step: (row, col) pairs, [2 * max_queue + ...] */
-  int excl_cap;
-  int32_t *hash;      /* id -> batch row, open addressing, [hash_cap] */
-  int hash_cap;
-  mine_synth *synth;  /* [max_batch, X] recipes of the last select (mixing) */
+  float *vals;       /* [max_cols] a row's gathered similarities */
+  float *tmp;        /* [max_cols] scratch copy for k-th element selection */
+  int32_t *idx;      /* [max_cols] a row's gathered columns; after a selection, the selected ones */
+  int32_t *n_excl;   /* [max_batch] candidates excluded per row (own column, same id, supervised) */
+  int32_t *hash;     /* [hash_cap] sample id -> first batch row holding it, open addressing */
+  int32_t *chain;    /* [max_batch] next batch row with the same id, -1 at the end */
+  int hash_cap;      /* power of two >= 2 * max_batch */
+  mine_synth *synth; /* [max_batch, X] recipes of the last select (mixing) */
 } mine;
 
 /* Allocates workspaces for batches up to max_batch, queues up to max_queue slots and keys of dimension
