@@ -22,6 +22,7 @@ typedef enum {
   CONFIG_STR,    /* string; a path is relative to the directory mocod was started in */
   CONFIG_ENUM,   /* one of the words in `choices` ("a|b|c") */
   CONFIG_LAYERS, /* array of layer objects (include/core/net.h), checked in full by net_build */
+  CONFIG_INTS,   /* array of integers, each within [min, max] */
 } config_type;
 
 enum {

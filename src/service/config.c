@@ -21,6 +21,7 @@
 #define STR(p, d, f, doc) {p, CONFIG_STR, d, 0, 0, NULL, f, doc}
 #define ENUM(p, d, ch, f, doc) {p, CONFIG_ENUM, "\"" d "\"", 0, 0, ch, f, doc}
 #define LAYERS(p, d, doc) {p, CONFIG_LAYERS, d, 0, 0, NULL, 0, doc}
+#define INTS(p, d, lo, hi, f, doc) {p, CONFIG_INTS, d, lo, hi, NULL, f, doc}
 
 const config_option config_options[] = {
     /* ---- data ---- */
@@ -86,22 +87,70 @@ const config_option config_options[] = {
     ENUM("contrast.momentum_schedule", "constant", "constant|cosine", 0,
          "constant m, or BYOL's cosine ramp from m to 1 over training"),
     NUM("contrast.temperature", 0.2, 0.001, 10, R, "softmax temperature of the contrastive loss"),
-    ENUM("contrast.loss", "infonce", "infonce|hcl|triplet", 0, "contrastive loss"),
-    BOOL("contrast.symmetric", false, 0, "also contrast the second view's query against the first's key"),
-    ENUM("contrast.negatives.strategy", "hardest",
-         "all|random|hardest|semi-hard|band|mixing|adversarial", R, "which candidates are negatives"),
+    ENUM("contrast.loss", "infonce", "infonce|hcl|triplet|ntxent", 0,
+         "InfoNCE (multi-positive with kept suspects), HCL/DCL, triplet margin, or SimCLR's NT-Xent"),
+    BOOL("contrast.symmetric", false, 0, "both views act as queries against the other's key"),
+    INT("contrast.shuffle_bn_groups", 8, 1, 1024, 0,
+        "key-encoder BatchNorm groups over a shuffled batch (MoCo's shuffle BN); 1 turns it off"),
+    NUM("contrast.hcl_beta", 1, 0, 100, R, "HCL concentration on hard negatives at hardness 1 (0: DCL)"),
+    NUM("contrast.tau_plus", 0.1, 0, 0.999, R, "HCL/DCL class prior tau+; 0: no debiasing"),
+    NUM("contrast.triplet_margin", 0.2, 0, 4, R, "triplet loss margin on cosine distance"),
+    ENUM("contrast.triplet_negative", "hardest", "hardest|mean", R,
+         "triplet loss on each query's hardest negative or the mean over all"),
+    ENUM("contrast.negatives.strategy", "hardest", "all|random|hardest|semi-hard|band|mixing|adversarial",
+         R, "which candidates are negatives (mixing and adversarial only if started with them)"),
     BOOL("contrast.negatives.in_batch", false, 0, "also use the batch's other keys as candidates"),
-    INT("contrast.negatives.num_negatives", 1024, 1, 1 << 22, R, "negatives per query at hardness 1"),
+    INT("contrast.negatives.num_negatives", 1024, 1, 1 << 22, R,
+        "negatives per query at hardness 1 (random, hardest, semi-hard; mixing: hard pool)"),
+    INT("contrast.negatives.num_negatives_easy", 0, 0, 1 << 22, R,
+        "negatives per query at hardness 0; 0 means every valid candidate"),
+    NUM("contrast.negatives.margin", 0.2, 0, 2, R, "semi-hard: band width below the positive"),
+    NUM("contrast.negatives.band_lo", 0.05, 0, 1, R, "band: hardest rank percentile kept at hardness 1"),
+    NUM("contrast.negatives.band_hi", 0.3, 0, 1, R, "band: easiest rank percentile kept at hardness 1"),
+    INT("contrast.negatives.mix_pairs", 512, 0, 65536, 0, "mixing: synthetic mixes of two hard negatives per query"),
+    INT("contrast.negatives.mix_query", 256, 0, 65536, 0, "mixing: mixes of the query with a hard negative per query"),
+    INT("contrast.negatives.bank_size", 16384, 1, 1 << 22, 0, "adversarial: learnable negatives in the bank"),
+    ENUM("contrast.guards.ceiling", "none", "none|absolute|relative", R,
+         "suspected false negatives: similarity above a value, or above s_pos - delta"),
+    NUM("contrast.guards.ceiling_value", 0.95, -1, 1, R, "absolute ceiling"),
+    NUM("contrast.guards.ceiling_delta", 0, -2, 2, R, "relative ceiling: s_pos - delta"),
+    NUM("contrast.guards.skip_hardest", 0, 0, 0.999, R, "the hardest fraction of candidates is suspect"),
+    BOOL("contrast.guards.as_positives", false, R, "suspects become extra positives instead of being dropped"),
+    BOOL("contrast.guards.supervised", false, R, "never use a candidate with the query's label (needs labels)"),
+    ENUM("contrast.hardness.mode", "fixed", "fixed|curriculum|dynamic", R,
+         "where the hardness in [0, 1] comes from: a constant, a schedule, or a controller"),
+    NUM("contrast.hardness.value", 1, 0, 1, R, "fixed: the hardness; dynamic: its starting value"),
+    NUM("contrast.hardness.warmup", 0, 0, 1, R, "fraction of training on random negatives first"),
+    ENUM("contrast.hardness.shape", "linear", "linear|cosine", R, "curriculum: shape of the ramp"),
+    NUM("contrast.hardness.start", 0, 0, 1, R, "curriculum: hardness right after the warm-up"),
+    NUM("contrast.hardness.end", 1, 0, 1, R, "curriculum: hardness at the end of training"),
+    ENUM("contrast.hardness.signal", "accuracy", "accuracy|hardest_sim", R,
+         "dynamic: the signal held at the target (instance accuracy or hardest-negative similarity)"),
+    NUM("contrast.hardness.target", 0.5, -1, 1, R, "dynamic: level of the signal to hold"),
+    NUM("contrast.hardness.gain", 0.05, 0, 10, R, "dynamic: hardness change per unit of error"),
+    NUM("contrast.hardness.max_step", 0.01, 0, 1, R, "dynamic: largest change per step"),
+    NUM("contrast.hardness.ema", 0.9, 0, 0.9999, R, "dynamic: EMA decay of the signal"),
+    NUM("contrast.hardness.min", 0, 0, 1, R, "dynamic: lowest hardness"),
+    NUM("contrast.hardness.max", 1, 0, 1, R, "dynamic: highest hardness"),
     /* ---- optim ---- */
-    ENUM("optim.optimizer", "sgd", "sgd|adamw|lars", 0, "update rule"),
+    ENUM("optim.optimizer", "sgd", "sgd|lars|adamw", 0, "update rule"),
     INT("optim.batch_size", 256, 2, 65536, 0, "samples per step (B)"),
     INT("optim.epochs", 10, 0, 100000, 0, "training length in passes over the data (when optim.steps is 0)"),
     INT("optim.steps", 0, 0, 1e12, 0, "training length in steps; 0 derives it from optim.epochs"),
     NUM("optim.lr", 0.06, 0, 100, R, "base learning rate (peak of the schedule)"),
-    ENUM("optim.lr_schedule", "cosine", "constant|cosine|step", 0, "learning-rate schedule over the training length"),
-    INT("optim.warmup_steps", 0, 0, 1e9, 0, "linear warm-up from 0 to optim.lr"),
-    NUM("optim.weight_decay", 5e-4, 0, 1, R, "L2 weight decay (not on biases and BatchNorm parameters)"),
+    ENUM("optim.lr_schedule", "cosine", "constant|step|cosine", 0, "learning-rate schedule over the training length"),
+    NUM("optim.final_lr", 0, 0, 100, R, "cosine: learning rate after the last step"),
+    INT("optim.warmup_steps", 0, 0, 1e9, R, "linear warm-up to optim.lr over this many steps"),
+    INTS("optim.milestones", "[]", 0, 1e12, 0, "step: steps at which the rate is multiplied by gamma (at most 16)"),
+    NUM("optim.gamma", 0.1, 1e-6, 1, R, "step: factor at each milestone"),
+    NUM("optim.weight_decay", 5e-4, 0, 1, R, "weight decay (not on biases and BatchNorm unless decay_all)"),
+    BOOL("optim.decay_all", false, 0, "also decay biases and BatchNorm parameters"),
     NUM("optim.momentum", 0.9, 0, 0.9999, 0, "SGD / LARS momentum"),
+    BOOL("optim.nesterov", false, 0, "Nesterov momentum (SGD, LARS)"),
+    NUM("optim.lars_eta", 0.001, 1e-6, 1, 0, "LARS trust coefficient"),
+    NUM("optim.beta1", 0.9, 0, 0.9999, 0, "AdamW first-moment decay"),
+    NUM("optim.beta2", 0.999, 0, 0.999999, 0, "AdamW second-moment decay"),
+    NUM("optim.eps", 1e-8, 1e-12, 1, 0, "AdamW denominator guard"),
     /* ---- eval ---- */
     INT("eval.every_steps", 0, 0, 1e12, R, "kNN monitor every N steps; 0 only at the end and on `eval`"),
     INT("eval.k", 200, 1, 10000, R, "neighbours of the weighted kNN monitor"),
@@ -122,7 +171,7 @@ const config_option config_options[] = {
     STR("service.socket", "\"run/mocod.sock\"", 0, "control socket (Unix domain, mode 0600)"),
     STR("service.pid_file", "\"run/mocod.pid\"", 0, "pid file, locked while mocod runs"),
     BOOL("service.exit_on_finish", false, 0,
-         "exit once training is finished; otherwise keep answering (status, eval, export) until stopped"),
+         "exit once training has finished (status 0) or failed (status 1); otherwise keep answering until stopped"),
     /* ---- top level ---- */
     INT("seed", 1, 0, 1e15, 0, "seed of every random stream (initialisation, shuffling, views, sampling)"),
     INT("threads", 1, 1, 256, 0, "BLAS and data threads; results are reproducible for a fixed value"),
@@ -136,6 +185,7 @@ const size_t config_n_options = sizeof config_options / sizeof config_options[0]
 #undef STR
 #undef ENUM
 #undef LAYERS
+#undef INTS
 
 /* ---------------------------------------------------------------------------------------------------
  * A growing text buffer for reports.
@@ -268,6 +318,7 @@ static const char *type_name(config_type t) {
   case CONFIG_STR: return "string";
   case CONFIG_ENUM: return "string";
   case CONFIG_LAYERS: return "layer list";
+  case CONFIG_INTS: return "integer list";
   }
   return "?";
 }
@@ -345,6 +396,21 @@ int config_check_value(const config_option *o, const json_t *v, char *why, size_
              MOCO_ECONFIG;
     return 0;
   case CONFIG_LAYERS: return check_layers(v, why, n);
+  case CONFIG_INTS: {
+    if (!json_is_array(v)) return snprintf(why, n, "expected a list of integers, found %s", found), MOCO_ECONFIG;
+    size_t i;
+    json_t *x;
+    json_array_foreach(v, i, x) {
+      double d = json_is_number(x) ? json_number_value(x) : NAN;
+      if (!json_is_number(x) || d != floor(d) || d < o->min || d > o->max) {
+        fmt_bound(lo, sizeof lo, o->min);
+        fmt_bound(hi, sizeof hi, o->max);
+        return snprintf(why, n, "element %zu: expected an integer in [%s, %s], found %s", i, lo, hi, found),
+               MOCO_ECONFIG;
+      }
+    }
+    return 0;
+  }
   }
   return 0;
 }
@@ -381,7 +447,7 @@ static int rule_ranges(const json_t *root, char *why, size_t n) {
       {"views.noise_std_min", "views.noise_std_max"},
       {"views.mask_rate_min", "views.mask_rate_max"},
       {"contrast.negatives.semi_hard_low", "contrast.negatives.semi_hard_high"},
-      {"contrast.curriculum.start", "contrast.curriculum.end"},
+      {"contrast.hardness.min", "contrast.hardness.max"},
   };
   for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++) {
     double a = config_num(root, pairs[i][0]), b = config_num(root, pairs[i][1]);
@@ -391,7 +457,33 @@ static int rule_ranges(const json_t *root, char *why, size_t n) {
   return 0;
 }
 
-static const config_rule config_rules[] = {rule_length, rule_queue_batch, rule_ranges};
+static int rule_milestones(const json_t *root, char *why, size_t n) {
+  json_t *m = config_get(root, "optim.milestones");
+  if (json_array_size(m) > 16)
+    return snprintf(why, n, "optim.milestones: %zu milestones, at most 16", json_array_size(m)), 1;
+  for (size_t i = 1; i < json_array_size(m); i++)
+    if (json_integer_value(json_array_get(m, i)) <= json_integer_value(json_array_get(m, i - 1)))
+      return snprintf(why, n, "optim.milestones: element %zu not above the one before: they must ascend", i), 1;
+  return 0;
+}
+
+static int rule_band(const json_t *root, char *why, size_t n) {
+  double lo = config_num(root, "contrast.negatives.band_lo"), hi = config_num(root, "contrast.negatives.band_hi");
+  if (!(lo < hi))
+    return snprintf(why, n, "contrast.negatives.band_lo: value %g not below band_hi %g", lo, hi), 1;
+  return 0;
+}
+
+static int rule_bn_groups(const json_t *root, char *why, size_t n) {
+  long long g = config_int(root, "contrast.shuffle_bn_groups"), B = config_int(root, "optim.batch_size");
+  if (B % g)
+    return snprintf(why, n, "contrast.shuffle_bn_groups: value %lld does not divide optim.batch_size %lld", g, B),
+           1;
+  return 0;
+}
+
+static const config_rule config_rules[] = {rule_length, rule_queue_batch, rule_ranges, rule_milestones,
+                                           rule_band, rule_bn_groups};
 
 static void check_rules(const json_t *root, report_buf *rep) {
   char why[512];
@@ -611,6 +703,25 @@ static void allowed_text(const config_option *o, char *buf, size_t n) {
   }
 }
 
+/* The default layer lists, one layer per line. */
+static void write_layer_defaults(FILE *out) {
+  for (size_t i = 0; i < config_n_options; i++) {
+    const config_option *o = &config_options[i];
+    if (o->type != CONFIG_LAYERS) continue;
+    json_t *v = json_loads(o->def, 0, NULL);
+    fprintf(out, "\nDefault `%s`:\n\n```json\n[\n", o->path);
+    size_t k;
+    json_t *l;
+    json_array_foreach(v, k, l) {
+      char *t = json_dumps(l, LOG_JSON_FLAGS);
+      fprintf(out, "  %s%s\n", t ? t : "?", k + 1 < json_array_size(v) ? "," : "");
+      free(t);
+    }
+    fprintf(out, "]\n```\n");
+    json_decref(v);
+  }
+}
+
 void config_write_doc(FILE *out) {
   char section[128] = "";
   for (size_t i = 0; i < config_n_options; i++) {
@@ -626,16 +737,12 @@ void config_write_doc(FILE *out) {
     }
     char allowed[512];
     allowed_text(o, allowed, sizeof allowed);
-    const char *def = o->def;
-    char defbuf[64];
-    if (o->type == CONFIG_LAYERS) {
-      snprintf(defbuf, sizeof defbuf, "see `config/default.json`");
-      def = defbuf;
-    }
+    /* A layer list's default is long: it goes under the table, this row points there. */
     fprintf(out, "| `%s` | %s%s%s | %s | %s | %s |\n", o->path, o->type == CONFIG_LAYERS ? "" : "`",
-            def, o->type == CONFIG_LAYERS ? "" : "`", allowed,
-            (o->flags & CONFIG_RUNTIME) ? "yes" : "no", o->doc);
+            o->type == CONFIG_LAYERS ? "see below" : o->def, o->type == CONFIG_LAYERS ? "" : "`",
+            allowed, (o->flags & CONFIG_RUNTIME) ? "yes" : "no", o->doc);
   }
+  write_layer_defaults(out);
 }
 
 /* ---------------------------------------------------------------------------------------------------

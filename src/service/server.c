@@ -294,6 +294,11 @@ static void enter_error(server *s, const char *what, const char *msg) {
   json_object_set_new(ev, "step", json_integer(trainer_step_count(s->tr)));
   json_object_set_new(ev, "message", json_string(s->error));
   emit(s, ev);
+  if (config_bool(s->config, "service.exit_on_finish")) {
+    /* Nobody is expected to come and look: exit, with a status that says it failed. */
+    s->state = ST_STOPPING;
+    s->exit_code = 1;
+  }
 }
 
 static void after_step(server *s, job *j) {
@@ -1054,7 +1059,7 @@ int server_run(json_t *config, const server_options *opt) {
   if (opt->ready) opt->ready(opt->ready_ctx, 0, NULL);
   pump(s);
   uv_run(&loop, UV_RUN_DEFAULT);
-  code = 0;
+  code = s->exit_code;
 
 out:
   if (s->ctl_open) {
