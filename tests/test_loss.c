@@ -26,7 +26,7 @@ static void make_case(case_t *t, loss_kind kind, int with_pos, uint64_t seed) {
   memset(t, 0, sizeof *t);
   loss_config_default(&t->cfg);
   t->cfg.loss = kind;
-  t->beta = t->cfg.hcl_beta;
+  t->beta = 1.0f;
   rng_t r;
   rng_init(&r, seed, 1);
   fill_uniform(t->S, B * C, &r, -1.0f, 1.0f);
@@ -266,6 +266,20 @@ START_TEST(ntxent_matches_formula_and_gradient_with_and_without_queue) {
     ck_assert(fabs(lf - lb) < 1e-6);
     double e = gradcheck(eval_ntxent, &t, t.Z, t.dZ, 2 * NB * ND, 1e-3f, 2 * NB * ND, 1e-3);
     ck_assert_msg(e < 1e-2, "K=%d dZ rel err %g", K, e);
+    /* The contract view of the same problem: each row's partner is its positive, masked off with the
+     * row itself; every other column is a negative. */
+    eval_ntxent(&t);
+    loss_view v = loss_ntxent_view(t.work, NB, K);
+    ck_assert_int_eq(v.rows, 2 * NB);
+    ck_assert_int_eq(v.cols, 2 * NB + K);
+    for (int i = 0; i < v.rows; i++) {
+      int p = (i + NB) % (2 * NB), off = 0;
+      ck_assert(fabsf(v.s_pos[i] - vec_dot(t.Z + i * ND, t.Z + p * ND, ND)) < 1e-6f);
+      for (int j = 0; j < v.cols; j++) off += v.mask[i * v.cols + j] == OFF;
+      ck_assert_int_eq(off, 2);
+      ck_assert_int_eq(v.mask[i * v.cols + i], OFF);
+      ck_assert_int_eq(v.mask[i * v.cols + p], OFF);
+    }
   }
   tensor_free(t.work);
 }

@@ -36,13 +36,14 @@ typedef enum {
 typedef struct {
   loss_kind loss;
   float temperature;  /* τ > 0 */
-  float hcl_beta;     /* β >= 0: concentration of HCL's importance weights on hard negatives */
   float tau_plus;     /* τ⁺ in [0, 1): HCL/DCL class prior; 0 = no debiasing */
   float margin;       /* triplet margin on cosine distance, >= 0 */
   triplet_negative triplet_negative;
 } loss_config;
 
-/* InfoNCE, τ = 0.2 (MoCo v2), β = 1, τ⁺ = 0.1 (HCL's defaults), margin 0.2, hardest. */
+/* InfoNCE, τ = 0.2 (MoCo v2), τ⁺ = 0.1 (HCL's default), margin 0.2, hardest. HCL's β is not here: it
+ * is the hardness knob of the HCL loss, set per step from mine_config.hcl_beta and the hardness
+ * (mine_hcl_beta), and passed to the functions below explicitly. */
 void loss_config_default(loss_config *c);
 int loss_config_check(const loss_config *c);
 /* "infonce" | "hcl" | "triplet" | "ntxent"; MOCO_EINVAL otherwise. */
@@ -88,8 +89,8 @@ double loss_triplet_forward(const float *S, const uint8_t *mask, const float *s_
 double loss_triplet_backward(float *dS, float *dpos, const float *S, const uint8_t *mask,
                              const float *s_pos, int B, int C, float margin, triplet_negative mode);
 
-/* Dispatch on c->loss for the three (S, mask) losses above; hcl_beta may be overridden per step by the
- * hardness controller, so β is passed explicitly. c->loss must not be LOSS_NTXENT. */
+/* Dispatch on c->loss for the three (S, mask) losses above, with HCL's β (ignored by the others).
+ * c->loss must not be LOSS_NTXENT. */
 double loss_forward(const loss_config *c, float beta, const float *S, const uint8_t *mask,
                     const float *s_pos, int B, int C);
 double loss_backward(const loss_config *c, float beta, float *dS, float *dpos, const float *S,
@@ -105,5 +106,16 @@ double loss_ntxent_forward(const float *Z, int B, int d, const float *negatives,
                            float *work);
 double loss_ntxent_backward(float *dZ, const float *Z, int B, int d, const float *negatives, int K,
                             float tau, float *work);
+
+/* The NT-Xent problem of the last loss_ntxent_* call on `work`, in the contract's form: 2B rows,
+ * 2B + K columns (the other views, then the negatives), each row's partner as s_pos and masked off
+ * with the row itself. For diagnostics. */
+typedef struct {
+  const float *S;
+  const uint8_t *mask;
+  const float *s_pos;
+  int rows, cols;
+} loss_view;
+loss_view loss_ntxent_view(const float *work, int B, int K);
 
 #endif

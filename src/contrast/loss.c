@@ -12,7 +12,6 @@ enum { M_OFF = 0, M_NEG = 1, M_POS = 2 };
 void loss_config_default(loss_config *c) {
   c->loss = LOSS_INFONCE;
   c->temperature = 0.2f;
-  c->hcl_beta = 1.0f;
   c->tau_plus = 0.1f;
   c->margin = 0.2f;
   c->triplet_negative = TRIPLET_HARDEST;
@@ -23,8 +22,6 @@ int loss_config_check(const loss_config *c) {
     return moco_error(MOCO_ECONFIG, "loss: %d unknown", (int)c->loss);
   if (!(c->temperature > 0.0f && isfinite(c->temperature)))
     return moco_error(MOCO_ECONFIG, "temperature: %g, must be > 0", c->temperature);
-  if (!(c->hcl_beta >= 0.0f && isfinite(c->hcl_beta)))
-    return moco_error(MOCO_ECONFIG, "hcl_beta: %g, must be >= 0", c->hcl_beta);
   if (!(c->tau_plus >= 0.0f && c->tau_plus < 1.0f))
     return moco_error(MOCO_ECONFIG, "tau_plus: %g, allowed [0, 1)", c->tau_plus);
   if (!(c->margin >= 0.0f && isfinite(c->margin)))
@@ -427,8 +424,7 @@ size_t loss_ntxent_work_len(int B, int K) {
   return 2 * R * L + 2 * R + (R * L + sizeof(float) - 1) / sizeof(float);
 }
 
-static ntxent_work ntxent_similarities(const float *Z, int B, int d, const float *negatives, int K,
-                                       float *work) {
+static ntxent_work ntxent_layout(float *work, int B, int K) {
   ntxent_work w;
   w.R = 2 * B;
   w.L = w.R + K;
@@ -437,6 +433,17 @@ static ntxent_work ntxent_similarities(const float *Z, int B, int d, const float
   w.s_pos = w.dS + (size_t)w.R * w.L;
   w.dpos = w.s_pos + w.R;
   w.mask = (uint8_t *)(w.dpos + w.R);
+  return w;
+}
+
+loss_view loss_ntxent_view(const float *work, int B, int K) {
+  ntxent_work w = ntxent_layout((float *)work, B, K);
+  return (loss_view){w.S, w.mask, w.s_pos, w.R, w.L};
+}
+
+static ntxent_work ntxent_similarities(const float *Z, int B, int d, const float *negatives, int K,
+                                       float *work) {
+  ntxent_work w = ntxent_layout(work, B, K);
   mat_mul_ld(w.S, w.L, Z, d, Z, d, w.R, w.R, d, 0, 1, 1.0f, 0.0f);
   if (K > 0) mat_mul_ld(w.S + w.R, w.L, Z, d, negatives, d, w.R, K, d, 0, 1, 1.0f, 0.0f);
   memset(w.mask, M_NEG, (size_t)w.R * w.L);
