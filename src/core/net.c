@@ -497,7 +497,7 @@ const float *net_forward(net *n, const float *x, int B) {
     moco_error(MOCO_ERANGE, "net_forward: batch %d outside [1, %d]", B, n->max_batch);
     return NULL;
   }
-  memcpy(n->input, x, net_shape_size(n->in_shape) * B * sizeof(float));
+  memmove(n->input, x, net_shape_size(n->in_shape) * B * sizeof(float));
   const float *h = n->input;
   for (int i = 0; i < n->n_layers; i++) {
     layer_forward(n, &n->layers[i], h, B);
