@@ -70,6 +70,14 @@ START_TEST(build_infers_shapes_counts_and_segments) {
   ck_assert(fabsf(n.layers[1].bn_momentum - 0.1f) < 1e-7f);
   ck_assert(fabsf(n.layers[1].bn_eps - 1e-5f) < 1e-12f);
   ck_assert_int_eq(n.layers[3].stride, 2); /* maxpool stride defaults to the kernel */
+  char line[512], tiny[8];
+  size_t need = net_describe(&n, line, sizeof line);
+  ck_assert_str_eq(line, "2x9x9 | conv2d 4 k3 s1 p1 -> 4x9x9 | batchnorm | relu | maxpool k2 s2 p0 "
+                         "-> 4x4x4 | conv2d 3 k3 s2 p0 nobias -> 3x1x1 | flatten | "
+                         "linear 7 -> 7x1x1 | batchnorm | relu | linear 5 -> 5x1x1 | l2norm");
+  ck_assert_uint_eq(need, strlen(line));
+  ck_assert_uint_eq(net_describe(&n, tiny, sizeof tiny), need);
+  ck_assert_str_eq(tiny, "2x9x9 |");
   net_free(&n);
 }
 END_TEST

@@ -3,6 +3,7 @@
 #include "core/net.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -541,6 +542,37 @@ double net_flops_per_sample(const net *n) {
       f += 2.0 * (double)L->w_len * L->out_shape.h * L->out_shape.w;
   }
   return f;
+}
+
+static size_t describe_append(char *buf, size_t cap, size_t len, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static size_t describe_append(char *buf, size_t cap, size_t len, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int k = vsnprintf(len < cap ? buf + len : NULL, len < cap ? cap - len : 0, fmt, ap);
+  va_end(ap);
+  return len + (k > 0 ? (size_t)k : 0);
+}
+
+size_t net_describe(const net *n, char *buf, size_t cap) {
+  net_shape s = n->in_shape;
+  size_t len = describe_append(buf, cap, 0, "%dx%dx%d", s.c, s.h, s.w);
+  for (int i = 0; i < n->n_layers; i++) {
+    const layer *L = &n->layers[i];
+    len = describe_append(buf, cap, len, " | %s", kind_names[L->kind]);
+    if (L->kind == LAYER_LINEAR || L->kind == LAYER_CONV2D)
+      len = describe_append(buf, cap, len, " %d", L->out_features);
+    if (L->kind == LAYER_CONV2D || L->kind == LAYER_MAXPOOL)
+      len = describe_append(buf, cap, len, " k%d s%d p%d", L->kernel, L->stride, L->pad);
+    if ((L->kind == LAYER_LINEAR || L->kind == LAYER_CONV2D) && !L->bias)
+      len = describe_append(buf, cap, len, " nobias");
+    if (L->out_shape.c != s.c || L->out_shape.h != s.h || L->out_shape.w != s.w)
+      len = describe_append(buf, cap, len, " -> %dx%dx%d", L->out_shape.c, L->out_shape.h,
+                            L->out_shape.w);
+    s = L->out_shape;
+  }
+  if (cap && len >= cap) buf[cap - 1] = '\0';
+  return len;
 }
 
 /* ---- save and load ------------------------------------------------------------------------------- */
