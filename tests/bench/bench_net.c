@@ -113,6 +113,10 @@ int main(int argc, char **argv) {
       "\"relu\"},"
       "{\"type\":\"avgpool\"},{\"type\":\"linear\",\"out\":128},{\"type\":\"l2norm\"}]";
   double gemm = bench_sgemm(2048);
+  /* OpenBLAS picks its kernels from the CPU model at load time; on a virtual CPU it may not know
+   * (it then falls back to SSE3 "Prescott" kernels, 5x slower here), which OPENBLAS_CORETYPE
+   * (e.g. SkylakeX, Haswell) overrides. The core in use is printed so the figures can be read. */
+  printf("OpenBLAS core %s, %d threads\n", openblas_get_corename(), openblas_get_num_threads());
   printf("sgemm 2048^3: %.1f GFLOP/s (median of %d)\n", gemm, REPS);
   if (argc < 2 || strcmp(argv[1], "mlp") == 0)
     bench_net("mlp", mlp, (net_shape){1, 28, 28}, 256, gemm);
