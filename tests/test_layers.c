@@ -51,7 +51,8 @@ static void lt_alloc(lt *t, size_t nx, size_t nw, size_t nb, size_t nout, rng_t 
 }
 
 static void lt_free(lt *t) {
-  float *p[] = {t->x, t->w, t->b, t->out, t->dout, t->dx, t->dw, t->db, t->saved, t->ws, t->rm, t->rv};
+  float *p[] = {t->x,  t->w,  t->b,     t->out, t->dout, t->dx,
+                t->dw, t->db, t->saved, t->ws,  t->rm,   t->rv};
   for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) tensor_free(p[i]);
   memset(t, 0, sizeof *t);
 }
@@ -80,7 +81,9 @@ static void lt_check(lt *t, float h, double tol) {
 
 /* ---- linear ---- */
 
-static void lin_f(lt *t) { linear_forward(t->out, t->x, t->w, t->nb ? t->b : NULL, t->B, t->C, t->OC); }
+static void lin_f(lt *t) {
+  linear_forward(t->out, t->x, t->w, t->nb ? t->b : NULL, t->B, t->C, t->OC);
+}
 static void lin_b(lt *t) {
   linear_backward(t->dx, t->dw, t->nb ? t->db : NULL, t->dout, t->x, t->w, t->B, t->C, t->OC);
 }
@@ -145,7 +148,11 @@ START_TEST(elementwise_gradients_match_finite_differences) {
   }
   static const int shapes[][3] = {{1, 3, 5}, {2, 5, 49}, {3, 4, 1}};
   for (int k = 0; k < 3; k++) {
-    lt t = {.forward = avg_f, .backward = avg_b, .B = shapes[k][0], .C = shapes[k][1], .S = shapes[k][2]};
+    lt t = {.forward = avg_f,
+            .backward = avg_b,
+            .B = shapes[k][0],
+            .C = shapes[k][1],
+            .S = shapes[k][2]};
     lt_alloc(&t, (size_t)t.B * t.C * t.S, 0, 0, (size_t)t.B * t.C, &r);
     lt_check(&t, 1e-2f, 1e-3);
     lt_free(&t);
@@ -180,8 +187,12 @@ END_TEST
 
 /* ---- batchnorm ---- */
 
-static void bn_f(lt *t) { batchnorm_forward(t->out, t->saved, t->rm, t->rv, t->x, t->w, t->b, &t->d); }
-static void bn_b(lt *t) { batchnorm_backward(t->dx, t->dw, t->db, t->ws, t->dout, t->x, t->w, t->saved, &t->d); }
+static void bn_f(lt *t) {
+  batchnorm_forward(t->out, t->saved, t->rm, t->rv, t->x, t->w, t->b, &t->d);
+}
+static void bn_b(lt *t) {
+  batchnorm_backward(t->dx, t->dw, t->db, t->ws, t->dout, t->x, t->w, t->saved, &t->d);
+}
 
 static void bn_setup(lt *t, int B, int C, int S, int G, int training, rng_t *r) {
   *t = (lt){.forward = bn_f, .backward = bn_b};
@@ -196,9 +207,9 @@ static void bn_setup(lt *t, int B, int C, int S, int G, int training, rng_t *r) 
 
 START_TEST(batchnorm_gradients_match_finite_differences) {
   /* B, C, S, G, training: vectors, images, split groups (even and uneven), eval mode. */
-  static const int cases[][5] = {{5, 3, 1, 1, 1},  {2, 7, 1, 1, 1},  {3, 2, 9, 1, 1}, {4, 3, 25, 1, 1},
-                                 {6, 5, 1, 2, 1},  {7, 3, 4, 3, 1},  {8, 2, 17, 4, 1}, {4, 3, 1, 1, 0},
-                                 {2, 3, 10, 1, 0}, {1, 5, 6, 1, 1}};
+  static const int cases[][5] = {
+      {5, 3, 1, 1, 1}, {2, 7, 1, 1, 1},  {3, 2, 9, 1, 1}, {4, 3, 25, 1, 1}, {6, 5, 1, 2, 1},
+      {7, 3, 4, 3, 1}, {8, 2, 17, 4, 1}, {4, 3, 1, 1, 0}, {2, 3, 10, 1, 0}, {1, 5, 6, 1, 1}};
   rng_t r;
   rng_init(&r, 5, 1);
   for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
@@ -276,7 +287,8 @@ START_TEST(split_batchnorm_normalises_each_group_alone) {
     memcpy(h.x, t.x + g * (B / G) * C, h.nx * sizeof(float));
     vec_fill(h.rm, 0.0f, C), vec_fill(h.rv, 1.0f, C);
     bn_f(&h);
-    for (size_t i = 0; i < h.nout; i++) ck_assert(fabsf(h.out[i] - t.out[g * (B / G) * C + i]) < 1e-5f);
+    for (size_t i = 0; i < h.nout; i++)
+      ck_assert(fabsf(h.out[i] - t.out[g * (B / G) * C + i]) < 1e-5f);
     for (int c = 0; c < C; c++) rm_sum[c] += h.rm[c] / G, rv_sum[c] += h.rv[c] / G;
   }
   /* The running statistics follow the average of the groups' updates. */
@@ -291,9 +303,12 @@ END_TEST
 
 /* ---- conv2d ---- */
 
-static void conv_f(lt *t) { conv2d_forward(t->out, t->ws, t->x, t->w, t->nb ? t->b : NULL, t->B, t->OC, &t->g, t->chunk); }
+static void conv_f(lt *t) {
+  conv2d_forward(t->out, t->ws, t->x, t->w, t->nb ? t->b : NULL, t->B, t->OC, &t->g, t->chunk);
+}
 static void conv_b(lt *t) {
-  conv2d_backward(t->dx, t->dw, t->nb ? t->db : NULL, t->ws, t->dout, t->x, t->w, t->B, t->OC, &t->g, t->chunk);
+  conv2d_backward(t->dx, t->dw, t->nb ? t->db : NULL, t->ws, t->dout, t->x, t->w, t->B, t->OC,
+                  &t->g, t->chunk);
 }
 
 /* B, C, H, W, OC, K, stride, pad, chunk, bias */
@@ -342,7 +357,8 @@ START_TEST(conv2d_matches_naive_convolution) {
                 for (int j = 0; j < K; j++) {
                   int ih = oh * g->stride - g->pad + i, iw = ow * g->stride - g->pad + j;
                   if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) continue;
-                  s += (double)t.x[((b * g->C + c) * g->H + ih) * g->W + iw] * t.w[((o * g->C + c) * K + i) * K + j];
+                  s += (double)t.x[((b * g->C + c) * g->H + ih) * g->W + iw] *
+                       t.w[((o * g->C + c) * K + i) * K + j];
                 }
             float got = t.out[((b * t.OC + o) * g->OH + oh) * g->OW + ow];
             ck_assert_msg(fabs(s - got) < 1e-4, "case %zu: %g vs %g", k, s, got);
@@ -379,9 +395,9 @@ static void mp_f(lt *t) { maxpool_forward(t->out, t->x, t->B, &t->g); }
 static void mp_b(lt *t) { maxpool_backward(t->dx, t->dout, t->x, t->out, t->B, &t->g); }
 
 /* B, C, H, W, K, stride, pad */
-static const int pool_cases[][7] = {{2, 3, 4, 4, 2, 2, 0}, {1, 2, 7, 5, 3, 2, 1}, {3, 1, 5, 5, 3, 1, 0},
-                                    {2, 2, 6, 7, 2, 3, 1}, {1, 1, 3, 3, 3, 3, 0}, {2, 3, 5, 7, 2, 2, 0},
-                                    {1, 2, 6, 6, 3, 2, 0}};
+static const int pool_cases[][7] = {
+    {2, 3, 4, 4, 2, 2, 0}, {1, 2, 7, 5, 3, 2, 1}, {3, 1, 5, 5, 3, 1, 0}, {2, 2, 6, 7, 2, 3, 1},
+    {1, 1, 3, 3, 3, 3, 0}, {2, 3, 5, 7, 2, 2, 0}, {1, 2, 6, 6, 3, 2, 0}};
 
 static void pool_setup(lt *t, const int *c, rng_t *r) {
   *t = (lt){.forward = mp_f, .backward = mp_b, .B = c[0]};
@@ -411,7 +427,8 @@ START_TEST(maxpool_matches_naive_and_gradients) {
           for (int i = 0; i < g->K; i++)
             for (int j = 0; j < g->K; j++) {
               int ih = oh * g->stride - g->pad + i, iw = ow * g->stride - g->pad + j;
-              if (ih >= 0 && ih < g->H && iw >= 0 && iw < g->W && t.x[(p * g->H + ih) * g->W + iw] > best)
+              if (ih >= 0 && ih < g->H && iw >= 0 && iw < g->W &&
+                  t.x[(p * g->H + ih) * g->W + iw] > best)
                 best = t.x[(p * g->H + ih) * g->W + iw];
             }
           ck_assert(best == t.out[(p * g->OH + oh) * g->OW + ow]);
@@ -434,8 +451,10 @@ START_TEST(maxpool_ties_send_the_gradient_to_the_first_maximum) {
     float total = 0;
     for (int i = 0; i < 16; i++) total += dx[i];
     ck_assert(total == 10.0f);
-    if (k == 0) ck_assert(dx[0] == 1 && dx[1] == 0 && dx[4] == 0 && dx[2] == 2 && dx[8] == 3 && dx[10] == 4);
-    else ck_assert(dx[0] == 1 && dx[1] == 2 && dx[4] == 3 && dx[5] == 4);
+    if (k == 0)
+      ck_assert(dx[0] == 1 && dx[1] == 0 && dx[4] == 0 && dx[2] == 2 && dx[8] == 3 && dx[10] == 4);
+    else
+      ck_assert(dx[0] == 1 && dx[1] == 2 && dx[4] == 3 && dx[5] == 4);
   }
 }
 END_TEST

@@ -27,9 +27,12 @@ static int build(net *n, const char *text, net_shape in, int max_batch) {
 }
 
 static const char *small_cnn =
-    "[{\"type\":\"conv2d\",\"out\":4,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
-    "{\"type\":\"maxpool\",\"kernel\":2},{\"type\":\"conv2d\",\"out\":3,\"kernel\":3,\"stride\":2,\"bias\":false},"
-    "{\"type\":\"flatten\"},{\"type\":\"linear\",\"out\":7},{\"type\":\"batchnorm\",\"momentum\":0.2},"
+    "[{\"type\":\"conv2d\",\"out\":4,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":"
+    "\"relu\"},"
+    "{\"type\":\"maxpool\",\"kernel\":2},{\"type\":\"conv2d\",\"out\":3,\"kernel\":3,\"stride\":2,"
+    "\"bias\":false},"
+    "{\"type\":\"flatten\"},{\"type\":\"linear\",\"out\":7},{\"type\":\"batchnorm\",\"momentum\":0."
+    "2},"
     "{\"type\":\"relu\"},{\"type\":\"linear\",\"out\":5},{\"type\":\"l2norm\"}]";
 
 START_TEST(build_infers_shapes_counts_and_segments) {
@@ -43,8 +46,8 @@ START_TEST(build_infers_shapes_counts_and_segments) {
   ck_assert_int_eq(n.layers[5].out_shape.c, 3);
   ck_assert_int_eq(n.out_shape.c, 5);
   ck_assert_int_eq(n.out_shape.h, 1);
-  size_t expect = 4 * 2 * 9 + 4 /* conv */ + 8 /* bn */ + 3 * 4 * 9 /* conv, no bias */ + 3 * 7 + 7 +
-                  14 /* bn */ + 7 * 5 + 5;
+  size_t expect = 4 * 2 * 9 + 4 /* conv */ + 8 /* bn */ + 3 * 4 * 9 /* conv, no bias */ + 3 * 7 +
+                  7 + 14 /* bn */ + 7 * 5 + 5;
   ck_assert_uint_eq(net_num_params(&n), expect);
   ck_assert_uint_eq(n.n_buffers, 2 * 4 + 2 * 7);
   double flops = 2.0 * (4 * 18 * 81 + 3 * 36 + 3 * 7 + 7 * 5);
@@ -57,7 +60,8 @@ START_TEST(build_infers_shapes_counts_and_segments) {
     off += n.segments[s].len;
     layer_kind k = n.layers[n.segments[s].layer].kind;
     int is_weight = n.segments[s].off == n.layers[n.segments[s].layer].w_off;
-    ck_assert_int_eq(n.segments[s].no_decay, !(is_weight && (k == LAYER_LINEAR || k == LAYER_CONV2D)));
+    ck_assert_int_eq(n.segments[s].no_decay,
+                     !(is_weight && (k == LAYER_LINEAR || k == LAYER_CONV2D)));
     decayed += !n.segments[s].no_decay;
   }
   ck_assert_uint_eq(off, n.n_params);
@@ -66,6 +70,14 @@ START_TEST(build_infers_shapes_counts_and_segments) {
   ck_assert(fabsf(n.layers[1].bn_momentum - 0.1f) < 1e-7f);
   ck_assert(fabsf(n.layers[1].bn_eps - 1e-5f) < 1e-12f);
   ck_assert_int_eq(n.layers[3].stride, 2); /* maxpool stride defaults to the kernel */
+  char line[512], tiny[8];
+  size_t need = net_describe(&n, line, sizeof line);
+  ck_assert_str_eq(line, "2x9x9 | conv2d 4 k3 s1 p1 -> 4x9x9 | batchnorm | relu | maxpool k2 s2 p0 "
+                         "-> 4x4x4 | conv2d 3 k3 s2 p0 nobias -> 3x1x1 | flatten | "
+                         "linear 7 -> 7x1x1 | batchnorm | relu | linear 5 -> 5x1x1 | l2norm");
+  ck_assert_uint_eq(need, strlen(line));
+  ck_assert_uint_eq(net_describe(&n, tiny, sizeof tiny), need);
+  ck_assert_str_eq(tiny, "2x9x9 |");
   net_free(&n);
 }
 END_TEST
@@ -74,7 +86,8 @@ static void expect_error(const char *text, net_shape in, int code, const char *m
   net n;
   int rc = build(&n, text, in, 4);
   ck_assert_msg(rc == code, "%s: got %s (%s)", text, moco_strerror(rc), moco_errmsg());
-  ck_assert_msg(strstr(moco_errmsg(), msg) != NULL, "expected \"%s\" in \"%s\"", msg, moco_errmsg());
+  ck_assert_msg(strstr(moco_errmsg(), msg) != NULL, "expected \"%s\" in \"%s\"", msg,
+                moco_errmsg());
   ck_assert_ptr_null(n.params);
   ck_assert_ptr_null(n.layers);
 }
@@ -84,7 +97,8 @@ START_TEST(build_errors_name_the_layer_and_field) {
   expect_error("[{\"type\":\"relu\"},{\"type\":\"dense\"}]", vec, MOCO_ECONFIG,
                "model.backbone[1].type: unknown layer type \"dense\"");
   expect_error("[{\"out\":3}]", vec, MOCO_ECONFIG, "model.backbone[0].type: missing field");
-  expect_error("[{\"type\":7}]", vec, MOCO_ECONFIG, "model.backbone[0].type: must be a string, got integer");
+  expect_error("[{\"type\":7}]", vec, MOCO_ECONFIG,
+               "model.backbone[0].type: must be a string, got integer");
   expect_error("[{\"type\":\"relu\"},{\"type\":\"relu\"},{\"type\":\"linear\"}]", vec, MOCO_ECONFIG,
                "model.backbone[2].out: missing field");
   expect_error("[{\"type\":\"linear\",\"out\":0}]", vec, MOCO_ECONFIG,
@@ -98,7 +112,8 @@ START_TEST(build_errors_name_the_layer_and_field) {
                "model.backbone[0].kernel: unknown key for linear (allowed: type, out, bias)");
   expect_error("[{\"type\":\"conv2d\",\"out\":8,\"kernal\":3}]", img, MOCO_ECONFIG,
                "model.backbone[0].kernal: unknown key for conv2d");
-  expect_error("[{\"type\":\"conv2d\",\"out\":8}]", img, MOCO_ECONFIG, "model.backbone[0].kernel: missing field");
+  expect_error("[{\"type\":\"conv2d\",\"out\":8}]", img, MOCO_ECONFIG,
+               "model.backbone[0].kernel: missing field");
   expect_error("[{\"type\":\"conv2d\",\"out\":8,\"kernel\":3,\"stride\":0}]", img, MOCO_ECONFIG,
                "model.backbone[0].stride: must be >= 1, got 0");
   expect_error("[{\"type\":\"conv2d\",\"out\":8,\"kernel\":3,\"pad\":-1}]", img, MOCO_ECONFIG,
@@ -107,19 +122,26 @@ START_TEST(build_errors_name_the_layer_and_field) {
                "model.backbone[0].kernel: 31 does not fit the input 28x28 with pad 0");
   expect_error("[{\"type\":\"maxpool\",\"kernel\":2,\"pad\":2}]", img, MOCO_ECONFIG,
                "model.backbone[0].pad: must be <= kernel/2 = 1, got 2");
-  expect_error("[{\"type\":\"maxpool\"}]", img, MOCO_ECONFIG, "model.backbone[0].kernel: missing field");
+  expect_error("[{\"type\":\"maxpool\"}]", img, MOCO_ECONFIG,
+               "model.backbone[0].kernel: missing field");
   expect_error("[{\"type\":\"batchnorm\",\"momentum\":1.5}]", vec, MOCO_ECONFIG,
                "model.backbone[0].momentum: must be in [0, 1], got 1.5");
   expect_error("[{\"type\":\"batchnorm\",\"eps\":0}]", vec, MOCO_ECONFIG,
                "model.backbone[0].eps: must be in (0, 1], got 0");
-  expect_error("[{\"type\":\"batchnorm\",\"eps\":\"small\"}]", vec, MOCO_ECONFIG, "must be a number, got string");
-  expect_error("[{\"type\":\"relu\",\"out\":3}]", vec, MOCO_ECONFIG, "model.backbone[0].out: unknown key for relu");
-  expect_error("[{\"type\":\"conv2d\",\"out\":32,\"kernel\":3,\"pad\":1},{\"type\":\"maxpool\",\"kernel\":2},"
+  expect_error("[{\"type\":\"batchnorm\",\"eps\":\"small\"}]", vec, MOCO_ECONFIG,
+               "must be a number, got string");
+  expect_error("[{\"type\":\"relu\",\"out\":3}]", vec, MOCO_ECONFIG,
+               "model.backbone[0].out: unknown key for relu");
+  expect_error("[{\"type\":\"conv2d\",\"out\":32,\"kernel\":3,\"pad\":1},{\"type\":\"maxpool\","
+               "\"kernel\":2},"
                "{\"type\":\"relu\"},{\"type\":\"linear\",\"out\":10}]",
-               img, MOCO_ESHAPE, "model.backbone[3]: linear expects a vector input, got 32x14x14 (add flatten)");
-  expect_error("[{\"type\":\"l2norm\"}]", img, MOCO_ESHAPE, "model.backbone[0]: l2norm expects a vector input");
+               img, MOCO_ESHAPE,
+               "model.backbone[3]: linear expects a vector input, got 32x14x14 (add flatten)");
+  expect_error("[{\"type\":\"l2norm\"}]", img, MOCO_ESHAPE,
+               "model.backbone[0]: l2norm expects a vector input");
   expect_error("[3]", vec, MOCO_ECONFIG, "model.backbone[0]: must be an object, got integer");
-  expect_error("{\"type\":\"relu\"}", vec, MOCO_ECONFIG, "model.backbone: must be an array of layer objects");
+  expect_error("{\"type\":\"relu\"}", vec, MOCO_ECONFIG,
+               "model.backbone: must be an array of layer objects");
   expect_error("[{\"type\":\"linear\",\"out\":2000000}]", vec, MOCO_ERANGE, "must be <= 1048576");
   expect_error("[{\"type\":\"relu\"}]", (net_shape){0, 1, 1}, MOCO_ESHAPE, "input shape 0x1x1");
   net n;
@@ -150,7 +172,8 @@ static double net_loss(void *ctx) {
  * (or changes a pool winner), the difference quotient is off by up to half that unit's share, whatever
  * h is. So each entry is checked on its own and a few kink hits are tolerated; a wrong gradient fails
  * nearly every entry. Returns the fraction of entries off by more than tol. */
-static double fraction_wrong(net_ctx *c, float *x, const float *g, size_t n, size_t checks, double tol) {
+static double fraction_wrong(net_ctx *c, float *x, const float *g, size_t n, size_t checks,
+                             double tol) {
   size_t stride = n > checks ? n / checks : 1, bad = 0, total = 0;
   for (size_t i = 0; i < n; i += stride, total++)
     bad += gradcheck(net_loss, c, x + i, g + i, 1, 1e-3f, 1, 5e-2) > tol;
@@ -180,8 +203,9 @@ static void net_gradcheck(const char *text, net_shape in, int B, int groups, int
   ck_assert_int_eq(net_backward(&n, c.r, dx, B), 0);
   double ex = fraction_wrong(&c, c.x, dx, nin, 200, 2e-2);
   double ep = fraction_wrong(&c, n.params, n.grads, n.n_params, 400, 2e-2);
-  ck_assert_msg(ex <= 0.03 && ep <= 0.03, "%s B=%d G=%d: wrong input gradients %.1f%%, parameters %.1f%%",
-                text, B, groups, 100 * ex, 100 * ep);
+  ck_assert_msg(ex <= 0.03 && ep <= 0.03,
+                "%s B=%d G=%d: wrong input gradients %.1f%%, parameters %.1f%%", text, B, groups,
+                100 * ex, 100 * ep);
   /* Backward without dx gives the same parameter gradients (the first layer skips its input gradient). */
   float *g1 = tensor_alloc(n.n_params);
   memcpy(g1, n.grads, n.n_params * sizeof(float));
@@ -196,9 +220,11 @@ static void net_gradcheck(const char *text, net_shape in, int B, int groups, int
 
 START_TEST(whole_network_gradients_match_finite_differences) {
   const char *cnn =
-      "[{\"type\":\"conv2d\",\"out\":3,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
+      "[{\"type\":\"conv2d\",\"out\":3,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":"
+      "\"relu\"},"
       "{\"type\":\"maxpool\",\"kernel\":2},{\"type\":\"flatten\"},{\"type\":\"linear\",\"out\":6},"
-      "{\"type\":\"batchnorm\"},{\"type\":\"relu\"},{\"type\":\"linear\",\"out\":5},{\"type\":\"l2norm\"}]";
+      "{\"type\":\"batchnorm\"},{\"type\":\"relu\"},{\"type\":\"linear\",\"out\":5},{\"type\":"
+      "\"l2norm\"}]";
   net_gradcheck(cnn, (net_shape){2, 6, 5}, 4, 1, 1);
   net_gradcheck(cnn, (net_shape){2, 6, 5}, 6, 2, 1);
   net_gradcheck(cnn, (net_shape){2, 6, 5}, 3, 1, 0);
@@ -215,7 +241,9 @@ END_TEST
 
 START_TEST(forward_keeps_layer_outputs_and_checks_batch) {
   net n;
-  ck_assert_int_eq(build(&n, "[{\"type\":\"linear\",\"out\":3},{\"type\":\"relu\"}]", (net_shape){2, 1, 1}, 4), 0);
+  ck_assert_int_eq(
+      build(&n, "[{\"type\":\"linear\",\"out\":3},{\"type\":\"relu\"}]", (net_shape){2, 1, 1}, 4),
+      0);
   rng_t r;
   rng_init(&r, 1, RNG_STREAM_INIT);
   net_init(&n, &r);
@@ -256,7 +284,8 @@ START_TEST(init_is_deterministic_and_pytorch_like) {
   ck_assert(memcmp(a.params, b.params, a.n_params * sizeof(float)) == 0);
   /* conv 0: fan_in 2*3*3 = 18, bound 1/sqrt(18); BN gamma 1, beta 0, running mean 0, var 1. */
   float bound = 1.0f / sqrtf(18.0f), mx = 0;
-  for (size_t i = 0; i < a.layers[0].w_len; i++) mx = fmaxf(mx, fabsf(a.params[a.layers[0].w_off + i]));
+  for (size_t i = 0; i < a.layers[0].w_len; i++)
+    mx = fmaxf(mx, fabsf(a.params[a.layers[0].w_off + i]));
   ck_assert(mx <= bound && mx > 0.8f * bound);
   const layer *bn = &a.layers[1];
   for (int c = 0; c < 4; c++) {
@@ -332,7 +361,8 @@ static void expect_refused(const char *saved, const char *here, const char *msg)
   blob_reader rd;
   blob_reader_init(&rd, w.data, w.len, "ckpt.bin");
   ck_assert_int_eq(net_load(&b, &rd), MOCO_ESHAPE);
-  ck_assert_msg(strstr(moco_errmsg(), msg) != NULL, "expected \"%s\" in \"%s\"", msg, moco_errmsg());
+  ck_assert_msg(strstr(moco_errmsg(), msg) != NULL, "expected \"%s\" in \"%s\"", msg,
+                moco_errmsg());
   for (size_t i = 0; i < b.n_params; i++) ck_assert(b.params[i] == 3.0f);
   blob_writer_free(&w);
   net_free(&a);
@@ -340,8 +370,9 @@ static void expect_refused(const char *saved, const char *here, const char *msg)
 }
 
 START_TEST(load_refuses_another_architecture) {
-  const char *base = "[{\"type\":\"linear\",\"out\":6},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
-                     "{\"type\":\"linear\",\"out\":4}]";
+  const char *base =
+      "[{\"type\":\"linear\",\"out\":6},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
+      "{\"type\":\"linear\",\"out\":4}]";
   expect_refused(base,
                  "[{\"type\":\"linear\",\"out\":6},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
                  "{\"type\":\"linear\",\"out\":5}]",
@@ -354,7 +385,8 @@ START_TEST(load_refuses_another_architecture) {
                  "[{\"type\":\"linear\",\"out\":6},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
                  "{\"type\":\"linear\",\"out\":4,\"bias\":false}]",
                  "layer 3 (linear): bias 1 in the blob, 0 here");
-  expect_refused(base, "[{\"type\":\"linear\",\"out\":6},{\"type\":\"batchnorm\"},{\"type\":\"relu\"}]",
+  expect_refused(base,
+                 "[{\"type\":\"linear\",\"out\":6},{\"type\":\"batchnorm\"},{\"type\":\"relu\"}]",
                  "4 layers in the blob, 3 here");
 }
 END_TEST

@@ -12,8 +12,8 @@
 
 /* ---- Linear: out = inp · weight^T + bias ------------------------------------------------------- */
 /* out [B, OC], inp [B, C], weight [OC, C], bias [OC] or NULL */
-void linear_forward(float *out, const float *inp, const float *weight, const float *bias, int B, int C,
-                    int OC);
+void linear_forward(float *out, const float *inp, const float *weight, const float *bias, int B,
+                    int C, int OC);
 /* dinp [B, C] or NULL, dweight [OC, C] (+=), dbias [OC] or NULL (+=), dout [B, OC], inp [B, C] */
 void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                      const float *weight, int B, int C, int OC);
@@ -32,7 +32,7 @@ void relu_backward(float *dinp, const float *dout, const float *out, size_t N);
  * unbiased variance. Eval (training = 0): the running statistics, G is ignored. */
 typedef struct {
   int B, C, S; /* samples, channels, pixels per channel (1 for vectors) */
-  int G;       /* statistics groups, 1 <= G <= B (clamped) */
+  int G; /* statistics groups, 1 <= G <= B (clamped) */
   float momentum, eps;
   int training;
 } bn_dims;
@@ -49,9 +49,9 @@ void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, float *ws, con
 
 /* ---- Conv2d and MaxPool2d geometry -------------------------------------------------------------- */
 typedef struct {
-  int C, H, W;          /* input channels and size */
-  int K, stride, pad;   /* square kernel */
-  int OH, OW;           /* output size: (H + 2 pad - K) / stride + 1 */
+  int C, H, W; /* input channels and size */
+  int K, stride, pad; /* square kernel */
+  int OH, OW; /* output size: (H + 2 pad - K) / stride + 1 */
 } conv_geom;
 
 /* Fills OH and OW; returns 0, or -1 when the kernel does not fit in the padded input. */
@@ -98,6 +98,7 @@ void flatten_backward(float *dinp, const float *dout, size_t N);
 /* out, inp [B, D], norm [B] (saved for backward) */
 void l2norm_forward(float *out, float *norm, const float *inp, int B, int D);
 /* dinp, dout, out [B, D]; exact: dx = (dy - y (y · dy)) / ||x|| (dx = dy / eps below the clamp) */
-void l2norm_backward(float *dinp, const float *dout, const float *out, const float *norm, int B, int D);
+void l2norm_backward(float *dinp, const float *dout, const float *out, const float *norm, int B,
+                     int D);
 
 #endif

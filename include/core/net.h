@@ -125,6 +125,11 @@ size_t net_num_params(const net *n);
  * elementwise layers are not counted. */
 double net_flops_per_sample(const net *n);
 
+/* One line for logs: each layer with its hyperparameters and output shape, e.g.
+ *   "1x28x28 | conv2d 32 k3 s1 p1 -> 32x28x28 | batchnorm | relu | maxpool k2 s2 -> 32x14x14 | ..."
+ * (shapes only where they change). Truncated to fit cap; returns the length it needed. */
+size_t net_describe(const net *n, char *buf, size_t cap);
+
 /* Parameters and buffers as one blob section ("NETW") that records the architecture hash; loading into
  * a network of another architecture fails with MOCO_ESHAPE and says what differs. */
 void net_save(const net *n, blob_writer *w);

@@ -36,7 +36,8 @@ void l2norm_forward(float *out, float *norm, const float *inp, int B, int D) {
   }
 }
 
-void l2norm_backward(float *dinp, const float *dout, const float *out, const float *norm, int B, int D) {
+void l2norm_backward(float *dinp, const float *dout, const float *out, const float *norm, int B,
+                     int D) {
   for (int b = 0; b < B; b++) {
     const float *restrict dy = dout + (size_t)b * D;
     const float *restrict y = out + (size_t)b * D;

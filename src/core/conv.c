@@ -182,7 +182,8 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, float *ws, const
     if (nb > 1) {
       for (int s = 0; s < nb; s++)
         for (int oc = 0; oc < OC; oc++)
-          memcpy(dtmp + (size_t)oc * ld + s * P, dout + (b + s) * out_len + oc * P, P * sizeof(float));
+          memcpy(dtmp + (size_t)oc * ld + s * P, dout + (b + s) * out_len + oc * P,
+                 P * sizeof(float));
       dt = dtmp;
     }
     if (dbias)

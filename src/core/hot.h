@@ -50,7 +50,8 @@ static inline float hot_sqdev(const float *restrict x, float m, size_t n) {
 }
 
 /* sum_i y[i] (x[i] - m) */
-static inline float hot_dotdev(const float *restrict y, const float *restrict x, float m, size_t n) {
+static inline float hot_dotdev(const float *restrict y, const float *restrict x, float m,
+                               size_t n) {
   float acc[HOT_LANES] = {0}, tail = 0.0f;
   size_t i = 0;
   for (; i + HOT_LANES <= n; i += HOT_LANES)

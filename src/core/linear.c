@@ -5,8 +5,8 @@
 
 #include "hot.h"
 
-void linear_forward(float *out, const float *inp, const float *weight, const float *bias, int B, int C,
-                    int OC) {
+void linear_forward(float *out, const float *inp, const float *weight, const float *bias, int B,
+                    int C, int OC) {
   /* The bias goes in first and the gemm accumulates onto it (beta = 1): one pass over out, not two. */
   if (bias) {
     for (int b = 0; b < B; b++) memcpy(out + (size_t)b * OC, bias, (size_t)OC * sizeof(float));

@@ -3,6 +3,7 @@
 #include "core/net.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,8 +17,8 @@
 #define NET_MAX_SAMPLE ((size_t)1 << 26)
 
 static const char *const kind_names[] = {
-    [LAYER_LINEAR] = "linear", [LAYER_BATCHNORM] = "batchnorm", [LAYER_RELU] = "relu",
-    [LAYER_CONV2D] = "conv2d", [LAYER_MAXPOOL] = "maxpool",     [LAYER_AVGPOOL] = "avgpool",
+    [LAYER_LINEAR] = "linear",   [LAYER_BATCHNORM] = "batchnorm", [LAYER_RELU] = "relu",
+    [LAYER_CONV2D] = "conv2d",   [LAYER_MAXPOOL] = "maxpool",     [LAYER_AVGPOOL] = "avgpool",
     [LAYER_FLATTEN] = "flatten", [LAYER_L2NORM] = "l2norm",
 };
 #define N_KINDS ((int)(sizeof kind_names / sizeof kind_names[0]))
@@ -59,7 +60,8 @@ static const char *json_kind(const json_t *v) {
 static int spec_int(const spec_ctx *c, const char *key, int required, int def, int lo, int *out) {
   const json_t *v = json_object_get(c->obj, key);
   if (!v) {
-    if (required) return moco_error(MOCO_ECONFIG, "%s[%d].%s: missing field", c->path, c->index, key);
+    if (required)
+      return moco_error(MOCO_ECONFIG, "%s[%d].%s: missing field", c->path, c->index, key);
     *out = def;
     return 0;
   }
@@ -68,8 +70,8 @@ static int spec_int(const spec_ctx *c, const char *key, int required, int def, i
                       json_kind(v));
   json_int_t x = json_integer_value(v);
   if (x < lo)
-    return moco_error(MOCO_ECONFIG, "%s[%d].%s: must be >= %d, got %lld", c->path, c->index, key, lo,
-                      (long long)x);
+    return moco_error(MOCO_ECONFIG, "%s[%d].%s: must be >= %d, got %lld", c->path, c->index, key,
+                      lo, (long long)x);
   if (x > NET_MAX_DIM)
     return moco_error(MOCO_ERANGE, "%s[%d].%s: must be <= %d, got %lld", c->path, c->index, key,
                       NET_MAX_DIM, (long long)x);
@@ -84,15 +86,15 @@ static int spec_bool(const spec_ctx *c, const char *key, int def, int *out) {
     return 0;
   }
   if (!json_is_boolean(v))
-    return moco_error(MOCO_ECONFIG, "%s[%d].%s: must be true or false, got %s", c->path, c->index, key,
-                      json_kind(v));
+    return moco_error(MOCO_ECONFIG, "%s[%d].%s: must be true or false, got %s", c->path, c->index,
+                      key, json_kind(v));
   *out = json_is_true(v);
   return 0;
 }
 
 /* A number in (lo, hi] (lo_open) or [lo, hi]. */
-static int spec_float(const spec_ctx *c, const char *key, float def, double lo, double hi, int lo_open,
-                      float *out) {
+static int spec_float(const spec_ctx *c, const char *key, float def, double lo, double hi,
+                      int lo_open, float *out) {
   const json_t *v = json_object_get(c->obj, key);
   if (!v) {
     *out = def;
@@ -103,8 +105,8 @@ static int spec_float(const spec_ctx *c, const char *key, float def, double lo, 
                       json_kind(v));
   double x = json_number_value(v);
   if (!(lo_open ? x > lo : x >= lo) || !(x <= hi))
-    return moco_error(MOCO_ECONFIG, "%s[%d].%s: must be in %c%g, %g], got %g", c->path, c->index, key,
-                      lo_open ? '(' : '[', lo, hi, x);
+    return moco_error(MOCO_ECONFIG, "%s[%d].%s: must be in %c%g, %g], got %g", c->path, c->index,
+                      key, lo_open ? '(' : '[', lo, hi, x);
   *out = (float)x;
   return 0;
 }
@@ -114,15 +116,16 @@ static int spec_keys(const spec_ctx *c, layer_kind kind) {
   const json_t *v;
   json_object_foreach((json_t *)c->obj, key, v) {
     int ok = strcmp(key, "type") == 0;
-    for (int i = 0; !ok && i < 6 && kind_keys[kind][i]; i++) ok = strcmp(key, kind_keys[kind][i]) == 0;
+    for (int i = 0; !ok && i < 6 && kind_keys[kind][i]; i++)
+      ok = strcmp(key, kind_keys[kind][i]) == 0;
     if (ok) continue;
     char allowed[96] = "type";
     for (int i = 0; i < 6 && kind_keys[kind][i]; i++) {
       strcat(allowed, ", ");
       strcat(allowed, kind_keys[kind][i]);
     }
-    return moco_error(MOCO_ECONFIG, "%s[%d].%s: unknown key for %s (allowed: %s)", c->path, c->index,
-                      key, kind_names[kind], allowed);
+    return moco_error(MOCO_ECONFIG, "%s[%d].%s: unknown key for %s (allowed: %s)", c->path,
+                      c->index, key, kind_names[kind], allowed);
   }
   return 0;
 }
@@ -138,10 +141,11 @@ static int spec_kind(const spec_ctx *c, layer_kind *kind) {
       *kind = (layer_kind)k;
       return 0;
     }
-  return moco_error(MOCO_ECONFIG,
-                    "%s[%d].type: unknown layer type \"%s\" (expected linear, batchnorm, relu, conv2d, "
-                    "maxpool, avgpool, flatten or l2norm)",
-                    c->path, c->index, json_string_value(t));
+  return moco_error(
+      MOCO_ECONFIG,
+      "%s[%d].type: unknown layer type \"%s\" (expected linear, batchnorm, relu, conv2d, "
+      "maxpool, avgpool, flatten or l2norm)",
+      c->path, c->index, json_string_value(t));
 }
 
 /* Reads one layer's hyperparameters (defaults as PyTorch's). */
@@ -153,14 +157,15 @@ static int spec_layer(const spec_ctx *c, layer *L) {
   if ((rc = spec_kind(c, &L->kind)) || (rc = spec_keys(c, L->kind))) return rc;
   switch (L->kind) {
   case LAYER_LINEAR:
-    if ((rc = spec_int(c, "out", 1, 0, 1, &L->out_features)) || (rc = spec_bool(c, "bias", 1, &L->bias)))
+    if ((rc = spec_int(c, "out", 1, 0, 1, &L->out_features)) ||
+        (rc = spec_bool(c, "bias", 1, &L->bias)))
       return rc;
     break;
   case LAYER_CONV2D:
     if ((rc = spec_int(c, "out", 1, 0, 1, &L->out_features)) ||
         (rc = spec_int(c, "kernel", 1, 0, 1, &L->kernel)) ||
-        (rc = spec_int(c, "stride", 0, 1, 1, &L->stride)) || (rc = spec_int(c, "pad", 0, 0, 0, &L->pad)) ||
-        (rc = spec_bool(c, "bias", 1, &L->bias)))
+        (rc = spec_int(c, "stride", 0, 1, 1, &L->stride)) ||
+        (rc = spec_int(c, "pad", 0, 0, 0, &L->pad)) || (rc = spec_bool(c, "bias", 1, &L->bias)))
       return rc;
     break;
   case LAYER_MAXPOOL:
@@ -169,8 +174,8 @@ static int spec_layer(const spec_ctx *c, layer *L) {
         (rc = spec_int(c, "pad", 0, 0, 0, &L->pad)))
       return rc;
     if (L->pad > L->kernel / 2)
-      return moco_error(MOCO_ECONFIG, "%s[%d].pad: must be <= kernel/2 = %d, got %d", c->path, c->index,
-                        L->kernel / 2, L->pad);
+      return moco_error(MOCO_ECONFIG, "%s[%d].pad: must be <= kernel/2 = %d, got %d", c->path,
+                        c->index, L->kernel / 2, L->pad);
     break;
   case LAYER_BATCHNORM:
     if ((rc = spec_float(c, "momentum", 0.1f, 0.0, 1.0, 0, &L->bn_momentum)) ||
@@ -200,8 +205,9 @@ static int layer_shape(layer *L, const char *path, int i, int max_batch) {
   case LAYER_LINEAR:
   case LAYER_L2NORM:
     if (!is_vector(in))
-      return moco_error(MOCO_ESHAPE, "%s[%d]: %s expects a vector input, got %dx%dx%d (add flatten)", path,
-                        i, kind_names[L->kind], in.c, in.h, in.w);
+      return moco_error(MOCO_ESHAPE,
+                        "%s[%d]: %s expects a vector input, got %dx%dx%d (add flatten)", path, i,
+                        kind_names[L->kind], in.c, in.h, in.w);
     if (L->kind == LAYER_L2NORM) {
       L->saved_len = (size_t)max_batch;
       break;
@@ -212,14 +218,14 @@ static int layer_shape(layer *L, const char *path, int i, int max_batch) {
     break;
   case LAYER_BATCHNORM:
     L->w_len = L->b_len = (size_t)in.c; /* gamma, beta */
-    L->buf_len = 2 * (size_t)in.c;      /* running mean, running var */
+    L->buf_len = 2 * (size_t)in.c; /* running mean, running var */
     L->saved_len = batchnorm_saved_len(in.c, max_batch);
     break;
   case LAYER_CONV2D:
   case LAYER_MAXPOOL:
     if (conv_geom_init(&g, in.c, in.h, in.w, L->kernel, L->stride, L->pad))
-      return moco_error(MOCO_ESHAPE, "%s[%d].kernel: %d does not fit the input %dx%d with pad %d", path, i,
-                        L->kernel, in.h, in.w, L->pad);
+      return moco_error(MOCO_ESHAPE, "%s[%d].kernel: %d does not fit the input %dx%d with pad %d",
+                        path, i, L->kernel, in.h, in.w, L->pad);
     L->out_shape = (net_shape){L->kind == LAYER_CONV2D ? L->out_features : in.c, g.OH, g.OW};
     if (L->kind == LAYER_MAXPOOL) break;
     L->w_len = (size_t)L->out_features * in.c * L->kernel * L->kernel;
@@ -232,7 +238,8 @@ static int layer_shape(layer *L, const char *path, int i, int max_batch) {
   }
   if (net_shape_size(L->out_shape) > NET_MAX_SAMPLE || L->w_len > NET_MAX_SAMPLE)
     return moco_error(MOCO_ERANGE, "%s[%d]: %s too large (output %dx%dx%d, %zu weights)", path, i,
-                      kind_names[L->kind], L->out_shape.c, L->out_shape.h, L->out_shape.w, L->w_len);
+                      kind_names[L->kind], L->out_shape.c, L->out_shape.h, L->out_shape.w,
+                      L->w_len);
   return 0;
 }
 
@@ -261,8 +268,8 @@ static uint64_t arch_hash(const net *n) {
   h = fnv(fnv(fnv(fnv(h, n->in_shape.c), n->in_shape.h), n->in_shape.w), n->n_layers);
   for (int i = 0; i < n->n_layers; i++) {
     const layer *L = &n->layers[i];
-    int64_t f[] = {L->kind, L->out_features, L->bias, L->kernel, L->stride, L->pad, L->out_shape.c, L->out_shape.h,
-                   L->out_shape.w};
+    int64_t f[] = {L->kind, L->out_features, L->bias,        L->kernel,     L->stride,
+                   L->pad,  L->out_shape.c,  L->out_shape.h, L->out_shape.w};
     for (size_t k = 0; k < sizeof f / sizeof f[0]; k++) h = fnv(h, f[k]);
   }
   return h;
@@ -335,8 +342,8 @@ int net_build(net *n, const json_t *spec, net_shape in, int max_batch, const cha
     return moco_error(MOCO_ECONFIG, "%s: must be an array of layer objects, got %s", path,
                       spec ? json_kind(spec) : "nothing");
   if (in.c < 1 || in.h < 1 || in.w < 1 || net_shape_size(in) > NET_MAX_SAMPLE)
-    return moco_error(MOCO_ESHAPE, "%s: input shape %dx%dx%d: every size must be >= 1", path, in.c, in.h,
-                      in.w);
+    return moco_error(MOCO_ESHAPE, "%s: input shape %dx%dx%d: every size must be >= 1", path, in.c,
+                      in.h, in.w);
   if (max_batch < 1 || max_batch > NET_MAX_DIM)
     return moco_error(MOCO_ERANGE, "%s: max_batch must be in [1, %d], got %d", path, NET_MAX_DIM,
                       max_batch);
@@ -418,7 +425,9 @@ void net_init(net *n, rng_t *r) {
 static float *net_workspace(const net *n) { return n->gbuf[1] + (n->gbuf[1] - n->gbuf[0]); }
 
 static bn_dims layer_bn(const net *n, const layer *L, int B) {
-  return (bn_dims){B, L->in_shape.c, L->in_shape.h * L->in_shape.w, n->bn_groups, L->bn_momentum, L->bn_eps, n->training};
+  return (bn_dims){
+      B,         L->in_shape.c, L->in_shape.h * L->in_shape.w, n->bn_groups, L->bn_momentum,
+      L->bn_eps, n->training};
 }
 
 static void layer_forward(net *n, layer *L, const float *x, int B) {
@@ -430,20 +439,21 @@ static void layer_forward(net *n, layer *L, const float *x, int B) {
   case LAYER_LINEAR: linear_forward(L->out, x, w, b, B, L->in_shape.c, L->out_features); break;
   case LAYER_BATCHNORM:
     d = layer_bn(n, L, B);
-    batchnorm_forward(L->out, L->saved, n->buffers + L->buf_off, n->buffers + L->buf_off + L->in_shape.c, x, w,
-                      n->params + L->b_off, &d);
+    batchnorm_forward(L->out, L->saved, n->buffers + L->buf_off,
+                      n->buffers + L->buf_off + L->in_shape.c, x, w, n->params + L->b_off, &d);
     break;
   case LAYER_RELU: relu_forward(L->out, x, len); break;
   case LAYER_CONV2D:
     layer_geom(L, &g);
-    conv2d_forward(L->out, net_workspace(n), x, w, b, B, L->out_features, &g,
-                   L->chunk);
+    conv2d_forward(L->out, net_workspace(n), x, w, b, B, L->out_features, &g, L->chunk);
     break;
   case LAYER_MAXPOOL:
     layer_geom(L, &g);
     maxpool_forward(L->out, x, B, &g);
     break;
-  case LAYER_AVGPOOL: avgpool_forward(L->out, x, B, L->in_shape.c, L->in_shape.h * L->in_shape.w); break;
+  case LAYER_AVGPOOL:
+    avgpool_forward(L->out, x, B, L->in_shape.c, L->in_shape.h * L->in_shape.w);
+    break;
   case LAYER_FLATTEN: flatten_forward(L->out, x, len); break;
   case LAYER_L2NORM: l2norm_forward(L->out, L->saved, x, B, L->in_shape.c); break;
   }
@@ -459,7 +469,9 @@ static void layer_backward(net *n, layer *L, float *dx, const float *dy, const f
   bn_dims d;
   if (!dx && !L->w_len) return;
   switch (L->kind) {
-  case LAYER_LINEAR: linear_backward(dx, dw, db, dy, x, w, B, L->in_shape.c, L->out_features); break;
+  case LAYER_LINEAR:
+    linear_backward(dx, dw, db, dy, x, w, B, L->in_shape.c, L->out_features);
+    break;
   case LAYER_BATCHNORM:
     d = layer_bn(n, L, B);
     batchnorm_backward(dx, dw, n->grads + L->b_off, ws, dy, x, w, L->saved, &d);
@@ -473,7 +485,9 @@ static void layer_backward(net *n, layer *L, float *dx, const float *dy, const f
     layer_geom(L, &g);
     maxpool_backward(dx, dy, x, L->out, B, &g);
     break;
-  case LAYER_AVGPOOL: avgpool_backward(dx, dy, B, L->in_shape.c, L->in_shape.h * L->in_shape.w); break;
+  case LAYER_AVGPOOL:
+    avgpool_backward(dx, dy, B, L->in_shape.c, L->in_shape.h * L->in_shape.w);
+    break;
   case LAYER_FLATTEN: flatten_backward(dx, dy, len); break;
   case LAYER_L2NORM: l2norm_backward(dx, dy, L->out, L->saved, B, L->in_shape.c); break;
   }
@@ -484,7 +498,7 @@ const float *net_forward(net *n, const float *x, int B) {
     moco_error(MOCO_ERANGE, "net_forward: batch %d outside [1, %d]", B, n->max_batch);
     return NULL;
   }
-  memcpy(n->input, x, net_shape_size(n->in_shape) * B * sizeof(float));
+  memmove(n->input, x, net_shape_size(n->in_shape) * B * sizeof(float));
   const float *h = n->input;
   for (int i = 0; i < n->n_layers; i++) {
     layer_forward(n, &n->layers[i], h, B);
@@ -530,17 +544,52 @@ double net_flops_per_sample(const net *n) {
   return f;
 }
 
+static size_t describe_append(char *buf, size_t cap, size_t len, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static size_t describe_append(char *buf, size_t cap, size_t len, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int k = vsnprintf(len < cap ? buf + len : NULL, len < cap ? cap - len : 0, fmt, ap);
+  va_end(ap);
+  return len + (k > 0 ? (size_t)k : 0);
+}
+
+size_t net_describe(const net *n, char *buf, size_t cap) {
+  net_shape s = n->in_shape;
+  size_t len = describe_append(buf, cap, 0, "%dx%dx%d", s.c, s.h, s.w);
+  for (int i = 0; i < n->n_layers; i++) {
+    const layer *L = &n->layers[i];
+    len = describe_append(buf, cap, len, " | %s", kind_names[L->kind]);
+    if (L->kind == LAYER_LINEAR || L->kind == LAYER_CONV2D)
+      len = describe_append(buf, cap, len, " %d", L->out_features);
+    if (L->kind == LAYER_CONV2D || L->kind == LAYER_MAXPOOL)
+      len = describe_append(buf, cap, len, " k%d s%d p%d", L->kernel, L->stride, L->pad);
+    if ((L->kind == LAYER_LINEAR || L->kind == LAYER_CONV2D) && !L->bias)
+      len = describe_append(buf, cap, len, " nobias");
+    if (L->out_shape.c != s.c || L->out_shape.h != s.h || L->out_shape.w != s.w)
+      len = describe_append(buf, cap, len, " -> %dx%dx%d", L->out_shape.c, L->out_shape.h,
+                            L->out_shape.w);
+    s = L->out_shape;
+  }
+  if (cap && len >= cap) buf[cap - 1] = '\0';
+  return len;
+}
+
 /* ---- save and load ------------------------------------------------------------------------------- */
 
 /* The architecture as saved: enough to say which layer and field differ when a load is refused. */
 enum { DESC_FIELDS = 12 };
-static const char *const desc_names[DESC_FIELDS] = {
-    "type", "out", "bias", "kernel", "stride", "pad", "input channels", "input height", "input width",
-    "output channels", "output height", "output width"};
+static const char *const desc_names[DESC_FIELDS] = {"type",           "out",
+                                                    "bias",           "kernel",
+                                                    "stride",         "pad",
+                                                    "input channels", "input height",
+                                                    "input width",    "output channels",
+                                                    "output height",  "output width"};
 
 static void layer_desc(const layer *L, uint32_t f[DESC_FIELDS]) {
-  int32_t v[DESC_FIELDS] = {L->kind,    L->out_features, L->bias,   L->kernel, L->stride, L->pad,
-                            L->in_shape.c,    L->in_shape.h,         L->in_shape.w,   L->out_shape.c,  L->out_shape.h,  L->out_shape.w};
+  int32_t v[DESC_FIELDS] = {L->kind,       L->out_features, L->bias,        L->kernel,
+                            L->stride,     L->pad,          L->in_shape.c,  L->in_shape.h,
+                            L->in_shape.w, L->out_shape.c,  L->out_shape.h, L->out_shape.w};
   for (int k = 0; k < DESC_FIELDS; k++) f[k] = (uint32_t)v[k];
 }
 
@@ -575,15 +624,17 @@ static int compare_arch(const net *n, blob_reader *s, const char *name) {
     for (int k = 0; k < DESC_FIELDS; k++) {
       if (saved[k] == here[k]) continue;
       if (k == 0)
-        return moco_error(MOCO_ESHAPE, "%s: architecture differs: layer %u is %s in the blob, %s here",
-                          name, i, kind_name(saved[0]), kind_name(here[0]));
-      return moco_error(MOCO_ESHAPE, "%s: architecture differs: layer %u (%s): %s %u in the blob, %u here",
-                        name, i, kind_name(here[0]), desc_names[k], saved[k], here[k]);
+        return moco_error(MOCO_ESHAPE,
+                          "%s: architecture differs: layer %u is %s in the blob, %s here", name, i,
+                          kind_name(saved[0]), kind_name(here[0]));
+      return moco_error(MOCO_ESHAPE,
+                        "%s: architecture differs: layer %u (%s): %s %u in the blob, %u here", name,
+                        i, kind_name(here[0]), desc_names[k], saved[k], here[k]);
     }
   }
   if (nl != (uint32_t)n->n_layers)
-    return moco_error(MOCO_ESHAPE, "%s: architecture differs: %u layers in the blob, %d here", name, nl,
-                      n->n_layers);
+    return moco_error(MOCO_ESHAPE, "%s: architecture differs: %u layers in the blob, %d here", name,
+                      nl, n->n_layers);
   return 0;
 }
 
@@ -604,8 +655,8 @@ int net_load(net *n, blob_reader *r) {
   /* Check the whole payload before touching the network, so a refused load leaves it as it was. */
   size_t need = n->n_params * sizeof(float) + 8 + n->n_buffers * sizeof(float);
   if (!rc && s.len - s.pos != need)
-    rc = moco_error(MOCO_EFORMAT, "%s: offset %zu: network payload is %zu bytes, expected %zu", name,
-                    s.base + s.pos, s.len - s.pos, need);
+    rc = moco_error(MOCO_EFORMAT, "%s: offset %zu: network payload is %zu bytes, expected %zu",
+                    name, s.base + s.pos, s.len - s.pos, need);
   if (!rc) {
     memcpy(&nb, s.data + s.pos + n->n_params * sizeof(float), 8);
     if (nb != n->n_buffers)

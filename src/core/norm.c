@@ -51,9 +51,9 @@ static void bn_stats(float *restrict mean, float *restrict var, const float *inp
 }
 
 /* y = (x - mean) * rstd * gamma + beta over samples [b0, b1). */
-static void bn_apply(float *out, const float *inp, const float *restrict mean, const float *restrict rstd,
-                     const float *restrict gamma, const float *restrict beta, int b0, int b1,
-                     const bn_dims *d) {
+static void bn_apply(float *out, const float *inp, const float *restrict mean,
+                     const float *restrict rstd, const float *restrict gamma,
+                     const float *restrict beta, int b0, int b1, const bn_dims *d) {
   int C = d->C, S = d->S;
   if (S == 1) {
     for (int b = b0; b < b1; b++) {
@@ -107,7 +107,8 @@ void batchnorm_forward(float *out, float *saved, float *running_mean, float *run
 
 /* sum_dy[c] and sum_dyx[c] = sum dy (x - mean) over samples [b0, b1). */
 static void bn_grad_sums(float *restrict sum_dy, float *restrict sum_dyx, const float *dout,
-                         const float *inp, const float *restrict mean, int b0, int b1, const bn_dims *d) {
+                         const float *inp, const float *restrict mean, int b0, int b1,
+                         const bn_dims *d) {
   int C = d->C, S = d->S;
   memset(sum_dy, 0, (size_t)C * sizeof(float));
   memset(sum_dyx, 0, (size_t)C * sizeof(float));
@@ -155,7 +156,8 @@ static void bn_dx(float *dinp, const float *dout, const float *inp, const float 
 }
 
 void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, float *ws, const float *dout,
-                        const float *inp, const float *gamma, const float *saved, const bn_dims *d) {
+                        const float *inp, const float *gamma, const float *saved,
+                        const bn_dims *d) {
   int C = d->C, G = bn_groups(d);
   float *sum_dy = ws, *sum_dyx = ws + C;
   for (int g = 0; g < G; g++) {

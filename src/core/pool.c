@@ -38,8 +38,8 @@ static void maxpool_plane(float *out, const float *inp, const conv_geom *g) {
 
 /* The winner of each window is found again by comparing with the output (first match in scan order,
  * the element the forward's strict comparison kept); no argmax is stored. */
-static void maxpool_plane_backward(float *dinp, const float *dout, const float *inp, const float *out,
-                                   const conv_geom *g) {
+static void maxpool_plane_backward(float *dinp, const float *dout, const float *inp,
+                                   const float *out, const conv_geom *g) {
   memset(dinp, 0, (size_t)g->H * g->W * sizeof(float));
   for (int oh = 0; oh < g->OH; oh++)
     for (int ow = 0; ow < g->OW; ow++) {
@@ -83,8 +83,8 @@ static inline float u2f(uint32_t u) {
   return f;
 }
 
-static void maxpool_plane_2x2_backward(float *dinp, const float *dout, const float *inp, const float *out,
-                                       const conv_geom *g) {
+static void maxpool_plane_2x2_backward(float *dinp, const float *dout, const float *inp,
+                                       const float *out, const conv_geom *g) {
   int W = g->W, OW = g->OW;
   /* An odd last row or column lies in no window. */
   if (g->H & 1) memset(dinp + (size_t)(g->H - 1) * W, 0, (size_t)W * sizeof(float));

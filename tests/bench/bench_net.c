@@ -9,10 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../testutil.h"
 #include "core/err.h"
 #include "core/net.h"
 #include "core/tensor.h"
-#include "../testutil.h"
 
 #define REPS 9
 
@@ -27,7 +27,8 @@ static double median(double *t, int n) {
 }
 
 static double bench_sgemm(int N) {
-  float *a = tensor_alloc((size_t)N * N), *b = tensor_alloc((size_t)N * N), *c = tensor_alloc((size_t)N * N);
+  float *a = tensor_alloc((size_t)N * N), *b = tensor_alloc((size_t)N * N),
+        *c = tensor_alloc((size_t)N * N);
   rng_t r;
   rng_init(&r, 1, 1);
   fill_uniform(a, (size_t)N * N, &r, -1, 1);
@@ -85,7 +86,8 @@ static double bench_net(const char *name, const char *spec_text, net_shape in, i
   }
   double f = step_flops(&n, B), fwd = median(tf, REPS), bwd = median(tb, REPS);
   double gf = f / (fwd + bwd) / 1e9;
-  printf("%-4s B=%d  %zu params  %.3f GFLOP/step  fwd %.2f ms  bwd %.2f ms  %.1f GFLOP/s  ratio to sgemm %.2f\n",
+  printf("%-4s B=%d  %zu params  %.3f GFLOP/step  fwd %.2f ms  bwd %.2f ms  %.1f GFLOP/s  ratio to "
+         "sgemm %.2f\n",
          name, B, net_num_params(&n), f / 1e9, 1e3 * fwd, 1e3 * bwd, gf, gf / gemm);
   tensor_free(x), tensor_free(dy);
   net_free(&n);
@@ -101,15 +103,24 @@ int main(int argc, char **argv) {
       "{\"type\":\"linear\",\"out\":512},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
       "{\"type\":\"linear\",\"out\":128},{\"type\":\"l2norm\"}]";
   const char *cnn =
-      "[{\"type\":\"conv2d\",\"out\":32,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
+      "[{\"type\":\"conv2d\",\"out\":32,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":"
+      "\"relu\"},"
       "{\"type\":\"maxpool\",\"kernel\":2},"
-      "{\"type\":\"conv2d\",\"out\":64,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
+      "{\"type\":\"conv2d\",\"out\":64,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":"
+      "\"relu\"},"
       "{\"type\":\"maxpool\",\"kernel\":2},"
-      "{\"type\":\"conv2d\",\"out\":128,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
+      "{\"type\":\"conv2d\",\"out\":128,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":"
+      "\"relu\"},"
       "{\"type\":\"avgpool\"},{\"type\":\"linear\",\"out\":128},{\"type\":\"l2norm\"}]";
   double gemm = bench_sgemm(2048);
+  /* OpenBLAS picks its kernels from the CPU model at load time; on a virtual CPU it may not know
+   * (it then falls back to SSE3 "Prescott" kernels, 5x slower here), which OPENBLAS_CORETYPE
+   * (e.g. SkylakeX, Haswell) overrides. The core in use is printed so the figures can be read. */
+  printf("OpenBLAS core %s, %d threads\n", openblas_get_corename(), openblas_get_num_threads());
   printf("sgemm 2048^3: %.1f GFLOP/s (median of %d)\n", gemm, REPS);
-  if (argc < 2 || strcmp(argv[1], "mlp") == 0) bench_net("mlp", mlp, (net_shape){1, 28, 28}, 256, gemm);
-  if (argc < 2 || strcmp(argv[1], "cnn") == 0) bench_net("cnn", cnn, (net_shape){1, 28, 28}, 256, gemm);
+  if (argc < 2 || strcmp(argv[1], "mlp") == 0)
+    bench_net("mlp", mlp, (net_shape){1, 28, 28}, 256, gemm);
+  if (argc < 2 || strcmp(argv[1], "cnn") == 0)
+    bench_net("cnn", cnn, (net_shape){1, 28, 28}, 256, gemm);
   return 0;
 }
