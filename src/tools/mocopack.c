@@ -407,6 +407,7 @@ static int split_fields(char *line, char delim, char **fields) {
     } else {
       fields[n++] = p;
       while (*p && *p != delim) p++;
+      for (char *e = p; e > fields[n - 1] && (e[-1] == ' ' || e[-1] == '\t');) *--e = '\0';
     }
     if (!*p) return n;
     *p++ = '\0';
