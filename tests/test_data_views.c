@@ -47,7 +47,13 @@ START_TEST(resize_reads_only_inside_the_crop) {
         int in = i >= b.x && i < b.x + b.w && y >= b.y && y < b.y + b.h;
         x[(c * H + y) * W + i] = in ? (float)(c * 10 + y + i) : NAN;
       }
-  view_resize_crop(x, C, H, W, b, out);
+  view_pipeline v;
+  view_config cfg;
+  view_config_default(&cfg);
+  ck_assert_int_eq(view_init(&v, &cfg, VIEW_AUGMENT, (data_shape){C, H, W}, DATA_F32, 0, NULL, NULL), 0);
+  view_scratch s;
+  ck_assert_int_eq(view_scratch_init(&s, &v), 0);
+  view_resize_crop(x, C, H, W, b, out, &s);
   for (int k = 0; k < C * H * W; k++) {
     ck_assert_msg(isfinite(out[k]), "pixel %d read outside the crop", k);
     int c = k / (H * W);
@@ -55,8 +61,10 @@ START_TEST(resize_reads_only_inside_the_crop) {
   }
   /* the whole image as the box is the identity */
   for (int k = 0; k < C * H * W; k++) x[k] = (float)k;
-  view_resize_crop(x, C, H, W, (view_box){0, 0, W, H}, out);
+  view_resize_crop(x, C, H, W, (view_box){0, 0, W, H}, out, &s);
   ck_assert_mem_eq(out, x, sizeof x);
+  view_scratch_free(&s);
+  view_free(&v);
 }
 END_TEST
 

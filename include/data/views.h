@@ -68,6 +68,8 @@ void view_free(view_pipeline *v);
 typedef struct {
   float *tmp;
   uint32_t *idx;
+  int *x0, *x1;   /* per output column: the two source columns of a resize, and the weight of x1 */
+  float *fx;
 } view_scratch;
 
 int view_scratch_init(view_scratch *s, const view_pipeline *v);
@@ -97,7 +99,7 @@ void view_rng(rng_t *r, uint64_t seed, uint64_t epoch, int64_t id, int view);
 /* A crop inside an H x W image: 1 <= w <= W, 1 <= h <= H, 0 <= x <= W - w, 0 <= y <= H - h. */
 view_box view_crop_box(const view_config *c, int H, int W, rng_t *r);
 /* Bilinear resize of box b of x [C, H, W] to out [C, H, W]; reads only pixels inside b. */
-void view_resize_crop(const float *x, int C, int H, int W, view_box b, float *out);
+void view_resize_crop(const float *x, int C, int H, int W, view_box b, float *out, view_scratch *s);
 /* One augmented view, normalised, of record i of the batch `in` (whose other records are SCARF's
  * donors). */
 void view_augment(const view_pipeline *v, const view_batch_in *in, int i, float *out, rng_t *r,
