@@ -59,8 +59,9 @@ static long read_all(const char *spec, int num_classes, uint64_t *label_sum) {
 
 START_TEST(sample_gzip_reads_with_its_labels_found_by_name) {
   dataset ds;
-  ck_assert_int_eq(dataset_open(&ds, "train", data_path("fmnist-train-images-idx3-ubyte.gz"), NULL, 10), 0);
+  ck_assert_int_eq(dataset_open(&ds, "train", data_path("fmnist-train-images-idx3-ubyte.gz"), NULL, 0), 0);
   ck_assert_int_eq(ds.count, 2000);
+  ck_assert_int_eq(ds.num_classes, 10); /* from the labels, since IDX states no class count */
   ck_assert_int_eq(ds.shape.c, 1);
   ck_assert_int_eq(ds.shape.h, 28);
   ck_assert_int_eq(ds.shape.w, 28);
@@ -232,6 +233,13 @@ START_TEST(labels_count_that_disagrees_is_refused) {
 }
 END_TEST
 
+START_TEST(truncated_labels_are_found_at_open) {
+  write_images(tmp(0, "u-images-idx3-ubyte.gz"), tmp(1, "u-labels-idx1-ubyte.gz"), 3000, 2, 2, 1);
+  ck_assert_int_eq(fx_truncate(path_buf[1], fx_file_size(path_buf[1]) - 20), 0);
+  expect_open_error(path_buf[0], MOCO_EEOF, "u-labels-idx1-ubyte.gz: offset", "truncated in the labels");
+}
+END_TEST
+
 START_TEST(label_out_of_range_names_the_record) {
   write_images(tmp(0, "r-images-idx3-ubyte.gz"), tmp(1, "r-labels-idx1-ubyte.gz"), 30, 2, 2, 1);
   uint64_t sum;
@@ -349,6 +357,7 @@ Suite *data_idx_suite(void) {
   tcase_add_test(tc, truncated_plain_file_is_refused_naming_the_record);
   tcase_add_test(tc, truncated_gzip_is_found_while_reading_and_names_the_record);
   tcase_add_test(tc, labels_count_that_disagrees_is_refused);
+  tcase_add_test(tc, truncated_labels_are_found_at_open);
   tcase_add_test(tc, label_out_of_range_names_the_record);
   tcase_add_test(tc, empty_data_set_is_refused);
   tcase_add_test(tc, shapes_that_disagree_across_files_are_refused);

@@ -6,6 +6,7 @@
 
 #include "core/err.h"
 #include "data/dataset.h"
+#include "data/idx.h"
 #include "data/shard.h"
 #include "data_fixtures.h"
 #include "testutil.h"
@@ -339,6 +340,62 @@ START_TEST(csv_round_trips_through_mocopack_and_bad_fields_are_located) {
 }
 END_TEST
 
+/* Opens and reads a data set to the end, going on after bad records as the skip policy does; returns
+ * the number of reads. Corrupt input may fail anywhere, but only with an error code. */
+static int read_through(const char *path) {
+  dataset ds;
+  int rc = dataset_open(&ds, "fuzz", path, NULL, 0), reads = 0;
+  if (rc) {
+    ck_assert_int_lt(rc, 0);
+    ck_assert(moco_errmsg()[0]);
+    return 0;
+  }
+  for (int f = 0; f < ds.n_files; f++) {
+    dataset_reader r;
+    data_record rec;
+    if (dataset_reader_open(&r, &ds, f, 0)) continue;
+    while ((rc = dataset_reader_next(&r, &rec)) != 0) {
+      ck_assert(rc == 1 || (rc < 0 && r.bad >= 1));
+      ck_assert_int_lt(++reads, (int)ds.count + 5); /* every call makes progress */
+    }
+    dataset_reader_close(&r);
+  }
+  dataset_close(&ds);
+  return reads;
+}
+
+/* Random damage to each format: under ASan/UBSan this proves no input crashes or hangs a reader. */
+START_TEST(no_corruption_crashes_or_hangs_a_reader) {
+  char paths[3][600];
+  ck_assert_int_eq(fx_write_shards(dir, "s", 1, 60, (data_shape){2, 3, 3}, DATA_F32, 1, 1, 4, 7, NULL, 0), 0);
+  snprintf(paths[0], sizeof paths[0], "%s/s-0.shard", dir);
+  uint8_t px[40 * 9];
+  for (int i = 0; i < 40 * 9; i++) px[i] = (uint8_t)(i * 37);
+  snprintf(paths[1], sizeof paths[1], "%s/z-images-idx3-ubyte.gz", dir);
+  snprintf(paths[2], sizeof paths[2], "%s/p-images-idx3-ubyte", dir);
+  ck_assert_int_eq(idx_write(paths[1], 1, IDX_U8, 3, (uint32_t[]){40, 3, 3}, px), 0);
+  ck_assert_int_eq(idx_write(paths[2], 0, IDX_U8, 3, (uint32_t[]){40, 3, 3}, px), 0);
+  rng_t g;
+  rng_init(&g, 5, 5);
+  for (int k = 0; k < 3; k++) {
+    long size = fx_file_size(paths[k]);
+    uint8_t *orig = malloc((size_t)size);
+    ck_assert_int_eq(fx_read(paths[k], 0, orig, (size_t)size), 0);
+    ck_assert_int_gt(read_through(paths[k]), 39);
+    for (int t = 0; t < 150; t++) {
+      long at = t < 40 ? t % (k ? 16 : 64) : (long)rng_below(&g, (uint32_t)size); /* headers first */
+      uint8_t b = (uint8_t)rng_u32(&g);
+      ck_assert_int_eq(fx_write(paths[k], at, &b, 1), 0);
+      if (t % 7 == 0) ck_assert_int_eq(fx_truncate(paths[k], (long)rng_below(&g, (uint32_t)size)), 0);
+      read_through(paths[k]);
+      ck_assert_int_eq(fx_truncate(paths[k], 0), 0);
+      ck_assert_int_eq(fx_write(paths[k], 0, orig, (size_t)size), 0);
+    }
+    free(orig);
+  }
+}
+END_TEST
+
 Suite *data_shard_suite(void) {
   Suite *s = suite_create("data_shard");
   TCase *tc = tcase_create("shard");
@@ -355,6 +412,7 @@ Suite *data_shard_suite(void) {
   tcase_add_test(tc, shards_that_disagree_are_refused);
   tcase_add_test(tc, raw_arrays_round_trip_through_mocopack);
   tcase_add_test(tc, csv_round_trips_through_mocopack_and_bad_fields_are_located);
+  tcase_add_test(tc, no_corruption_crashes_or_hangs_a_reader);
   suite_add_tcase(s, tc);
   return s;
 }
