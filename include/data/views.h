@@ -7,9 +7,9 @@
  *   random resized crop (area fraction crop_scale, aspect ratio crop_ratio drawn log-uniformly, resized
  *   back to H x W bilinearly: torchvision's RandomResizedCrop), horizontal flip, translation (up to
  *   translate_max of the width / height, zero fill), brightness (x * f), contrast ((x - mean) * f + mean),
- *   clamp to [0, 1] for u8 data, Gaussian noise (std drawn per view), clamp, normalisation, random
- *   erasing (Zhong et al. 2017: a rectangle of erase_scale of the area, ratio erase_ratio, set to 0 = the
- *   normalised mean).
+ *   Gaussian noise (std drawn per view), each of the last three clamped to [0, 1] for u8 data,
+ *   normalisation, random erasing (Zhong et al. 2017: a rectangle of erase_scale of the area, ratio
+ *   erase_ratio, set to 0 = the normalised mean).
  * Vectors (d, 1, 1): SCARF feature masking (Bahri et al. 2022: a fraction mask_rate of the features,
  *   chosen uniformly, each replaced by that feature's value in another random sample of the batch, i.e. a
  *   draw from its empirical marginal), Gaussian noise, normalisation.
