@@ -37,7 +37,9 @@ typedef struct {
   data_dtype dtype;
   int has_labels;       /* some file has labels (records of the others read as -1) */
   int has_pair;         /* every record holds two samples */
-  int num_classes;      /* labels lie in [0, num_classes) or are -1; 0 = not known, only >= -1 checked */
+  int num_classes;      /* labels lie in [0, num_classes) or are -1; 0 = not known, only >= -1 checked.
+                           From the config when given, else the shard headers' and the IDX labels' */
+  int idx_classes;      /* largest IDX label + 1 (IDX states no class count) */
   size_t sample_bytes;  /* one stored sample */
 } dataset;
 

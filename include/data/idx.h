@@ -37,6 +37,10 @@ typedef struct {
  * truncated, a long one disagrees with its record count); a gzip file is checked while it is read. */
 int idx_probe(const char *path, idx_info *info);
 
+/* Largest label of a labels file (1-dimensional IDX) that idx_probe checked, -1 when it is empty; reads
+ * the whole file (one byte or four per record), so a truncated one is found here. */
+int idx_max_label(const char *path, const idx_info *info, int32_t *max);
+
 typedef struct {
   gzFile f, lf;            /* samples, labels (NULL when none) */
   const char *path, *labels_path;

@@ -31,9 +31,12 @@ typedef struct {
 } data_record;
 
 /* Stored elements to floats: the one place that fixes what a u8 pixel means. */
-static inline void data_decode(data_dtype t, const uint8_t *raw, float *out, size_t n) {
+static inline void data_decode(data_dtype t, const uint8_t *restrict raw, float *restrict out, size_t n) {
   if (t == DATA_U8) {
-    for (size_t i = 0; i < n; i++) out[i] = raw[i] * (1.0f / 255.0f);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) /* blocks of eight: vectorised at -O2 (see views.c's affine) */
+      for (int k = 0; k < 8; k++) out[i + k] = raw[i + k] * (1.0f / 255.0f);
+    for (; i < n; i++) out[i] = raw[i] * (1.0f / 255.0f);
   } else {
     for (size_t i = 0; i < n; i++) __builtin_memcpy(&out[i], raw + 4 * i, 4);
   }

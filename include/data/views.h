@@ -7,9 +7,9 @@
  *   random resized crop (area fraction crop_scale, aspect ratio crop_ratio drawn log-uniformly, resized
  *   back to H x W bilinearly: torchvision's RandomResizedCrop), horizontal flip, translation (up to
  *   translate_max of the width / height, zero fill), brightness (x * f), contrast ((x - mean) * f + mean),
- *   clamp to [0, 1] for u8 data, Gaussian noise (std drawn per view), clamp, normalisation, random
- *   erasing (Zhong et al. 2017: a rectangle of erase_scale of the area, ratio erase_ratio, set to 0 = the
- *   normalised mean).
+ *   Gaussian noise (std drawn per view), each of the last three clamped to [0, 1] for u8 data,
+ *   normalisation, random erasing (Zhong et al. 2017: a rectangle of erase_scale of the area, ratio
+ *   erase_ratio, set to 0 = the normalised mean).
  * Vectors (d, 1, 1): SCARF feature masking (Bahri et al. 2022: a fraction mask_rate of the features,
  *   chosen uniformly, each replaced by that feature's value in another random sample of the batch, i.e. a
  *   draw from its empirical marginal), Gaussian noise, normalisation.
@@ -68,6 +68,8 @@ void view_free(view_pipeline *v);
 typedef struct {
   float *tmp;
   uint32_t *idx;
+  int *x0, *x1;   /* per output column: the two source columns of a resize, and the weight of x1 */
+  float *fx;
 } view_scratch;
 
 int view_scratch_init(view_scratch *s, const view_pipeline *v);
@@ -97,7 +99,7 @@ void view_rng(rng_t *r, uint64_t seed, uint64_t epoch, int64_t id, int view);
 /* A crop inside an H x W image: 1 <= w <= W, 1 <= h <= H, 0 <= x <= W - w, 0 <= y <= H - h. */
 view_box view_crop_box(const view_config *c, int H, int W, rng_t *r);
 /* Bilinear resize of box b of x [C, H, W] to out [C, H, W]; reads only pixels inside b. */
-void view_resize_crop(const float *x, int C, int H, int W, view_box b, float *out);
+void view_resize_crop(const float *x, int C, int H, int W, view_box b, float *out, view_scratch *s);
 /* One augmented view, normalised, of record i of the batch `in` (whose other records are SCARF's
  * donors). */
 void view_augment(const view_pipeline *v, const view_batch_in *in, int i, float *out, rng_t *r,

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/err.h"
@@ -65,6 +66,9 @@ static int expand_spec(const char *name, const char *spec, path_list *out) {
 
 /* Tells the format from the first bytes: a shard's magic, gzip's 1f 8b (then IDX inside) or IDX's 00 00. */
 static int sniff(const char *path, data_format *fmt) {
+  struct stat st;
+  if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+    return moco_error(MOCO_EINVAL, "%s: is a directory; name its files or a glob (\"%s/*.shard\")", path, path);
   FILE *f = fopen(path, "rb");
   if (!f)
     return moco_error(errno == ENOENT ? MOCO_ENOENT : MOCO_EIO, "%s: cannot open: %s", path, strerror(errno));
@@ -115,8 +119,11 @@ static data_shape idx_shape(const idx_info *in) {
   }
 }
 
-static int attach_labels(dataset_file *f, const char *labels) {
+/* The labels of an IDX file are read once at open (a byte per record): their count must match, and their
+ * largest value tells the number of classes, which IDX does not state. */
+static int attach_labels(dataset_file *f, const char *labels, int *classes) {
   idx_info li;
+  int32_t top;
   int rc = idx_probe(labels, &li);
   if (rc) return rc;
   if (li.ndim != 1)
@@ -124,6 +131,8 @@ static int attach_labels(dataset_file *f, const char *labels) {
   if (li.count != f->count)
     return moco_error(MOCO_ESHAPE, "%s: %llu labels, but %s holds %llu records", labels,
                       (unsigned long long)li.count, f->path, (unsigned long long)f->count);
+  if ((rc = idx_max_label(labels, &li, &top))) return rc;
+  if (top >= *classes) *classes = top + 1;
   if (!(f->labels_path = strdup(labels))) return moco_error(MOCO_ENOMEM, "%s", labels);
   return 0;
 }
@@ -185,6 +194,7 @@ static int check_agreement(dataset *ds) {
     if (ds->files[i].format == DATA_SHARD && (int)ds->files[i].shard.num_classes > ds->num_classes)
       ds->num_classes = (int)ds->files[i].shard.num_classes;
   }
+  if (ds->idx_classes > ds->num_classes) ds->num_classes = ds->idx_classes;
   return 0;
 }
 
@@ -198,7 +208,7 @@ static int pair_labels(dataset *ds, const char *labels, path_list *label_files) 
     dataset_file *f = &ds->files[i];
     if (f->format != DATA_IDX) continue;
     char *found = labels ? NULL : companion_labels(f->path);
-    rc = labels || found ? attach_labels(f, labels ? labels : found) : 0;
+    rc = labels || found ? attach_labels(f, labels ? labels : found, &ds->idx_classes) : 0;
     free(found);
     if (rc) return rc;
   }

@@ -104,6 +104,28 @@ int idx_probe(const char *path, idx_info *info) {
   return 0;
 }
 
+int idx_max_label(const char *path, const idx_info *info, int32_t *max) {
+  gzFile f;
+  idx_info in;
+  uint8_t buf[4096];
+  int rc = open_gz(&f, path);
+  if (rc) return rc;
+  gzbuffer(f, 1 << 16);
+  rc = parse_header(f, path, &in);
+  *max = -1;
+  for (uint64_t i = 0; !rc && i < info->count;) {
+    uint64_t k = (sizeof buf / info->elem_size < info->count - i) ? sizeof buf / info->elem_size : info->count - i;
+    if ((rc = read_exact(f, path, buf, (size_t)k * info->elem_size, "the labels"))) break;
+    for (uint64_t j = 0; j < k; j++) {
+      int32_t v = info->type == IDX_U8 ? buf[j] : (int32_t)be32(buf + 4 * j);
+      if (v > *max) *max = v;
+    }
+    i += k;
+  }
+  gzclose(f);
+  return rc;
+}
+
 static int open_at(gzFile *f, const char *path, idx_info *in, uint64_t start) {
   int rc = open_gz(f, path);
   if (rc) return rc;

@@ -66,6 +66,9 @@ static int check_header(const shard_header *h, const char *path) {
     return moco_error(MOCO_EFORMAT, "%s: offset 32: num_classes %u", path, h->num_classes);
   if (h->block_records < 1)
     return moco_error(MOCO_EFORMAT, "%s: offset 36: block_records 0, expected >= 1", path);
+  if (h->count > ((uint64_t)1 << 60) / shard_record_bytes(h))
+    return moco_error(MOCO_EFORMAT, "%s: offset 40: record count %llu cannot fit in a file", path,
+                      (unsigned long long)h->count);
   if ((uint64_t)h->block_records * shard_record_bytes(h) > (1u << 30))
     return moco_error(MOCO_EFORMAT, "%s: offset 36: blocks of %u records (%zu bytes each) exceed 1 GiB", path,
                       h->block_records, shard_record_bytes(h));

@@ -96,9 +96,13 @@ void view_free(view_pipeline *v) {
 }
 
 int view_scratch_init(view_scratch *s, const view_pipeline *v) {
+  size_t w = (size_t)v->shape.w;
   s->tmp = malloc(v->n * sizeof *s->tmp);
   s->idx = malloc(v->n * sizeof *s->idx);
-  if (s->tmp && s->idx) return 0;
+  s->x0 = malloc(w * sizeof *s->x0);
+  s->x1 = malloc(w * sizeof *s->x1);
+  s->fx = malloc(w * sizeof *s->fx);
+  if (s->tmp && s->idx && s->x0 && s->x1 && s->fx) return 0;
   view_scratch_free(s);
   return moco_error(MOCO_ENOMEM, "view scratch for %zu elements", v->n);
 }
@@ -106,8 +110,10 @@ int view_scratch_init(view_scratch *s, const view_pipeline *v) {
 void view_scratch_free(view_scratch *s) {
   free(s->tmp);
   free(s->idx);
-  s->tmp = NULL;
-  s->idx = NULL;
+  free(s->x0);
+  free(s->x1);
+  free(s->fx);
+  memset(s, 0, sizeof *s);
 }
 
 void view_rng(rng_t *r, uint64_t seed, uint64_t epoch, int64_t id, int view) {
@@ -158,20 +164,25 @@ static void src_coord(int o, int n, int N, int *i0, int *i1, float *frac) {
   *frac = s - (float)i;
 }
 
-void view_resize_crop(const float *x, int C, int H, int W, view_box b, float *out) {
+void view_resize_crop(const float *x, int C, int H, int W, view_box b, float *out, view_scratch *s) {
+  for (int ox = 0; ox < W; ox++) {
+    src_coord(ox, b.w, W, &s->x0[ox], &s->x1[ox], &s->fx[ox]);
+    s->x0[ox] += b.x;
+    s->x1[ox] += b.x;
+  }
   for (int oy = 0; oy < H; oy++) {
     int y0, y1;
     float fy;
     src_coord(oy, b.h, H, &y0, &y1, &fy);
-    for (int ox = 0; ox < W; ox++) {
-      int x0, x1;
-      float fx;
-      src_coord(ox, b.w, W, &x0, &x1, &fx);
-      for (int c = 0; c < C; c++) {
-        const float *p = x + (size_t)c * H * W;
-        const float *r0 = p + (size_t)(b.y + y0) * W + b.x, *r1 = p + (size_t)(b.y + y1) * W + b.x;
-        float top = r0[x0] + (r0[x1] - r0[x0]) * fx, bot = r1[x0] + (r1[x1] - r1[x0]) * fx;
-        out[((size_t)c * H + oy) * W + ox] = top + (bot - top) * fy;
+    for (int c = 0; c < C; c++) {
+      const float *p = x + (size_t)c * H * W;
+      const float *r0 = p + (size_t)(b.y + y0) * W, *r1 = p + (size_t)(b.y + y1) * W;
+      float *o = out + ((size_t)c * H + oy) * W;
+      for (int ox = 0; ox < W; ox++) {
+        float f = s->fx[ox];
+        float top = r0[s->x0[ox]] + (r0[s->x1[ox]] - r0[s->x0[ox]]) * f;
+        float bot = r1[s->x0[ox]] + (r1[s->x1[ox]] - r1[s->x0[ox]]) * f;
+        o[ox] = top + (bot - top) * fy;
       }
     }
   }
@@ -201,23 +212,48 @@ static void translate(const float *in, float *out, int C, int H, int W, int dx, 
     }
 }
 
-static void clamp(float *x, size_t n, float lo, float hi) {
-  for (size_t i = 0; i < n; i++) x[i] = x[i] < lo ? lo : x[i] > hi ? hi : x[i];
+/* x = clamp(a * x + b, lo, hi): brightness, contrast, clamping and normalisation are all this. In blocks
+ * of eight because -O2's vectoriser (GCC's "very cheap" cost model) takes no loop that needs a scalar
+ * epilogue: each block becomes one vector operation, the tail stays scalar. The min/max are written as
+ * the comparisons the vector min/max instructions implement. */
+static void affine(float *x, size_t n, float a, float b, float lo, float hi) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; k++) {
+      float v = x[i + k] * a + b;
+      v = v > hi ? hi : v;
+      x[i + k] = v < lo ? lo : v;
+    }
+  for (; i < n; i++) {
+    float v = x[i] * a + b;
+    v = v > hi ? hi : v;
+    x[i] = v < lo ? lo : v;
+  }
+}
+
+static void clamp(float *x, size_t n, float lo, float hi) { affine(x, n, 1.0f, 0.0f, lo, hi); }
+
+/* Eight partial sums: a float reduction the compiler may vectorise without reordering a single sum. */
+static float sum8(const float *x, size_t n) {
+  float acc[8] = {0};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; k++) acc[k] += x[i + k];
+  float s = 0.0f;
+  for (; i < n; i++) s += x[i];
+  for (int k = 0; k < 8; k++) s += acc[k];
+  return s;
 }
 
 static void add_noise(const view_config *c, float *x, size_t n, rng_t *r) {
-  if (rng_uniform(r) >= c->noise_p) return;
   float sd = rng_range(r, c->noise_std_min, c->noise_std_max);
   for (size_t i = 0; i < n; i++) x[i] += sd * rng_normal(r);
 }
 
 static void normalise(const view_pipeline *v, float *x) {
   size_t hw = (size_t)v->shape.h * v->shape.w;
-  for (int c = 0; c < v->shape.c; c++) {
-    float m = v->mean[c], s = v->inv_std[c];
-    float *p = x + c * hw;
-    for (size_t i = 0; i < hw; i++) p[i] = (p[i] - m) * s;
-  }
+  for (int c = 0; c < v->shape.c; c++)
+    affine(x + c * hw, hw, v->inv_std[c], -v->mean[c] * v->inv_std[c], -INFINITY, INFINITY);
 }
 
 /* Random erasing (Zhong et al. 2017), applied after normalisation so 0 is the data mean. */
@@ -236,18 +272,34 @@ static void erase(const view_config *c, float *x, int C, int H, int W, rng_t *r)
   }
 }
 
+/* Brightness then contrast, as torchvision's ColorJitter blends them: each result clamped to [0, 1]
+ * for u8 data (the range of a pixel); contrast pulls towards the mean of the brightened image. One pass
+ * each, since this is the hot loop of the pipeline. */
+static void jitter(const view_config *c, float *x, size_t n, int bounded, rng_t *r) {
+  int bright = rng_uniform(r) < c->brightness_p;
+  float fb = bright ? rng_range(r, c->brightness_min, c->brightness_max) : 1.0f;
+  int contrast = rng_uniform(r) < c->contrast_p;
+  float fc = contrast ? rng_range(r, c->contrast_min, c->contrast_max) : 1.0f;
+  float lo = bounded ? 0.0f : -INFINITY, hi = bounded ? 1.0f : INFINITY;
+  if (bright) affine(x, n, fb, 0.0f, lo, hi);
+  if (!contrast) return;
+  float m = sum8(x, n) / (float)n;
+  affine(x, n, fc, m * (1.0f - fc), lo, hi);
+}
+
 static void augment_image(const view_pipeline *v, const uint8_t *raw, float *out, rng_t *r, view_scratch *s) {
   const view_config *c = &v->cfg;
   int C = v->shape.c, H = v->shape.h, W = v->shape.w;
   size_t n = v->n;
-  /* u8 pixels live in [0, 1] once decoded; jitter and noise must not leave it. f32 data has no
-   * known range, so it is not clamped. */
+  /* u8 pixels live in [0, 1] once decoded; crops and flips keep them there (convex combinations), jitter
+   * and noise are clamped back. f32 data has no known range, so it is not clamped. */
   int bounded = v->dtype == DATA_U8;
-  data_decode(v->dtype, raw, s->tmp, n);
-  if (rng_uniform(r) < c->crop_p)
-    view_resize_crop(s->tmp, C, H, W, view_crop_box(c, H, W, r), out);
-  else
-    memcpy(out, s->tmp, n * sizeof *out);
+  if (rng_uniform(r) < c->crop_p) {
+    data_decode(v->dtype, raw, s->tmp, n);
+    view_resize_crop(s->tmp, C, H, W, view_crop_box(c, H, W, r), out, s);
+  } else {
+    data_decode(v->dtype, raw, out, n);
+  }
   if (rng_uniform(r) < c->flip_p) flip(out, C, H, W);
   if (rng_uniform(r) < c->translate_p) {
     int dx = iround(rng_range(r, -c->translate_max, c->translate_max) * W);
@@ -255,20 +307,11 @@ static void augment_image(const view_pipeline *v, const uint8_t *raw, float *out
     memcpy(s->tmp, out, n * sizeof *out);
     translate(s->tmp, out, C, H, W, dx, dy);
   }
-  if (rng_uniform(r) < c->brightness_p) {
-    float f = rng_range(r, c->brightness_min, c->brightness_max);
-    for (size_t i = 0; i < n; i++) out[i] *= f;
+  jitter(c, out, n, bounded, r);
+  if (rng_uniform(r) < c->noise_p) {
+    add_noise(c, out, n, r);
+    if (bounded) clamp(out, n, 0.0f, 1.0f);
   }
-  if (rng_uniform(r) < c->contrast_p) {
-    float f = rng_range(r, c->contrast_min, c->contrast_max);
-    double sum = 0;
-    for (size_t i = 0; i < n; i++) sum += out[i];
-    float m = (float)(sum / (double)n);
-    for (size_t i = 0; i < n; i++) out[i] = (out[i] - m) * f + m;
-  }
-  if (bounded) clamp(out, n, 0.0f, 1.0f);
-  add_noise(c, out, n, r);
-  if (bounded) clamp(out, n, 0.0f, 1.0f);
   normalise(v, out);
   erase(c, out, C, H, W, r);
 }
@@ -294,8 +337,10 @@ static void augment_vector(const view_pipeline *v, const view_batch_in *in, int 
       out[f] = data_decode_at(v->dtype, in->raw + (size_t)d * in->stride, f);
     }
   }
-  add_noise(c, out, n, r);
-  if (v->dtype == DATA_U8) clamp(out, n, 0.0f, 1.0f);
+  if (rng_uniform(r) < c->noise_p) {
+    add_noise(c, out, n, r);
+    if (v->dtype == DATA_U8) clamp(out, n, 0.0f, 1.0f);
+  }
   normalise(v, out);
 }
 
