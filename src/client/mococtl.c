@@ -32,7 +32,7 @@ static const char usage[] =
     "  checkpoint          write a checkpoint now (answers with the file)\n"
     "  eval                run the evaluation now (answers with its figures)\n"
     "  set KEY=VALUE...    change settings at run time (VALUE is JSON if it parses, else a string)\n"
-    "  config              the effective config\n"
+    "  config [KEY]        the effective config (or one key, e.g. contrast.temperature)\n"
     "  watch               live progress until training stops\n"
     "  raw JSON            send one request line as is, print the answer line\n"
     "socket: -s, else $MOCOD_SOCKET, else " CTL_DEFAULT_SOCKET "\n"
@@ -291,12 +291,25 @@ static void print_event(const json_t *ev) {
   putchar('\n');
 }
 
-static int watch(conn *c, int as_json, size_t *consumed) {
-  int tty = isatty(STDOUT_FILENO), bar = 0;
+/* Draws progress events as one bar redrawn in place (terminals) or one line each; other events as lines,
+ * the bar redrawn under them. Ends with 0 at a stop or finished event, 2 if the connection closes first. */
+static int watch(conn *c, const json_t *subscribed, int as_json, size_t *consumed) {
+  const char *state = json_string_value(json_object_get(subscribed, "state"));
+  if (!as_json) {
+    json_t *ev = json_deep_copy(subscribed);
+    json_object_set_new(ev, "event", json_string("subscribed"));
+    print_event(ev);
+    json_decref(ev);
+    fflush(stdout);
+  }
+  if (state && (!strcmp(state, "finished") || !strcmp(state, "error")))
+    return EXIT_OK; /* nothing more will come */
+  int tty = isatty(STDOUT_FILENO);
+  char bar[512] = "";
   for (;;) {
     long n = conn_line(c, 0, consumed);
     if (n < 0) {
-      if (bar) putchar('\n');
+      if (bar[0]) putchar('\n');
       fflush(stdout);
       fprintf(stderr, "mococtl: %s: connection closed before training ended\n", c->path);
       return EXIT_UNREACHABLE;
@@ -311,20 +324,18 @@ static int watch(conn *c, int as_json, size_t *consumed) {
     if (as_json) {
       puts(c->buf);
     } else if (!strcmp(name, "progress")) {
-      char line[512];
-      format_progress(line, sizeof line, ev);
-      if (tty) printf("\r%s\033[K", line); /* redrawn in place */
-      else puts(line);
-      bar = tty;
+      format_progress(bar, sizeof bar, ev);
+      if (tty) printf("\r%s\033[K", bar);
+      else puts(bar);
     } else {
-      if (bar) fputs("\r\033[K", stdout); /* the event goes where the bar was; the next one redraws */
+      if (tty && bar[0]) fputs("\r\033[K", stdout); /* the event line goes where the bar was */
       print_event(ev);
-      bar = 0;
+      if (tty && bar[0] && !end) printf("%s\033[K", bar);
     }
     fflush(stdout);
     json_decref(ev);
     if (end) {
-      if (bar) putchar('\n');
+      if (tty && bar[0] && !strcmp(name, "progress")) putchar('\n');
       return EXIT_OK;
     }
   }
@@ -382,7 +393,9 @@ int main(int argc, char **argv) {
   for (int i = 0; plain[i]; i++) known |= !strcmp(cmd, plain[i]);
   json_t *args = NULL;
   char *request = NULL;
-  if (known || !strcmp(cmd, "watch")) {
+  if (!strcmp(cmd, "config") && nwords == 2) {
+    args = json_pack("{s:s}", "key", words[1]);
+  } else if (known || !strcmp(cmd, "watch")) {
     if (nwords != 1) return die_usage("%s takes no arguments", cmd);
   } else if (!strcmp(cmd, "set")) {
     if (nwords < 2 || !(args = parse_set(nwords - 1, words + 1)))
@@ -431,9 +444,10 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mococtl: %s: %s (%s)\n", cmd, json_string_value(json_object_get(err, "message")),
             json_string_value(json_object_get(err, "code")));
   } else if (!strcmp(cmd, "watch")) {
-    rc = watch(&c, as_json, &consumed);
+    rc = watch(&c, result, as_json, &consumed);
   } else if (as_json || !strcmp(cmd, "config")) {
-    char *s = json_dumps(result, as_json ? JSON_COMPACT : JSON_INDENT(2));
+    /* For people, 10 digits: 0.2 rather than jansson's round-trip 0.20000000000000001. */
+    char *s = json_dumps(result, as_json ? JSON_COMPACT : JSON_INDENT(2) | JSON_REAL_PRECISION(10));
     puts(s ? s : "{}");
     free(s);
   } else if (!strcmp(cmd, "status")) {
