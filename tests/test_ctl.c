@@ -834,7 +834,7 @@ START_TEST(mococtl_exit_status_json_and_human_output) {
 
   MOCOCTL(&r, ts, "-s", ts->path, "pause");
   ck_assert_int_eq(r.status, 1);
-  assert_has(r.err, "mococtl: pause: pause: training is already paused (state)");
+  assert_has(r.err, "mococtl: pause: training is already paused (state)\n");
   MOCOCTL(&r, ts, "--json", "-s", ts->path, "pause");
   ck_assert_int_eq(r.status, 1);
   assert_has(r.out, "\"code\":\"state\"");
@@ -867,7 +867,7 @@ START_TEST(mococtl_exit_status_json_and_human_output) {
   ck_assert_str_eq(r.out, "{\"id\":null,\"ok\":true,\"result\":{\"n\":4}}\n");
   MOCOCTL(&r, ts, "-s", ts->path, "eval"); /* this server has no eval */
   ck_assert_int_eq(r.status, 1);
-  assert_has(r.err, "unknown command 'eval' (unknown_command)");
+  assert_has(r.err, "mococtl: unknown command 'eval' (unknown_command)\n");
 
   char missing[200];
   snprintf(missing, sizeof missing, "%s/none.sock", ts->dir);
