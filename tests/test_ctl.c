@@ -129,6 +129,13 @@ static int cmd_pause(ctl_call *call, json_t *args, void *data) {
   return moco_error(MOCO_ESTATE, "pause: training is already paused");
 }
 
+static int cmd_config(ctl_call *call, json_t *args, void *data) {
+  json_t *key = json_object_get(args, "key");
+  ctl_reply(call, key ? json_pack("{s:O, s:f}", "key", key, "value", 0.25)
+                      : json_pack("{s:{s:f}, s:i}", "contrast", "temperature", 0.2, "seed", 1));
+  return 0;
+}
+
 static void on_watch_timer(uv_timer_t *t) {
   tserver *ts = t->data;
   static const char *events[] = {
@@ -158,6 +165,7 @@ static const ctl_arg echo_args[] = {
     {"v", CTL_T_ANY, 0, 0, 0},
     {NULL, 0, 0, 0, 0},
 };
+static const ctl_arg config_args[] = {{"key", CTL_T_STRING, 0, 0, 0}, {NULL, 0, 0, 0, 0}};
 static const ctl_arg slow_args[] = {{"ms", CTL_T_INT, CTL_ARG_REQUIRED, 0, 10000}, {NULL, 0, 0, 0, 0}};
 static const ctl_arg bcast_args[] = {
     {"n", CTL_T_INT, CTL_ARG_REQUIRED, 1, 100000},
@@ -177,6 +185,7 @@ static const ctl_command table[] = {
     {"status", cmd_status, CTL_SAFE_WHILE_RUNNING, NULL, "a fixed status"},
     {"pause", cmd_pause, CTL_CHANGES_STATE, NULL, "always refused"},
     {"set", cmd_echo, CTL_CHANGES_STATE | CTL_ANY_ARGS, NULL, "answers with its args"},
+    {"config", cmd_config, CTL_SAFE_WHILE_RUNNING, config_args, "a fixed config"},
     {"subscribe", cmd_subscribe, CTL_SAFE_WHILE_RUNNING, NULL, "subscribes, then four events"},
     {NULL, NULL, 0, NULL, NULL},
 };
@@ -825,7 +834,7 @@ START_TEST(mococtl_exit_status_json_and_human_output) {
 
   MOCOCTL(&r, ts, "-s", ts->path, "pause");
   ck_assert_int_eq(r.status, 1);
-  assert_has(r.err, "mococtl: pause: pause: training is already paused (state)");
+  assert_has(r.err, "mococtl: pause: training is already paused (state)\n");
   MOCOCTL(&r, ts, "--json", "-s", ts->path, "pause");
   ck_assert_int_eq(r.status, 1);
   assert_has(r.out, "\"code\":\"state\"");
@@ -843,6 +852,13 @@ START_TEST(mococtl_exit_status_json_and_human_output) {
   ck_assert_int_eq(r.status, 0);
   ck_assert_str_eq(r.out, "a: 1\n");
 
+  MOCOCTL(&r, ts, "-s", ts->path, "config");
+  ck_assert_int_eq(r.status, 0);
+  ck_assert_str_eq(r.out, "{\n  \"contrast\": {\n    \"temperature\": 0.2\n  },\n  \"seed\": 1\n}\n");
+  MOCOCTL(&r, ts, "-s", ts->path, "--json", "config", "contrast.temperature");
+  ck_assert_int_eq(r.status, 0);
+  ck_assert_str_eq(r.out, "{\"key\":\"contrast.temperature\",\"value\":0.25}\n");
+
   MOCOCTL(&r, ts, "-s", ts->path, "raw", "{\"id\":\"r\",\"cmd\":\"nope\"}");
   ck_assert_int_eq(r.status, 1);
   assert_has(r.out, "{\"id\":\"r\",\"ok\":false,\"error\":{\"code\":\"unknown_command\"");
@@ -851,7 +867,7 @@ START_TEST(mococtl_exit_status_json_and_human_output) {
   ck_assert_str_eq(r.out, "{\"id\":null,\"ok\":true,\"result\":{\"n\":4}}\n");
   MOCOCTL(&r, ts, "-s", ts->path, "eval"); /* this server has no eval */
   ck_assert_int_eq(r.status, 1);
-  assert_has(r.err, "unknown command 'eval' (unknown_command)");
+  assert_has(r.err, "mococtl: unknown command 'eval' (unknown_command)\n");
 
   char missing[200];
   snprintf(missing, sizeof missing, "%s/none.sock", ts->dir);
@@ -877,7 +893,7 @@ START_TEST(mococtl_watch_prints_progress_and_events_until_stop) {
   ctl_run r;
   MOCOCTL(&r, ts, "-s", ts->path, "watch");
   ck_assert_msg(r.status == 0, "watch: status %d, stderr %s", r.status, r.err);
-  assert_has(r.out, "[############............] 500/1000  50.0%  loss 4.5000  inst_acc 0.250  "
+  assert_has(r.out, "subscribed:  state running\n[############............] 500/1000  50.0%  loss 4.5000  inst_acc 0.250  "
                     "hardness 0.50  900 samples/s  ETA 0:01:01\n");
   assert_has(r.out, "eval:  step 500  knn_acc 0.8125\n");
   assert_has(r.out, "1000/1000 100.0%  loss 4.0000\n");

@@ -110,10 +110,12 @@ struct ctl_server {
   void (*close_cb)(ctl_server *);
 };
 
-/* Creates the socket at cfg->path with mode 0600 (its parent directory, mode 0700, when missing) and
- * listens. table is a NULL-name-terminated array that must outlive the server. Refuses with MOCO_EBUSY
- * ("socket X is in use by a running mocod") when something accepts connections there; a stale socket
- * file (connect refused) is removed and replaced; any other kind of file at the path is refused.
+/* Creates the socket at cfg->path with mode 0600 (and its parent directory, one level, mode 0700, when
+ * missing) and listens. table is a NULL-name-terminated array that must outlive the server. Refuses with
+ * MOCO_EBUSY ("socket X is in use by a running mocod") when something accepts connections there; a stale
+ * socket file (connect refused) is removed and replaced; any other kind of file there is refused
+ * (MOCO_EINVAL). On failure nothing needs closing, except in the one case where libuv refuses the
+ * bound socket (MOCO_EIO "listening"): srv must then stay valid until the loop has run once.
  * Ignores SIGPIPE when it has its default action: a client that went away must not kill the daemon. */
 int ctl_init(ctl_server *srv, uv_loop_t *loop, const ctl_config *cfg, const ctl_command *table,
              void *data);

@@ -19,8 +19,7 @@ enum { EXIT_OK = 0, EXIT_ANSWERED_ERROR = 1, EXIT_UNREACHABLE = 2, EXIT_USAGE = 
 
 /* An answer longer than this is not from mocod. */
 #define MAX_ANSWER (64u << 20)
-/* Commands that wait for work done off the loop (a whole evaluation, a checkpoint write) have no limit
- * unless --timeout gives one; the others are answered from the loop at once. */
+/* How long a command answered from mocod's loop may take before mocod counts as not answering. */
 #define DEFAULT_TIMEOUT 30.0
 
 static const char usage[] =
@@ -32,7 +31,7 @@ static const char usage[] =
     "  checkpoint          write a checkpoint now (answers with the file)\n"
     "  eval                run the evaluation now (answers with its figures)\n"
     "  set KEY=VALUE...    change settings at run time (VALUE is JSON if it parses, else a string)\n"
-    "  config              the effective config\n"
+    "  config [KEY]        the effective config (or one key, e.g. contrast.temperature)\n"
     "  watch               live progress until training stops\n"
     "  raw JSON            send one request line as is, print the answer line\n"
     "socket: -s, else $MOCOD_SOCKET, else " CTL_DEFAULT_SOCKET "\n"
@@ -291,12 +290,25 @@ static void print_event(const json_t *ev) {
   putchar('\n');
 }
 
-static int watch(conn *c, int as_json, size_t *consumed) {
-  int tty = isatty(STDOUT_FILENO), bar = 0;
+/* Draws progress events as one bar redrawn in place (terminals) or one line each; other events as lines,
+ * the bar redrawn under them. Ends with 0 at a stop or finished event, 2 if the connection closes first. */
+static int watch(conn *c, const json_t *subscribed, int as_json, size_t *consumed) {
+  const char *state = json_string_value(json_object_get(subscribed, "state"));
+  if (!as_json) {
+    json_t *ev = json_deep_copy(subscribed);
+    json_object_set_new(ev, "event", json_string("subscribed"));
+    print_event(ev);
+    json_decref(ev);
+    fflush(stdout);
+  }
+  if (state && (!strcmp(state, "finished") || !strcmp(state, "error")))
+    return EXIT_OK; /* nothing more will come */
+  int tty = isatty(STDOUT_FILENO);
+  char bar[512] = "";
   for (;;) {
     long n = conn_line(c, 0, consumed);
     if (n < 0) {
-      if (bar) putchar('\n');
+      if (bar[0]) putchar('\n');
       fflush(stdout);
       fprintf(stderr, "mococtl: %s: connection closed before training ended\n", c->path);
       return EXIT_UNREACHABLE;
@@ -311,20 +323,18 @@ static int watch(conn *c, int as_json, size_t *consumed) {
     if (as_json) {
       puts(c->buf);
     } else if (!strcmp(name, "progress")) {
-      char line[512];
-      format_progress(line, sizeof line, ev);
-      if (tty) printf("\r%s\033[K", line); /* redrawn in place */
-      else puts(line);
-      bar = tty;
+      format_progress(bar, sizeof bar, ev);
+      if (tty) printf("\r%s\033[K", bar);
+      else puts(bar);
     } else {
-      if (bar) fputs("\r\033[K", stdout); /* the event goes where the bar was; the next one redraws */
+      if (tty && bar[0]) fputs("\r\033[K", stdout); /* the event line goes where the bar was */
       print_event(ev);
-      bar = 0;
+      if (tty && bar[0] && !end) printf("%s\033[K", bar);
     }
     fflush(stdout);
     json_decref(ev);
     if (end) {
-      if (bar) putchar('\n');
+      if (tty && bar[0] && !strcmp(name, "progress")) putchar('\n');
       return EXIT_OK;
     }
   }
@@ -348,104 +358,143 @@ static json_t *parse_set(int argc, char **argv) {
   return args;
 }
 
-int main(int argc, char **argv) {
-  const char *path = getenv("MOCOD_SOCKET"), *sock_opt = NULL;
-  int as_json = 0;
-  double timeout = -1;
-  char *words[argc];
-  int nwords = 0, opts_done = 0;
+typedef struct {
+  const char *path;
+  int as_json;
+  double timeout; /* seconds; 0: none */
+  const char *cmd;
+  char **words; /* the command's own words */
+  int nwords;
+} options;
+
+/* Options may come before or after the command; "--" ends them. Returns 0, or an exit status. */
+static int parse_options(int argc, char **argv, options *o) {
+  const char *env = getenv("MOCOD_SOCKET");
+  memset(o, 0, sizeof *o);
+  o->path = env && *env ? env : CTL_DEFAULT_SOCKET;
+  o->timeout = -1;
+  o->words = argv; /* reused in place: words never outnumber argv */
+  int n = 0, done = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
-    if (opts_done || a[0] != '-' || !a[1]) words[nwords++] = argv[i];
-    else if (!strcmp(a, "--")) opts_done = 1;
+    if (done || a[0] != '-' || !a[1]) o->words[n++] = argv[i];
+    else if (!strcmp(a, "--")) done = 1;
     else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
       fputs(usage, stdout);
-      return EXIT_OK;
-    } else if (!strcmp(a, "--json")) as_json = 1;
+      return -1;
+    } else if (!strcmp(a, "--json")) o->as_json = 1;
     else if (!strcmp(a, "-s") || !strcmp(a, "--socket")) {
       if (++i == argc) return die_usage("%s needs a socket path", a);
-      sock_opt = argv[i];
+      o->path = argv[i];
     } else if (!strcmp(a, "--timeout")) {
       char *end;
       if (++i == argc) return die_usage("%s needs seconds", a);
-      timeout = strtod(argv[i], &end);
-      if (*end || !(timeout >= 0)) return die_usage("--timeout: '%s' is not a number of seconds", argv[i]);
+      o->timeout = strtod(argv[i], &end);
+      if (*end || !(o->timeout >= 0)) return die_usage("--timeout: '%s' is not seconds", argv[i]);
     } else return die_usage("unknown option %s", a);
   }
-  if (sock_opt) path = sock_opt;
-  if (!path || !*path) path = CTL_DEFAULT_SOCKET;
-  if (nwords == 0) return die_usage("%s", "no command given");
+  if (n == 0) return die_usage("%s", "no command given");
+  o->cmd = o->words[0];
+  o->words++;
+  o->nwords = n - 1;
+  /* Commands that wait for work done off mocod's loop (a whole evaluation, a checkpoint write, the
+   * last step before stopping) wait as long as it takes; the rest are answered from the loop at once. */
+  if (o->timeout < 0)
+    o->timeout = !strcmp(o->cmd, "eval") || !strcmp(o->cmd, "checkpoint") || !strcmp(o->cmd, "stop")
+                     ? 0
+                     : DEFAULT_TIMEOUT;
+  return 0;
+}
 
-  const char *cmd = words[0];
-  static const char *plain[] = {"status", "pause", "resume", "stop", "checkpoint", "eval", "config", NULL};
+/* The request line for the command, or NULL after a usage message. */
+static char *build_request(const options *o) {
+  static const char *plain[] = {"status", "pause", "resume", "stop", "checkpoint", "eval", "config",
+                                "watch", NULL};
+  const char *cmd = o->cmd;
   int known = 0;
   for (int i = 0; plain[i]; i++) known |= !strcmp(cmd, plain[i]);
   json_t *args = NULL;
-  char *request = NULL;
-  if (known || !strcmp(cmd, "watch")) {
-    if (nwords != 1) return die_usage("%s takes no arguments", cmd);
-  } else if (!strcmp(cmd, "set")) {
-    if (nwords < 2 || !(args = parse_set(nwords - 1, words + 1)))
-      return die_usage("%s", "set needs KEY=VALUE words");
-  } else if (!strcmp(cmd, "raw")) {
-    if (nwords != 2) return die_usage("%s", "raw needs exactly one JSON request");
-    request = strdup(words[1]);
-  } else {
-    return die_usage("unknown command '%s'", cmd);
-  }
-  if (!request) {
-    json_t *req = json_pack("{s:i, s:s}", "id", 1, "cmd", !strcmp(cmd, "watch") ? "subscribe" : cmd);
-    if (args) json_object_set_new(req, "args", args);
-    request = json_dumps(req, JSON_COMPACT);
-    json_decref(req);
-  }
-  if (timeout < 0)
-    timeout = !strcmp(cmd, "eval") || !strcmp(cmd, "checkpoint") || !strcmp(cmd, "stop")
-                  ? 0
-                  : DEFAULT_TIMEOUT;
-
-  conn c;
-  if (conn_open(&c, path) != 0) {
-    free(request);
-    return EXIT_UNREACHABLE;
-  }
-  size_t consumed = 0;
-  char *raw = NULL;
-  int rc = conn_send(&c, request);
-  json_t *answer = rc == 0 ? conn_answer(&c, timeout, &consumed, &raw) : NULL;
-  free(request);
-  if (!answer) {
-    conn_close(&c);
-    return EXIT_UNREACHABLE;
-  }
-  int ok = json_is_true(json_object_get(answer, "ok"));
-  json_t *result = json_object_get(answer, "result"), *err = json_object_get(answer, "error");
+  char problem[160] = "";
   if (!strcmp(cmd, "raw")) {
-    puts(raw);
-  } else if (!ok) {
-    if (as_json) {
-      char *s = json_dumps(err, JSON_COMPACT | JSON_ENCODE_ANY);
-      puts(s ? s : "null");
-      free(s);
-    }
-    fprintf(stderr, "mococtl: %s: %s (%s)\n", cmd, json_string_value(json_object_get(err, "message")),
-            json_string_value(json_object_get(err, "code")));
-  } else if (!strcmp(cmd, "watch")) {
-    rc = watch(&c, as_json, &consumed);
-  } else if (as_json || !strcmp(cmd, "config")) {
-    char *s = json_dumps(result, as_json ? JSON_COMPACT : JSON_INDENT(2));
+    if (o->nwords == 1) return strdup(o->words[0]);
+    snprintf(problem, sizeof problem, "raw needs exactly one JSON request");
+  } else if (!strcmp(cmd, "config") && o->nwords == 1) {
+    args = json_pack("{s:s}", "key", o->words[0]);
+  } else if (!strcmp(cmd, "set")) {
+    if (o->nwords < 1 || !(args = parse_set(o->nwords, o->words)))
+      snprintf(problem, sizeof problem, "set needs KEY=VALUE words");
+  } else if (!known) {
+    snprintf(problem, sizeof problem, "unknown command '%.100s'", cmd);
+  } else if (o->nwords) {
+    snprintf(problem, sizeof problem, "%s takes no arguments", cmd);
+  }
+  if (problem[0]) {
+    die_usage("%s", problem);
+    return NULL;
+  }
+  json_t *req = json_pack("{s:i, s:s}", "id", 1, "cmd", !strcmp(cmd, "watch") ? "subscribe" : cmd);
+  if (args) json_object_set_new(req, "args", args);
+  char *line = json_dumps(req, JSON_COMPACT);
+  json_decref(req);
+  return line;
+}
+
+static const char *str_or(const json_t *v, const char *fallback) {
+  return json_is_string(v) ? json_string_value(v) : fallback;
+}
+
+static void print_result(const options *o, const json_t *result) {
+  if (o->as_json || !strcmp(o->cmd, "config")) {
+    /* For people, 10 digits: 0.2 rather than jansson's round-trip 0.20000000000000001. */
+    char *s = json_dumps(result, o->as_json ? JSON_COMPACT : JSON_INDENT(2) | JSON_REAL_PRECISION(10));
     puts(s ? s : "{}");
     free(s);
-  } else if (!strcmp(cmd, "status")) {
+  } else if (!strcmp(o->cmd, "status")) {
     print_status(result);
   } else if (json_object_size(result)) {
     print_object(result, 0);
   } else {
     puts("ok");
   }
+}
+
+static void print_error(const options *o, const json_t *err) {
+  if (o->as_json) {
+    char *s = json_dumps(err, JSON_COMPACT | JSON_ENCODE_ANY);
+    puts(s ? s : "null");
+    free(s);
+  }
+  fprintf(stderr, "mococtl: %s (%s)\n", str_or(json_object_get(err, "message"), "no message"),
+          str_or(json_object_get(err, "code"), "no code"));
+}
+
+int main(int argc, char **argv) {
+  options o;
+  int rc = parse_options(argc, argv, &o);
+  if (rc) return rc < 0 ? EXIT_OK : rc;
+  char *request = build_request(&o);
+  if (!request) return EXIT_USAGE;
+  conn c;
+  if (conn_open(&c, o.path) != 0) {
+    free(request);
+    return EXIT_UNREACHABLE;
+  }
+  size_t consumed = 0;
+  char *raw = NULL;
+  json_t *answer = conn_send(&c, request) == 0 ? conn_answer(&c, o.timeout, &consumed, &raw) : NULL;
+  free(request);
+  rc = EXIT_UNREACHABLE;
+  if (answer) {
+    int ok = json_is_true(json_object_get(answer, "ok"));
+    json_t *result = json_object_get(answer, "result");
+    rc = ok ? EXIT_OK : EXIT_ANSWERED_ERROR;
+    if (!strcmp(o.cmd, "raw")) puts(raw);
+    else if (!ok) print_error(&o, json_object_get(answer, "error"));
+    else if (!strcmp(o.cmd, "watch")) rc = watch(&c, result, o.as_json, &consumed);
+    else print_result(&o, result);
+  }
   free(raw);
   json_decref(answer);
   conn_close(&c);
-  if (rc) return rc;
-  return ok ? EXIT_OK : EXIT_ANSWERED_ERROR;
+  return rc;
 }

@@ -464,8 +464,10 @@ static void process_input(ctl_client *c) {
     else handle_line(c, start, len);
   }
   if (c->closing) return;
-  memmove(c->in, c->in + pos, c->in_len - pos);
-  c->in_len -= pos;
+  if (pos) {
+    memmove(c->in, c->in + pos, c->in_len - pos);
+    c->in_len -= pos;
+  }
   if (c->blocked) return;
   if (c->discarding) c->in_len = 0;
   else if (c->in_len > max_line) { /* no newline within the limit: answer now, drop up to the newline */
