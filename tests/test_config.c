@@ -6,6 +6,7 @@
 
 #include "core/err.h"
 #include "service/config.h"
+#include "testutil.h"
 
 static json_t *parse(const char *text) {
   json_error_t e;
@@ -135,6 +136,52 @@ START_TEST(doc_lists_every_option) {
 }
 END_TEST
 
+START_TEST(shipped_configs_are_valid) {
+  static const char *names[] = {"default", "tiny", "moco", "random", "semi-hard", "band", "mixing",
+                                "adversarial", "hcl", "triplet", "simclr", "curriculum", "dynamic",
+                                "guards", NULL};
+  for (int i = 0; names[i]; i++) {
+    char path[256];
+    snprintf(path, sizeof path, "config/%s.json", names[i]);
+    json_t *c = NULL;
+    ck_assert_msg(config_load_file(&c, path) == 0, "%s: %s", path, moco_errmsg());
+    char *report = NULL;
+    ck_assert_msg(config_finalize(c, &report) == 0, "%s:\n%s", path, report ? report : moco_errmsg());
+    trainer_config tc;
+    ck_assert_msg(config_to_trainer(c, &tc) == 0, "%s: %s", path, moco_errmsg());
+    json_decref(c);
+  }
+}
+END_TEST
+
+START_TEST(extends_merges_sections_and_comments_are_ignored) {
+  char *dir = test_tmpdir();
+  char base[300], child[300];
+  snprintf(base, sizeof base, "%s/base.json", dir);
+  snprintf(child, sizeof child, "%s/child.json", dir);
+  FILE *f = fopen(base, "w");
+  fputs("{\"optim\": {\"lr\": 0.5, \"batch_size\": 64}, \"seed\": 3}", f);
+  fclose(f);
+  f = fopen(child, "w");
+  fputs("{\"//\": \"a note\", \"extends\": \"base.json\", \"optim\": {\"lr\": 0.1, \"// why\": 1}}", f);
+  fclose(f);
+  json_t *c = NULL;
+  ck_assert_int_eq(config_load_file(&c, child), 0);
+  ck_assert_int_eq(config_finalize(c, NULL), 0);
+  ck_assert(config_num(c, "optim.lr") == 0.1);
+  ck_assert_int_eq(config_int(c, "optim.batch_size"), 64);
+  ck_assert_int_eq(config_int(c, "seed"), 3);
+  json_decref(c);
+  /* A cycle is refused, not followed forever. */
+  f = fopen(base, "w");
+  fputs("{\"extends\": \"child.json\"}", f);
+  fclose(f);
+  ck_assert_int_eq(config_load_file(&c, child), MOCO_EFORMAT);
+  ck_assert_ptr_nonnull(strstr(moco_errmsg(), "nested more than 8 deep"));
+  rm_rf(dir);
+}
+END_TEST
+
 Suite *config_suite(void) {
   Suite *s = suite_create("config");
   TCase *tc = tcase_create("schema");
@@ -146,6 +193,8 @@ Suite *config_suite(void) {
   tcase_add_test(tc, override_parses_json_else_string);
   tcase_add_test(tc, set_accepts_runtime_keys_and_refuses_others_with_reason);
   tcase_add_test(tc, doc_lists_every_option);
+  tcase_add_test(tc, shipped_configs_are_valid);
+  tcase_add_test(tc, extends_merges_sections_and_comments_are_ignored);
   suite_add_tcase(s, tc);
   return s;
 }

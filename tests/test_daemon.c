@@ -26,6 +26,7 @@
 
 static char bin_dir[PATH_MAX], repo_dir[PATH_MAX], dir[PATH_MAX], sock[PATH_MAX + 32];
 static char data_set[PATH_MAX + 32]; /* --set data.dir=<repo>/data */
+static double t_start;
 
 /* A fresh directory with the tiny config; the daemon runs with it as working directory, so run/...
  * paths land inside it. */
@@ -38,9 +39,13 @@ static void setup(void) {
   snprintf(sock, sizeof sock, "%s/run/mocod.sock", dir);
   /* Orphaned daemons (double fork) become our children, so that they can be waited for. */
   prctl(PR_SET_CHILD_SUBREAPER, 1);
+  t_start = now_seconds();
 }
 
-static void teardown(void) { rm_rf(dir); }
+static void teardown(void) {
+  if (getenv("MOCOD_TEST_TIMES")) fprintf(stderr, "%s: %.2f s\n", dir, now_seconds() - t_start);
+  rm_rf(dir);
+}
 
 static char *path_in(const char *name) {
   static char buf[4][PATH_MAX + 64];
@@ -382,7 +387,9 @@ START_TEST(every_command_over_the_socket) {
   /* The subscriber has seen progress, eval, checkpoint and config_change events. */
   int seen_progress = 0, seen_eval = 0, seen_ckpt = 0, seen_change = 0;
   json_t *ev;
-  while ((ev = client_line(sub, 0.5))) {
+  double until = now_seconds() + 10;
+  while ((!seen_progress || !seen_eval || !seen_ckpt || seen_change < 2) && now_seconds() < until &&
+         (ev = client_line(sub, 1.0))) {
     const char *name = json_string_value(json_object_get(ev, "event"));
     ck_assert_ptr_nonnull(name);
     seen_progress += !strcmp(name, "progress");

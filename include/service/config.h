@@ -45,7 +45,9 @@ extern const size_t config_n_options;
 /* The row for a dotted path, or NULL. */
 const config_option *config_option_find(const char *path);
 
-/* Reads a JSON file. MOCO_ENOENT / MOCO_EFORMAT with "path:line:column: what" on failure. */
+/* Reads a JSON file. MOCO_ENOENT / MOCO_EFORMAT with "path:line:column: what" on failure.
+ * A top-level "extends": "other.json" (relative to this file's directory) loads that file first and
+ * lays this one over it, objects merged key by key. Keys starting with "//" are comments, anywhere. */
 int config_load_file(json_t **root, const char *path);
 /* An empty config (every value at its default once finalized). */
 json_t *config_new(void);

@@ -1,32 +1,53 @@
-/* The trainer: everything one training run holds (data stream and views, query and key encoders,
- * queue, optimizer and schedules, mining and hardness, evaluation sets, random streams), built from a
- * trainer_config, advanced one step at a time, evaluated, exported, saved and restored.
+/* The trainer: everything one training run holds (the data stream and its views, the MoCo model of
+ * include/train/step.h with both encoders, queue, optimizer, mining and hardness, the evaluation
+ * settings), built from a trainer_config, advanced one step at a time, evaluated, exported, saved and
+ * restored.
  *
  * The trainer knows no thread, socket or log: the service calls it from one thread at a time. Every
  * function returns 0 or a negative MOCO_E* code with the context in moco_errmsg. */
 #ifndef MOCO_TRAIN_TRAINER_H
 #define MOCO_TRAIN_TRAINER_H
 
+#include <jansson.h>
 #include <stdint.h>
 
 #include "core/blob.h"
+#include "data/loader.h"
+#include "train/eval.h"
+#include "train/step.h"
 
-/* The run's settings as module config structs; the service fills it from the JSON config
- * (service/config.h, config_to_trainer). Fields marked runtime may change between steps. */
+typedef enum { TRAINER_QUERY = 0, TRAINER_KEY = 1 } trainer_encoder;
+
+/* The run's settings as the modules' config structs; the service fills it from the JSON config
+ * (service/config.h, config_to_trainer). Fields marked runtime may change between steps through
+ * trainer_apply_runtime. */
 typedef struct {
-  /* filled in as the modules land */
-  int64_t steps;
-  int batch_size;
-  int queue_size;
-  float lr;          /* runtime */
-  float temperature; /* runtime */
-  uint64_t seed;
-  int threads;
+  /* data: file specs with data.dir already applied to relative entries; "" for none */
+  char train[4096], train_labels[4096], eval[4096], eval_labels[4096];
+  loader_config loader; /* its path fields are pointed at the strings above by trainer_create */
+  int normalize;        /* standardise with the training set's per-channel mean and std */
+  /* model: borrowed from the JSON config and read only by trainer_create */
+  const json_t *backbone, *head;
+  int embed_dim;
+  /* training: batch, queue, loss, mining, hardness, momentum, optimizer and lr schedule (runtime:
+   * temperature, HCL/triplet parameters, mining strategy and parameters, guards, hardness, lr and
+   * its schedule's parameters, weight decay) */
+  moco_config moco;
+  int64_t steps; /* 0: epochs x full batches per epoch */
+  int epochs;
+  /* evaluation (runtime) */
+  eval_knn_config knn;
+  eval_probe_config probe;
+  trainer_encoder eval_encoder;
+  int64_t eval_train_limit; /* training samples in the kNN bank and the probe's training set; 0 all */
+  int64_t eval_limit;       /* evaluation samples; 0 all */
+  int eval_pairs;           /* augmented pairs for alignment (and rows for uniformity) */
+  int threads;              /* BLAS threads */
 } trainer_config;
 
 typedef struct trainer trainer;
 
-/* What one step did. Similarities are cosines; label figures are -1 when the data has no labels. */
+/* What one step did. Similarities are cosines; fn_rate is -1 when the data has no labels. */
 typedef struct {
   int64_t step;           /* steps done, this one included */
   int64_t total_steps;
@@ -37,19 +58,18 @@ typedef struct {
   float hardest_neg_sim;  /* mean over queries of the hardest selected negative */
   float inst_acc;         /* share of queries whose own key beats every selected negative */
   float negatives;        /* mean negatives per query */
-  float filtered;         /* candidates removed as suspected false negatives, per query */
+  float filtered;         /* candidates removed (or kept as positives) as suspected false negatives */
   float fn_rate;          /* share of selected negatives with the query's label (-1: no labels) */
   int queue_filled, queue_size;
   int batch_size;
   double seconds;         /* wall time of the step, data included */
+  double data_wait;       /* of which spent waiting for the data loader */
 } trainer_stats;
-
-typedef enum { TRAINER_QUERY = 0, TRAINER_KEY = 1 } trainer_encoder;
 
 typedef struct {
   trainer_encoder encoder; /* whose backbone features are evaluated */
-  int knn;                 /* run the kNN monitor and alignment/uniformity */
-  int probe;               /* train and test a linear probe */
+  int knn;                 /* kNN monitor, alignment and uniformity */
+  int probe;               /* linear probe */
 } trainer_eval_request;
 
 typedef struct {
@@ -58,43 +78,47 @@ typedef struct {
   float knn_acc;          /* weighted kNN top-1 accuracy on the evaluation split */
   int k;
   float t;
-  float alignment;        /* Wang & Isola 2020, lower is better */
-  float uniformity;       /* Wang & Isola 2020, lower is better */
+  float alignment;        /* Wang & Isola 2020 (alpha 2) on augmented pairs; lower is better */
+  float uniformity;       /* Wang & Isola 2020 (t 2) on evaluation embeddings; lower is better */
   int has_probe;
   float probe_acc;        /* linear probe top-1 accuracy on the evaluation split */
   float probe_train_acc;
-  int n_train, n_eval;    /* samples in the feature bank / evaluated */
+  int64_t n_train, n_eval; /* samples in the feature bank / evaluated */
   double seconds;
 } trainer_eval_result;
 
-/* Builds everything (reads the data, builds the networks, allocates for the largest batch).
- * On failure nothing is left allocated and *out is NULL. */
+/* Maps defaults onto every field (the modules' own defaults); the service overwrites them. */
+void trainer_config_default(trainer_config *c);
+
+/* Opens the data, builds the networks, allocates for the largest batch. On failure nothing is left
+ * allocated and *out is NULL. */
 int trainer_create(trainer **out, const trainer_config *cfg);
 void trainer_destroy(trainer *t);
 
-/* One training step (forward, loss, backward, update, momentum update, enqueue). Allocates nothing. */
+/* One training step: the next batch from the loader, then moco_step. Allocates nothing. A non-finite
+ * loss is an error (MOCO_ERANGE), the model is not used further. */
 int trainer_step(trainer *t, trainer_stats *st);
 int64_t trainer_step_count(const trainer *t);
 int64_t trainer_total_steps(const trainer *t);
-/* Queue and dataset sizes, for status before the first step. */
+/* The current settings (lr, temperature, momentum, hardness at this step), queue fill, epoch. */
 void trainer_describe(const trainer *t, trainer_stats *st);
 
-/* Checks that the runtime-changeable fields of cfg can be applied to this trainer (for instance that a
- * new negative strategy fits the workspaces built at start), without changing anything. */
+/* Checks that the runtime fields of cfg can be applied to this trainer (a new negative strategy must
+ * fit the similarity layout built at start: mixing and adversarial add columns), changing nothing. */
 int trainer_check_runtime(const trainer *t, const trainer_config *cfg);
-/* Applies them (learning rate, temperature, negative strategy and its parameters, hardness, eval
- * settings). Call between steps. */
+/* Applies them. Call between steps. */
 int trainer_apply_runtime(trainer *t, const trainer_config *cfg);
 
+/* Features of both splits in inference mode, then kNN, alignment, uniformity and / or the probe.
+ * Changes no training state. */
 int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_result *res);
-/* Writes the backbone features (or, with embeddings set, the L2-normalised embeddings) of a split
- * ("train" or "eval") to path in the embedding-export format of include/train/eval.h. *rows and *dim
- * receive the array's shape. */
+/* Writes the backbone features (or, with embeddings set, the L2-normalised embeddings) of the "train"
+ * or "eval" split to path as .npy (eval.h's eval_export; labels and ids beside it). */
 int trainer_export(trainer *t, const char *split, trainer_encoder enc, int embeddings, const char *path,
                    int64_t *rows, int *dim);
 
-/* Every stateful part, one blob section each, in a fixed order; trainer_load validates each and refuses
- * a mismatch (another architecture, queue size, data set) with a message naming it. */
+/* The model (moco_save: step, encoders, optimizer, queue, hardness, bank, rng) and the data position
+ * (loader_save), in that order; trainer_load refuses a mismatch naming it. */
 void trainer_save(const trainer *t, blob_writer *w);
 int trainer_load(trainer *t, blob_reader *r);
 

@@ -8,6 +8,7 @@
 
 #include "core/err.h"
 #include "service/log.h"
+#include "data/views.h"
 
 /* ---------------------------------------------------------------------------------------------------
  * The schema. One row per option; the order here is the order of --print-config and of the reference.
@@ -152,11 +153,16 @@ const config_option config_options[] = {
     NUM("optim.beta2", 0.999, 0, 0.999999, 0, "AdamW second-moment decay"),
     NUM("optim.eps", 1e-8, 1e-12, 1, 0, "AdamW denominator guard"),
     /* ---- eval ---- */
-    INT("eval.every_steps", 0, 0, 1e12, R, "kNN monitor every N steps; 0 only at the end and on `eval`"),
+    INT("eval.every_steps", 0, 0, 1e12, R, "kNN monitor every N steps; 0: only at the end and on `eval`"),
     INT("eval.k", 200, 1, 10000, R, "neighbours of the weighted kNN monitor"),
     NUM("eval.temperature", 0.1, 0.001, 10, R, "kNN weight temperature T: weight exp(s/T)"),
     ENUM("eval.encoder", "query", "query|key", R, "encoder whose backbone features are evaluated"),
     BOOL("eval.probe_at_end", true, R, "train a linear probe on frozen features when training ends"),
+    INT("eval.probe_max_iter", 300, 1, 100000, R, "linear probe: L-BFGS iterations"),
+    NUM("eval.probe_weight_decay", 1e-4, 0, 10, R, "linear probe: L2 penalty on standardised features"),
+    INT("eval.train_limit", 0, 0, 1e12, R, "training samples in the kNN bank and the probe; 0: all"),
+    INT("eval.limit", 0, 0, 1e12, R, "evaluation samples; 0: all"),
+    INT("eval.pairs", 1024, 2, 1 << 20, R, "augmented pairs for alignment, rows for uniformity"),
     /* ---- checkpoint ---- */
     STR("checkpoint.dir", "\"run/checkpoints\"", 0, "directory of checkpoint files"),
     INT("checkpoint.every_steps", 1000, 0, 1e12, R, "checkpoint every N steps; 0: not by steps"),
@@ -546,6 +552,7 @@ static void walk(json_t *obj, const char *prefix, report_buf *rep) {
   json_t *v;
   char path[512];
   json_object_foreach(obj, key, v) {
+    if (!strncmp(key, "//", 2)) continue; /* a comment */
     if (*prefix) snprintf(path, sizeof path, "%s.%s", prefix, key);
     else snprintf(path, sizeof path, "%s", key);
     const config_option *o = config_option_find(path);
@@ -570,9 +577,27 @@ static void walk(json_t *obj, const char *prefix, report_buf *rep) {
 
 json_t *config_new(void) { return json_object(); }
 
-int config_load_file(json_t **root, const char *path) {
+/* Lays `over` onto `base`: objects merge key by key, anything else (numbers, strings, layer lists)
+ * replaces what base had. */
+static int merge_into(json_t *base, json_t *over) {
+  const char *key;
+  json_t *v;
+  json_object_foreach(over, key, v) {
+    json_t *b = json_object_get(base, key);
+    if (json_is_object(b) && json_is_object(v)) {
+      int rc = merge_into(b, v);
+      if (rc) return rc;
+    } else if (json_object_set(base, key, v)) {
+      return MOCO_ENOMEM;
+    }
+  }
+  return 0;
+}
+
+static int load_file(json_t **root, const char *path, int depth) {
   json_error_t e;
   *root = NULL;
+  if (depth > 8) return moco_error(MOCO_EFORMAT, "%s: \"extends\" nested more than 8 deep (a cycle?)", path);
   FILE *f = fopen(path, "rb");
   if (!f) return moco_error(MOCO_ENOENT, "%s: %s", path, strerror(errno));
   json_t *j = json_loadf(f, JSON_REJECT_DUPLICATES, &e);
@@ -582,9 +607,38 @@ int config_load_file(json_t **root, const char *path) {
     json_decref(j);
     return moco_error(MOCO_EFORMAT, "%s: the top level must be a JSON object", path);
   }
+  json_t *ext = json_object_get(j, "extends");
+  if (ext) {
+    if (!json_is_string(ext)) {
+      json_decref(j);
+      return moco_error(MOCO_EFORMAT, "%s: extends: expected a file name", path);
+    }
+    /* Relative to the directory of the file that names it. */
+    char base_path[4096];
+    const char *name = json_string_value(ext);
+    const char *slash = strrchr(path, '/');
+    if (name[0] == '/' || !slash) snprintf(base_path, sizeof base_path, "%s", name);
+    else snprintf(base_path, sizeof base_path, "%.*s/%s", (int)(slash - path), path, name);
+    json_t *base;
+    int rc = load_file(&base, base_path, depth + 1);
+    if (rc) {
+      json_decref(j);
+      return moco_error_wrap(rc, "%s: extends", path);
+    }
+    json_object_del(j, "extends");
+    rc = merge_into(base, j);
+    json_decref(j);
+    if (rc) {
+      json_decref(base);
+      return rc;
+    }
+    j = base;
+  }
   *root = j;
   return 0;
 }
+
+int config_load_file(json_t **root, const char *path) { return load_file(root, path, 0); }
 
 int config_override(json_t *root, const char *assignment) {
   const char *eq = strchr(assignment, '=');
@@ -749,14 +803,185 @@ void config_write_doc(FILE *out) {
  * The config as the modules' structs.
  * ------------------------------------------------------------------------------------------------- */
 
-int config_to_trainer(const json_t *root, trainer_config *tc) {
-  memset(tc, 0, sizeof *tc);
-  tc->steps = config_int(root, "optim.steps");
-  tc->batch_size = (int)config_int(root, "optim.batch_size");
-  tc->queue_size = (int)config_int(root, "contrast.queue_size");
-  tc->lr = (float)config_num(root, "optim.lr");
-  tc->temperature = (float)config_num(root, "contrast.temperature");
-  tc->seed = (uint64_t)config_int(root, "seed");
-  tc->threads = (int)config_int(root, "threads");
+/* An enum value's index in its choices ("a|b|c": "b" is 1); the schema has validated it. */
+static int enum_index(const json_t *root, const char *path) {
+  const config_option *o = config_option_find(path);
+  const char *word = config_str(root, path);
+  size_t n = strlen(word);
+  int i = 0;
+  for (const char *p = o->choices; *p; i++) {
+    const char *bar = strchr(p, '|');
+    size_t len = bar ? (size_t)(bar - p) : strlen(p);
+    if (len == n && !strncmp(p, word, n)) return i;
+    p += len + (bar ? 1 : 0);
+  }
   return 0;
 }
+
+#define F(path) ((float)config_num(root, path))
+#define I(path) ((int)config_int(root, path))
+
+/* A data spec with data.dir applied: each comma-separated entry that is not absolute is taken from
+ * the directory. */
+static int data_spec(const json_t *root, const char *key, char *out, size_t n) {
+  const char *dir = config_str(root, "data.dir"), *spec = config_str(root, key);
+  size_t k = 0;
+  out[0] = '\0';
+  while (*spec) {
+    const char *comma = strchr(spec, ',');
+    size_t len = comma ? (size_t)(comma - spec) : strlen(spec);
+    int w = snprintf(out + k, n - k, "%s%s%s%.*s", k ? "," : "", spec[0] == '/' || !*dir ? "" : dir,
+                     spec[0] == '/' || !*dir ? "" : "/", (int)len, spec);
+    if (w < 0 || (size_t)w >= n - k) return moco_error(MOCO_ECONFIG, "%s: path longer than %zu bytes", key, n);
+    k += (size_t)w;
+    spec += len + (comma ? 1 : 0);
+  }
+  return 0;
+}
+
+static void map_views(const json_t *root, view_config *v) {
+  v->crop_p = F("views.crop_p");
+  v->crop_scale_min = F("views.crop_scale_min");
+  v->crop_scale_max = F("views.crop_scale_max");
+  v->crop_ratio_min = F("views.crop_ratio_min");
+  v->crop_ratio_max = F("views.crop_ratio_max");
+  v->flip_p = F("views.flip_p");
+  v->translate_p = F("views.translate_p");
+  v->translate_max = F("views.translate_max");
+  v->brightness_p = F("views.brightness_p");
+  v->brightness_min = F("views.brightness_min");
+  v->brightness_max = F("views.brightness_max");
+  v->contrast_p = F("views.contrast_p");
+  v->contrast_min = F("views.contrast_min");
+  v->contrast_max = F("views.contrast_max");
+  v->erase_p = F("views.erase_p");
+  v->erase_scale_min = F("views.erase_scale_min");
+  v->erase_scale_max = F("views.erase_scale_max");
+  v->erase_ratio_min = F("views.erase_ratio_min");
+  v->erase_ratio_max = F("views.erase_ratio_max");
+  v->noise_p = F("views.noise_p");
+  v->noise_std_min = F("views.noise_std_min");
+  v->noise_std_max = F("views.noise_std_max");
+  v->mask_p = F("views.mask_p");
+  v->mask_rate_min = F("views.mask_rate_min");
+  v->mask_rate_max = F("views.mask_rate_max");
+}
+
+static void map_contrast(const json_t *root, moco_config *m) {
+  m->queue_size = I("contrast.queue_size");
+  m->symmetric = config_bool(root, "contrast.symmetric");
+  m->shuffle_bn_groups = I("contrast.shuffle_bn_groups");
+  m->momentum.encoder_momentum = F("contrast.momentum");
+  m->momentum.schedule = enum_index(root, "contrast.momentum_schedule") ? MOMENTUM_COSINE : MOMENTUM_CONSTANT;
+  static const loss_kind losses[] = {LOSS_INFONCE, LOSS_HCL, LOSS_TRIPLET, LOSS_NTXENT};
+  m->loss.loss = losses[enum_index(root, "contrast.loss")];
+  m->loss.temperature = F("contrast.temperature");
+  m->loss.tau_plus = F("contrast.tau_plus");
+  m->loss.margin = F("contrast.triplet_margin");
+  m->loss.triplet_negative = enum_index(root, "contrast.triplet_negative") ? TRIPLET_MEAN : TRIPLET_HARDEST;
+  static const mine_strategy strategies[] = {MINE_ALL,  MINE_RANDOM, MINE_HARDEST,   MINE_SEMI_HARD,
+                                             MINE_BAND, MINE_MIXING, MINE_ADVERSARIAL};
+  mine_config *n = &m->mine;
+  n->strategy = strategies[enum_index(root, "contrast.negatives.strategy")];
+  n->in_batch_negatives = config_bool(root, "contrast.negatives.in_batch");
+  n->num_negatives = I("contrast.negatives.num_negatives");
+  n->num_negatives_easy = I("contrast.negatives.num_negatives_easy");
+  n->margin = F("contrast.negatives.margin");
+  n->band_lo = F("contrast.negatives.band_lo");
+  n->band_hi = F("contrast.negatives.band_hi");
+  n->mix_pairs = I("contrast.negatives.mix_pairs");
+  n->mix_query = I("contrast.negatives.mix_query");
+  n->bank_size = I("contrast.negatives.bank_size");
+  n->hcl_beta = F("contrast.hcl_beta");
+  static const mine_ceiling ceilings[] = {MINE_CEILING_NONE, MINE_CEILING_ABSOLUTE, MINE_CEILING_RELATIVE};
+  n->ceiling = ceilings[enum_index(root, "contrast.guards.ceiling")];
+  n->ceiling_value = F("contrast.guards.ceiling_value");
+  n->ceiling_delta = F("contrast.guards.ceiling_delta");
+  n->skip_hardest = F("contrast.guards.skip_hardest");
+  n->suspects_as_positives = config_bool(root, "contrast.guards.as_positives");
+  n->supervised = config_bool(root, "contrast.guards.supervised");
+  hardness_config *h = &m->hardness;
+  static const hardness_mode modes[] = {HARDNESS_FIXED, HARDNESS_CURRICULUM, HARDNESS_DYNAMIC};
+  h->mode = modes[enum_index(root, "contrast.hardness.mode")];
+  h->value = F("contrast.hardness.value");
+  h->warmup = F("contrast.hardness.warmup");
+  h->shape = enum_index(root, "contrast.hardness.shape") ? HARDNESS_COSINE : HARDNESS_LINEAR;
+  h->start = F("contrast.hardness.start");
+  h->end = F("contrast.hardness.end");
+  h->signal = enum_index(root, "contrast.hardness.signal") ? HARDNESS_SIGNAL_HARDEST_SIM : HARDNESS_SIGNAL_ACCURACY;
+  h->target = F("contrast.hardness.target");
+  h->gain = F("contrast.hardness.gain");
+  h->max_step = F("contrast.hardness.max_step");
+  h->ema = F("contrast.hardness.ema");
+  h->min = F("contrast.hardness.min");
+  h->max = F("contrast.hardness.max");
+}
+
+static void map_optim(const json_t *root, moco_config *m) {
+  static const optim_kind kinds[] = {OPTIM_SGD, OPTIM_LARS, OPTIM_ADAMW};
+  optim_config *o = &m->optim;
+  o->optimizer = kinds[enum_index(root, "optim.optimizer")];
+  o->momentum = F("optim.momentum");
+  o->nesterov = config_bool(root, "optim.nesterov");
+  o->weight_decay = F("optim.weight_decay");
+  o->decay_all = config_bool(root, "optim.decay_all");
+  o->lars_eta = F("optim.lars_eta");
+  o->beta1 = F("optim.beta1");
+  o->beta2 = F("optim.beta2");
+  o->eps = F("optim.eps");
+  static const sched_kind scheds[] = {SCHED_CONSTANT, SCHED_STEP, SCHED_COSINE};
+  sched_config *s = &m->sched;
+  s->lr_schedule = scheds[enum_index(root, "optim.lr_schedule")];
+  s->lr = F("optim.lr");
+  s->final_lr = F("optim.final_lr");
+  s->warmup_steps = config_int(root, "optim.warmup_steps");
+  s->gamma = F("optim.gamma");
+  json_t *ms = config_get(root, "optim.milestones");
+  s->n_milestones = 0;
+  for (size_t i = 0; i < json_array_size(ms) && i < SCHED_MAX_MILESTONES; i++)
+    s->milestones[s->n_milestones++] = json_integer_value(json_array_get(ms, i));
+}
+
+int config_to_trainer(const json_t *root, trainer_config *tc) {
+  trainer_config_default(tc);
+  int rc = data_spec(root, "data.train", tc->train, sizeof tc->train);
+  if (!rc) rc = data_spec(root, "data.train_labels", tc->train_labels, sizeof tc->train_labels);
+  if (!rc) rc = data_spec(root, "data.eval", tc->eval, sizeof tc->eval);
+  if (!rc) rc = data_spec(root, "data.eval_labels", tc->eval_labels, sizeof tc->eval_labels);
+  if (rc) return rc;
+  loader_config *l = &tc->loader;
+  l->shuffle_buffer = I("data.shuffle_buffer");
+  l->workers = I("data.workers");
+  l->prefetch = I("data.prefetch");
+  l->num_classes = I("data.num_classes");
+  l->bad_record = enum_index(root, "data.bad_record") ? LOADER_BAD_SKIP : LOADER_BAD_STOP;
+  l->view_mode = enum_index(root, "data.mode") ? VIEW_PAIR : VIEW_AUGMENT;
+  map_views(root, &l->augment);
+  tc->normalize = config_bool(root, "data.normalize");
+  tc->backbone = config_get(root, "model.backbone");
+  tc->head = config_get(root, "model.head");
+  tc->embed_dim = I("model.embed_dim");
+  moco_config *m = &tc->moco;
+  m->batch_size = I("optim.batch_size");
+  m->seed = (uint64_t)config_int(root, "seed");
+  map_contrast(root, m);
+  map_optim(root, m);
+  tc->steps = config_int(root, "optim.steps");
+  tc->epochs = I("optim.epochs");
+  tc->knn.k = I("eval.k");
+  tc->knn.temperature = F("eval.temperature");
+  tc->probe.max_iter = I("eval.probe_max_iter");
+  tc->probe.weight_decay = F("eval.probe_weight_decay");
+  tc->eval_encoder = enum_index(root, "eval.encoder") ? TRAINER_KEY : TRAINER_QUERY;
+  tc->eval_train_limit = config_int(root, "eval.train_limit");
+  tc->eval_limit = config_int(root, "eval.limit");
+  tc->eval_pairs = I("eval.pairs");
+  tc->threads = I("threads");
+  /* The modules' own checks catch what the schema cannot express; name the section. */
+  if ((rc = view_config_check(&l->augment))) return moco_error_wrap(rc, "views");
+  if ((rc = moco_config_check(m))) return moco_error_wrap(rc, "contrast/optim");
+  return 0;
+}
+
+#undef F
+#undef I

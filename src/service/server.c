@@ -171,8 +171,8 @@ static void job_work(uv_work_t *req) {
     blob_section_begin(&w, "CONF");
     blob_put_str(&w, j->config_text);
     blob_section_end(&w);
-    j->bytes = (int64_t)w.len;
     j->rc = checkpoint_commit(&w, j->dir, step, j->path, sizeof j->path);
+    j->bytes = (int64_t)w.len;
     blob_writer_free(&w);
     if (j->rc == 0) {
       int pruned = checkpoint_prune(j->dir, j->keep);
