@@ -712,6 +712,44 @@ START_TEST(resume_is_exact) {
 }
 END_TEST
 
+/* Every shipped config trains: its strategy and loss run for two steps, on the sample data with the
+ * tiny network (the shipped networks are sized for the full data set and a longer budget). */
+START_TEST(every_shipped_config_runs) {
+  static const char *names[] = {"default", "moco", "random", "semi-hard", "band", "mixing", "adversarial",
+                                "hcl", "triplet", "simclr", "curriculum", "dynamic", "guards", NULL};
+  json_t *tiny = NULL;
+  json_error_t e;
+  tiny = json_load_file(config_path(), 0, &e);
+  ck_assert_ptr_nonnull(tiny);
+  json_t *model = json_object_get(tiny, "model");
+  char *backbone = json_dumps(json_object_get(model, "backbone"), JSON_COMPACT);
+  char *head = json_dumps(json_object_get(model, "head"), JSON_COMPACT);
+  char set_backbone[2048], set_head[1024];
+  snprintf(set_backbone, sizeof set_backbone, "model.backbone=%s", backbone);
+  snprintf(set_head, sizeof set_head, "model.head=%s", head);
+  free(backbone);
+  free(head);
+  json_decref(tiny);
+  for (int i = 0; names[i]; i++) {
+    char cfg[PATH_MAX + 64], ck[64], train[128], eval[128];
+    snprintf(cfg, sizeof cfg, "%s/config/%s.json", repo_dir, names[i]);
+    snprintf(ck, sizeof ck, "checkpoint.dir=ck-%s", names[i]);
+    snprintf(train, sizeof train, "data.train=fmnist-train-images-idx3-ubyte.gz");
+    snprintf(eval, sizeof eval, "data.eval=fmnist-t10k-images-idx3-ubyte.gz");
+    int rc = run_prog("mocod", path_in("out.txt"), 1, "-c", cfg, "--set", data_set, "--set", train, "--set",
+                      eval, "--set", set_backbone, "--set", set_head, "--set", "model.embed_dim=16", "--set",
+                      "optim.batch_size=32", "--set", "optim.steps=2", "--set", "contrast.queue_size=256",
+                      "--set", "contrast.shuffle_bn_groups=2", "--set", "contrast.negatives.bank_size=256",
+                      "--set", "eval.probe_at_end=false", "--set", "eval.train_limit=300", "--set",
+                      "eval.limit=100", "--set", "threads=1", "--set", "service.exit_on_finish=true", "--set",
+                      ck, NULL);
+    char *out = slurp(path_in("out.txt"));
+    ck_assert_msg(rc == 0, "config/%s.json: exit %d: %s", names[i], rc, out ? out : "");
+    free(out);
+  }
+}
+END_TEST
+
 Suite *daemon_suite(void) {
   Suite *s = suite_create("daemon");
   TCase *tc = tcase_create("daemon");
@@ -731,6 +769,7 @@ Suite *daemon_suite(void) {
   tcase_add_test(tc, progress_file_parses_line_by_line);
   tcase_add_test(tc, signals_stop_with_checkpoint_and_reopen_logs);
   tcase_add_test(tc, resume_is_exact);
+  tcase_add_test(tc, every_shipped_config_runs);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -111,6 +111,12 @@ const config_option config_options[] = {
     INT("contrast.negatives.mix_pairs", 512, 0, 65536, 0, "mixing: synthetic mixes of two hard negatives per query"),
     INT("contrast.negatives.mix_query", 256, 0, 65536, 0, "mixing: mixes of the query with a hard negative per query"),
     INT("contrast.negatives.bank_size", 16384, 1, 1 << 22, 0, "adversarial: learnable negatives in the bank"),
+    NUM("contrast.adversarial.lr", 3, 0, 1000, R, "adversarial: learning rate of the bank's ascent"),
+    NUM("contrast.adversarial.temperature", 0.02, 0.001, 10, R, "adversarial: temperature of the bank's loss"),
+    NUM("contrast.adversarial.momentum", 0.9, 0, 0.9999, R, "adversarial: momentum of the bank's ascent"),
+    NUM("contrast.adversarial.weight_decay", 5e-4, 0, 1, R, "adversarial: weight decay of the bank"),
+    BOOL("contrast.adversarial.init_from_queue", true, 0,
+         "adversarial: seed the bank from the queue's keys once the queue is full"),
     ENUM("contrast.guards.ceiling", "none", "none|absolute|relative", R,
          "suspected false negatives: similarity above a value, or above s_pos - delta"),
     NUM("contrast.guards.ceiling_value", 0.95, -1, 1, R, "absolute ceiling"),
@@ -900,6 +906,13 @@ static void map_contrast(const json_t *root, moco_config *m) {
   n->skip_hardest = F("contrast.guards.skip_hardest");
   n->suspects_as_positives = config_bool(root, "contrast.guards.as_positives");
   n->supervised = config_bool(root, "contrast.guards.supervised");
+  advbank_config *a = &m->advbank;
+  a->bank_size = n->bank_size;
+  a->lr = F("contrast.adversarial.lr");
+  a->temperature = F("contrast.adversarial.temperature");
+  a->momentum = F("contrast.adversarial.momentum");
+  a->weight_decay = F("contrast.adversarial.weight_decay");
+  a->init_from_queue = config_bool(root, "contrast.adversarial.init_from_queue");
   hardness_config *h = &m->hardness;
   static const hardness_mode modes[] = {HARDNESS_FIXED, HARDNESS_CURRICULUM, HARDNESS_DYNAMIC};
   h->mode = modes[enum_index(root, "contrast.hardness.mode")];

@@ -243,6 +243,11 @@ int trainer_apply_runtime(trainer *t, const trainer_config *cfg) {
   now->loss = next->loss;
   now->mine = next->mine;
   t->m.mine.cfg = next->mine; /* mine_select reads its own copy */
+  if (t->m.bank.w) {
+    /* The bank's size is fixed; its ascent settings follow (advbank_update reads its own copy). */
+    now->advbank = next->advbank;
+    t->m.bank.cfg = next->advbank;
+  }
   now->hardness = next->hardness;
   t->m.hard.cfg = next->hardness; /* the controller keeps its state, follows the new settings */
   now->sched = next->sched;
