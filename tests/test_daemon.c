@@ -750,6 +750,20 @@ START_TEST(every_shipped_config_runs) {
 }
 END_TEST
 
+/* The reference in docs/config.md is generated from the schema; a change to the schema regenerates it
+ * (build/bin/mocod --config-doc > docs/config.md). */
+START_TEST(config_reference_is_current) {
+  ck_assert_int_eq(run_prog("mocod", path_in("doc.md"), 1, "--config-doc", NULL), 0);
+  char ref[PATH_MAX + 32];
+  snprintf(ref, sizeof ref, "%s/docs/config.md", repo_dir);
+  char *want = slurp(path_in("doc.md")), *have = slurp(ref);
+  ck_assert_msg(have != NULL, "docs/config.md is missing");
+  ck_assert_msg(!strcmp(want, have), "docs/config.md is stale: regenerate with mocod --config-doc");
+  free(want);
+  free(have);
+}
+END_TEST
+
 Suite *daemon_suite(void) {
   Suite *s = suite_create("daemon");
   TCase *tc = tcase_create("daemon");
@@ -770,6 +784,7 @@ Suite *daemon_suite(void) {
   tcase_add_test(tc, signals_stop_with_checkpoint_and_reopen_logs);
   tcase_add_test(tc, resume_is_exact);
   tcase_add_test(tc, every_shipped_config_runs);
+  tcase_add_test(tc, config_reference_is_current);
   suite_add_tcase(s, tc);
   return s;
 }

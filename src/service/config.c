@@ -488,9 +488,8 @@ static int rule_band(const json_t *root, char *why, size_t n) {
 
 static int rule_bn_groups(const json_t *root, char *why, size_t n) {
   long long g = config_int(root, "contrast.shuffle_bn_groups"), B = config_int(root, "optim.batch_size");
-  if (B % g)
-    return snprintf(why, n, "contrast.shuffle_bn_groups: value %lld does not divide optim.batch_size %lld", g, B),
-           1;
+  if (g > B)
+    return snprintf(why, n, "contrast.shuffle_bn_groups: value %lld above optim.batch_size %lld", g, B), 1;
   return 0;
 }
 
