@@ -88,7 +88,9 @@ typedef struct {
   int finish_stage; /* 0 training, 1 final evaluation queued, 2 final checkpoint queued, 3 done */
   int stop_ckpt;    /* the checkpoint on stop has been started (once, even when it fails) */
 
-  /* snapshot for status, updated by the loop after each job */
+  /* Snapshots for status, taken by the loop between jobs: the loop reads nothing of the trainer
+   * while a job runs. snap: current settings and counters; last: the last step's figures. */
+  trainer_stats snap;
   trainer_stats last;
   int have_last;
   json_t *last_eval;       /* the last eval event's figures */
@@ -164,7 +166,7 @@ static void job_work(uv_work_t *req) {
   case JOB_CHECKPOINT: {
     blob_writer w;
     blob_writer_init(&w);
-    int64_t step = trainer_step_count(s->tr);
+    int64_t step = trainer_step_count(s->tr); /* on the worker: the trainer is the job's now */
     checkpoint_begin(&w, step);
     trainer_save(s->tr, &w);
     /* The effective config rides along, for the record and for warnings on resume. */
@@ -291,7 +293,7 @@ static void enter_error(server *s, const char *what, const char *msg) {
   snprintf(s->error, sizeof s->error, "%s: %.1000s", what, msg);
   log_msg(LL_WARNING, "training stopped: %s", s->error);
   json_t *ev = progress_event("error");
-  json_object_set_new(ev, "step", json_integer(trainer_step_count(s->tr)));
+  json_object_set_new(ev, "step", json_integer(s->snap.step));
   json_object_set_new(ev, "message", json_string(s->error));
   emit(s, ev);
   if (config_bool(s->config, "service.exit_on_finish")) {
@@ -348,7 +350,7 @@ static void after_checkpoint(server *s, job *j) {
     if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "checkpoint failed: %s", j->err);
     return;
   }
-  int64_t step = trainer_step_count(s->tr);
+  int64_t step = s->snap.step;
   s->ckpt_step = step;
   s->ckpt_time = mono_now();
   json_decref(s->last_checkpoint);
@@ -385,6 +387,7 @@ static void job_done(uv_work_t *req, int status) {
   job *j = req->data;
   server *s = req->loop->data;
   s->busy = 0;
+  trainer_describe(s->tr, &s->snap);
   if (status == UV_ECANCELED && !j->rc) {
     j->rc = MOCO_ESTATE;
     snprintf(j->err, sizeof j->err, "cancelled");
@@ -434,7 +437,7 @@ static void op_free(op *o) {
 
 static json_t *state_reply(server *s) {
   return json_pack("{s:s, s:I}", "state", state_names[s->state], "step",
-                   (json_int_t)trainer_step_count(s->tr));
+                   (json_int_t)s->snap.step);
 }
 
 /* Applies a set of dotted keys (already validated against the schema and the trainer) and logs each
@@ -460,7 +463,7 @@ static int apply_set(server *s, json_t *changes, json_t **applied) {
   json_object_foreach(changes, key, v) {
     json_t *old = config_get(s->config, key);
     json_t *ev = progress_event("config_change");
-    json_object_set_new(ev, "step", json_integer(trainer_step_count(s->tr)));
+    json_object_set_new(ev, "step", json_integer(s->snap.step));
     json_object_set_new(ev, "key", json_string(key));
     json_object_set(ev, "old", old ? old : json_null());
     json_object_set(ev, "new", v);
@@ -475,6 +478,7 @@ static int apply_set(server *s, json_t *changes, json_t **applied) {
   json_decref(s->config);
   s->config = next;
   s->tcfg = tc;
+  trainer_describe(s->tr, &s->snap);
   log_level lvl;
   if (!log_level_parse(config_str(s->config, "log.level"), &lvl)) log_set_level(lvl);
   return 0;
@@ -501,14 +505,14 @@ static void run_op(server *s, op *o) {
   case OP_PAUSE:
     if (s->state == ST_RUNNING) {
       s->state = ST_PAUSED;
-      log_msg(LL_NOTICE, "paused at step %lld", (long long)trainer_step_count(s->tr));
+      log_msg(LL_NOTICE, "paused at step %lld", (long long)s->snap.step);
     }
     if (o->call) ctl_reply(o->call, state_reply(s));
     break;
   case OP_RESUME:
     if (s->state == ST_PAUSED) {
       s->state = ST_RUNNING;
-      log_msg(LL_NOTICE, "resumed at step %lld", (long long)trainer_step_count(s->tr));
+      log_msg(LL_NOTICE, "resumed at step %lld", (long long)s->snap.step);
     }
     if (o->call) ctl_reply(o->call, state_reply(s));
     break;
@@ -527,7 +531,7 @@ static void run_op(server *s, op *o) {
   }
   case OP_STOP:
     if (s->state != ST_STOPPING) {
-      log_msg(LL_NOTICE, "stopping at step %lld (%s)", (long long)trainer_step_count(s->tr),
+      log_msg(LL_NOTICE, "stopping at step %lld (%s)", (long long)s->snap.step,
               o->call ? "stop command" : "signal");
       s->stop_reason_signal = o->call == NULL;
     }
@@ -578,7 +582,7 @@ static int export_prepare(server *s, op *o) {
 static int start_op_job(server *s, op *o) {
   switch (o->kind) {
   case OP_CHECKPOINT:
-    if (s->ckpt_step == trainer_step_count(s->tr) && s->last_checkpoint) {
+    if (s->ckpt_step == s->snap.step && s->last_checkpoint) {
       /* Nothing changed since the newest checkpoint: it is the answer. */
       ctl_reply(o->call, json_deep_copy(s->last_checkpoint));
       return 0;
@@ -619,7 +623,7 @@ static void pump(server *s) {
     run_op(s, o);
   }
   if (s->state == ST_STOPPING) {
-    if (!s->stop_ckpt && s->ckpt_step != trainer_step_count(s->tr) && !s->error[0]) {
+    if (!s->stop_ckpt && s->ckpt_step != s->snap.step && !s->error[0]) {
       s->stop_ckpt = 1;
       start_checkpoint(s, WHY_STOP, NULL);
       return;
@@ -635,25 +639,25 @@ static void pump(server *s) {
   }
   if (s->ckpt_due) {
     s->ckpt_due = 0;
-    if (s->ckpt_step != trainer_step_count(s->tr)) {
+    if (s->ckpt_step != s->snap.step) {
       start_checkpoint(s, WHY_PERIODIC, NULL);
       return;
     }
   }
-  if (trainer_step_count(s->tr) < trainer_total_steps(s->tr)) {
+  if (s->snap.step < s->snap.total_steps) {
     job_start(s, JOB_STEP);
     return;
   }
   /* Training is done: a final evaluation (with the probe when configured), a final checkpoint. */
   if (s->finish_stage == 0) {
     s->finish_stage = 1;
-    log_msg(LL_NOTICE, "training finished at step %lld", (long long)trainer_step_count(s->tr));
+    log_msg(LL_NOTICE, "training finished at step %lld", (long long)s->snap.step);
     start_eval(s, WHY_FINISH, NULL, config_bool(s->config, "eval.probe_at_end"));
     return;
   }
   if (s->finish_stage == 1) {
     s->finish_stage = 2;
-    if (s->ckpt_step != trainer_step_count(s->tr)) {
+    if (s->ckpt_step != s->snap.step) {
       start_checkpoint(s, WHY_FINISH, NULL);
       return;
     }
@@ -661,7 +665,7 @@ static void pump(server *s) {
   s->finish_stage = 3;
   s->state = ST_FINISHED;
   json_t *ev = progress_event("finished");
-  json_object_set_new(ev, "step", json_integer(trainer_step_count(s->tr)));
+  json_object_set_new(ev, "step", json_integer(s->snap.step));
   emit(s, ev);
   if (config_bool(s->config, "service.exit_on_finish")) {
     s->state = ST_STOPPING;
@@ -678,7 +682,7 @@ static void on_handle_closed(uv_handle_t *h) { (void)h; }
 static void on_ctl_closed(ctl_server *c) { (void)c; }
 
 static void shutdown_server(server *s) {
-  int64_t step = trainer_step_count(s->tr);
+  int64_t step = s->snap.step;
   json_t *ev = progress_event("stop");
   json_object_set_new(ev, "step", json_integer(step));
   json_object_set_new(ev, "reason",
@@ -732,21 +736,20 @@ static void on_hup(uv_signal_t *h, int signum) {
 
 static json_t *status_json(server *s) {
   const trainer_stats *st = &s->last;
-  trainer_stats d;
-  trainer_describe(s->tr, &d);
-  json_t *r = json_object();
+  const trainer_stats *d = &s->snap;
+    json_t *r = json_object();
   json_object_set_new(r, "state", json_string(state_names[s->state]));
-  json_object_set_new(r, "step", json_integer(trainer_step_count(s->tr)));
-  json_object_set_new(r, "total_steps", json_integer(trainer_total_steps(s->tr)));
-  json_object_set_new(r, "epoch", json_real(round(d.epoch * 1000) / 1000));
-  json_object_set_new(r, "progress", json_real(trainer_total_steps(s->tr) > 0
-                                                   ? (double)trainer_step_count(s->tr) /
-                                                         (double)trainer_total_steps(s->tr)
+  json_object_set_new(r, "step", json_integer(s->snap.step));
+  json_object_set_new(r, "total_steps", json_integer(s->snap.total_steps));
+  json_object_set_new(r, "epoch", json_real(round(d->epoch * 1000) / 1000));
+  json_object_set_new(r, "progress", json_real(s->snap.total_steps > 0
+                                                   ? (double)s->snap.step /
+                                                         (double)s->snap.total_steps
                                                    : 0));
-  json_object_set_new(r, "lr", progress_f32(d.lr));
-  json_object_set_new(r, "temperature", progress_f32(d.temperature));
-  json_object_set_new(r, "momentum", progress_f32(d.momentum));
-  json_object_set_new(r, "hardness", progress_f32(d.hardness));
+  json_object_set_new(r, "lr", progress_f32(d->lr));
+  json_object_set_new(r, "temperature", progress_f32(d->temperature));
+  json_object_set_new(r, "momentum", progress_f32(d->momentum));
+  json_object_set_new(r, "hardness", progress_f32(d->hardness));
   if (s->have_last) {
     json_object_set_new(r, "loss", progress_f32(st->loss));
     json_object_set_new(r, "pos_sim", progress_f32(st->pos_sim));
@@ -763,9 +766,9 @@ static json_t *status_json(server *s) {
   json_object_set_new(r, "samples_per_sec", json_real(round(s->rate * 10) / 10));
   double eta = s->state == ST_RUNNING ? eta_seconds(s) : -1;
   json_object_set_new(r, "eta_sec", eta >= 0 ? json_integer((json_int_t)llround(eta)) : json_null());
-  json_object_set_new(r, "queue", json_pack("{s:i, s:i}", "filled", d.queue_filled, "size",
-                                            d.queue_size));
-  json_object_set_new(r, "batch_size", json_integer(d.batch_size));
+  json_object_set_new(r, "queue", json_pack("{s:i, s:i}", "filled", d->queue_filled, "size",
+                                            d->queue_size));
+  json_object_set_new(r, "batch_size", json_integer(d->batch_size));
   json_object_set(r, "last_checkpoint", s->last_checkpoint ? s->last_checkpoint : json_null());
   json_object_set(r, "last_eval", s->last_eval ? s->last_eval : json_null());
   json_object_set_new(r, "error", s->error[0] ? json_string(s->error) : json_null());
@@ -808,7 +811,7 @@ static int cmd_subscribe(ctl_call *call, json_t *args, void *data) {
   server *s = data;
   ctl_call_subscribe(call);
   ctl_reply(call, json_pack("{s:s, s:I}", "state", state_names[s->state], "step",
-                            (json_int_t)trainer_step_count(s->tr)));
+                            (json_int_t)s->snap.step));
   return 0;
 }
 
@@ -1036,6 +1039,7 @@ int server_run(json_t *config, const server_options *opt) {
     code = fail(opt, rc, "checkpoint");
     goto out;
   }
+  trainer_describe(s->tr, &s->snap);
   uv_signal_init(&loop, &s->sig_term);
   uv_signal_init(&loop, &s->sig_int);
   uv_signal_init(&loop, &s->sig_hup);
@@ -1044,13 +1048,13 @@ int server_run(json_t *config, const server_options *opt) {
   uv_signal_start(&s->sig_hup, on_hup, SIGHUP);
 
   if (from[0])
-    log_msg(LL_NOTICE, "resumed from %s at step %lld", from, (long long)trainer_step_count(s->tr));
+    log_msg(LL_NOTICE, "resumed from %s at step %lld", from, (long long)s->snap.step);
   log_msg(LL_NOTICE, "mocod %d ready on %s (config %s), step %lld of %lld", (int)getpid(), cc.path,
-          opt->config_path ? opt->config_path : "defaults", (long long)trainer_step_count(s->tr),
-          (long long)trainer_total_steps(s->tr));
+          opt->config_path ? opt->config_path : "defaults", (long long)s->snap.step,
+          (long long)s->snap.total_steps);
   json_t *ev = progress_event("start");
-  json_object_set_new(ev, "step", json_integer(trainer_step_count(s->tr)));
-  json_object_set_new(ev, "total_steps", json_integer(trainer_total_steps(s->tr)));
+  json_object_set_new(ev, "step", json_integer(s->snap.step));
+  json_object_set_new(ev, "total_steps", json_integer(s->snap.total_steps));
   json_object_set_new(ev, "pid", json_integer(getpid()));
   json_object_set_new(ev, "resumed_from", from[0] ? json_string(from) : json_null());
   json_object_set(ev, "config", s->config);
