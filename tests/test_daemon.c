@@ -712,6 +712,36 @@ START_TEST(resume_is_exact) {
 }
 END_TEST
 
+/* The step of the start event of the newest run in the progress log. */
+static long long last_start_step(void) {
+  char *text = slurp(path_in("run/progress.jsonl"));
+  long long step = -1;
+  for (char *l = strtok(text, "\n"); l; l = strtok(NULL, "\n")) {
+    json_t *j = json_loads(l, 0, NULL);
+    if (j && !strcmp(json_string_value(json_object_get(j, "event")), "start"))
+      step = json_integer_value(json_object_get(j, "step"));
+    json_decref(j);
+  }
+  free(text);
+  return step;
+}
+
+START_TEST(resume_flags_choose_where_to_start) {
+  /* --resume with nothing to resume from is an error, said at once. */
+  int rc = MOCOD("--resume", "--set", "service.exit_on_finish=true");
+  ck_assert_int_eq(rc, 1);
+  char *out = slurp(path_in("out.txt"));
+  ck_assert_msg(strstr(out, "no checkpoint"), "%s", out);
+  free(out);
+  ck_assert_int_eq(MOCOD("--set", "optim.steps=6", "--set", "service.exit_on_finish=true"), 0);
+  /* By default a finished run resumes at its end; --no-resume starts over. */
+  ck_assert_int_eq(MOCOD("--set", "optim.steps=6", "--set", "service.exit_on_finish=true"), 0);
+  ck_assert_int_eq(last_start_step(), 6);
+  ck_assert_int_eq(MOCOD("--no-resume", "--set", "optim.steps=6", "--set", "service.exit_on_finish=true"), 0);
+  ck_assert_int_eq(last_start_step(), 0);
+}
+END_TEST
+
 /* Every shipped config trains: its strategy and loss run for two steps, on the sample data with the
  * tiny network (the shipped networks are sized for the full data set and a longer budget). */
 START_TEST(every_shipped_config_runs) {
@@ -783,6 +813,7 @@ Suite *daemon_suite(void) {
   tcase_add_test(tc, progress_file_parses_line_by_line);
   tcase_add_test(tc, signals_stop_with_checkpoint_and_reopen_logs);
   tcase_add_test(tc, resume_is_exact);
+  tcase_add_test(tc, resume_flags_choose_where_to_start);
   tcase_add_test(tc, every_shipped_config_runs);
   tcase_add_test(tc, config_reference_is_current);
   suite_add_tcase(s, tc);
