@@ -103,6 +103,9 @@ int64_t trainer_total_steps(const trainer *t);
 /* The current settings (lr, temperature, momentum, hardness at this step), queue fill, epoch. */
 void trainer_describe(const trainer *t, trainer_stats *st);
 
+/* One line for the log: data sizes, the encoder (net_describe), parameter count, steps. */
+void trainer_summary(const trainer *t, char *buf, size_t cap);
+
 /* Checks that the runtime fields of cfg can be applied to this trainer (a new negative strategy must
  * fit the similarity layout built at start: mixing and adversarial add columns), changing nothing. */
 int trainer_check_runtime(const trainer *t, const trainer_config *cfg);

@@ -1047,6 +1047,9 @@ int server_run(json_t *config, const server_options *opt) {
   uv_signal_start(&s->sig_int, on_stop_signal, SIGINT);
   uv_signal_start(&s->sig_hup, on_hup, SIGHUP);
 
+  char summary[2048];
+  trainer_summary(s->tr, summary, sizeof summary);
+  log_msg(LL_NOTICE, "%s", summary);
   if (from[0])
     log_msg(LL_NOTICE, "resumed from %s at step %lld", from, (long long)s->snap.step);
   log_msg(LL_NOTICE, "mocod %d ready on %s (config %s), step %lld of %lld", (int)getpid(), cc.path,

@@ -205,6 +205,19 @@ int trainer_step(trainer *t, trainer_stats *st) {
   return 0;
 }
 
+void trainer_summary(const trainer *t, char *buf, size_t cap) {
+  char enc[1024];
+  net_describe(&t->m.query, enc, sizeof enc);
+  snprintf(buf, cap,
+           "data: %llu training samples of %dx%dx%d, %llu evaluation, %d classes; %lld steps of %d "
+           "(%.2f epochs); encoder (%zu parameters): %s",
+           (unsigned long long)t->ld.num_samples, t->ld.shape.c, t->ld.shape.h, t->ld.shape.w,
+           (unsigned long long)t->ld.eval_samples, t->num_classes, (long long)t->total_steps,
+           t->cfg.moco.batch_size,
+           (double)t->total_steps * t->cfg.moco.batch_size / (double)(t->ld.num_samples ? t->ld.num_samples : 1),
+           net_num_params(&t->m.query), enc);
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * Runtime settings.
  * ------------------------------------------------------------------------------------------------- */
