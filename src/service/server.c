@@ -347,6 +347,7 @@ static void after_eval(server *s, job *j) {
 static void after_checkpoint(server *s, job *j) {
   if (j->rc) {
     log_msg(LL_WARNING, "checkpoint failed: %s", j->err);
+    if (j->reason == WHY_STOP) s->exit_code = 1; /* the steps since the last checkpoint are lost */
     if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "checkpoint failed: %s", j->err);
     return;
   }
