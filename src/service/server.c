@@ -221,11 +221,13 @@ static void start_checkpoint(server *s, job_reason why, ctl_call *call) {
   job_start(s, JOB_CHECKPOINT);
 }
 
-static void start_eval(server *s, job_reason why, ctl_call *call, int probe) {
+/* encoder: "query", "key", or NULL for eval.encoder. */
+static void start_eval(server *s, job_reason why, ctl_call *call, int probe, const char *encoder) {
   job *j = &s->job;
   j->reason = why;
   j->call = call;
-  j->ereq.encoder = strcmp(config_str(s->config, "eval.encoder"), "key") ? TRAINER_QUERY : TRAINER_KEY;
+  if (!encoder) encoder = config_str(s->config, "eval.encoder");
+  j->ereq.encoder = strcmp(encoder, "key") ? TRAINER_QUERY : TRAINER_KEY;
   j->ereq.knn = 1;
   j->ereq.probe = probe;
   job_start(s, JOB_EVAL);
@@ -591,12 +593,16 @@ static int start_op_job(server *s, op *o) {
     start_checkpoint(s, WHY_COMMAND, o->call);
     return 1;
   case OP_EVAL:
-    start_eval(s, WHY_COMMAND, o->call, json_is_true(json_object_get(o->args, "probe")));
-    if (json_is_string(json_object_get(o->args, "encoder")))
-      s->job.ereq.encoder = strcmp(json_string_value(json_object_get(o->args, "encoder")), "key")
-                                ? TRAINER_QUERY
-                                : TRAINER_KEY;
+  {
+    const char *enc = json_string_value(json_object_get(o->args, "encoder"));
+    if (enc && strcmp(enc, "query") && strcmp(enc, "key")) {
+      ctl_reply_error(o->call, "bad_args", "args.encoder: \"%s\" not allowed, expected \"query\" or \"key\"",
+                      enc);
+      return 0;
+    }
+    start_eval(s, WHY_COMMAND, o->call, json_is_true(json_object_get(o->args, "probe")), enc);
     return 1;
+  }
   case OP_EXPORT: {
     int rc = export_prepare(s, o);
     if (rc) {
@@ -635,7 +641,7 @@ static void pump(server *s) {
   if (s->state != ST_RUNNING) return;
   if (s->eval_due) {
     s->eval_due = 0;
-    start_eval(s, WHY_PERIODIC, NULL, 0);
+    start_eval(s, WHY_PERIODIC, NULL, 0, NULL);
     return;
   }
   if (s->ckpt_due) {
@@ -653,7 +659,7 @@ static void pump(server *s) {
   if (s->finish_stage == 0) {
     s->finish_stage = 1;
     log_msg(LL_NOTICE, "training finished at step %lld", (long long)s->snap.step);
-    start_eval(s, WHY_FINISH, NULL, config_bool(s->config, "eval.probe_at_end"));
+    start_eval(s, WHY_FINISH, NULL, config_bool(s->config, "eval.probe_at_end"), NULL);
     return;
   }
   if (s->finish_stage == 1) {
