@@ -140,7 +140,8 @@ typedef struct {
   /* workspaces, sized at init */
   float *vals;       /* [max_cols] a row's gathered similarities */
   float *tmp;        /* [max_cols] scratch copy for k-th element selection */
-  int32_t *idx;      /* [max_cols] a row's gathered columns; after a selection, the selected ones */
+  int32_t *idx;      /* [max_cols] a row's gathered or selected columns (mixing: its hard pool) */
+  int32_t *bidx;     /* [max_cols] a row's columns inside a rank bracket */
   int32_t *n_excl;   /* [max_batch] candidates excluded per row (own column, same id, supervised) */
   int32_t *hash;     /* [hash_cap] sample id -> first batch row holding it, open addressing */
   int32_t *chain;    /* [max_batch] next batch row with the same id, -1 at the end */
