@@ -300,19 +300,24 @@ static inline void rowacc_add(rowacc_t *ra, float x) {
   if (x > ra->max) ra->max = x;
 }
 
+/* An all-ones / all-zero int mask from a condition. The block loops combine such masks with & | ~
+ * rather than ?: on bytes, which GCC can only if-convert with AVX-512's masked stores: this way
+ * they vectorise on plain AVX2 (and SSE) too. */
+static inline int32_t bmask(int cond) { return -(int32_t)cond; }
+
 /* The block passes count their negatives in integers, which the compiler vectorises without
- * reassociating float sums: similarities in 20-bit fixed point (cosines lie in [-1, 1]; the clamp only
- * keeps the conversion defined) and the maximum as the float's bits made order-preserving. */
+ * reassociating float sums: similarities in 20-bit fixed point (cosines lie in [-1, 1]; values
+ * outside [-8, 8] count as 0, which keeps the conversion defined) and the maximum as the float's
+ * bits made order-preserving. */
 typedef struct {
   int64_t sum; /* 2^-20 units */
   int32_t key; /* sortable bits of the largest */
   int32_t count;
 } blockacc;
 
-static inline int32_t fixed20(float x) {
-  float c = x > -8.0f ? x : -8.0f;
-  c = c < 8.0f ? c : 8.0f;
-  return (int32_t)(c * 1048576.0f);
+/* x where the mask is set and x is a plausible similarity, else 0: what block_stats converts. */
+static inline float stat_value(int32_t mask, float x) {
+  return (mask & bmask(x >= -8.0f) & bmask(x <= 8.0f)) ? x : 0.0f;
 }
 
 /* The float's bits, read as an integer in the vectorised loops: GCC's may_alias makes the type pun
@@ -326,6 +331,18 @@ BLOCK_FN int32_t max_key(const int32_t *keys, int n) {
   int32_t key = INT32_MIN;
   for (int k = 0; k < n; k++) key = keys[k] > key ? keys[k] : key;
   return key;
+}
+
+/* Folds a block's counted similarities (xs, 0 where not counted) and their keys into ba. The
+ * float-to-fixed conversion is a loop of its own: fused into the block loop it stops GCC's AVX2
+ * vectoriser. */
+BLOCK_FN void block_stats(const float *xs, const int32_t *keys, int n, int count, blockacc *ba) {
+  int32_t sum = 0;
+  for (int k = 0; k < n; k++) sum += (int32_t)(xs[k] * 1048576.0f);
+  int32_t key = max_key(keys, n);
+  ba->sum += sum;
+  ba->count += count;
+  ba->key = key > ba->key ? key : ba->key;
 }
 
 static float unsortable(int32_t k) {
@@ -355,8 +372,8 @@ static void rowacc_merge(rowacc_t *ra, const blockacc *ba) {
  * A bad sample only widens a bracket (at worst to the whole row), so the result is always exact. */
 
 /* Valid for ranking: a candidate at or below the ceiling with a finite similarity. */
-static inline int rankable(uint8_t m, float x, float u) {
-  return (m == CAND) & (x <= u) & (x >= -FLT_MAX) & (x <= FLT_MAX);
+static inline int32_t rankable(int32_t cand, float x, float u) {
+  return cand & bmask(x <= u) & bmask(x >= -FLT_MAX) & bmask(x <= FLT_MAX);
 }
 
 typedef struct {
@@ -392,8 +409,8 @@ BLOCK_FN int count_block(const float *restrict s, const uint8_t *restrict mk, in
   int v = 0;
   for (int k = 0; k < n; k++) {
     float x = s[k];
-    int ok = rankable(mk[k], x, u);
-    v += ok;
+    int32_t ok = rankable(bmask(mk[k] == CAND), x, u);
+    v += ok & 1;
     xv[k] = ok ? x : -INFINITY; /* below every threshold */
   }
   for (int j = 0; j < nt; j++) {
@@ -423,7 +440,7 @@ static int take_sample(const row_t *r, float u, float *sample, int *cands) {
   for (int it = 0; step > 0 && it < SAMPLE; it++) {
     int c = row_col(r, step / 2 + it * step);
     seen += r->mk[c] == CAND;
-    if (rankable(r->mk[c], r->s[c], u)) sample[n++] = r->s[c];
+    if (rankable(bmask(r->mk[c] == CAND), r->s[c], u)) sample[n++] = r->s[c];
   }
   *cands = seen;
   return n;
@@ -482,35 +499,34 @@ BLOCK_FN int classify(const float *restrict s, uint8_t *restrict mk, int n, cons
   const float u = ct->u;
   const float loE = ct->c[0].lo, hiE = ct->c[0].hi, loA = ct->c[1].lo, hiA = ct->c[1].hi;
   const float loB = ct->c[2].lo, hiB = ct->c[2].hi;
-  const uint8_t smark = ct->suspect >= 0 ? (uint8_t)ct->suspect : CAND;
-  const int mark = ct->mode == TOP_MARK, flag_susp = ct->suspect >= 0, pool = ct->mode != TOP_GUARD;
-  const int list = ct->mode == TOP_POOL;
+  const int32_t smark = ct->suspect >= 0 ? ct->suspect : CAND;
+  const int32_t mark = bmask(ct->mode == TOP_MARK), flag_susp = bmask(ct->suspect >= 0);
+  const int32_t pool = bmask(ct->mode != TOP_GUARD), list = bmask(ct->mode == TOP_POOL);
   int32_t keys[BLK];
-  int ns = 0, any = 0, cnt = 0, sum = 0;
+  float xs[BLK];
+  int ns = 0, any = 0, cnt = 0;
   for (int k = 0; k < n; k++) {
     float x = s[k];
-    uint8_t m = mk[k];
-    int cand = m == CAND, ok = rankable(m, x, u);
-    int edge = ok & (((x >= loE) & (x < hiE)) | ((x >= loA) & (x < hiA)) | ((x >= loB) & (x < hiB)));
-    int sus = (cand & (x > u) & flag_susp) | (ok & (x >= hiE));
-    int w = ok & (x >= hiB) & (x < loA) & !edge & pool;
-    uint8_t rest = mark ? (uint8_t)(edge ? CAND : w ? MINE_NEG : MINE_OFF) : m;
-    mk[k] = cand ? (sus ? smark : rest) : m;
-    bd[k] = (uint8_t)edge;
-    win[k] = (uint8_t)w;
-    ns += sus;
-    any |= edge | (w & list);
-    int counted = w & mark;
-    cnt += counted;
-    sum += counted ? fixed20(x) : 0;
-    keys[k] = counted ? sortable_bits(bits[k]) : INT32_MIN;
+    int32_t m = mk[k];
+    int32_t cand = bmask(m == CAND), ok = rankable(cand, x, u);
+    int32_t edge = ok & ((bmask(x >= loE) & bmask(x < hiE)) | (bmask(x >= loA) & bmask(x < hiA)) |
+                         (bmask(x >= loB) & bmask(x < hiB)));
+    int32_t sus = (cand & bmask(x > u) & flag_susp) | (ok & bmask(x >= hiE));
+    int32_t w = ok & bmask(x >= hiB) & bmask(x < loA) & ~edge & pool;
+    /* TOP_MARK decides: bracketed stays CAND, window NEG, the rest OFF (0); other modes keep m */
+    int32_t rest = (mark & ((edge & CAND) | (w & MINE_NEG))) | (~mark & m);
+    int32_t nm = (sus & smark) | (~sus & rest);
+    mk[k] = (uint8_t)((cand & nm) | (~cand & m));
+    bd[k] = (uint8_t)(edge & 1);
+    win[k] = (uint8_t)(w & 1);
+    ns += sus & 1;
+    any |= (edge | (w & list)) & 1;
+    int32_t counted = w & mark;
+    cnt += counted & 1;
+    xs[k] = stat_value(counted, x);
+    keys[k] = (counted & sortable_bits(bits[k])) | (~counted & INT32_MIN);
   }
-  if (mark) {
-    int32_t key = max_key(keys, n);
-    ba->sum += sum;
-    ba->count += cnt;
-    ba->key = key > ba->key ? key : ba->key;
-  }
+  if (ct->mode == TOP_MARK) block_stats(xs, keys, n, cnt, ba);
   *flags = any;
   return ns;
 }
@@ -660,24 +676,22 @@ static void mark_list(row_t *r, const int32_t *cols, int n, rowacc_t *ra) {
 
 /* One block of finish(MINE_NEG): candidates above u become suspects, the rest negatives. */
 BLOCK_FN int finish_block(const float *restrict s, uint8_t *restrict mk, int n, float u,
-                               uint8_t smark, blockacc *ba) {
+                               int32_t smark, blockacc *ba) {
   const alias_i32 *bits = (const alias_i32 *)s;
   int32_t keys[BLK];
-  int ns = 0, cnt = 0, sum = 0;
+  float xs[BLK];
+  int ns = 0, cnt = 0;
   for (int k = 0; k < n; k++) {
     float x = s[k];
-    uint8_t m = mk[k];
-    int cand = m == CAND, sus = cand & (x > u), neg = cand & !sus;
-    mk[k] = cand ? (sus ? smark : MINE_NEG) : m;
-    ns += sus;
-    cnt += neg;
-    sum += neg ? fixed20(x) : 0;
-    keys[k] = neg ? sortable_bits(bits[k]) : INT32_MIN;
+    int32_t m = mk[k];
+    int32_t cand = bmask(m == CAND), sus = cand & bmask(x > u), neg = cand & ~sus;
+    mk[k] = (uint8_t)((sus & smark) | (neg & MINE_NEG) | (~cand & m));
+    ns += sus & 1;
+    cnt += neg & 1;
+    xs[k] = stat_value(neg, x);
+    keys[k] = (neg & sortable_bits(bits[k])) | (~neg & INT32_MIN);
   }
-  int32_t key = max_key(keys, n);
-  ba->sum += sum;
-  ba->count += cnt;
-  ba->key = key > ba->key ? key : ba->key;
+  block_stats(xs, keys, n, cnt, ba);
   return ns;
 }
 
@@ -685,7 +699,7 @@ BLOCK_FN int finish_block(const float *restrict s, uint8_t *restrict mk, int n, 
  * suspects instead and the negatives are counted. */
 static void finish(row_t *r, uint8_t to, float u, int suspect, rowacc_t *ra) {
   blockacc ba = {0, INT32_MIN, 0};
-  uint8_t smark = (uint8_t)suspect;
+  int32_t smark = suspect;
   long ns = 0;
   for (int k = 0; k < r->nr; k++)
     for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
