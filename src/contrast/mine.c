@@ -5,11 +5,9 @@
  *      the query's sample id (found through a hash of the batch ids, O(K + B) per step rather than
  *      O(B K)), and in supervised mode entries with the query's label;
  *   3. per row: the false-negative guards, then the strategy, then CAND -> MINE_OFF.
- * Selection by rank never sorts a row: a threshold estimated from a strided sample of the row lets a
- * single pass gather only the few entries that can be among the wanted ranks (blocks of 16 columns
- * with no entry above it are skipped with one vectorised compare), and k-th element selection on that
- * small set (kselect.h) finds the exact boundary. Ties at a boundary go to the lower column, so the
- * result is exactly specified. */
+ * Selection by rank never sorts a row (see "rank selection" below): two vectorised passes over the
+ * row and k-th element selection on the few entries near each boundary. Ties at a boundary go to the
+ * lower column, so the result is exactly specified. Everything is O(columns) per row. */
 #include "contrast/mine.h"
 
 #include <float.h>
@@ -675,8 +673,8 @@ static void mark_list(row_t *r, const int32_t *cols, int n, rowacc_t *ra) {
 }
 
 /* One block of finish(MINE_NEG): candidates above u become suspects, the rest negatives. */
-BLOCK_FN int finish_block(const float *restrict s, uint8_t *restrict mk, int n, float u,
-                               int32_t smark, blockacc *ba) {
+BLOCK_FN int finish_block(const float *restrict s, uint8_t *restrict mk, int n, float u, int32_t smark,
+                          blockacc *ba) {
   const alias_i32 *bits = (const alias_i32 *)s;
   int32_t keys[BLK];
   float xs[BLK];
@@ -705,8 +703,8 @@ static void finish(row_t *r, uint8_t to, float u, int suspect, rowacc_t *ra) {
     for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
       int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK;
       uint8_t *mk = r->mk + j;
-      if (to == MINE_OFF)
-        for (int i = 0; i < n; i++) mk[i] = mk[i] == CAND ? MINE_OFF : mk[i];
+      if (to == MINE_OFF) /* CAND -> OFF (0), written as a mask so that it vectorises */
+        for (int i = 0; i < n; i++) mk[i] = (uint8_t)(mk[i] & (uint8_t)-(mk[i] != CAND));
       else
         ns += n == BLK ? finish_block(r->s + j, mk, BLK, u, smark, &ba)
                        : finish_block(r->s + j, mk, n, u, smark, &ba);
