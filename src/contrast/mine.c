@@ -492,10 +492,13 @@ static void bracket(cuts *ct, cut *c, int V) {
  * any entry to compact: a bracketed one, or for TOP_POOL a window one), and counts into ba the
  * window entries it marks MINE_NEG (TOP_MARK). */
 BLOCK_FN int classify(const float *restrict s, uint8_t *restrict mk, int n, const cuts *ct,
-                      uint8_t *restrict bd, uint8_t *restrict win, int *flags, blockacc *ba) {
+                      uint8_t *restrict bd, uint8_t *restrict win, int *flags, blockacc *ba,
+                      int window_only) {
   const alias_i32 *bits = (const alias_i32 *)s;
   const float u = ct->u;
-  const float loE = ct->c[0].lo, hiE = ct->c[0].hi, loA = ct->c[1].lo, hiA = ct->c[1].hi;
+  /* window_only (a literal at the call): cuts E and A are inactive, their tests fold away */
+  const float loE = window_only ? INFINITY : ct->c[0].lo, hiE = window_only ? INFINITY : ct->c[0].hi;
+  const float loA = window_only ? INFINITY : ct->c[1].lo, hiA = window_only ? INFINITY : ct->c[1].hi;
   const float loB = ct->c[2].lo, hiB = ct->c[2].hi;
   const int32_t smark = ct->suspect >= 0 ? ct->suspect : CAND;
   const int32_t mark = bmask(ct->mode == TOP_MARK), flag_susp = bmask(ct->suspect >= 0);
@@ -645,14 +648,19 @@ static int top(mine *m, row_t *r, const want_t *w, top_mode mode, rowacc_t *ra) 
     bracket(&ct, &ct.c[k], V);
   }
   uint8_t bd[BLK] = {0}, win[BLK] = {0}; /* a tail block leaves the rest zero: compact reads 8 at once */
+  const int window_only = ct.c[0].R == 0 && ct.c[1].R == 0; /* hardest, mixing's pool: the usual case */
   blockacc ba = {0, INT32_MIN, 0};
   int g = 0, n_win = 0;
   long ns = 0;
   for (int k = 0; k < r->nr; k++)
     for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
       int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK, flags;
-      ns += n == BLK ? classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba)
-                     : classify(r->s + j, r->mk + j, n, &ct, bd, win, &flags, &ba);
+      if (n < BLK)
+        ns += classify(r->s + j, r->mk + j, n, &ct, bd, win, &flags, &ba, 0);
+      else if (window_only)
+        ns += classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba, 1);
+      else
+        ns += classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba, 0);
       if (!flags) continue;
       g = compact(r->s, j, n, bd, m->vals, m->bidx, g);
       if (mode == TOP_POOL) n_win = compact(NULL, j, n, win, NULL, m->idx, n_win);
