@@ -692,6 +692,10 @@ START_TEST(bad_inputs_are_refused_with_context) {
   ck_assert_int_eq(s, MINE_SEMI_HARD);
   ck_assert_str_eq(mine_strategy_name(MINE_MIXING), "mixing");
   ck_assert_int_eq(mine_strategy_parse("hardest-first", &s), MOCO_ECONFIG);
+  mine_ceiling ceil;
+  ck_assert_int_eq(mine_ceiling_parse("relative", &ceil), 0);
+  ck_assert_int_eq(ceil, MINE_CEILING_RELATIVE);
+  ck_assert_int_eq(mine_ceiling_parse("soft", &ceil), MOCO_ECONFIG);
 }
 END_TEST
 

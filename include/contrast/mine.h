@@ -73,6 +73,8 @@ int mine_config_check(const mine_config *c);
 /* "all", "random", "hardest", "semi-hard", "band", "mixing", "adversarial". */
 const char *mine_strategy_name(mine_strategy s);
 int mine_strategy_parse(const char *name, mine_strategy *out);
+/* "none", "absolute", "relative". */
+int mine_ceiling_parse(const char *name, mine_ceiling *out);
 
 /* Where each candidate source lives in the columns of S and mask (row stride = cols). */
 typedef struct {

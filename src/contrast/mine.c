@@ -70,6 +70,16 @@ int mine_strategy_parse(const char *name, mine_strategy *out) {
                     name);
 }
 
+int mine_ceiling_parse(const char *name, mine_ceiling *out) {
+  static const char *const names[] = {"none", "absolute", "relative"};
+  for (int i = 0; i < 3; i++)
+    if (!strcmp(name, names[i])) {
+      *out = (mine_ceiling)i;
+      return 0;
+    }
+  return moco_error(MOCO_ECONFIG, "mine.ceiling: \"%s\": expected none, absolute or relative", name);
+}
+
 int mine_config_check(const mine_config *c) {
   if ((unsigned)c->strategy > MINE_ADVERSARIAL)
     return moco_error(MOCO_ECONFIG, "mine.strategy: %d: unknown strategy", (int)c->strategy);
