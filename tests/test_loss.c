@@ -7,10 +7,11 @@
 #include <string.h>
 
 #include "contrast/loss.h"
+#include "contrast/mine.h"
 #include "core/tensor.h"
 #include "testutil.h"
 
-enum { OFF = 0, NEG = 1, POS = 2 }; /* the contract's mask values */
+enum { OFF = MINE_OFF, NEG = MINE_NEG, POS = MINE_POS };
 enum { B = 5, C = 37 };
 
 typedef struct {

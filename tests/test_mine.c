@@ -15,6 +15,13 @@
 #include "core/tensor.h"
 #include "testutil.h"
 
+/* Check records every passing ck_assert (a write per assertion), which in the element-wise loops
+ * below would cost more than the code under test: those loops report only failures. */
+#define EXPECT(cond, ...)                                                                           \
+  do {                                                                                              \
+    if (!(cond)) ck_abort_msg(__VA_ARGS__);                                                         \
+  } while (0)
+
 /* ---- fixture: a miner with one layout and its S / mask ---------------------------------------- */
 
 typedef struct {
@@ -112,8 +119,8 @@ START_TEST(kselect_agrees_with_sorting_on_awkward_inputs) {
       memcpy(work, v, sizeof v);
       float got = kselect_largest(work, N, k);
       ck_assert_msg(got == sorted[k - 1], "pattern %d k %d: %g vs %g", pattern, k, got, sorted[k - 1]);
-      for (int i = 0; i < k; i++) ck_assert(work[i] >= got);
-      for (int i = k; i < N; i++) ck_assert(work[i] <= got);
+      for (int i = 0; i < k; i++) EXPECT(work[i] >= got, "pattern %d k %d: top part holds %g", pattern, k, work[i]);
+      for (int i = k; i < N; i++) EXPECT(work[i] <= got, "pattern %d k %d: rest holds %g", pattern, k, work[i]);
     }
   }
 }
@@ -192,7 +199,7 @@ END_TEST
 /* ---- random ---------------------------------------------------------------------------------- */
 
 START_TEST(random_draws_n_distinct_valid_entries_uniformly) {
-  enum { K = 50, FILLED = 40, DRAWS = 4000 };
+  enum { K = 50, FILLED = 40, DRAWS = 2000 };
   int counts[K] = {0};
   for (int n = 5; n <= 45; n += 10) { /* 5, 15: rejection; 25, 35: complement; 45: all */
     mine_config c = cfg_of(MINE_RANDOM, n);
@@ -207,9 +214,9 @@ START_TEST(random_draws_n_distinct_valid_entries_uniformly) {
     for (int d = 0; d < DRAWS; d++) {
       fix_run(&f);
       int want = n < FILLED - 1 ? n : FILLED - 1;
-      ck_assert_int_eq(count_mask(&f, 0, 0, K, MINE_NEG), want);
-      ck_assert_int_eq(mk(&f, 0, 7), MINE_OFF);
-      ck_assert_int_eq(count_mask(&f, 0, FILLED, K, MINE_OFF), K - FILLED);
+      EXPECT(count_mask(&f, 0, 0, K, MINE_NEG) == want, "n %d: %d negatives", n, count_mask(&f, 0, 0, K, MINE_NEG));
+      EXPECT(mk(&f, 0, 7) == MINE_OFF, "n %d: the same-id slot was drawn", n);
+      EXPECT(count_mask(&f, 0, FILLED, K, MINE_OFF) == K - FILLED, "n %d: an unfilled slot was drawn", n);
       for (int j = 0; j < K; j++) counts[j] += mk(&f, 0, j) == MINE_NEG;
     }
     double expect = (double)DRAWS * (n < FILLED - 1 ? n : FILLED - 1) / (FILLED - 1);
@@ -235,9 +242,9 @@ START_TEST(random_is_uniform_on_sparse_rows_and_deterministic_per_rng) {
   int counts[K] = {0};
   for (int d = 0; d < 2000; d++) {
     fix_run(&f);
-    ck_assert_int_eq(count_mask(&f, 0, 0, K, MINE_NEG), 3);
+    EXPECT(count_mask(&f, 0, 0, K, MINE_NEG) == 3, "draw %d: %d negatives", d, count_mask(&f, 0, 0, K, MINE_NEG));
     for (int j = 0; j < K; j++) {
-      if (j % 8) ck_assert_int_eq(mk(&f, 0, j), MINE_OFF);
+      if (j % 8) EXPECT(mk(&f, 0, j) == MINE_OFF, "draw %d: same-label slot %d drawn", d, j);
       counts[j] += mk(&f, 0, j) == MINE_NEG;
     }
   }
@@ -299,7 +306,7 @@ static void check_ranks(const fix *f, int row, int width, int a, int b, const ch
   qsort(rk, (size_t)width, sizeof *rk, cmp_ranked);
   for (int k = 0; k < width; k++) {
     int want = k >= a && k < b ? MINE_NEG : MINE_OFF;
-    ck_assert_msg(mk(f, row, rk[k].col) == want, "%s: row %d rank %d col %d: mask %d, want %d", what, row,
+    EXPECT(mk(f, row, rk[k].col) == want, "%s: row %d rank %d col %d: mask %d, want %d", what, row,
                   k, rk[k].col, mk(f, row, rk[k].col), want);
   }
 }
@@ -350,6 +357,128 @@ START_TEST(hardest_is_exact_when_the_sample_misleads) {
   for (int j = 0; j < K; j++) f.S[j] = (j % step == step / 2) ? 0.9f : 0.5f - 1e-5f * j;
   fix_run(&f);
   check_ranks(&f, 0, K, 0, 300, "misled");
+  fix_close(&f);
+}
+END_TEST
+
+/* Reference for guards + rank strategies on one row: candidates [0, K); ceiling suspects s > u; of
+ * the rest, sorted by (similarity desc, column asc), the top E = floor(eps V) are suspects and ranks
+ * [E + a, E + b) the window. Returns the expected mask in want[]. */
+static void reference_ranks(const float *s, int K, float u, float eps, int a_frac_mode, float lo,
+                            float hi, int n, int pos, uint8_t *want) {
+  static ranked rk[8192];
+  int V = 0;
+  for (int j = 0; j < K; j++) {
+    want[j] = MINE_OFF;
+    if (s[j] > u)
+      want[j] = pos ? MINE_POS : MINE_OFF;
+    else
+      rk[V++] = (ranked){s[j], j};
+  }
+  qsort(rk, (size_t)V, sizeof *rk, cmp_ranked);
+  int E = (int)floor(eps * V + 1e-4), left = V - E, a = 0, b = n < left ? n : left;
+  if (a_frac_mode) {
+    a = (int)floor(lo * left + 1e-4);
+    b = (int)floor(hi * left + 1e-4);
+    if (b <= a && a < left) b = a + 1;
+  }
+  for (int k = 0; k < V; k++) {
+    if (k < E) want[rk[k].col] = pos ? MINE_POS : MINE_OFF;
+    else if (k - E >= a && k - E < b) want[rk[k].col] = MINE_NEG;
+  }
+}
+
+START_TEST(guards_and_rank_windows_match_a_reference_on_long_rows) {
+  enum { K = 3000, B = 4 };
+  static uint8_t want[K];
+  rng_t r;
+  rng_init(&r, 12, 1);
+  for (int trial = 0; trial < 24; trial++) {
+    int band = trial % 2, pos = (trial / 2) % 2, ceil_mode = (trial / 4) % 3;
+    float eps = (float[]){0.0f, 0.004f, 0.1f, 0.3f}[trial % 4];
+    mine_config c = cfg_of(band ? MINE_BAND : MINE_HARDEST, (int[]){1, 50, 900}[trial % 3]);
+    c.band_lo = (float[]){0.0f, 0.02f, 0.4f}[trial % 3];
+    c.band_hi = (float[]){0.01f, 0.3f, 0.9f}[trial % 3];
+    c.skip_hardest = eps;
+    c.suspects_as_positives = pos;
+    c.ceiling = (mine_ceiling)ceil_mode;
+    c.ceiling_value = 0.15f;
+    c.ceiling_delta = 0.6f;
+    fix f;
+    fix_open(&f, &c, K, B, 0);
+    for (int i = 0; i < B; i++) {
+      float *s = f.S + (size_t)i * f.l.cols;
+      f.s_pos[i] = 0.8f;
+      for (int j = 0; j < K; j++) s[j] = i == 3 ? roundf(rng_normal(&r) * 10.0f) / 100.0f : rng_normal(&r) * 0.1f;
+    }
+    fix_run(&f);
+    float u = ceil_mode == MINE_CEILING_ABSOLUTE ? 0.15f : ceil_mode == MINE_CEILING_RELATIVE ? 0.8f - 0.6f : INFINITY;
+    for (int i = 0; i < B; i++) {
+      reference_ranks(f.S + (size_t)i * f.l.cols, K, u, eps, band, c.band_lo, c.band_hi, c.num_negatives, pos,
+                      want);
+      for (int j = 0; j < K; j++)
+        EXPECT(mk(&f, i, j) == want[j], "trial %d row %d col %d: mask %d, want %d (s %g)", trial, i, j,
+                      mk(&f, i, j), want[j], f.S[(size_t)i * f.l.cols + j]);
+    }
+    fix_close(&f);
+  }
+}
+END_TEST
+
+START_TEST(hardest_ranks_queue_and_in_batch_columns_together) {
+  enum { K = 2000, B = 8, N = 300 };
+  mine_config c = cfg_of(MINE_HARDEST, N);
+  c.in_batch_negatives = 1;
+  fix f;
+  fix_open(&f, &c, K, B, 0);
+  f.in.queue_filled = 1500; /* and a partly filled queue */
+  rng_t r;
+  rng_init(&r, 14, 1);
+  for (int i = 0; i < B; i++)
+    for (int j = 0; j < f.l.cols; j++) f.S[(size_t)i * f.l.cols + j] = rng_normal(&r) * 0.1f + (j >= K ? 0.2f : 0.0f);
+  fix_run(&f);
+  for (int i = 0; i < B; i++) {
+    static ranked rk[K + B];
+    int n = 0;
+    for (int j = 0; j < f.l.cols; j++)
+      if (j < 1500 || (j >= K && j != K + i)) rk[n++] = (ranked){f.S[(size_t)i * f.l.cols + j], j};
+    qsort(rk, (size_t)n, sizeof *rk, cmp_ranked);
+    for (int k = 0; k < n; k++)
+      EXPECT(mk(&f, i, rk[k].col) == (k < N ? MINE_NEG : MINE_OFF), "row %d rank %d col %d", i, k, rk[k].col);
+    ck_assert_int_eq(count_mask(&f, i, 0, f.l.cols, MINE_NEG), N);
+  }
+  fix_close(&f);
+}
+END_TEST
+
+START_TEST(semi_hard_top_up_is_exact_on_long_rows) {
+  enum { K = 5000 };
+  mine_config c = cfg_of(MINE_SEMI_HARD, 200);
+  c.margin = 0.05f;
+  fix f;
+  fix_open(&f, &c, K, 1, 0);
+  rng_t r;
+  rng_init(&r, 13, 1);
+  for (int j = 0; j < K; j++) f.S[j] = rng_normal(&r) * 0.1f;
+  f.s_pos[0] = 0.3f; /* the band (0.25, 0.3) holds a few dozen of 5000 */
+  fix_run(&f);
+  static ranked rk[K];
+  int nb = 0, nr = 0;
+  for (int j = 0; j < K; j++) {
+    float x = f.S[j];
+    if (x > 0.25f && x < 0.3f) {
+      nb++;
+      EXPECT(mk(&f, 0, j) == MINE_NEG, "band column %d not taken", j);
+    } else if (x <= 0.25f) {
+      rk[nr++] = (ranked){x, j};
+    } else {
+      EXPECT(mk(&f, 0, j) == MINE_OFF, "column %d at or above s_pos taken", j);
+    }
+  }
+  ck_assert(nb > 0 && nb < 200);
+  qsort(rk, (size_t)nr, sizeof *rk, cmp_ranked);
+  for (int k = 0; k < nr; k++)
+    EXPECT(mk(&f, 0, rk[k].col) == (k < 200 - nb ? MINE_NEG : MINE_OFF), "rank %d below the band", k);
   fix_close(&f);
 }
 END_TEST
@@ -563,6 +692,10 @@ START_TEST(bad_inputs_are_refused_with_context) {
   ck_assert_int_eq(s, MINE_SEMI_HARD);
   ck_assert_str_eq(mine_strategy_name(MINE_MIXING), "mixing");
   ck_assert_int_eq(mine_strategy_parse("hardest-first", &s), MOCO_ECONFIG);
+  mine_ceiling ceil;
+  ck_assert_int_eq(mine_ceiling_parse("relative", &ceil), 0);
+  ck_assert_int_eq(ceil, MINE_CEILING_RELATIVE);
+  ck_assert_int_eq(mine_ceiling_parse("soft", &ceil), MOCO_ECONFIG);
 }
 END_TEST
 
@@ -897,6 +1030,9 @@ Suite *mine_suite(void) {
   tcase_add_test(tc, hardest_takes_the_n_most_similar_with_ties_to_the_lower_column);
   tcase_add_test(tc, hardest_and_band_match_a_full_sort_on_long_rows);
   tcase_add_test(tc, hardest_is_exact_when_the_sample_misleads);
+  tcase_add_test(tc, guards_and_rank_windows_match_a_reference_on_long_rows);
+  tcase_add_test(tc, hardest_ranks_queue_and_in_batch_columns_together);
+  tcase_add_test(tc, semi_hard_top_up_is_exact_on_long_rows);
   tcase_add_test(tc, band_selects_its_rank_window_and_follows_hardness);
   tcase_add_test(tc, semi_hard_samples_the_band_then_tops_up_from_below);
   tcase_add_test(tc, hardness_sets_n_geometrically_between_easy_and_hard);

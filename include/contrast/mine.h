@@ -73,6 +73,8 @@ int mine_config_check(const mine_config *c);
 /* "all", "random", "hardest", "semi-hard", "band", "mixing", "adversarial". */
 const char *mine_strategy_name(mine_strategy s);
 int mine_strategy_parse(const char *name, mine_strategy *out);
+/* "none", "absolute", "relative". */
+int mine_ceiling_parse(const char *name, mine_ceiling *out);
 
 /* Where each candidate source lives in the columns of S and mask (row stride = cols). */
 typedef struct {
@@ -99,11 +101,13 @@ typedef struct {
   int batch_size;              /* B queries, <= max_batch */
   const float *s_pos;          /* [B] each query's similarity to its own key */
   float hardness;              /* [0, 1], from the curriculum or the controller */
-  int warmup;                  /* 1 during the curriculum's warm-up: random negatives, n = num_negatives */
+  int warmup;                  /* 1 during a warm-up: random negatives, n = num_negatives, no synthetic
+                                  ones (adversarial ignores it) */
   int queue_filled;            /* valid queue slots are [0, queue_filled) (queue.filled) */
   const int64_t *queue_ids;    /* [K] sample id per slot, -1 unknown; NULL when none are known */
   const int32_t *queue_labels; /* [K] label per slot, -1 none; NULL when the data has none */
-  const int64_t *ids;          /* [B] sample ids of the batch (queries and in-batch keys); NULL: none */
+  const int64_t *ids;          /* [B] sample ids of the batch (queries and in-batch keys); NULL: none
+                                  (the query's own in-batch column is excluded regardless) */
   const int32_t *labels;       /* [B] labels of the batch or NULL */
   /* mixing only (else NULL): the vectors behind the columns, L2-normalised rows */
   int dim;
@@ -129,7 +133,7 @@ typedef struct {
   float hardest_sim_mean;    /* mean over rows of the row's hardest selected negative */
   float hardest_sim_max;     /* the hardest selected negative of the step */
   float instance_accuracy;   /* share of rows whose s_pos exceeds every selected negative */
-  long label_known;          /* selected negatives (real columns) whose and whose query's label is known */
+  long label_known;          /* selected negatives (real columns) where both they and their query have a label */
   long label_same;           /* of which share the query's label */
 } mine_stats;
 
@@ -140,7 +144,8 @@ typedef struct {
   /* workspaces, sized at init */
   float *vals;       /* [max_cols] a row's gathered similarities */
   float *tmp;        /* [max_cols] scratch copy for k-th element selection */
-  int32_t *idx;      /* [max_cols] a row's gathered columns; after a selection, the selected ones */
+  int32_t *idx;      /* [max_cols] a row's gathered or selected columns (mixing: its hard pool) */
+  int32_t *bidx;     /* [max_cols] a row's columns inside a rank bracket */
   int32_t *n_excl;   /* [max_batch] candidates excluded per row (own column, same id, supervised) */
   int32_t *hash;     /* [hash_cap] sample id -> first batch row holding it, open addressing */
   int32_t *chain;    /* [max_batch] next batch row with the same id, -1 at the end */
@@ -154,9 +159,12 @@ int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int
 void mine_free(mine *m);
 
 /* Writes mask [B, l->cols] and, for mixing, the synthetic columns of S [B, l->cols]; the other
- * columns of S are only read. Candidates are the valid queue slots [0, queue_filled), the in-batch
- * keys other than the query's own, and the bank columns, minus entries with the query's sample id and,
- * by the guards, suspected false negatives. Fills st when it is not NULL. */
+ * columns of S are only read. Candidates are the valid queue slots [0, queue_filled) and the in-batch
+ * keys other than the query's own, minus entries with the query's sample id and, by the guards,
+ * suspected false negatives; the strategy picks among them. Bank columns (adversarial) are all
+ * negatives, outside the guards. Fills st when it is not NULL. Errors: MOCO_ESHAPE for a batch or
+ * layout beyond the init sizes or not matching the config, MOCO_ERANGE for queue_filled or hardness
+ * out of range, MOCO_EINVAL for missing inputs (supervised without labels, mixing without vectors). */
 int mine_select(mine *m, const mine_layout *l, const mine_input *in, float *S, uint8_t *mask,
                 rng_t *rng, mine_stats *st);
 

@@ -32,7 +32,10 @@ void eval_knn_config_default(eval_knn_config *c);
  * Neighbours tied with the k-th similarity are taken in train-row order. Rows need not be normalised:
  * similarities are computed with sgemm on the raw rows and divided by both row norms, which is the dot
  * product of the L2-normalised rows without copying the train matrix (a zero row has similarity 0 to
- * everything). Workspace, allocated per call: block_rows × (n_train + dim) + 2·n_train floats.
+ * everything). The top k of a row are exact, found in O(n_train): one pass keeps the similarities above
+ * a threshold read off an evenly strided sample of the row, a quickselect ranks those few (a full
+ * rescan when the sample placed the threshold too high). Workspace, allocated per call:
+ * block_rows × (n_train + dim) floats and 4·n_train words.
  *   train [n_train, dim], train_labels [n_train]; test [n_test, dim], test_labels [n_test]
  *   accuracy: top-1 accuracy in [0, 1]
  *   class_acc [num_classes] or NULL: accuracy per true class, -1 for a class absent from the test rows

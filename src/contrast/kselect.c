@@ -6,21 +6,29 @@ static inline void swapf(float *a, float *b) {
   *b = t;
 }
 
-/* Descending three-way partition around value p: v[0..*gt) > p, v[*gt..*eq) == p, v[*eq..n) < p.
- * Equal keys land in the middle band, so runs of ties (common in hand-built matrices and in a
- * saturated queue) end the recursion instead of degrading it. */
-static void partition3(float *v, int n, float p, int *gt, int *eq) {
-  int lo = 0, i = 0, hi = n;
-  while (i < hi) {
-    if (v[i] > p)
-      swapf(&v[lo++], &v[i++]);
-    else if (v[i] < p)
-      swapf(&v[i], &v[--hi]);
-    else
-      i++;
+/* Moves the values of v[0..n) for which `above` holds (x > p, or x >= p) to the front and returns
+ * their number. Branch-free (Lomuto with an unconditional swap): the comparisons of a selection are
+ * unpredictable by nature, and a mispredicted branch per element would cost more than the swap. */
+static int partition_gt(float *v, int n, float p) {
+  int k = 0;
+  for (int i = 0; i < n; i++) {
+    float x = v[i];
+    v[i] = v[k];
+    v[k] = x;
+    k += x > p;
   }
-  *gt = lo;
-  *eq = hi;
+  return k;
+}
+
+static int partition_ge(float *v, int n, float p) {
+  int k = 0;
+  for (int i = 0; i < n; i++) {
+    float x = v[i];
+    v[i] = v[k];
+    v[k] = x;
+    k += x >= p;
+  }
+  return k;
 }
 
 static float median3(float a, float b, float c) {
@@ -61,12 +69,17 @@ static float select_rank(float *v, int n, int r, int depth) {
     }
     float p = depth < 0 || depth == 0 ? pivot_mom(v, n) : median3(v[0], v[n / 2], v[n - 1]);
     if (depth == 0) depth = -1;
-    int gt, eq;
-    partition3(v, n, p, &gt, &eq);
+    /* Descending three-way split: v[0..gt) > p, v[gt..eq) == p, v[eq..n) < p, the second half of it
+     * only when the rank lies beyond gt. Equal keys end in the middle band, so runs of ties (common
+     * in hand-built matrices and a saturated queue) end the recursion instead of degrading it. */
+    int gt = partition_gt(v, n, p);
     if (r < gt) {
       if (depth > 0 && gt > n - n / 8) depth--; /* lopsided: fewer than 1/8 removed */
       n = gt;
-    } else if (r < eq) {
+      continue;
+    }
+    int eq = gt + partition_ge(v + gt, n - gt, p);
+    if (r < eq) {
       return p;
     } else {
       if (depth > 0 && n - eq > n - n / 8) depth--;

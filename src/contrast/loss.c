@@ -3,11 +3,12 @@
 #include <math.h>
 #include <string.h>
 
+#include "contrast/mine.h"
 #include "core/err.h"
 #include "core/tensor.h"
 
-/* The contract's mask values (MINE_OFF / MINE_NEG / MINE_POS of contrast/mine.h). */
-enum { M_OFF = 0, M_NEG = 1, M_POS = 2 };
+/* The contract's mask values, short names for the inner loops. */
+enum { M_OFF = MINE_OFF, M_NEG = MINE_NEG, M_POS = MINE_POS };
 
 void loss_config_default(loss_config *c) {
   c->loss = LOSS_INFONCE;

@@ -5,13 +5,12 @@
  *      the query's sample id (found through a hash of the batch ids, O(K + B) per step rather than
  *      O(B K)), and in supervised mode entries with the query's label;
  *   3. per row: the false-negative guards, then the strategy, then CAND -> MINE_OFF.
- * Selection by rank never sorts a row: a threshold estimated from a strided sample of the row lets a
- * single pass gather only the few entries that can be among the wanted ranks (blocks of 16 columns
- * with no entry above it are skipped with one vectorised compare), and k-th element selection on that
- * small set (kselect.h) finds the exact boundary. Ties at a boundary go to the lower column, so the
- * result is exactly specified. */
+ * Selection by rank never sorts a row (see "rank selection" below): two vectorised passes over the
+ * row and k-th element selection on the few entries near each boundary. Ties at a boundary go to the
+ * lower column, so the result is exactly specified. Everything is O(columns) per row. */
 #include "contrast/mine.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,9 +21,14 @@
 /* Internal mask value of a candidate not yet decided; never left in a mask mine_select returns. */
 enum { CAND = 4 };
 
-/* Size of the strided sample a threshold is estimated from, and the row length below which a row is
- * simply gathered whole (the sample would cost as much as it saves). */
-enum { SAMPLE = 256, SAMPLE_MIN_ROW = 4 * SAMPLE, BLOCK = 16 };
+/* SAMPLE: strided sample that places a row's thresholds; BLOCK: columns a gather skips at once when
+ * none reaches its threshold; NT: thresholds per cut; BLK: columns per block of a rank pass. */
+enum { SAMPLE = 256, BLOCK = 16, NT = 8, BLK = 64 };
+
+/* The per-block loops are called with n == BLK for whole blocks and n < BLK for a range's tail;
+ * inlined, the whole-block call has a constant trip count, which is what lets GCC's -O2 vectoriser
+ * take it. */
+#define BLOCK_FN static inline __attribute__((always_inline))
 
 void mine_config_default(mine_config *c) {
   memset(c, 0, sizeof *c);
@@ -64,6 +68,16 @@ int mine_strategy_parse(const char *name, mine_strategy *out) {
                     "mine.strategy: \"%s\": expected all, random, hardest, semi-hard, band, mixing "
                     "or adversarial",
                     name);
+}
+
+int mine_ceiling_parse(const char *name, mine_ceiling *out) {
+  static const char *const names[] = {"none", "absolute", "relative"};
+  for (int i = 0; i < 3; i++)
+    if (!strcmp(name, names[i])) {
+      *out = (mine_ceiling)i;
+      return 0;
+    }
+  return moco_error(MOCO_ECONFIG, "mine.ceiling: \"%s\": expected none, absolute or relative", name);
 }
 
 int mine_config_check(const mine_config *c) {
@@ -132,11 +146,12 @@ int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int
   m->vals = malloc(cols * sizeof *m->vals);
   m->tmp = malloc(cols * sizeof *m->tmp);
   m->idx = malloc(cols * sizeof *m->idx);
+  m->bidx = malloc(cols * sizeof *m->bidx);
   m->n_excl = malloc((size_t)max_batch * sizeof *m->n_excl);
   m->hash = malloc((size_t)m->hash_cap * sizeof *m->hash);
   m->chain = malloc((size_t)max_batch * sizeof *m->chain);
   m->synth = malloc(((size_t)max_batch * l.synth_size + 1) * sizeof *m->synth);
-  if (!m->vals || !m->tmp || !m->idx || !m->n_excl || !m->hash || !m->chain || !m->synth) {
+  if (!m->vals || !m->tmp || !m->idx || !m->bidx || !m->n_excl || !m->hash || !m->chain || !m->synth) {
     mine_free(m);
     return moco_error(MOCO_ENOMEM, "mine_init: workspaces for %d columns x %d rows", l.cols, max_batch);
   }
@@ -147,6 +162,7 @@ void mine_free(mine *m) {
   free(m->vals);
   free(m->tmp);
   free(m->idx);
+  free(m->bidx);
   free(m->n_excl);
   free(m->hash);
   free(m->chain);
@@ -231,32 +247,6 @@ static int gather(mine *m, row_t *r, float t, float u, int suspect) {
   return n;
 }
 
-/* A threshold with about `want` (and very likely at least `want`) candidates s <= u at or above it:
- * the matching quantile of a strided sample, lowered by three binomial standard deviations plus four
- * places. -INFINITY when the row is short or the sample cannot tell; the caller then gathers all. */
-static float estimate_threshold(const row_t *r, int want, float u) {
-  if (want <= 0) return u;
-  if (r->width < SAMPLE_MIN_ROW || want >= r->n_cand) return -INFINITY;
-  float sample[SAMPLE];
-  int n = 0, seen = 0;
-  int step = r->width / SAMPLE;
-  for (int i = step / 2; i < r->width && seen < SAMPLE; i += step) {
-    int c = row_col(r, i);
-    float x = r->s[c];
-    if (r->mk[c] != CAND) continue;
-    seen++;
-    if (x <= u) sample[n++] = x;
-  }
-  if (n < SAMPLE / 8) return -INFINITY;
-  /* the candidates at or below u, as the sample sees them */
-  double p = (double)want / ((double)r->n_cand * n / seen);
-  if (p >= 1.0) return -INFINITY;
-  double mean = p * n;
-  int rank = (int)ceil(mean + 3.0 * sqrt(mean * (1.0 - p)) + 4.0);
-  if (rank >= n) return -INFINITY;
-  return kselect_largest(sample, n, rank);
-}
-
 /* n(h): geometric interpolation from the easy count (0 = every candidate) to num_negatives. */
 static int knob_n(const mine_config *c, float h, int n_cand) {
   double easy = c->num_negatives_easy > 0 ? c->num_negatives_easy : (n_cand > 0 ? n_cand : 1);
@@ -294,72 +284,6 @@ static void want_window(const mine_config *c, const want_t *w, int n_left, int *
   if (*a > *b) *a = *b;
 }
 
-/* The value at descending rank R (1-based) of v[0..n) and how many entries equal to it belong to the
- * top R (the rest of the tie lies below the boundary). R == 0: +inf, none. Reorders tmp[0..n). */
-typedef struct {
-  float v;
-  int ties;
-} boundary;
-
-static boundary find_boundary(float *tmp, int n, int R) {
-  boundary bd = {INFINITY, 0};
-  if (R <= 0) return bd;
-  bd.v = kselect_largest(tmp, n, R);
-  int above = 0;
-  for (int i = 0; i < R; i++) above += tmp[i] > bd.v; /* tmp[0..R) holds the top R */
-  bd.ties = R - above;
-  return bd;
-}
-
-/* Whether x at this point of a column-order scan is inside the top of a boundary; consumes a tie. */
-static inline int in_top(boundary *bd, float x) {
-  if (x > bd->v) return 1;
-  if (x == bd->v && bd->ties > 0) {
-    bd->ties--;
-    return 1;
-  }
-  return 0;
-}
-
-/* Applies the guards of `w` to the row and leaves the columns of ranks [a, b) of what remains in
- * idx[0..return), column order. The eps suspects are marked like ceiling suspects. */
-static int top(mine *m, row_t *r, const want_t *w) {
-  const mine_config *c = &m->cfg;
-  int a, b, E = frac_count(w->eps, r->n_cand);
-  want_window(c, w, r->n_cand - E, &a, &b);
-  float t = estimate_threshold(r, E + b, w->u);
-  int g = gather(m, r, t, w->u, w->suspect);
-  /* ceiling suspects are known now: the exact window */
-  E = frac_count(w->eps, r->n_cand);
-  want_window(c, w, r->n_cand - E, &a, &b);
-  if (g < E + b && t > -INFINITY) g = gather(m, r, -INFINITY, w->u, w->suspect);
-  if (g < E + b) { /* fewer than counted: NaN similarities; take what exists */
-    if (E > g) E = g;
-    if (b > g - E) b = g - E;
-    if (a > b) a = b;
-  }
-  if (E + b == 0) return 0;
-  memcpy(m->tmp, m->vals, (size_t)g * sizeof *m->tmp);
-  boundary bB = find_boundary(m->tmp, g, E + b);
-  boundary bA = find_boundary(m->tmp, E + b, E + a);
-  boundary bE = find_boundary(m->tmp, E + a, E);
-  int n = 0;
-  for (int i = 0; i < g; i++) {
-    float x = m->vals[i];
-    int tE = in_top(&bE, x), tA = in_top(&bA, x), tB = in_top(&bB, x);
-    if (tE) {
-      int col = m->idx[i];
-      r->mk[col] = w->suspect >= 0 ? (uint8_t)w->suspect : MINE_OFF;
-      r->suspects++;
-      r->positives += w->suspect == MINE_POS;
-      r->n_cand--;
-    } else if (tB && !tA) {
-      m->idx[n++] = m->idx[i];
-    }
-  }
-  return n;
-}
-
 /* Per-step accumulators of the statistics. */
 typedef struct {
   double sum;
@@ -384,6 +308,381 @@ static inline void rowacc_add(rowacc_t *ra, float x) {
   if (x > ra->max) ra->max = x;
 }
 
+/* An all-ones / all-zero int mask from a condition. The block loops combine such masks with & | ~
+ * rather than ?: on bytes, which GCC can only if-convert with AVX-512's masked stores: this way
+ * they vectorise on plain AVX2 (and SSE) too. */
+static inline int32_t bmask(int cond) { return -(int32_t)cond; }
+
+/* The block passes count their negatives in integers, which the compiler vectorises without
+ * reassociating float sums: similarities in 20-bit fixed point (cosines lie in [-1, 1]; values
+ * outside [-8, 8] count as 0, which keeps the conversion defined) and the maximum as the float's
+ * bits made order-preserving. */
+typedef struct {
+  int64_t sum; /* 2^-20 units */
+  int32_t key; /* sortable bits of the largest */
+  int32_t count;
+} blockacc;
+
+/* x where the mask is set and x is a plausible similarity, else 0: what block_stats converts. */
+static inline float stat_value(int32_t mask, float x) {
+  return (mask & bmask(x >= -8.0f) & bmask(x <= 8.0f)) ? x : 0.0f;
+}
+
+/* The float's bits, read as an integer in the vectorised loops: GCC's may_alias makes the type pun
+ * defined where memcpy would stop the vectoriser. */
+typedef int32_t alias_i32 __attribute__((may_alias));
+
+static inline int32_t sortable_bits(int32_t b) { return b ^ ((b >> 31) & 0x7fffffff); }
+
+/* Largest of BLK keys, as a loop of its own so that it vectorises. */
+BLOCK_FN int32_t max_key(const int32_t *keys, int n) {
+  int32_t key = INT32_MIN;
+  for (int k = 0; k < n; k++) key = keys[k] > key ? keys[k] : key;
+  return key;
+}
+
+/* Folds a block's counted similarities (xs, 0 where not counted) and their keys into ba. The
+ * float-to-fixed conversion is a loop of its own: fused into the block loop it stops GCC's AVX2
+ * vectoriser. */
+BLOCK_FN void block_stats(const float *xs, const int32_t *keys, int n, int count, blockacc *ba) {
+  int32_t sum = 0;
+  for (int k = 0; k < n; k++) sum += (int32_t)(xs[k] * 1048576.0f);
+  int32_t key = max_key(keys, n);
+  ba->sum += sum;
+  ba->count += count;
+  ba->key = key > ba->key ? key : ba->key;
+}
+
+static float unsortable(int32_t k) {
+  int32_t b = k ^ ((k >> 31) & 0x7fffffff);
+  float x;
+  memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+static void rowacc_merge(rowacc_t *ra, const blockacc *ba) {
+  if (ba->count == 0) return;
+  ra->sum += (double)ba->sum * (1.0 / 1048576.0);
+  ra->count += ba->count;
+  float mx = unsortable(ba->key);
+  if (mx > ra->max) ra->max = mx;
+}
+
+/* ---- rank selection ----------------------------------------------------------------------------
+ * A cut is "the top R candidates" of a row (ties to the lower column). Without sorting, a row's cuts
+ * are found in two passes of vectorised block loops:
+ *   1. a strided sample places, for each cut, NT thresholds around where its boundary should lie
+ *      (three binomial standard deviations either side); one pass counts the valid candidates at or
+ *      above every threshold. The two thresholds whose counts straddle R bracket the boundary:
+ *      everything at or above `hi` is in, everything below `lo` is out.
+ *   2. a second pass writes the decided columns straight into the mask and gathers the few inside a
+ *      bracket; k-th element selection among those settles the exact boundary.
+ * A bad sample only widens a bracket (at worst to the whole row), so the result is always exact. */
+
+/* Valid for ranking: a candidate at or below the ceiling with a finite similarity. */
+static inline int32_t rankable(int32_t cand, float x, float u) {
+  return cand & bmask(x <= u) & bmask(x >= -FLT_MAX) & bmask(x <= FLT_MAX);
+}
+
+typedef struct {
+  int R;        /* rank: the top R; 0 = inactive */
+  float lo, hi; /* in: x >= hi; bracket: lo <= x < hi; out: x < lo */
+  int need;     /* how many of the bracket are in */
+  int t0;       /* its thresholds in the counting pass: t[t0 .. t0 + NT) */
+} cut;
+
+enum { MAX_CUTS = 3 };
+
+/* What top() does with the window of ranks: mark it NEG and the rest OFF (hardest, band), list it
+ * in idx and leave every candidate CAND (mixing's pool), or nothing (guards only). */
+typedef enum { TOP_MARK, TOP_POOL, TOP_GUARD } top_mode;
+
+/* A row's cuts: suspects are the top E (cut 0), the window is top(E + b) (cut 2) minus top(E + a)
+ * (cut 1). */
+typedef struct {
+  float u;
+  int suspect; /* mark for suspects, -1: entries above u are ignored (left to the caller) */
+  top_mode mode;
+  cut c[MAX_CUTS];
+  float t[MAX_CUTS * NT];
+  int32_t count[MAX_CUTS * NT];
+  int nt;
+} cuts;
+
+/* Pass one over a block: the rankable candidates (returned), and how many are at or above each
+ * threshold. */
+BLOCK_FN int count_block(const float *restrict s, const uint8_t *restrict mk, int n, float u,
+                         const float *restrict t, int nt, int32_t *restrict count) {
+  float xv[BLK];
+  int v = 0;
+  for (int k = 0; k < n; k++) {
+    float x = s[k];
+    int32_t ok = rankable(bmask(mk[k] == CAND), x, u);
+    v += ok & 1;
+    xv[k] = ok ? x : -INFINITY; /* below every threshold */
+  }
+  for (int j = 0; j < nt; j++) {
+    int c = 0;
+    for (int k = 0; k < n; k++) c += xv[k] >= t[j];
+    count[j] += c;
+  }
+  return v;
+}
+
+static int count_pass(const row_t *r, cuts *ct) {
+  int v = 0;
+  memset(ct->count, 0, sizeof ct->count);
+  for (int k = 0; k < r->nr; k++)
+    for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
+      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK;
+      v += n == BLK ? count_block(r->s + j, r->mk + j, BLK, ct->u, ct->t, ct->nt, ct->count)
+                    : count_block(r->s + j, r->mk + j, n, ct->u, ct->t, ct->nt, ct->count);
+    }
+  return v;
+}
+
+/* A strided sample of the row's rankable values into sample[]; *cands counts the candidates seen. */
+static int take_sample(const row_t *r, float u, float *sample, int *cands) {
+  int n = 0, seen = 0;
+  int step = r->width / SAMPLE;
+  for (int it = 0; step > 0 && it < SAMPLE; it++) {
+    int c = row_col(r, step / 2 + it * step);
+    seen += r->mk[c] == CAND;
+    if (rankable(bmask(r->mk[c] == CAND), r->s[c], u)) sample[n++] = r->s[c];
+  }
+  *cands = seen;
+  return n;
+}
+
+/* NT thresholds for a boundary expected at rank R_est of n_est: evenly spaced in value over the
+ * sample's plausible range for it. Short rows or samples get none, and their cut brackets the row. */
+static void place_thresholds(cuts *ct, cut *c, float *sample, int m, double R_est, double n_est) {
+  c->t0 = ct->nt;
+  if (m < SAMPLE / 2 || n_est <= 0) return;
+  double p = R_est / n_est;
+  if (p <= 0.0 || p >= 1.0) return;
+  double mid = p * m, sd = sqrt(m * p * (1.0 - p));
+  int r_hi = (int)floor(mid - 3.0 * sd - 2.0), r_lo = (int)ceil(mid + 3.0 * sd + 2.0);
+  r_hi = r_hi < 0 ? 0 : r_hi;
+  r_lo = r_lo > m - 1 ? m - 1 : r_lo;
+  float lo = kselect_largest(sample, m, r_lo + 1);
+  float hi = kselect_largest(sample, r_lo + 1, r_hi + 1); /* within the top r_lo + 1 */
+  for (int j = 0; j < NT; j++) ct->t[ct->nt++] = hi - (hi - lo) * (float)j / (NT - 1);
+}
+
+/* From the counts, the bracket of cut c (rank R among V rankable candidates). */
+static void bracket(cuts *ct, cut *c, int V) {
+  if (c->R <= 0) {
+    *c = (cut){0, INFINITY, INFINITY, 0, c->t0};
+    return;
+  }
+  if (c->R >= V) { /* all of them */
+    *c = (cut){c->R, -INFINITY, -INFINITY, 0, c->t0};
+    return;
+  }
+  float hi = INFINITY, lo = -INFINITY;
+  int above = 0;
+  int n = ct->nt - c->t0 < NT ? ct->nt - c->t0 : NT; /* 0 when it got no thresholds */
+  for (int j = 0; j < n; j++) {
+    int cj = ct->count[c->t0 + j];
+    if (cj >= c->R) {
+      lo = ct->t[c->t0 + j];
+      break;
+    }
+    hi = ct->t[c->t0 + j];
+    above = cj;
+  }
+  c->lo = lo;
+  c->hi = hi;
+  c->need = c->R - above;
+}
+
+/* Pass two over one block: decides the block's candidates from the brackets; returns the number of
+ * new suspects, flags in bd[] the entries inside a bracket and in win[] the window entries (*flags:
+ * any entry to compact: a bracketed one, or for TOP_POOL a window one), and counts into ba the
+ * window entries it marks MINE_NEG (TOP_MARK). */
+BLOCK_FN int classify(const float *restrict s, uint8_t *restrict mk, int n, const cuts *ct,
+                      uint8_t *restrict bd, uint8_t *restrict win, int *flags, blockacc *ba,
+                      int window_only) {
+  const alias_i32 *bits = (const alias_i32 *)s;
+  const float u = ct->u;
+  /* window_only (a literal at the call): cuts E and A are inactive, their tests fold away */
+  const float loE = window_only ? INFINITY : ct->c[0].lo, hiE = window_only ? INFINITY : ct->c[0].hi;
+  const float loA = window_only ? INFINITY : ct->c[1].lo, hiA = window_only ? INFINITY : ct->c[1].hi;
+  const float loB = ct->c[2].lo, hiB = ct->c[2].hi;
+  const int32_t smark = ct->suspect >= 0 ? ct->suspect : CAND;
+  const int32_t mark = bmask(ct->mode == TOP_MARK), flag_susp = bmask(ct->suspect >= 0);
+  const int32_t pool = bmask(ct->mode != TOP_GUARD), list = bmask(ct->mode == TOP_POOL);
+  int32_t keys[BLK];
+  float xs[BLK];
+  int ns = 0, any = 0, cnt = 0;
+  for (int k = 0; k < n; k++) {
+    float x = s[k];
+    int32_t m = mk[k];
+    int32_t cand = bmask(m == CAND), ok = rankable(cand, x, u);
+    int32_t edge = ok & ((bmask(x >= loE) & bmask(x < hiE)) | (bmask(x >= loA) & bmask(x < hiA)) |
+                         (bmask(x >= loB) & bmask(x < hiB)));
+    int32_t sus = (cand & bmask(x > u) & flag_susp) | (ok & bmask(x >= hiE));
+    int32_t w = ok & bmask(x >= hiB) & bmask(x < loA) & ~edge & pool;
+    /* TOP_MARK decides: bracketed stays CAND, window NEG, the rest OFF (0); other modes keep m */
+    int32_t rest = (mark & ((edge & CAND) | (w & MINE_NEG))) | (~mark & m);
+    int32_t nm = (sus & smark) | (~sus & rest);
+    mk[k] = (uint8_t)((cand & nm) | (~cand & m));
+    bd[k] = (uint8_t)(edge & 1);
+    win[k] = (uint8_t)(w & 1);
+    ns += sus & 1;
+    any |= (edge | (w & list)) & 1;
+    int32_t counted = w & mark;
+    cnt += counted & 1;
+    xs[k] = stat_value(counted, x);
+    keys[k] = (counted & sortable_bits(bits[k])) | (~counted & INT32_MIN);
+  }
+  if (ct->mode == TOP_MARK) block_stats(xs, keys, n, cnt, ba);
+  *flags = any;
+  return ns;
+}
+
+/* The value at descending rank R (1-based) of v[0..n) and how many entries equal to it belong to the
+ * top R (the rest of the tie lies below the boundary). Reorders v. */
+typedef struct {
+  float v;
+  int ties;
+} boundary;
+
+static boundary find_boundary(float *v, int n, int R) {
+  boundary bd = {INFINITY, 0};
+  if (R <= 0 || n <= 0) return bd;
+  if (R > n) R = n;
+  bd.v = kselect_largest(v, n, R);
+  int above = 0;
+  for (int i = 0; i < R; i++) above += v[i] > bd.v; /* v[0..R) holds the top R */
+  bd.ties = R - above;
+  return bd;
+}
+
+/* Whether x, met in column order, is within the top of its bracket; consumes a tie. */
+static inline int in_top(boundary *bd, float x) {
+  if (x > bd->v) return 1;
+  if (x == bd->v && bd->ties > 0) {
+    bd->ties--;
+    return 1;
+  }
+  return 0;
+}
+
+/* The exact boundary of cut c among the gathered entries vals[0..g). */
+static boundary cut_boundary(mine *m, const cut *c, int g) {
+  if (c->need <= 0) return (boundary){INFINITY, 0};
+  int n = 0;
+  for (int i = 0; i < g; i++) {
+    float x = m->vals[i];
+    m->tmp[n] = x;
+    n += (x >= c->lo) & (x < c->hi);
+  }
+  return find_boundary(m->tmp, n, c->need);
+}
+
+static inline int cut_in(const cut *c, boundary *bd, float x) {
+  return x >= c->hi || (x >= c->lo && in_top(bd, x));
+}
+
+/* Settles the gathered entries (vals, bidx; column order) against the exact boundaries; returns the
+ * number of window entries, appended to idx[n_win..] (TOP_POOL) or marked (TOP_MARK). */
+static int settle(mine *m, row_t *r, const cuts *ct, int g, int n_win, rowacc_t *ra) {
+  boundary b[MAX_CUTS];
+  for (int k = 0; k < MAX_CUTS; k++) b[k] = cut_boundary(m, &ct->c[k], g);
+  int added = 0;
+  for (int i = 0; i < g; i++) {
+    float x = m->vals[i];
+    int col = m->bidx[i];
+    int tE = cut_in(&ct->c[0], &b[0], x), tA = cut_in(&ct->c[1], &b[1], x);
+    int tB = cut_in(&ct->c[2], &b[2], x);
+    if (tE) {
+      r->mk[col] = ct->suspect >= 0 ? (uint8_t)ct->suspect : MINE_OFF;
+      r->suspects++;
+      r->positives += ct->suspect == MINE_POS;
+    } else if (tB && !tA && ct->mode != TOP_GUARD) {
+      if (ct->mode == TOP_MARK) {
+        r->mk[col] = MINE_NEG;
+        rowacc_add(ra, x);
+      } else {
+        m->idx[n_win++] = col;
+      }
+      added++;
+    } else if (ct->mode == TOP_MARK) {
+      r->mk[col] = MINE_OFF;
+    }
+  }
+  return added;
+}
+
+/* Appends the columns j + i with flag[i] set (and their similarities, when vals is not NULL) at
+ * position g; returns the new count. Eight flags are tested at once, and only groups holding one are
+ * compacted, branch-free: a block typically holds a handful of bracketed columns. */
+static int compact(const float *s, int j, int n, const uint8_t *flag, float *vals, int32_t *cols, int g) {
+  for (int i0 = 0; i0 < n; i0 += 8) {
+    uint64_t word = 0;
+    memcpy(&word, flag + i0, 8);
+    if (!word) continue;
+    for (int i = i0; i < i0 + 8 && i < n; i++) {
+      if (vals) vals[g] = s[j + i];
+      cols[g] = j + i;
+      g += flag[i];
+    }
+  }
+  return g;
+}
+
+/* Applies the guards of `w` to the row (ceiling and eps suspects marked) and selects ranks [a, b) of
+ * the candidates left, per mode; returns the window's size (TOP_POOL: the pool, in idx[0..n)). */
+static int top(mine *m, row_t *r, const want_t *w, top_mode mode, rowacc_t *ra) {
+  const mine_config *c = &m->cfg;
+  cuts ct = {.u = w->u, .suspect = w->suspect, .mode = mode};
+  float sample[SAMPLE];
+  int cands, ms = take_sample(r, w->u, sample, &cands);
+  /* rankable candidates as the sample sees them, for placing the thresholds */
+  double V_est = cands > 0 ? (double)r->n_cand * ms / cands : 0.0;
+  int a, b, E = frac_count(w->eps, (int)V_est);
+  want_window(c, w, (int)V_est - E, &a, &b);
+  if (mode == TOP_GUARD) a = b = 0;
+  double R_est[MAX_CUTS] = {E, E + a, E + b};
+  for (int k = 0; k < MAX_CUTS; k++) place_thresholds(&ct, &ct.c[k], sample, ms, R_est[k], V_est);
+  int V = count_pass(r, &ct);
+  /* the exact ranks */
+  E = frac_count(w->eps, V);
+  want_window(c, w, V - E, &a, &b);
+  if (mode == TOP_GUARD) a = b = 0;
+  int R[MAX_CUTS] = {E, E + a, E + b};
+  for (int k = 0; k < MAX_CUTS; k++) {
+    ct.c[k].R = R[k];
+    bracket(&ct, &ct.c[k], V);
+  }
+  uint8_t bd[BLK] = {0}, win[BLK] = {0}; /* a tail block leaves the rest zero: compact reads 8 at once */
+  const int window_only = ct.c[0].R == 0 && ct.c[1].R == 0; /* hardest, mixing's pool: the usual case */
+  blockacc ba = {0, INT32_MIN, 0};
+  int g = 0, n_win = 0;
+  long ns = 0;
+  for (int k = 0; k < r->nr; k++)
+    for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
+      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK, flags;
+      if (n < BLK)
+        ns += classify(r->s + j, r->mk + j, n, &ct, bd, win, &flags, &ba, 0);
+      else if (window_only)
+        ns += classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba, 1);
+      else
+        ns += classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba, 0);
+      if (!flags) continue;
+      g = compact(r->s, j, n, bd, m->vals, m->bidx, g);
+      if (mode == TOP_POOL) n_win = compact(NULL, j, n, win, NULL, m->idx, n_win);
+    }
+  rowacc_merge(ra, &ba);
+  r->suspects += ns;
+  if (ct.suspect == MINE_POS) r->positives += ns;
+  r->n_cand = V - E;
+  int settled = settle(m, r, &ct, g, n_win, ra);
+  return (mode == TOP_MARK ? ba.count : n_win) + settled;
+}
+
 static void mark_list(row_t *r, const int32_t *cols, int n, rowacc_t *ra) {
   for (int i = 0; i < n; i++) {
     r->mk[cols[i]] = MINE_NEG;
@@ -391,38 +690,47 @@ static void mark_list(row_t *r, const int32_t *cols, int n, rowacc_t *ra) {
   }
 }
 
+/* One block of finish(MINE_NEG): candidates above u become suspects, the rest negatives. */
+BLOCK_FN int finish_block(const float *restrict s, uint8_t *restrict mk, int n, float u, int32_t smark,
+                          blockacc *ba) {
+  const alias_i32 *bits = (const alias_i32 *)s;
+  int32_t keys[BLK];
+  float xs[BLK];
+  int ns = 0, cnt = 0;
+  for (int k = 0; k < n; k++) {
+    float x = s[k];
+    int32_t m = mk[k];
+    int32_t cand = bmask(m == CAND), sus = cand & bmask(x > u), neg = cand & ~sus;
+    mk[k] = (uint8_t)((sus & smark) | (neg & MINE_NEG) | (~cand & m));
+    ns += sus & 1;
+    cnt += neg & 1;
+    xs[k] = stat_value(neg, x);
+    keys[k] = (neg & sortable_bits(bits[k])) | (~neg & INT32_MIN);
+  }
+  block_stats(xs, keys, n, cnt, ba);
+  return ns;
+}
+
 /* Final pass: every remaining candidate becomes `to`; when to is MINE_NEG, those above u are
  * suspects instead and the negatives are counted. */
 static void finish(row_t *r, uint8_t to, float u, int suspect, rowacc_t *ra) {
-  for (int k = 0; k < r->nr; k++) {
-    const float *s = r->s;
-    uint8_t *mk = r->mk;
-    if (to == MINE_OFF) {
-      for (int j = r->lo[k]; j < r->hi[k]; j++) mk[j] = mk[j] == CAND ? MINE_OFF : mk[j];
-      continue;
+  blockacc ba = {0, INT32_MIN, 0};
+  int32_t smark = suspect;
+  long ns = 0;
+  for (int k = 0; k < r->nr; k++)
+    for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
+      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK;
+      uint8_t *mk = r->mk + j;
+      if (to == MINE_OFF) /* CAND -> OFF (0), written as a mask so that it vectorises */
+        for (int i = 0; i < n; i++) mk[i] = (uint8_t)(mk[i] & (uint8_t)-(mk[i] != CAND));
+      else
+        ns += n == BLK ? finish_block(r->s + j, mk, BLK, u, smark, &ba)
+                       : finish_block(r->s + j, mk, n, u, smark, &ba);
     }
-    double sum = 0;
-    long cnt = 0;
-    float mx = ra->max;
-    for (int j = r->lo[k]; j < r->hi[k]; j++) {
-      if (mk[j] != CAND) continue;
-      float x = s[j];
-      if (x > u) {
-        mk[j] = (uint8_t)suspect;
-        r->suspects++;
-        r->positives += suspect == MINE_POS;
-        r->n_cand--;
-        continue;
-      }
-      mk[j] = MINE_NEG;
-      sum += x;
-      cnt++;
-      mx = x > mx ? x : mx;
-    }
-    ra->sum += sum;
-    ra->count += cnt;
-    ra->max = mx;
-  }
+  rowacc_merge(ra, &ba);
+  r->suspects += ns;
+  r->positives += suspect == MINE_POS ? ns : 0;
+  r->n_cand -= (int)ns;
 }
 
 /* Partial Fisher-Yates: idx[0..n) become a uniform sample without replacement of idx[0..g). */
@@ -475,8 +783,7 @@ static void pick_semi_hard(mine *m, row_t *r, int n, float s_pos, rng_t *rng, ro
     mark_list(r, m->idx, g, ra);
     r->n_cand -= g;
     want_t w = {.mode = WANT_FIXED, .n = n - g, .u = low, .suspect = -1};
-    int k = top(m, r, &w);
-    mark_list(r, m->idx, k, ra);
+    top(m, r, &w, TOP_MARK, ra);
   }
   finish(r, MINE_OFF, INFINITY, MINE_OFF, ra);
 }
@@ -488,62 +795,96 @@ static const float *key_of(const mine_layout *l, const mine_input *in, int col) 
   return in->batch_keys + (size_t)(col - l->batch_off) * in->dim;
 }
 
-/* Eight partial sums so the compiler can keep them in one vector register. */
-static float dot(const float *x, const float *y, int n) {
-  float acc[8] = {0};
+/* A dot product of two keys, d floats, in eight-lane vectors of GCC's vector extension: left to
+ * itself, the compiler re-rolls any set of scalar partial sums into an accumulator array in memory,
+ * which made this loop the whole cost of mixing. */
+typedef float v8f __attribute__((vector_size(32)));
+
+static float dot(const float *restrict x, const float *restrict y, int n) {
+  v8f acc0 = {0}, acc1 = {0};
   int i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; k++) acc[k] += x[i + k] * y[i + k];
-  float s = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f x0, y0, x1, y1;
+    memcpy(&x0, x + i, sizeof x0);
+    memcpy(&y0, y + i, sizeof y0);
+    memcpy(&x1, x + i + 8, sizeof x1);
+    memcpy(&y1, y + i + 8, sizeof y1);
+    acc0 += x0 * y0;
+    acc1 += x1 * y1;
+  }
+  acc0 += acc1;
+  float s = ((acc0[0] + acc0[1]) + (acc0[2] + acc0[3])) + ((acc0[4] + acc0[5]) + (acc0[6] + acc0[7]));
   for (; i < n; i++) s += x[i] * y[i];
-  for (int k = 0; k < 8; k++) s += acc[k];
   return s;
 }
+
+/* Issues prefetches for a key's cache lines: the pair mixes read two random keys each, and with the
+ * keys of the next few pairs on their way the dot products stop waiting on memory. */
+static inline void prefetch_key(const float *k, int d) {
+  for (int i = 0; i < d; i += 16) __builtin_prefetch(k + i);
+}
+
+enum { PREFETCH_AHEAD = 4 };
 
 /* MoCHi (Kalantidis et al. 2020, eqs. 3-4): from the hard pool P of a row, h = normalise(a n_i +
  * (1-a) n_j) with a ~ U(0,1) for the first mix_pairs columns, and h' = normalise(b q + (1-b) n_j)
  * with b ~ U(0, 0.5) for the next mix_query (the query never dominates its mix). The similarity q.h
- * follows from the real columns' similarities and one key-key dot product, so no point is built. */
+ * follows from the real columns' similarities and one key-key dot product, so no point is built.
+ * Three passes: the draws (recipes holding the raw weight), the dot products (keys prefetched a few
+ * pairs ahead), and the normalisation, over plain arrays so that it vectorises. */
 static void synthesize(mine *m, const mine_layout *l, const mine_input *in, int row, const int32_t *P,
                        int np, float *srow, uint8_t *mrow, rng_t *rng, rowacc_t *ra) {
   const mine_config *c = &m->cfg;
-  mine_synth *rec = m->synth + (size_t)row * l->synth_size;
-  for (int x = 0; x < l->synth_size; x++) {
-    int col = l->synth_off + x;
-    mine_synth sy = {-2, -2, 0.0f, 0.0f};
-    float sim = 0.0f;
+  const int d = in->dim, X = l->synth_size, pairs = np >= 2 ? c->mix_pairs : 0;
+  mine_synth *rec = m->synth + (size_t)row * X;
+  float *w = m->vals, *xy = m->tmp; /* [X] each: raw weight, then the mix's x.y */
+  for (int x = 0; x < X; x++) {
+    rec[x] = (mine_synth){-2, -2, 0.0f, 0.0f};
+    w[x] = 0.0f;
     if (x < c->mix_pairs && np >= 2) {
       int i = (int)draw_below(rng, (uint32_t)np);
       int j = (int)draw_below(rng, (uint32_t)(np - 1));
       j += j >= i; /* two distinct pool members */
-      float a = draw_open01(rng);
-      float kk = dot(key_of(l, in, P[i]), key_of(l, in, P[j]), in->dim);
-      float n2 = a * a + (1 - a) * (1 - a) + 2 * a * (1 - a) * kk;
-      if (n2 > 1e-12f) {
-        float inv = 1.0f / sqrtf(n2);
-        sy = (mine_synth){P[i], P[j], a * inv, (1 - a) * inv};
-        sim = sy.wa * srow[P[i]] + sy.wb * srow[P[j]];
-      }
+      rec[x].a = P[i];
+      rec[x].b = P[j];
+      w[x] = draw_open01(rng);
     } else if (x >= c->mix_pairs && np >= 1) {
-      int j = (int)draw_below(rng, (uint32_t)np);
-      float b = 0.5f * draw_open01(rng);
-      float sj = srow[P[j]];
-      float n2 = b * b + (1 - b) * (1 - b) + 2 * b * (1 - b) * sj;
-      if (n2 > 1e-12f) {
-        float inv = 1.0f / sqrtf(n2);
-        sy = (mine_synth){-1, P[j], b * inv, (1 - b) * inv};
-        sim = sy.wa + sy.wb * sj; /* q.q = 1 */
-      }
+      rec[x].a = -1;
+      rec[x].b = P[draw_below(rng, (uint32_t)np)];
+      w[x] = 0.5f * draw_open01(rng);
     }
-    rec[x] = sy;
-    if (sy.b >= 0) {
-      srow[col] = sim;
-      mrow[col] = MINE_NEG;
-      rowacc_add(ra, sim);
-    } else {
+  }
+  for (int x = 0; x < PREFETCH_AHEAD && x < pairs; x++) {
+    prefetch_key(key_of(l, in, rec[x].a), d);
+    prefetch_key(key_of(l, in, rec[x].b), d);
+  }
+  for (int x = 0; x < X; x++) {
+    if (x + PREFETCH_AHEAD < pairs) {
+      prefetch_key(key_of(l, in, rec[x + PREFETCH_AHEAD].a), d);
+      prefetch_key(key_of(l, in, rec[x + PREFETCH_AHEAD].b), d);
+    }
+    /* x.y: the two keys' dot product, or for a query mix the query's similarity to its key */
+    const mine_synth *sy = &rec[x];
+    xy[x] = sy->b < 0 ? 0.0f : sy->a >= 0 ? dot(key_of(l, in, sy->a), key_of(l, in, sy->b), d) : srow[sy->b];
+  }
+  for (int x = 0; x < X; x++) { /* |w x + (1-w) y|^2 -> 1 / norm, in place of xy */
+    float n2 = w[x] * w[x] + (1 - w[x]) * (1 - w[x]) + 2 * w[x] * (1 - w[x]) * xy[x];
+    xy[x] = n2 > 1e-12f ? 1.0f / sqrtf(n2) : 0.0f;
+  }
+  for (int x = 0; x < X; x++) {
+    mine_synth *sy = &rec[x];
+    int col = l->synth_off + x;
+    if (sy->b < 0 || xy[x] == 0.0f) {
+      *sy = (mine_synth){-2, -2, 0.0f, 0.0f};
       srow[col] = 0.0f;
       mrow[col] = MINE_OFF;
+      continue;
     }
+    sy->wa = w[x] * xy[x];
+    sy->wb = (1 - w[x]) * xy[x];
+    srow[col] = sy->wa * (sy->a >= 0 ? srow[sy->a] : 1.0f) + sy->wb * srow[sy->b]; /* q.q = 1 */
+    mrow[col] = MINE_NEG;
+    rowacc_add(ra, srow[col]);
   }
 }
 
@@ -747,12 +1088,12 @@ static int select_row(mine *m, const mine_layout *l, const mine_input *in, const
   switch (p->strat) {
   case MINE_ALL:
   case MINE_ADVERSARIAL:
-    if (c->skip_hardest > 0.0f) top(m, r, &w);
+    if (c->skip_hardest > 0.0f) top(m, r, &w, TOP_GUARD, ra);
     finish(r, MINE_NEG, u, p->suspect, ra);
     return 0;
   case MINE_RANDOM:
   case MINE_SEMI_HARD:
-    if (p->guards) top(m, r, &w);
+    if (p->guards) top(m, r, &w, TOP_GUARD, ra);
     n = p->warm ? c->num_negatives : knob_n(c, p->h, r->n_cand);
     if (n > r->n_cand) n = r->n_cand;
     if (p->strat == MINE_RANDOM)
@@ -763,13 +1104,11 @@ static int select_row(mine *m, const mine_layout *l, const mine_input *in, const
   case MINE_HARDEST:
   case MINE_BAND:
     w.mode = p->strat == MINE_HARDEST ? WANT_KNOB : WANT_BAND;
-    n = top(m, r, &w);
-    mark_list(r, m->idx, n, ra);
-    finish(r, MINE_OFF, INFINITY, MINE_OFF, ra);
+    n = top(m, r, &w, TOP_MARK, ra);
     return p->strat == MINE_HARDEST ? n : 0;
   case MINE_MIXING:
     w.mode = WANT_KNOB;
-    n = top(m, r, &w); /* the hard pool stays in idx[0..n) */
+    n = top(m, r, &w, TOP_POOL, ra); /* the hard pool stays in idx[0..n) */
     finish(r, MINE_NEG, u, p->suspect, ra);
     synthesize(m, l, in, i, m->idx, n, r->s, r->mk, rng, ra);
     return n;

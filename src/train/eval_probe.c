@@ -326,7 +326,7 @@ int eval_probe_fit(eval_probe *p, const eval_probe_config *c, const float *x, co
 
 int eval_probe_accuracy(const eval_probe *p, const float *x, const int32_t *y, int64_t n, double *accuracy,
                         int32_t *pred) {
-  int rc = check_data(p, "test", y, n);
+  int rc = check_data(p, "accuracy", y, n);
   if (rc) return rc;
   const int C = p->num_classes;
   int bs = n < PREDICT_BLOCK ? (int)n : PREDICT_BLOCK;
