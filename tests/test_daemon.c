@@ -446,27 +446,38 @@ START_TEST(watch_follows_training_to_the_end) {
 }
 END_TEST
 
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Steps of the larger batch take tens of milliseconds, so most requests land while one computes. The
+ * bound is on the 90th percentile and the median: the slowest few answers measure how busy the machine
+ * is (other processes share its cores), not the daemon, whose loop never waits for a step. */
 START_TEST(status_answers_fast_during_steps) {
-  int pid = start_daemon("optim.steps=100000", NULL);
-  wait_step(2, 10);
+  int pid = start_daemon("optim.steps=100000", "optim.batch_size=256", "contrast.queue_size=1024", NULL);
+  wait_step(2, 20);
   client *c = client_open();
-  double worst = 0;
+  enum { N = 60 };
+  double lat[N];
   long long first = -1, last = -1;
-  for (int i = 0; i < 100; i++) {
+  for (int i = 0; i < N; i++) {
     double t0 = now_seconds();
     json_t *a = client_call(c, "{\"id\":1,\"cmd\":\"status\"}", 5);
-    double dt = now_seconds() - t0;
+    lat[i] = now_seconds() - t0;
     ck_assert_ptr_nonnull(a);
     long long s = json_integer_value(json_object_get(json_object_get(a, "result"), "step"));
     if (first < 0) first = s;
     last = s;
     json_decref(a);
-    if (dt > worst) worst = dt;
-    usleep(3000);
+    usleep(7000);
   }
   client_close(c);
+  qsort(lat, N, sizeof lat[0], cmp_double);
   ck_assert_msg(last > first, "training did not advance while status was asked (%lld)", first);
-  ck_assert_msg(worst < 0.05, "slowest status took %.1f ms", worst * 1000);
+  ck_assert_msg(lat[N / 2] < 0.01 && lat[N * 9 / 10] < 0.05,
+                "status latency: median %.1f ms, 90th percentile %.1f ms, max %.1f ms", lat[N / 2] * 1e3,
+                lat[N * 9 / 10] * 1e3, lat[N - 1] * 1e3);
   stop_daemon(pid);
 }
 END_TEST
