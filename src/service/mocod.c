@@ -166,9 +166,8 @@ int main(int argc, char **argv) {
       {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
   const char *config_path = NULL;
   int daemon_mode = 0, check = 0, print = 0, doc = 0, resume = -1, c;
-  const char **sets = calloc((size_t)argc, sizeof *sets);
+  const char *sets[argc > 0 ? argc : 1];
   int n_sets = 0;
-  if (!sets) return 1;
   while ((c = getopt_long(argc, argv, "c:dh", longopts, NULL)) != -1) {
     switch (c) {
     case 'c': config_path = optarg; break;
@@ -207,7 +206,6 @@ int main(int argc, char **argv) {
       fprintf(stderr, "mocod: %s\n", moco_errmsg());
       return 2;
     }
-  free(sets);
   char *report = NULL;
   if (config_finalize(config, &report)) {
     fprintf(stderr, "mocod: config %s is invalid:\n", config_path ? config_path : "(defaults)");

@@ -5,7 +5,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -15,6 +17,8 @@
 #include "service/log.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
+
+enum { JOB_NICE = 5 }; /* nice levels the job threads give up to the loop thread */
 
 typedef enum { ST_RUNNING, ST_PAUSED, ST_STOPPING, ST_FINISHED, ST_ERROR } run_state;
 static const char *const state_names[] = {"running", "paused", "stopping", "finished", "error"};
@@ -152,9 +156,23 @@ static json_t *eval_figures(const trainer_eval_result *r) {
  * Jobs: run on the work queue, finished on the loop.
  * ------------------------------------------------------------------------------------------------- */
 
+/* The control loop must answer while a step computes, also on a busy machine: the threads that run
+ * jobs (and the data threads they start, which inherit it) yield to it by a few nice levels. */
+static void lower_priority_once(void) {
+  static _Thread_local int done;
+  if (done) return;
+  done = 1;
+  pid_t tid = (pid_t)syscall(SYS_gettid);
+  errno = 0;
+  int now = getpriority(PRIO_PROCESS, (id_t)tid);
+  if (errno == 0 && setpriority(PRIO_PROCESS, (id_t)tid, now + JOB_NICE) != 0)
+    log_msg(LL_DEBUG, "setpriority: %s", strerror(errno));
+}
+
 static void job_work(uv_work_t *req) {
   job *j = req->data;
   server *s = j->req.loop->data;
+  lower_priority_once();
   double t0 = mono_now();
   moco_error_clear();
   switch (j->kind) {
