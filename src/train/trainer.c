@@ -23,7 +23,7 @@ struct trainer {
   int backbone_len; /* layers of the backbone: the features are layer backbone_len - 1's output */
   int in_len;       /* floats per input sample */
   int num_classes;  /* 0 when the data has no labels */
-  float mean[64], std[64];
+  float *mean, *std; /* [norm_len] per-channel (per-feature) statistics of the training set */
   int norm_len;
 };
 
@@ -71,13 +71,11 @@ static int train_stats(trainer *t) {
   int rc = dataset_open(&ds, "train", t->cfg.train, t->cfg.train_labels[0] ? t->cfg.train_labels : NULL,
                         t->cfg.loader.num_classes);
   if (rc) return rc;
-  if (ds.shape.c > (int)(sizeof t->mean / sizeof t->mean[0])) {
-    /* Vectors with many features: one mean and std over everything. */
-    t->norm_len = 0;
-  } else {
-    rc = dataset_stats(&ds, t->mean, t->std);
-    t->norm_len = rc ? 0 : ds.shape.c;
-  }
+  t->mean = malloc((size_t)ds.shape.c * sizeof(float));
+  t->std = malloc((size_t)ds.shape.c * sizeof(float));
+  if (!t->mean || !t->std) rc = moco_error(MOCO_ENOMEM, "normalisation statistics of %d channels", ds.shape.c);
+  if (!rc) rc = dataset_stats(&ds, t->mean, t->std);
+  if (!rc) t->norm_len = ds.shape.c;
   dataset_close(&ds);
   return rc;
 }
@@ -107,8 +105,10 @@ int trainer_create(trainer **out, const trainer_config *cfg) {
   if (!t) return MOCO_ENOMEM;
   t->cfg = *cfg;
   int rc = 0;
-  if (!json_is_array(cfg->backbone) || json_array_size(cfg->backbone) == 0)
-    return free(t), moco_error(MOCO_ECONFIG, "model.backbone: expected a non-empty layer list");
+  if (!json_is_array(cfg->backbone) || json_array_size(cfg->backbone) == 0) {
+    rc = moco_error(MOCO_ECONFIG, "model.backbone: expected a non-empty layer list");
+    goto fail;
+  }
   openblas_set_num_threads(cfg->threads);
   if (cfg->normalize && (rc = train_stats(t))) goto fail;
   if ((rc = open_loader(t))) goto fail;
@@ -142,6 +142,8 @@ void trainer_destroy(trainer *t) {
   if (!t) return;
   if (t->m_open) moco_free(&t->m);
   if (t->ld_open) loader_close(&t->ld);
+  free(t->mean);
+  free(t->std);
   free(t);
 }
 
