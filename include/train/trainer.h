@@ -112,6 +112,11 @@ int trainer_check_runtime(const trainer *t, const trainer_config *cfg);
 /* Applies them. Call between steps. */
 int trainer_apply_runtime(trainer *t, const trainer_config *cfg);
 
+/* Asks a running trainer_evaluate / trainer_export to give up (MOCO_ESTATE "interrupted") at its next
+ * chunk of samples; on = 0 clears the request. The one function that may be called from another thread
+ * while the trainer works (a daemon that is stopping does not wait for a long evaluation). */
+void trainer_interrupt(trainer *t, int on);
+
 /* Features of both splits in inference mode, then kNN, alignment, uniformity and / or the probe.
  * Changes no training state. */
 int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_result *res);

@@ -209,6 +209,7 @@ static void job_done(uv_work_t *req, int status);
 
 static void job_start(server *s, job_kind kind) {
   job *j = &s->job;
+  trainer_interrupt(s->tr, 0);
   j->kind = kind;
   j->rc = 0;
   j->err[0] = '\0';
@@ -739,11 +740,18 @@ static void shutdown_server(server *s) {
  * Signals.
  * ------------------------------------------------------------------------------------------------- */
 
+/* A stop does not wait for an evaluation or an export: they are given up at their next chunk. A step
+ * or a checkpoint in flight is always finished. */
+static void interrupt_long_job(server *s) {
+  if (s->busy && (s->job.kind == JOB_EVAL || s->job.kind == JOB_EXPORT)) trainer_interrupt(s->tr, 1);
+}
+
 static void on_stop_signal(uv_signal_t *h, int signum) {
   server *s = h->loop->data;
   log_msg(LL_NOTICE, "received %s", signum == SIGTERM ? "SIGTERM" : "SIGINT");
   if (s->state == ST_STOPPING) return;
   op_push(s, OP_STOP, NULL, NULL);
+  interrupt_long_job(s);
   pump(s);
 }
 
@@ -860,6 +868,7 @@ static int cmd_queued(ctl_call *call, json_t *args, void *data) {
     return 0;
   }
   op_push(s, k, call, args);
+  if (k == OP_STOP) interrupt_long_job(s);
   pump(s);
   return 0;
 }

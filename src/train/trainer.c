@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -25,6 +26,7 @@ struct trainer {
   int num_classes;  /* 0 when the data has no labels */
   float *mean, *std; /* [norm_len] per-channel (per-feature) statistics of the training set */
   int norm_len;
+  _Atomic int interrupt; /* set from another thread: evaluation and export stop at the next chunk */
 };
 
 /* Eval passes go in chunks of this many samples, within the networks' max_batch. */
@@ -322,6 +324,10 @@ static int extract(trainer *t, loader_split split, net *n, int want_feat, int wa
   n->training = 0;
   loader_batch b;
   while (f->n < cap && !(rc = loader_scan_next(&s, &b)) && b.size > 0) {
+    if (atomic_load(&t->interrupt)) {
+      rc = moco_error(MOCO_ESTATE, "interrupted after %lld samples", (long long)f->n);
+      break;
+    }
     int take = (int)(cap - f->n < b.size ? cap - f->n : b.size);
     const float *out = net_forward(n, b.view1, take);
     if (!out) {
@@ -425,6 +431,8 @@ static int count_classes(const features *a, const features *b) {
   for (int64_t i = 0; i < b->n; i++) mx = b->labels[i] > mx ? b->labels[i] : mx;
   return (int)mx + 1;
 }
+
+void trainer_interrupt(trainer *t, int on) { atomic_store(&t->interrupt, on); }
 
 int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_result *res) {
   double t0 = mono();
