@@ -46,7 +46,7 @@ typedef struct {
 
 typedef struct {
   layer_kind kind;
-  net_shape in, out;
+  net_shape in_shape, out_shape; /* per sample */
   /* hyperparameters */
   int out_features;    /* linear, conv2d (output channels) */
   int bias;            /* linear, conv2d */
@@ -55,9 +55,10 @@ typedef struct {
   /* parameter slices in net.params / net.grads, buffer slices in net.buffers */
   size_t w_off, w_len, b_off, b_len;
   size_t buf_off, buf_len;
+  int chunk;               /* conv2d: samples per sgemm (see conv2d_chunk) */
   /* activation storage, sized for max_batch */
   float *out;   /* [B, out] */
-  float *saved; /* per-layer state for backward: BN normalised input, pool argmax, ... */
+  float *saved; /* per-layer state for backward: BN mean/rstd per group, row norms */
   size_t saved_len;
 } layer;
 
@@ -77,12 +78,24 @@ typedef struct {
   int n_segments;
   float *scratch;    /* workspace (im2col, ping-pong gradients), sized at build */
   size_t scratch_len;
-  uint64_t arch_hash; /* hash of layer kinds, hyperparameters and shapes: guards net_load */
+  uint64_t arch_hash; /* hash of layer kinds, structural hyperparameters and shapes: guards net_load */
+  /* internal: the arena behind input/out/saved, the last forward's input copy and batch size, the two
+   * gradient buffers backward alternates between (slices of scratch) */
+  float *act;
+  float *input;
+  float *gbuf[2];
+  int last_batch;
 } net;
 
 /* Builds `n` from a JSON array of layer objects for inputs of shape `in`, batches up to max_batch.
- * `path` names the array in error messages ("model.backbone"): a bad spec fails with e.g.
- * "model.backbone[2].out: missing field" or "model.backbone[4]: linear expects a vector input".
+ * Layer keys: "type" (linear | batchnorm | relu | conv2d | maxpool | avgpool | flatten | l2norm),
+ * "out" (linear, conv2d), "bias" (default true), "kernel" (conv2d, maxpool), "stride" (conv2d default 1,
+ * maxpool default = kernel), "pad" (default 0), "momentum" (batchnorm, default 0.1, PyTorch's
+ * convention), "eps" (default 1e-5). Other keys are errors. An empty array is the identity.
+ * `path` names the array in error messages ("model.backbone"): a bad spec fails with MOCO_ECONFIG
+ * ("model.backbone[2].out: missing field", "...: must be >= 1, got 0", unknown type or key), MOCO_ESHAPE
+ * ("model.backbone[4]: linear expects a vector input, got 32x14x14 (add flatten)", a kernel that does
+ * not fit) or MOCO_ERANGE (sizes beyond 2^20 per dimension). Starts in training mode, bn_groups 1.
  * Parameters are left zero; call net_init. On failure nothing is left allocated. */
 int net_build(net *n, const json_t *spec, net_shape in, int max_batch, const char *path);
 /* A second network with the same architecture and a copy of the parameters and buffers (the key
@@ -94,19 +107,28 @@ void net_free(net *n);
  * BatchNorm gamma 1, beta 0, running mean 0, running var 1. */
 void net_init(net *n, rng_t *r);
 
-/* x: [B, in], B <= max_batch. Returns the output [B, out] (owned by the network, valid until the next
- * forward). Keeps what backward needs. */
+/* x: [B, in], 1 <= B <= max_batch. Returns the output [B, out] (owned by the network, valid until the
+ * next forward), or NULL with MOCO_ERANGE recorded when B is out of range. Keeps what backward needs,
+ * including a copy of x, so the caller may reuse x at once. */
 const float *net_forward(net *n, const float *x, int B);
 /* The output of layer i of the last forward, [B, layers[i].out]. */
 const float *net_layer_output(const net *n, int i);
 /* dout: [B, out] gradient of the loss w.r.t. the last forward's output. ADDS parameter gradients into
- * `grads` (call net_zero_grad first); writes the input gradient into dx [B, in] when dx is not NULL. */
-void net_backward(net *n, const float *dout, float *dx, int B);
+ * `grads` (call net_zero_grad first); writes the input gradient into dx [B, in] when dx is not NULL
+ * (the first layer's input gradient is skipped otherwise). Returns 0, or MOCO_ESTATE when B is not the
+ * batch size of the last forward. */
+int net_backward(net *n, const float *dout, float *dx, int B);
 void net_zero_grad(net *n);
 
 size_t net_num_params(const net *n);
-/* Multiply-adds x 2 for one sample's forward pass. */
+/* Multiply-adds x 2 of the matrix products (linear, conv2d) of one sample's forward pass; the
+ * elementwise layers are not counted. */
 double net_flops_per_sample(const net *n);
+
+/* One line for logs: each layer with its hyperparameters and output shape, e.g.
+ *   "1x28x28 | conv2d 32 k3 s1 p1 -> 32x28x28 | batchnorm | relu | maxpool k2 s2 -> 32x14x14 | ..."
+ * (shapes only where they change). Truncated to fit cap; returns the length it needed. */
+size_t net_describe(const net *n, char *buf, size_t cap);
 
 /* Parameters and buffers as one blob section ("NETW") that records the architecture hash; loading into
  * a network of another architecture fails with MOCO_ESHAPE and says what differs. */

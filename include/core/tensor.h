@@ -10,6 +10,11 @@
  * ta/tb: 0 to use A/B as stored ([M,K] / [K,N]), 1 to use their transposes (stored [K,M] / [N,K]). */
 void mat_mul(float *C, const float *A, const float *B, int M, int N, int K, int ta, int tb,
              float alpha, float beta);
+/* mat_mul with explicit row strides (leading dimensions) of C, A and B, for products into or out of a
+ * block of columns of a wider matrix: the step writes Q·queueᵀ, Q·keysᵀ and Q·bankᵀ side by side
+ * into one [B, C] similarity matrix (ldc = C). */
+void mat_mul_ld(float *C, int ldc, const float *A, int lda, const float *B, int ldb, int M, int N,
+                int K, int ta, int tb, float alpha, float beta);
 
 /* y[M] = alpha * op(A) · x + beta * y; A stored [M,N] (ta = 0) or [N,M] (ta = 1). */
 void mat_vec(float *y, const float *A, const float *x, int M, int N, int ta, float alpha, float beta);

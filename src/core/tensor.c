@@ -13,6 +13,13 @@ void mat_mul(float *C, const float *A, const float *B, int M, int N, int K, int 
               alpha, A, lda, B, ldb, beta, C, N);
 }
 
+void mat_mul_ld(float *C, int ldc, const float *A, int lda, const float *B, int ldb, int M, int N,
+                int K, int ta, int tb, float alpha, float beta) {
+  if (M == 0 || N == 0) return;
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K,
+              alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 void mat_vec(float *y, const float *A, const float *x, int M, int N, int ta, float alpha, float beta) {
   if (ta)
     cblas_sgemv(CblasRowMajor, CblasTrans, N, M, alpha, A, M, x, 1, beta, y, 1);

@@ -1,0 +1,69 @@
+/* Hardness control: one value in [0, 1] that the mining strategy maps onto its knob (mine.h explains
+ * the mapping per strategy) and that the diagnostics report. It comes from one of
+ *   fixed       a constant;
+ *   curriculum  a schedule over training progress (0..1): random negatives during a warm-up fraction,
+ *               then from `start` (easy) to `end` (hard), linearly or along a half cosine;
+ *   dynamic     a controller that holds a measured signal near a target: instance accuracy (share of
+ *               queries whose positive beats every negative) or the mean hardest-negative similarity.
+ *               Each step the signal's EMA is compared with the target and the hardness moves by
+ *               gain * error, clamped to +-max_step, within [min, max]. Too easy (accuracy above
+ *               target, hardest similarity below it) raises hardness; too hard lowers it. */
+#ifndef MOCO_CONTRAST_HARDNESS_H
+#define MOCO_CONTRAST_HARDNESS_H
+
+#include <stdint.h>
+
+#include "core/blob.h"
+
+typedef enum { HARDNESS_FIXED, HARDNESS_CURRICULUM, HARDNESS_DYNAMIC } hardness_mode;
+typedef enum { HARDNESS_LINEAR, HARDNESS_COSINE } hardness_shape;
+typedef enum { HARDNESS_SIGNAL_ACCURACY, HARDNESS_SIGNAL_HARDEST_SIM } hardness_signal;
+
+typedef struct {
+  hardness_mode mode;
+  float value;            /* fixed: the hardness; dynamic: the starting hardness */
+  float warmup;           /* curriculum and dynamic: fraction of training on random negatives */
+  /* curriculum */
+  hardness_shape shape;
+  float start, end;       /* hardness right after the warm-up and at progress 1 */
+  /* dynamic */
+  hardness_signal signal;
+  float target;           /* level of the signal to hold */
+  float gain;             /* hardness change per unit of signal error */
+  float max_step;         /* largest change of one update */
+  float ema;              /* EMA decay of the signal, in [0, 1) */
+  float min, max;         /* the controller's range, within [0, 1] */
+} hardness_config;
+
+/* fixed at 1 (the strategy as configured); curriculum: no warm-up, linear 0 -> 1; dynamic: accuracy
+ * target 0.5, gain 0.05, max_step 0.01, ema 0.9, start 0.5, range [0, 1]. */
+void hardness_config_default(hardness_config *c);
+int hardness_config_check(const hardness_config *c);
+/* "fixed"/"curriculum"/"dynamic", "linear"/"cosine", "accuracy"/"hardest_sim". */
+int hardness_mode_parse(const char *name, hardness_mode *out);
+int hardness_shape_parse(const char *name, hardness_shape *out);
+int hardness_signal_parse(const char *name, hardness_signal *out);
+
+/* The curriculum alone: hardness at progress in [0, 1]; *warmup (when not NULL) is set to 1 inside the
+ * warm-up fraction, where the hardness is 0. */
+float hardness_curriculum(const hardness_config *c, double progress, int *warmup);
+
+typedef struct {
+  hardness_config cfg;
+  float hardness;   /* the controller's current value (dynamic) */
+  float signal_ema; /* EMA of the observed signal */
+  int64_t updates;  /* observations taken; the first seeds the EMA */
+} hardness_ctl;
+
+void hardness_init(hardness_ctl *h, const hardness_config *c);
+/* The hardness for a step at this progress, and whether it is a warm-up step (random negatives). */
+float hardness_at(const hardness_ctl *h, double progress, int *warmup);
+/* After a step: feeds the measured signal to the controller (dynamic mode, outside the warm-up;
+ * otherwise nothing changes). Returns the hardness for the next step. A NaN signal is ignored. */
+float hardness_observe(hardness_ctl *h, double progress, float signal);
+
+/* One blob section "HARD": hardness, signal EMA, update count. */
+void hardness_save(const hardness_ctl *h, blob_writer *w);
+int hardness_load(hardness_ctl *h, blob_reader *r);
+
+#endif

@@ -1,0 +1,12 @@
+/* k-th element selection in O(n): introselect (Musser 1997) — quickselect with a median-of-three
+ * pivot, falling back to the median of medians (Blum et al. 1973) when partitions stay lopsided, so
+ * the worst case stays linear. Mining calls it on a row's gathered candidates every step, where a
+ * full sort would cost O(n log n). NaN must not be passed (the callers never gather one). */
+#ifndef MOCO_CONTRAST_KSELECT_H
+#define MOCO_CONTRAST_KSELECT_H
+
+/* Reorders v[0..n) so that v[0..k) hold the k largest values (in no particular order) and returns the
+ * k-th largest, v[k-1]. 1 <= k <= n. */
+float kselect_largest(float *v, int n, int k);
+
+#endif

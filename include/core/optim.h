@@ -1,0 +1,72 @@
+/* Optimizers over a network's flat parameter arena (include/core/net.h): one update touches the whole
+ * vector, segment by segment, so the per-tensor rules (no weight decay on biases and BatchNorm
+ * parameters, LARS trust ratios) are decided from the segment list and nothing else.
+ *
+ * SGD follows torch.optim.SGD (dampening 0), with g' = g + wd·θ:
+ *     v ← μ·v + g'          θ ← θ − lr·v                (plain / heavy-ball momentum)
+ *     v ← μ·v + g'          θ ← θ − lr·(g' + μ·v)       (Nesterov, Sutskever et al. 2013 as in PyTorch)
+ * LARS (You, Gitman & Ginsburg 2017) scales g' per segment by the trust ratio
+ *     λ = η·‖θ‖ / (‖g‖ + wd·‖θ‖)     (λ = 1 when ‖θ‖ or the denominator is 0)
+ * before the momentum step; lr stays outside the buffer as in the SGD form (MoCo v3's LARS does the
+ * same), so a schedule that changes lr does not rescale what the buffer already holds. Segments marked
+ * no_decay get neither weight decay nor the trust ratio (the usual LARS exclusion of biases and
+ * BatchNorm parameters) unless decay_all is set.
+ * AdamW (Loshchilov & Hutter 2019) as torch.optim.AdamW: θ ← θ − lr·wd·θ, then the bias-corrected Adam
+ * step on g; decoupled decay follows the same no_decay rule. */
+#ifndef MOCO_CORE_OPTIM_H
+#define MOCO_CORE_OPTIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/blob.h"
+#include "core/net.h"
+
+typedef enum { OPTIM_SGD = 0, OPTIM_LARS = 1, OPTIM_ADAMW = 2 } optim_kind;
+
+typedef struct {
+  optim_kind optimizer; /* sgd */
+  float momentum;       /* 0.9: μ of SGD and LARS */
+  int nesterov;         /* 0 */
+  float weight_decay;   /* 5e-4 */
+  int decay_all;        /* 0: segments marked no_decay get no decay (and no LARS ratio) */
+  float lars_eta;       /* 0.001: η, LARS trust coefficient */
+  float beta1, beta2;   /* 0.9, 0.999: AdamW moment decay rates */
+  float eps;            /* 1e-8: AdamW denominator guard */
+} optim_config;
+
+void optim_config_default(optim_config *c);
+/* "sgd" | "lars" | "adamw" <-> optim_kind; optim_kind_parse returns MOCO_ECONFIG for another name. */
+const char *optim_kind_name(optim_kind k);
+int optim_kind_parse(const char *name, optim_kind *k);
+
+typedef struct {
+  optim_config cfg;
+  size_t n_params;
+  net_segment *segments; /* a copy, tiling [0, n_params) */
+  int n_segments;
+  float *m; /* [n_params] SGD/LARS velocity, AdamW first moment */
+  float *v; /* [n_params] AdamW second moment; NULL otherwise */
+  int64_t steps; /* updates done (AdamW's bias correction) */
+} optim;
+
+/* Checks cfg (momentum in [0,1), weight_decay >= 0, Nesterov only with momentum > 0, ...) and that the
+ * segments tile [0, n_params) in order; n_segments == 0 means one segment, decayed, over everything.
+ * Allocates the state, zeroed. On failure nothing is left allocated. */
+int optim_init(optim *o, const optim_config *cfg, size_t n_params, const net_segment *segments,
+               int n_segments);
+void optim_free(optim *o);
+
+/* One update of params [n_params] from grads [n_params] with learning rate lr. Allocates nothing. */
+void optim_step(optim *o, float *params, const float *grads, float lr);
+
+/* Changes the runtime-tunable hyperparameters (momentum, weight_decay, lars_eta, ...) between steps;
+ * the optimizer kind cannot change (MOCO_ECONFIG), the state is kept. */
+int optim_set_config(optim *o, const optim_config *cfg);
+
+/* One blob section ("OPTM"): kind, sizes, step count, state vectors. optim_load refuses another kind,
+ * parameter count or segment layout with MOCO_ESHAPE. */
+void optim_save(const optim *o, blob_writer *w);
+int optim_load(optim *o, blob_reader *r);
+
+#endif

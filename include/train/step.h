@@ -1,0 +1,139 @@
+/* One MoCo training step (He et al. 2020, Algorithm 1), read top to bottom:
+ *
+ *   keys      k = f_k(view 2), no gradient, on a shuffled batch with split BatchNorm (MoCo's shuffle BN,
+ *             simulated on one device: permute, forward with bn_groups > 1, un-permute)
+ *   queries   q = f_q(view 1), training mode; both encoders end in l2norm, so dots are cosines
+ *   similar.  s_pos = q·k row-wise; S = q·[queue | in-batch keys | adversarial bank]ᵀ, one sgemm per
+ *             block into its columns of S
+ *   mining    mask = mine_select(S, ...)       (include/contrast/mine.h)
+ *   loss      the configured loss and its dS, dpos (include/contrast/loss.h)
+ *   backward  dq = dS·candidates + dpos·k (+ MoCHi's folded synthetic part), through f_q
+ *   update    optimizer step at the scheduled lr, θk ← m·θk + (1−m)·θq, enqueue k, adversarial bank
+ *             ascent, hardness controller
+ *
+ * Symmetric variant: both views are queries, each against the other view's key (view 1 → key of view
+ * 2 and view 2 → key of view 1); the query encoder sees both views as one batch of 2B (BatchNorm over
+ * both), the loss is the mean of the two directions and only view 2's keys are enqueued, so the queue
+ * advances by B per step either way.
+ *
+ * NT-Xent (loss "ntxent") is SimCLR's loss and runs as such: both views through the query encoder in
+ * one 2B batch, every other view in the batch plus the valid queue as negatives, no mining. The key
+ * encoder still runs on view 2 and fills the queue.
+ *
+ * Everything the step touches is allocated by moco_init for the largest batch and queue; the step
+ * allocates nothing. */
+#ifndef MOCO_TRAIN_STEP_H
+#define MOCO_TRAIN_STEP_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "contrast/advbank.h"
+#include "contrast/hardness.h"
+#include "contrast/loss.h"
+#include "contrast/mine.h"
+#include "contrast/momentum.h"
+#include "contrast/queue.h"
+#include "core/blob.h"
+#include "core/net.h"
+#include "core/optim.h"
+#include "core/rng.h"
+#include "core/sched.h"
+
+typedef struct {
+  int batch_size;        /* largest B a step takes */
+  int queue_size;        /* K; ignored (no queue) with the adversarial strategy */
+  int symmetric;         /* 0 */
+  int shuffle_bn_groups; /* key encoder BatchNorm groups over a shuffled batch; 1 = no shuffle BN */
+  int64_t total_steps;   /* training length the schedules (lr, momentum, curriculum) run over */
+  uint64_t seed;         /* initialisation, shuffle-BN permutations and mining draws */
+  loss_config loss;
+  mine_config mine;
+  hardness_config hardness;
+  advbank_config advbank;  /* adversarial strategy only; bank_size must equal mine.bank_size */
+  momentum_config momentum;
+  optim_config optim;
+  sched_config sched;
+} moco_config;
+
+/* batch 256, queue 4096, asymmetric, 8 shuffle-BN groups, 0 total steps (constant schedules), seed 1,
+ * and each module's defaults. */
+void moco_config_default(moco_config *c);
+int moco_config_check(const moco_config *c);
+
+/* Wall-clock seconds of each phase of the last step. */
+typedef struct {
+  double keys, queries, similarity, mining, loss, backward, update, total;
+} moco_timing;
+
+/* What one step reports (the daemon logs it). Similarities are cosines. */
+typedef struct {
+  int64_t step;              /* the step this was (0-based) */
+  double loss;
+  float lr, momentum;        /* as used by this step */
+  float pos_sim_mean;        /* mean q·k+ */
+  float neg_sim_mean;        /* mean similarity over every negative used */
+  float hardest_sim_mean;    /* mean over queries of the hardest negative used */
+  float hardest_sim_max;     /* the hardest negative of the step */
+  float instance_accuracy;   /* share of queries whose positive outranks every negative used */
+  double negatives_per_query;
+  long filtered;             /* candidates removed (or kept as positives) as suspected false negatives */
+  long extra_positives;      /* of which kept as extra positives */
+  float false_negative_rate; /* share of mined negatives with the query's label; −1 without labels */
+  float hardness;            /* the hardness the step ran at */
+  moco_timing time;
+} moco_diag;
+
+typedef struct {
+  moco_config cfg;
+  net query, key;
+  optim opt;
+  queue queue;             /* queue_size 0 when the strategy is adversarial */
+  mine mine;
+  mine_layout layout;
+  hardness_ctl hard;
+  advbank bank;            /* adversarial strategy only */
+  rng_t rng;               /* shuffle-BN permutations and mining draws */
+  int64_t step;            /* steps done */
+  int dim, in_len;         /* embedding dimension, floats per input sample */
+  /* work buffers for the largest batch (rows R = B, or 2B when symmetric or ntxent) */
+  float *xq, *xk;          /* [R, in] query and (permuted) key inputs */
+  uint32_t *perm;          /* [R] */
+  const float *q;          /* [R, d] queries of the last forward (the query encoder's output) */
+  float *k;                /* [R, d] keys in batch order: row r is the positive of query row r */
+  float *s_pos, *dpos, *dself; /* [R] */
+  float *S, *dS;           /* [R, cols] */
+  uint8_t *mask;           /* [R, cols] */
+  float *dq;               /* [R, d] */
+  float *ntxent_work;      /* loss_ntxent_work_len(B, K), ntxent only */
+} moco_model;
+
+/* Builds the query encoder from `spec` (a layer list ending in l2norm) for inputs of shape `in`,
+ * initialises it from cfg->seed, clones the key encoder from it and allocates every other part and
+ * work buffer. `path` names spec in error messages. On failure nothing is left allocated. */
+int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_shape in,
+              const char *path);
+void moco_free(moco_model *m);
+
+/* One full step on B <= batch_size samples: x1, x2 [B, in] the two views, ids [B] sample ids (NULL:
+ * unknown, no same-id exclusion), labels [B] or NULL (diagnostics only unless mining is supervised).
+ * Fills d when not NULL. */
+int moco_step(moco_model *m, const float *x1, const float *x2, const int64_t *ids,
+              const int32_t *labels, int B, moco_diag *d);
+
+/* The step's phases on their own, for gradient checks and evaluation: moco_keys computes the keys of
+ * view 2 (and view 1 when symmetric) with the key encoder; moco_loss then computes the queries of
+ * view 1 (and 2), similarities, mining and the loss against those keys, and with `backward` set also
+ * the query encoder's gradients (zeroed first). Neither updates parameters, queue or hardness.
+ * moco_step = moco_keys + moco_loss(backward) + the updates. */
+int moco_keys(moco_model *m, const float *x1, const float *x2, int B, moco_diag *d);
+int moco_loss(moco_model *m, const float *x1, const float *x2, const int64_t *ids,
+              const int32_t *labels, int B, int backward, moco_diag *d);
+
+/* The whole training state, each part in its own blob section: "MOCO" (step, rng, sizes), the query
+ * and key networks, the optimizer, the queue (when there is one), the hardness controller and the
+ * adversarial bank. moco_load refuses a state of another architecture or size. */
+void moco_save(const moco_model *m, blob_writer *w);
+int moco_load(moco_model *m, blob_reader *r);
+
+#endif

@@ -1,0 +1,149 @@
+#include "contrast/hardness.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "core/err.h"
+
+void hardness_config_default(hardness_config *c) {
+  memset(c, 0, sizeof *c);
+  c->mode = HARDNESS_FIXED;
+  c->value = 1.0f;
+  c->warmup = 0.0f;
+  c->shape = HARDNESS_LINEAR;
+  c->start = 0.0f;
+  c->end = 1.0f;
+  c->signal = HARDNESS_SIGNAL_ACCURACY;
+  c->target = 0.5f;
+  c->gain = 0.05f;
+  c->max_step = 0.01f;
+  c->ema = 0.9f;
+  c->min = 0.0f;
+  c->max = 1.0f;
+}
+
+static int in01(float x) { return x >= 0.0f && x <= 1.0f; }
+
+int hardness_config_check(const hardness_config *c) {
+  if ((unsigned)c->mode > HARDNESS_DYNAMIC)
+    return moco_error(MOCO_ECONFIG, "hardness.mode: %d: unknown mode", (int)c->mode);
+  if ((unsigned)c->shape > HARDNESS_COSINE)
+    return moco_error(MOCO_ECONFIG, "hardness.shape: %d: unknown shape", (int)c->shape);
+  if ((unsigned)c->signal > HARDNESS_SIGNAL_HARDEST_SIM)
+    return moco_error(MOCO_ECONFIG, "hardness.signal: %d: unknown signal", (int)c->signal);
+  if (!in01(c->value)) return moco_error(MOCO_ECONFIG, "hardness.value: %g: allowed [0, 1]", c->value);
+  if (!(c->warmup >= 0.0f && c->warmup < 1.0f))
+    return moco_error(MOCO_ECONFIG, "hardness.warmup: %g: allowed [0, 1)", c->warmup);
+  if (!in01(c->start) || !in01(c->end))
+    return moco_error(MOCO_ECONFIG, "hardness.start/end: %g/%g: allowed [0, 1]", c->start, c->end);
+  if (!(c->gain >= 0.0f) || !(c->max_step >= 0.0f && c->max_step <= 1.0f))
+    return moco_error(MOCO_ECONFIG, "hardness.gain/max_step: %g/%g: need gain >= 0, max_step in [0, 1]",
+                      c->gain, c->max_step);
+  if (!(c->ema >= 0.0f && c->ema < 1.0f))
+    return moco_error(MOCO_ECONFIG, "hardness.ema: %g: allowed [0, 1)", c->ema);
+  if (!in01(c->min) || !in01(c->max) || c->min > c->max)
+    return moco_error(MOCO_ECONFIG, "hardness.min/max: %g/%g: need 0 <= min <= max <= 1", c->min, c->max);
+  if (!(c->target == c->target))
+    return moco_error(MOCO_ECONFIG, "hardness.target: NaN");
+  return 0;
+}
+
+static int parse(const char *what, const char *name, const char *const *names, int n, int *out) {
+  for (int i = 0; i < n; i++)
+    if (!strcmp(name, names[i])) {
+      *out = i;
+      return 0;
+    }
+  return moco_error(MOCO_ECONFIG, "hardness.%s: \"%s\": expected %s or %s%s%s", what, name, names[0],
+                    names[1], n > 2 ? " or " : "", n > 2 ? names[2] : "");
+}
+
+int hardness_mode_parse(const char *name, hardness_mode *out) {
+  static const char *const names[] = {"fixed", "curriculum", "dynamic"};
+  int v = 0, rc = parse("mode", name, names, 3, &v);
+  if (!rc) *out = (hardness_mode)v;
+  return rc;
+}
+
+int hardness_shape_parse(const char *name, hardness_shape *out) {
+  static const char *const names[] = {"linear", "cosine"};
+  int v = 0, rc = parse("shape", name, names, 2, &v);
+  if (!rc) *out = (hardness_shape)v;
+  return rc;
+}
+
+int hardness_signal_parse(const char *name, hardness_signal *out) {
+  static const char *const names[] = {"accuracy", "hardest_sim"};
+  int v = 0, rc = parse("signal", name, names, 2, &v);
+  if (!rc) *out = (hardness_signal)v;
+  return rc;
+}
+
+static float clampf(float x, float lo, float hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+float hardness_curriculum(const hardness_config *c, double progress, int *warmup) {
+  double p = progress < 0.0 ? 0.0 : progress > 1.0 ? 1.0 : progress;
+  int warm = p < c->warmup;
+  if (warmup) *warmup = warm;
+  if (warm) return 0.0f;
+  double t = (p - c->warmup) / (1.0 - c->warmup);
+  /* cosine: slow start and slow finish, as the cosine schedules of learning rate and momentum */
+  if (c->shape == HARDNESS_COSINE) t = 0.5 * (1.0 - cos(M_PI * t));
+  return clampf((float)(c->start + (c->end - c->start) * t), 0.0f, 1.0f);
+}
+
+void hardness_init(hardness_ctl *h, const hardness_config *c) {
+  memset(h, 0, sizeof *h);
+  h->cfg = *c;
+  h->hardness = clampf(c->value, c->min, c->max);
+}
+
+float hardness_at(const hardness_ctl *h, double progress, int *warmup) {
+  const hardness_config *c = &h->cfg;
+  if (c->mode == HARDNESS_CURRICULUM) return hardness_curriculum(c, progress, warmup);
+  int warm = c->mode == HARDNESS_DYNAMIC && progress < c->warmup;
+  if (warmup) *warmup = warm;
+  if (warm) return 0.0f;
+  return c->mode == HARDNESS_DYNAMIC ? h->hardness : c->value;
+}
+
+float hardness_observe(hardness_ctl *h, double progress, float signal) {
+  const hardness_config *c = &h->cfg;
+  if (c->mode != HARDNESS_DYNAMIC || progress < c->warmup || signal != signal) return h->hardness;
+  h->signal_ema = h->updates == 0 ? signal : c->ema * h->signal_ema + (1.0f - c->ema) * signal;
+  h->updates++;
+  /* positive error = the negatives are too easy for the model */
+  float err = c->signal == HARDNESS_SIGNAL_ACCURACY ? h->signal_ema - c->target : c->target - h->signal_ema;
+  float step = clampf(c->gain * err, -c->max_step, c->max_step);
+  h->hardness = clampf(h->hardness + step, c->min, c->max);
+  return h->hardness;
+}
+
+void hardness_save(const hardness_ctl *h, blob_writer *w) {
+  blob_section_begin(w, "HARD");
+  blob_put_f32(w, h->hardness);
+  blob_put_f32(w, h->signal_ema);
+  blob_put_u64(w, (uint64_t)h->updates);
+  blob_section_end(w);
+}
+
+int hardness_load(hardness_ctl *h, blob_reader *r) {
+  blob_reader s;
+  int rc = blob_section(r, "HARD", &s);
+  if (rc) return moco_error_wrap(rc, "hardness_load");
+  if (s.len != 16)
+    return moco_error(MOCO_EFORMAT, "hardness_load: %s: offset %zu: section of %zu bytes, expected 16",
+                      r->name ? r->name : "blob", s.base, s.len);
+  float hard, ema;
+  uint64_t n;
+  blob_get_f32(&s, &hard);
+  blob_get_f32(&s, &ema);
+  blob_get_u64(&s, &n);
+  if (!in01(hard))
+    return moco_error(MOCO_ERANGE, "hardness_load: %s: hardness %g outside [0, 1]",
+                      r->name ? r->name : "blob", hard);
+  h->hardness = clampf(hard, h->cfg.min, h->cfg.max);
+  h->signal_ema = ema;
+  h->updates = (int64_t)n;
+  return 0;
+}

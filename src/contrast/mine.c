@@ -1,0 +1,1199 @@
+/* Negative selection. One mine_select runs in three phases:
+ *   1. every row's mask is reset: candidate columns (valid queue slots, in-batch keys) to CAND, the
+ *      rest to MINE_OFF;
+ *   2. exclusions that do not depend on similarity: the query's own in-batch column, entries carrying
+ *      the query's sample id (found through a hash of the batch ids, O(K + B) per step rather than
+ *      O(B K)), and in supervised mode entries with the query's label;
+ *   3. per row: the false-negative guards, then the strategy, then CAND -> MINE_OFF.
+ * Selection by rank never sorts a row (see "rank selection" below): two vectorised passes over the
+ * row and k-th element selection on the few entries near each boundary. Ties at a boundary go to the
+ * lower column, so the result is exactly specified. Everything is O(columns) per row. */
+#include "contrast/mine.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "contrast/kselect.h"
+#include "core/err.h"
+
+/* Internal mask value of a candidate not yet decided; never left in a mask mine_select returns. */
+enum { CAND = 4 };
+
+/* SAMPLE: strided sample that places a row's thresholds; BLOCK: columns a gather skips at once when
+ * none reaches its threshold; NT: thresholds per cut; BLK: columns per block of a rank pass. */
+enum { SAMPLE = 256, BLOCK = 16, NT = 8, BLK = 64 };
+
+/* The per-block loops are called with n == BLK for whole blocks and n < BLK for a range's tail;
+ * inlined, the whole-block call has a constant trip count, which is what lets GCC's -O2 vectoriser
+ * take it. */
+#define BLOCK_FN static inline __attribute__((always_inline))
+
+void mine_config_default(mine_config *c) {
+  memset(c, 0, sizeof *c);
+  c->strategy = MINE_ALL;
+  c->in_batch_negatives = 0;
+  c->num_negatives = 1024;
+  c->num_negatives_easy = 0;
+  c->margin = 0.2f;
+  c->band_lo = 0.05f;
+  c->band_hi = 0.3f;
+  c->mix_pairs = 512; /* MoCHi (N, s, s') = (1024, 512, 256), the paper's ImageNet-100 setting */
+  c->mix_query = 256;
+  c->bank_size = 16384; /* AdCo's ImageNet bank is 65536; 16384 suits the small datasets mocod trains */
+  c->hcl_beta = 1.0f;
+  c->ceiling = MINE_CEILING_NONE;
+  c->ceiling_value = 0.95f;
+  c->ceiling_delta = 0.0f;
+  c->skip_hardest = 0.0f;
+  c->suspects_as_positives = 0;
+  c->supervised = 0;
+}
+
+static const char *const strategy_names[] = {"all",  "random", "hardest",    "semi-hard",
+                                             "band", "mixing", "adversarial"};
+
+const char *mine_strategy_name(mine_strategy s) {
+  return (unsigned)s < sizeof strategy_names / sizeof *strategy_names ? strategy_names[s] : "?";
+}
+
+int mine_strategy_parse(const char *name, mine_strategy *out) {
+  for (size_t i = 0; i < sizeof strategy_names / sizeof *strategy_names; i++)
+    if (!strcmp(name, strategy_names[i])) {
+      *out = (mine_strategy)i;
+      return 0;
+    }
+  return moco_error(MOCO_ECONFIG,
+                    "mine.strategy: \"%s\": expected all, random, hardest, semi-hard, band, mixing "
+                    "or adversarial",
+                    name);
+}
+
+int mine_ceiling_parse(const char *name, mine_ceiling *out) {
+  static const char *const names[] = {"none", "absolute", "relative"};
+  for (int i = 0; i < 3; i++)
+    if (!strcmp(name, names[i])) {
+      *out = (mine_ceiling)i;
+      return 0;
+    }
+  return moco_error(MOCO_ECONFIG, "mine.ceiling: \"%s\": expected none, absolute or relative", name);
+}
+
+int mine_config_check(const mine_config *c) {
+  if ((unsigned)c->strategy > MINE_ADVERSARIAL)
+    return moco_error(MOCO_ECONFIG, "mine.strategy: %d: unknown strategy", (int)c->strategy);
+  if (c->num_negatives < 1)
+    return moco_error(MOCO_ECONFIG, "mine.num_negatives: %d: must be >= 1", c->num_negatives);
+  if (c->num_negatives_easy < 0)
+    return moco_error(MOCO_ECONFIG, "mine.num_negatives_easy: %d: must be >= 0 (0 = all)",
+                      c->num_negatives_easy);
+  if (!(c->margin >= 0.0f && c->margin <= 2.0f))
+    return moco_error(MOCO_ECONFIG, "mine.margin: %g: allowed range [0, 2]", c->margin);
+  if (!(c->band_lo >= 0.0f && c->band_lo < c->band_hi && c->band_hi <= 1.0f))
+    return moco_error(MOCO_ECONFIG, "mine.band: [%g, %g]: need 0 <= lo < hi <= 1", c->band_lo,
+                      c->band_hi);
+  if (c->mix_pairs < 0 || c->mix_query < 0)
+    return moco_error(MOCO_ECONFIG, "mine.mix_pairs/mix_query: %d/%d: must be >= 0", c->mix_pairs,
+                      c->mix_query);
+  if (c->strategy == MINE_ADVERSARIAL && c->bank_size < 1)
+    return moco_error(MOCO_ECONFIG, "mine.bank_size: %d: must be >= 1", c->bank_size);
+  if (!(c->hcl_beta >= 0.0f))
+    return moco_error(MOCO_ECONFIG, "mine.hcl_beta: %g: must be >= 0", c->hcl_beta);
+  if ((unsigned)c->ceiling > MINE_CEILING_RELATIVE)
+    return moco_error(MOCO_ECONFIG, "mine.ceiling: %d: unknown mode", (int)c->ceiling);
+  if (c->ceiling == MINE_CEILING_ABSOLUTE && !(c->ceiling_value >= -1.0f && c->ceiling_value <= 1.0f))
+    return moco_error(MOCO_ECONFIG, "mine.ceiling_value: %g: allowed range [-1, 1]", c->ceiling_value);
+  if (c->ceiling == MINE_CEILING_RELATIVE && !(c->ceiling_delta >= -2.0f && c->ceiling_delta <= 2.0f))
+    return moco_error(MOCO_ECONFIG, "mine.ceiling_delta: %g: allowed range [-2, 2]", c->ceiling_delta);
+  if (!(c->skip_hardest >= 0.0f && c->skip_hardest < 1.0f))
+    return moco_error(MOCO_ECONFIG, "mine.skip_hardest: %g: allowed range [0, 1)", c->skip_hardest);
+  return 0;
+}
+
+void mine_layout_init(mine_layout *l, const mine_config *c, int queue_size, int batch_size) {
+  l->queue_size = queue_size;
+  l->batch_off = queue_size;
+  l->batch_size = c->in_batch_negatives ? batch_size : 0;
+  l->bank_off = l->batch_off + l->batch_size;
+  l->bank_size = c->strategy == MINE_ADVERSARIAL ? c->bank_size : 0;
+  l->synth_off = l->bank_off + l->bank_size;
+  l->synth_size = c->strategy == MINE_MIXING ? c->mix_pairs + c->mix_query : 0;
+  l->cols = l->synth_off + l->synth_size;
+}
+
+float mine_hcl_beta(const mine_config *c, float hardness) { return hardness * c->hcl_beta; }
+
+int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int dim) {
+  memset(m, 0, sizeof *m);
+  int rc = mine_config_check(cfg);
+  if (rc) return rc;
+  if (max_batch < 1 || max_queue < 0 || dim < 0)
+    return moco_error(MOCO_EINVAL, "mine_init: max_batch %d, max_queue %d, dim %d: need >= 1, >= 0, >= 0",
+                      max_batch, max_queue, dim);
+  if (cfg->strategy == MINE_MIXING && dim < 1)
+    return moco_error(MOCO_EINVAL, "mine_init: mixing needs the key dimension, got %d", dim);
+  m->cfg = *cfg;
+  m->max_batch = max_batch;
+  m->max_queue = max_queue;
+  m->dim = dim;
+  mine_layout l;
+  mine_layout_init(&l, cfg, max_queue, max_batch);
+  m->max_cols = l.cols;
+  m->hash_cap = 16;
+  while (m->hash_cap < 2 * max_batch) m->hash_cap *= 2;
+  size_t cols = (size_t)l.cols + 1;
+  m->vals = malloc(cols * sizeof *m->vals);
+  m->tmp = malloc(cols * sizeof *m->tmp);
+  m->idx = malloc(cols * sizeof *m->idx);
+  m->bidx = malloc(cols * sizeof *m->bidx);
+  m->n_excl = malloc((size_t)max_batch * sizeof *m->n_excl);
+  m->hash = malloc((size_t)m->hash_cap * sizeof *m->hash);
+  m->chain = malloc((size_t)max_batch * sizeof *m->chain);
+  m->synth = malloc(((size_t)max_batch * l.synth_size + 1) * sizeof *m->synth);
+  if (!m->vals || !m->tmp || !m->idx || !m->bidx || !m->n_excl || !m->hash || !m->chain || !m->synth) {
+    mine_free(m);
+    return moco_error(MOCO_ENOMEM, "mine_init: workspaces for %d columns x %d rows", l.cols, max_batch);
+  }
+  return 0;
+}
+
+void mine_free(mine *m) {
+  free(m->vals);
+  free(m->tmp);
+  free(m->idx);
+  free(m->bidx);
+  free(m->n_excl);
+  free(m->hash);
+  free(m->chain);
+  free(m->synth);
+  memset(m, 0, sizeof *m);
+}
+
+static inline int imax(int a, int b) { return a > b ? a : b; }
+
+/* ---- random numbers ---------------------------------------------------------------------------- */
+
+/* Uniform in [0, n) by Lemire's multiply-shift with rejection (unbiased); the division of
+ * rng_below happens only on the rare rejection path, which matters at ~10^5 draws per step. */
+static uint32_t draw_below(rng_t *r, uint32_t n) {
+  uint64_t x = (uint64_t)rng_u32(r) * n;
+  uint32_t low = (uint32_t)x;
+  if (low < n) {
+    uint32_t t = (uint32_t)(-n) % n;
+    while (low < t) {
+      x = (uint64_t)rng_u32(r) * n;
+      low = (uint32_t)x;
+    }
+  }
+  return (uint32_t)(x >> 32);
+}
+
+/* Uniform in the open interval (0, 1). */
+static float draw_open01(rng_t *r) { return ((float)(rng_u32(r) >> 8) + 0.5f) * (1.0f / 16777216.0f); }
+
+/* ---- one row --------------------------------------------------------------------------------- */
+
+/* A query row: its similarities, its mask, and the column ranges that hold candidates. */
+typedef struct {
+  float *s; /* the synthetic columns of mixing are written through it */
+  uint8_t *mk;
+  int nr;
+  int lo[2], hi[2];
+  int width;   /* columns in the ranges */
+  int n_cand;  /* candidates left (width minus exclusions and suspects so far) */
+  long suspects, positives;
+} row_t;
+
+/* Maps i in [0, width) to a column of the ranges. */
+static inline int row_col(const row_t *r, int i) {
+  int first = r->hi[0] - r->lo[0];
+  return i < first ? r->lo[0] + i : r->lo[1] + (i - first);
+}
+
+/* Gathers into vals/idx (column order) the candidates with t <= s <= u. Candidates with s > u are
+ * suspects: with suspect >= 0 they are marked so and counted, with suspect < 0 they are only skipped.
+ * NaN similarities compare false and are never gathered. */
+static int gather(mine *m, row_t *r, float t, float u, int suspect) {
+  const float *s = r->s;
+  uint8_t *mk = r->mk;
+  int n = 0;
+  for (int k = 0; k < r->nr; k++) {
+    for (int j = r->lo[k]; j < r->hi[k]; j += BLOCK) {
+      int end = j + BLOCK <= r->hi[k] ? j + BLOCK : r->hi[k];
+      if (end - j == BLOCK) {
+        int hit = 0;
+        for (int b = 0; b < BLOCK; b++) hit |= s[j + b] >= t;
+        if (!hit) continue;
+      }
+      for (int c = j; c < end; c++) {
+        float x = s[c];
+        if (!(x >= t) || mk[c] != CAND) continue;
+        if (x > u) {
+          if (suspect >= 0) {
+            mk[c] = (uint8_t)suspect;
+            r->suspects++;
+            r->positives += suspect == MINE_POS;
+            r->n_cand--;
+          }
+          continue;
+        }
+        m->vals[n] = x;
+        m->idx[n] = c;
+        n++;
+      }
+    }
+  }
+  return n;
+}
+
+/* n(h): geometric interpolation from the easy count (0 = every candidate) to num_negatives. */
+static int knob_n(const mine_config *c, float h, int n_cand) {
+  double easy = c->num_negatives_easy > 0 ? c->num_negatives_easy : (n_cand > 0 ? n_cand : 1);
+  double n = exp((1.0 - h) * log(easy) + h * log((double)c->num_negatives));
+  return (int)lround(n);
+}
+
+/* Rank windows are fractions of a count; the small epsilon keeps 0.7 * 10 at 7 despite float. */
+static int frac_count(double f, int n) { return (int)floor(f * n + 1e-4); }
+
+/* What a row wants from top(): the top `eps` fraction turned into suspects, then ranks [a, b) of the
+ * candidates left, where [a, b) follows from their count by one of the modes. */
+typedef enum { WANT_FIXED, WANT_KNOB, WANT_BAND } want_mode;
+typedef struct {
+  want_mode mode;
+  int n;          /* WANT_FIXED */
+  float h;        /* WANT_KNOB, WANT_BAND */
+  float eps;
+  float u;        /* candidates above u are suspects (suspect >= 0) or ignored (suspect < 0) */
+  int suspect;
+} want_t;
+
+static void want_window(const mine_config *c, const want_t *w, int n_left, int *a, int *b) {
+  *a = 0;
+  if (w->mode == WANT_FIXED) {
+    *b = w->n;
+  } else if (w->mode == WANT_KNOB) {
+    *b = knob_n(c, w->h, n_left);
+  } else {
+    *a = frac_count(w->h * c->band_lo, n_left);
+    *b = frac_count(1.0 - w->h * (1.0 - c->band_hi), n_left);
+    if (*b <= *a && *a < n_left) *b = *a + 1;
+  }
+  if (*b > n_left) *b = n_left;
+  if (*a > *b) *a = *b;
+}
+
+/* Per-step accumulators of the statistics. */
+typedef struct {
+  double sum;
+  long count;
+  double hardest_sum;
+  long hardest_rows;
+  float hardest_max;
+  long correct;
+  long label_known, label_same;
+} acc_t;
+
+/* A row's selected negatives, folded into acc_t at the end of the row. */
+typedef struct {
+  double sum;
+  long count;
+  float max;
+} rowacc_t;
+
+static inline void rowacc_add(rowacc_t *ra, float x) {
+  ra->sum += x;
+  ra->count++;
+  if (x > ra->max) ra->max = x;
+}
+
+/* An all-ones / all-zero int mask from a condition. The block loops combine such masks with & | ~
+ * rather than ?: on bytes, which GCC can only if-convert with AVX-512's masked stores: this way
+ * they vectorise on plain AVX2 (and SSE) too. */
+static inline int32_t bmask(int cond) { return -(int32_t)cond; }
+
+/* The block passes count their negatives in integers, which the compiler vectorises without
+ * reassociating float sums: similarities in 20-bit fixed point (cosines lie in [-1, 1]; values
+ * outside [-8, 8] count as 0, which keeps the conversion defined) and the maximum as the float's
+ * bits made order-preserving. */
+typedef struct {
+  int64_t sum; /* 2^-20 units */
+  int32_t key; /* sortable bits of the largest */
+  int32_t count;
+} blockacc;
+
+/* x where the mask is set and x is a plausible similarity, else 0: what block_stats converts. */
+static inline float stat_value(int32_t mask, float x) {
+  return (mask & bmask(x >= -8.0f) & bmask(x <= 8.0f)) ? x : 0.0f;
+}
+
+/* The float's bits, read as an integer in the vectorised loops: GCC's may_alias makes the type pun
+ * defined where memcpy would stop the vectoriser. */
+typedef int32_t alias_i32 __attribute__((may_alias));
+
+static inline int32_t sortable_bits(int32_t b) { return b ^ ((b >> 31) & 0x7fffffff); }
+
+/* Largest of BLK keys, as a loop of its own so that it vectorises. */
+BLOCK_FN int32_t max_key(const int32_t *keys, int n) {
+  int32_t key = INT32_MIN;
+  for (int k = 0; k < n; k++) key = keys[k] > key ? keys[k] : key;
+  return key;
+}
+
+/* Folds a block's counted similarities (xs, 0 where not counted) and their keys into ba. The
+ * float-to-fixed conversion is a loop of its own: fused into the block loop it stops GCC's AVX2
+ * vectoriser. */
+BLOCK_FN void block_stats(const float *xs, const int32_t *keys, int n, int count, blockacc *ba) {
+  int32_t sum = 0;
+  for (int k = 0; k < n; k++) sum += (int32_t)(xs[k] * 1048576.0f);
+  int32_t key = max_key(keys, n);
+  ba->sum += sum;
+  ba->count += count;
+  ba->key = key > ba->key ? key : ba->key;
+}
+
+static float unsortable(int32_t k) {
+  int32_t b = k ^ ((k >> 31) & 0x7fffffff);
+  float x;
+  memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+static void rowacc_merge(rowacc_t *ra, const blockacc *ba) {
+  if (ba->count == 0) return;
+  ra->sum += (double)ba->sum * (1.0 / 1048576.0);
+  ra->count += ba->count;
+  float mx = unsortable(ba->key);
+  if (mx > ra->max) ra->max = mx;
+}
+
+/* ---- rank selection ----------------------------------------------------------------------------
+ * A cut is "the top R candidates" of a row (ties to the lower column). Without sorting, a row's cuts
+ * are found in two passes of vectorised block loops:
+ *   1. a strided sample places, for each cut, NT thresholds around where its boundary should lie
+ *      (three binomial standard deviations either side); one pass counts the valid candidates at or
+ *      above every threshold. The two thresholds whose counts straddle R bracket the boundary:
+ *      everything at or above `hi` is in, everything below `lo` is out.
+ *   2. a second pass writes the decided columns straight into the mask and gathers the few inside a
+ *      bracket; k-th element selection among those settles the exact boundary.
+ * A bad sample only widens a bracket (at worst to the whole row), so the result is always exact. */
+
+/* Valid for ranking: a candidate at or below the ceiling with a finite similarity. */
+static inline int32_t rankable(int32_t cand, float x, float u) {
+  return cand & bmask(x <= u) & bmask(x >= -FLT_MAX) & bmask(x <= FLT_MAX);
+}
+
+typedef struct {
+  int R;        /* rank: the top R; 0 = inactive */
+  float lo, hi; /* in: x >= hi; bracket: lo <= x < hi; out: x < lo */
+  int need;     /* how many of the bracket are in */
+  int t0;       /* its thresholds in the counting pass: t[t0 .. t0 + NT) */
+} cut;
+
+enum { MAX_CUTS = 3 };
+
+/* What top() does with the window of ranks: mark it NEG and the rest OFF (hardest, band), list it
+ * in idx and leave every candidate CAND (mixing's pool), or nothing (guards only). */
+typedef enum { TOP_MARK, TOP_POOL, TOP_GUARD } top_mode;
+
+/* A row's cuts: suspects are the top E (cut 0), the window is top(E + b) (cut 2) minus top(E + a)
+ * (cut 1). */
+typedef struct {
+  float u;
+  int suspect; /* mark for suspects, -1: entries above u are ignored (left to the caller) */
+  top_mode mode;
+  cut c[MAX_CUTS];
+  float t[MAX_CUTS * NT];
+  int32_t count[MAX_CUTS * NT];
+  int nt;
+} cuts;
+
+/* Pass one over a block: the rankable candidates (returned), and how many are at or above each
+ * threshold. */
+BLOCK_FN int count_block(const float *restrict s, const uint8_t *restrict mk, int n, float u,
+                         const float *restrict t, int nt, int32_t *restrict count) {
+  float xv[BLK];
+  int v = 0;
+  for (int k = 0; k < n; k++) {
+    float x = s[k];
+    int32_t ok = rankable(bmask(mk[k] == CAND), x, u);
+    v += ok & 1;
+    xv[k] = ok ? x : -INFINITY; /* below every threshold */
+  }
+  for (int j = 0; j < nt; j++) {
+    int c = 0;
+    for (int k = 0; k < n; k++) c += xv[k] >= t[j];
+    count[j] += c;
+  }
+  return v;
+}
+
+static int count_pass(const row_t *r, cuts *ct) {
+  int v = 0;
+  memset(ct->count, 0, sizeof ct->count);
+  for (int k = 0; k < r->nr; k++)
+    for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
+      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK;
+      v += n == BLK ? count_block(r->s + j, r->mk + j, BLK, ct->u, ct->t, ct->nt, ct->count)
+                    : count_block(r->s + j, r->mk + j, n, ct->u, ct->t, ct->nt, ct->count);
+    }
+  return v;
+}
+
+/* A strided sample of the row's rankable values into sample[]; *cands counts the candidates seen. */
+static int take_sample(const row_t *r, float u, float *sample, int *cands) {
+  int n = 0, seen = 0;
+  int step = r->width / SAMPLE;
+  for (int it = 0; step > 0 && it < SAMPLE; it++) {
+    int c = row_col(r, step / 2 + it * step);
+    seen += r->mk[c] == CAND;
+    if (rankable(bmask(r->mk[c] == CAND), r->s[c], u)) sample[n++] = r->s[c];
+  }
+  *cands = seen;
+  return n;
+}
+
+/* NT thresholds for a boundary expected at rank R_est of n_est: evenly spaced in value over the
+ * sample's plausible range for it. Short rows or samples get none, and their cut brackets the row. */
+static void place_thresholds(cuts *ct, cut *c, float *sample, int m, double R_est, double n_est) {
+  c->t0 = ct->nt;
+  if (m < SAMPLE / 2 || n_est <= 0) return;
+  double p = R_est / n_est;
+  if (p <= 0.0 || p >= 1.0) return;
+  double mid = p * m, sd = sqrt(m * p * (1.0 - p));
+  int r_hi = (int)floor(mid - 3.0 * sd - 2.0), r_lo = (int)ceil(mid + 3.0 * sd + 2.0);
+  r_hi = r_hi < 0 ? 0 : r_hi;
+  r_lo = r_lo > m - 1 ? m - 1 : r_lo;
+  float lo = kselect_largest(sample, m, r_lo + 1);
+  float hi = kselect_largest(sample, r_lo + 1, r_hi + 1); /* within the top r_lo + 1 */
+  for (int j = 0; j < NT; j++) ct->t[ct->nt++] = hi - (hi - lo) * (float)j / (NT - 1);
+}
+
+/* From the counts, the bracket of cut c (rank R among V rankable candidates). */
+static void bracket(cuts *ct, cut *c, int V) {
+  if (c->R <= 0) {
+    *c = (cut){0, INFINITY, INFINITY, 0, c->t0};
+    return;
+  }
+  if (c->R >= V) { /* all of them */
+    *c = (cut){c->R, -INFINITY, -INFINITY, 0, c->t0};
+    return;
+  }
+  float hi = INFINITY, lo = -INFINITY;
+  int above = 0;
+  int n = ct->nt - c->t0 < NT ? ct->nt - c->t0 : NT; /* 0 when it got no thresholds */
+  for (int j = 0; j < n; j++) {
+    int cj = ct->count[c->t0 + j];
+    if (cj >= c->R) {
+      lo = ct->t[c->t0 + j];
+      break;
+    }
+    hi = ct->t[c->t0 + j];
+    above = cj;
+  }
+  c->lo = lo;
+  c->hi = hi;
+  c->need = c->R - above;
+}
+
+/* Pass two over one block: decides the block's candidates from the brackets; returns the number of
+ * new suspects, flags in bd[] the entries inside a bracket and in win[] the window entries (*flags:
+ * any entry to compact: a bracketed one, or for TOP_POOL a window one), and counts into ba the
+ * window entries it marks MINE_NEG (TOP_MARK). */
+BLOCK_FN int classify(const float *restrict s, uint8_t *restrict mk, int n, const cuts *ct,
+                      uint8_t *restrict bd, uint8_t *restrict win, int *flags, blockacc *ba,
+                      int window_only) {
+  const alias_i32 *bits = (const alias_i32 *)s;
+  const float u = ct->u;
+  /* window_only (a literal at the call): cuts E and A are inactive, their tests fold away */
+  const float loE = window_only ? INFINITY : ct->c[0].lo, hiE = window_only ? INFINITY : ct->c[0].hi;
+  const float loA = window_only ? INFINITY : ct->c[1].lo, hiA = window_only ? INFINITY : ct->c[1].hi;
+  const float loB = ct->c[2].lo, hiB = ct->c[2].hi;
+  const int32_t smark = ct->suspect >= 0 ? ct->suspect : CAND;
+  const int32_t mark = bmask(ct->mode == TOP_MARK), flag_susp = bmask(ct->suspect >= 0);
+  const int32_t pool = bmask(ct->mode != TOP_GUARD), list = bmask(ct->mode == TOP_POOL);
+  int32_t keys[BLK];
+  float xs[BLK];
+  int ns = 0, any = 0, cnt = 0;
+  for (int k = 0; k < n; k++) {
+    float x = s[k];
+    int32_t m = mk[k];
+    int32_t cand = bmask(m == CAND), ok = rankable(cand, x, u);
+    int32_t edge = ok & ((bmask(x >= loE) & bmask(x < hiE)) | (bmask(x >= loA) & bmask(x < hiA)) |
+                         (bmask(x >= loB) & bmask(x < hiB)));
+    int32_t sus = (cand & bmask(x > u) & flag_susp) | (ok & bmask(x >= hiE));
+    int32_t w = ok & bmask(x >= hiB) & bmask(x < loA) & ~edge & pool;
+    /* TOP_MARK decides: bracketed stays CAND, window NEG, the rest OFF (0); other modes keep m */
+    int32_t rest = (mark & ((edge & CAND) | (w & MINE_NEG))) | (~mark & m);
+    int32_t nm = (sus & smark) | (~sus & rest);
+    mk[k] = (uint8_t)((cand & nm) | (~cand & m));
+    bd[k] = (uint8_t)(edge & 1);
+    win[k] = (uint8_t)(w & 1);
+    ns += sus & 1;
+    any |= (edge | (w & list)) & 1;
+    int32_t counted = w & mark;
+    cnt += counted & 1;
+    xs[k] = stat_value(counted, x);
+    keys[k] = (counted & sortable_bits(bits[k])) | (~counted & INT32_MIN);
+  }
+  if (ct->mode == TOP_MARK) block_stats(xs, keys, n, cnt, ba);
+  *flags = any;
+  return ns;
+}
+
+/* The value at descending rank R (1-based) of v[0..n) and how many entries equal to it belong to the
+ * top R (the rest of the tie lies below the boundary). Reorders v. */
+typedef struct {
+  float v;
+  int ties;
+} boundary;
+
+static boundary find_boundary(float *v, int n, int R) {
+  boundary bd = {INFINITY, 0};
+  if (R <= 0 || n <= 0) return bd;
+  if (R > n) R = n;
+  bd.v = kselect_largest(v, n, R);
+  int above = 0;
+  for (int i = 0; i < R; i++) above += v[i] > bd.v; /* v[0..R) holds the top R */
+  bd.ties = R - above;
+  return bd;
+}
+
+/* Whether x, met in column order, is within the top of its bracket; consumes a tie. */
+static inline int in_top(boundary *bd, float x) {
+  if (x > bd->v) return 1;
+  if (x == bd->v && bd->ties > 0) {
+    bd->ties--;
+    return 1;
+  }
+  return 0;
+}
+
+/* The exact boundary of cut c among the gathered entries vals[0..g). */
+static boundary cut_boundary(mine *m, const cut *c, int g) {
+  if (c->need <= 0) return (boundary){INFINITY, 0};
+  int n = 0;
+  for (int i = 0; i < g; i++) {
+    float x = m->vals[i];
+    m->tmp[n] = x;
+    n += (x >= c->lo) & (x < c->hi);
+  }
+  return find_boundary(m->tmp, n, c->need);
+}
+
+static inline int cut_in(const cut *c, boundary *bd, float x) {
+  return x >= c->hi || (x >= c->lo && in_top(bd, x));
+}
+
+/* Settles the gathered entries (vals, bidx; column order) against the exact boundaries; returns the
+ * number of window entries, appended to idx[n_win..] (TOP_POOL) or marked (TOP_MARK). */
+static int settle(mine *m, row_t *r, const cuts *ct, int g, int n_win, rowacc_t *ra) {
+  boundary b[MAX_CUTS];
+  for (int k = 0; k < MAX_CUTS; k++) b[k] = cut_boundary(m, &ct->c[k], g);
+  int added = 0;
+  for (int i = 0; i < g; i++) {
+    float x = m->vals[i];
+    int col = m->bidx[i];
+    int tE = cut_in(&ct->c[0], &b[0], x), tA = cut_in(&ct->c[1], &b[1], x);
+    int tB = cut_in(&ct->c[2], &b[2], x);
+    if (tE) {
+      r->mk[col] = ct->suspect >= 0 ? (uint8_t)ct->suspect : MINE_OFF;
+      r->suspects++;
+      r->positives += ct->suspect == MINE_POS;
+    } else if (tB && !tA && ct->mode != TOP_GUARD) {
+      if (ct->mode == TOP_MARK) {
+        r->mk[col] = MINE_NEG;
+        rowacc_add(ra, x);
+      } else {
+        m->idx[n_win++] = col;
+      }
+      added++;
+    } else if (ct->mode == TOP_MARK) {
+      r->mk[col] = MINE_OFF;
+    }
+  }
+  return added;
+}
+
+/* Appends the columns j + i with flag[i] set (and their similarities, when vals is not NULL) at
+ * position g; returns the new count. Eight flags are tested at once, and only groups holding one are
+ * compacted, branch-free: a block typically holds a handful of bracketed columns. */
+static int compact(const float *s, int j, int n, const uint8_t *flag, float *vals, int32_t *cols, int g) {
+  for (int i0 = 0; i0 < n; i0 += 8) {
+    uint64_t word = 0;
+    memcpy(&word, flag + i0, 8);
+    if (!word) continue;
+    for (int i = i0; i < i0 + 8 && i < n; i++) {
+      if (vals) vals[g] = s[j + i];
+      cols[g] = j + i;
+      g += flag[i];
+    }
+  }
+  return g;
+}
+
+/* Applies the guards of `w` to the row (ceiling and eps suspects marked) and selects ranks [a, b) of
+ * the candidates left, per mode; returns the window's size (TOP_POOL: the pool, in idx[0..n)). */
+static int top(mine *m, row_t *r, const want_t *w, top_mode mode, rowacc_t *ra) {
+  const mine_config *c = &m->cfg;
+  cuts ct = {.u = w->u, .suspect = w->suspect, .mode = mode};
+  float sample[SAMPLE];
+  int cands, ms = take_sample(r, w->u, sample, &cands);
+  /* rankable candidates as the sample sees them, for placing the thresholds */
+  double V_est = cands > 0 ? (double)r->n_cand * ms / cands : 0.0;
+  int a, b, E = frac_count(w->eps, (int)V_est);
+  want_window(c, w, (int)V_est - E, &a, &b);
+  if (mode == TOP_GUARD) a = b = 0;
+  double R_est[MAX_CUTS] = {E, E + a, E + b};
+  for (int k = 0; k < MAX_CUTS; k++) place_thresholds(&ct, &ct.c[k], sample, ms, R_est[k], V_est);
+  int V = count_pass(r, &ct);
+  /* the exact ranks */
+  E = frac_count(w->eps, V);
+  want_window(c, w, V - E, &a, &b);
+  if (mode == TOP_GUARD) a = b = 0;
+  int R[MAX_CUTS] = {E, E + a, E + b};
+  for (int k = 0; k < MAX_CUTS; k++) {
+    ct.c[k].R = R[k];
+    bracket(&ct, &ct.c[k], V);
+  }
+  uint8_t bd[BLK] = {0}, win[BLK] = {0}; /* a tail block leaves the rest zero: compact reads 8 at once */
+  const int window_only = ct.c[0].R == 0 && ct.c[1].R == 0; /* hardest, mixing's pool: the usual case */
+  blockacc ba = {0, INT32_MIN, 0};
+  int g = 0, n_win = 0;
+  long ns = 0;
+  for (int k = 0; k < r->nr; k++)
+    for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
+      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK, flags;
+      if (n < BLK)
+        ns += classify(r->s + j, r->mk + j, n, &ct, bd, win, &flags, &ba, 0);
+      else if (window_only)
+        ns += classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba, 1);
+      else
+        ns += classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba, 0);
+      if (!flags) continue;
+      g = compact(r->s, j, n, bd, m->vals, m->bidx, g);
+      if (mode == TOP_POOL) n_win = compact(NULL, j, n, win, NULL, m->idx, n_win);
+    }
+  rowacc_merge(ra, &ba);
+  r->suspects += ns;
+  if (ct.suspect == MINE_POS) r->positives += ns;
+  r->n_cand = V - E;
+  int settled = settle(m, r, &ct, g, n_win, ra);
+  return (mode == TOP_MARK ? ba.count : n_win) + settled;
+}
+
+static void mark_list(row_t *r, const int32_t *cols, int n, rowacc_t *ra) {
+  for (int i = 0; i < n; i++) {
+    r->mk[cols[i]] = MINE_NEG;
+    rowacc_add(ra, r->s[cols[i]]);
+  }
+}
+
+/* One block of finish(MINE_NEG): candidates above u become suspects, the rest negatives. */
+BLOCK_FN int finish_block(const float *restrict s, uint8_t *restrict mk, int n, float u, int32_t smark,
+                          blockacc *ba) {
+  const alias_i32 *bits = (const alias_i32 *)s;
+  int32_t keys[BLK];
+  float xs[BLK];
+  int ns = 0, cnt = 0;
+  for (int k = 0; k < n; k++) {
+    float x = s[k];
+    int32_t m = mk[k];
+    int32_t cand = bmask(m == CAND), sus = cand & bmask(x > u), neg = cand & ~sus;
+    mk[k] = (uint8_t)((sus & smark) | (neg & MINE_NEG) | (~cand & m));
+    ns += sus & 1;
+    cnt += neg & 1;
+    xs[k] = stat_value(neg, x);
+    keys[k] = (neg & sortable_bits(bits[k])) | (~neg & INT32_MIN);
+  }
+  block_stats(xs, keys, n, cnt, ba);
+  return ns;
+}
+
+/* Final pass: every remaining candidate becomes `to`; when to is MINE_NEG, those above u are
+ * suspects instead and the negatives are counted. */
+static void finish(row_t *r, uint8_t to, float u, int suspect, rowacc_t *ra) {
+  blockacc ba = {0, INT32_MIN, 0};
+  int32_t smark = suspect;
+  long ns = 0;
+  for (int k = 0; k < r->nr; k++)
+    for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
+      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK;
+      uint8_t *mk = r->mk + j;
+      if (to == MINE_OFF) /* CAND -> OFF (0), written as a mask so that it vectorises */
+        for (int i = 0; i < n; i++) mk[i] = (uint8_t)(mk[i] & (uint8_t)-(mk[i] != CAND));
+      else
+        ns += n == BLK ? finish_block(r->s + j, mk, BLK, u, smark, &ba)
+                       : finish_block(r->s + j, mk, n, u, smark, &ba);
+    }
+  rowacc_merge(ra, &ba);
+  r->suspects += ns;
+  r->positives += suspect == MINE_POS ? ns : 0;
+  r->n_cand -= (int)ns;
+}
+
+/* Partial Fisher-Yates: idx[0..n) become a uniform sample without replacement of idx[0..g). */
+static void shuffle_prefix(int32_t *idx, int g, int n, rng_t *rng) {
+  for (int i = 0; i < n && i < g; i++) {
+    int j = i + (int)draw_below(rng, (uint32_t)(g - i));
+    int32_t t = idx[i];
+    idx[i] = idx[j];
+    idx[j] = t;
+  }
+}
+
+/* n uniform candidates without replacement. Dense rows: rejection draws over the ranges (each
+ * accepted draw is uniform over the candidates not yet drawn), or drawing the complement when more
+ * than half are wanted; sparse rows: gather and a partial Fisher-Yates shuffle. */
+static void pick_random(mine *m, row_t *r, int n, rng_t *rng, rowacc_t *ra) {
+  if (n >= r->n_cand) {
+    finish(r, MINE_NEG, INFINITY, MINE_OFF, ra);
+    return;
+  }
+  if (2 * r->n_cand >= r->width) {
+    int drop = 2 * n > r->n_cand;
+    int want = drop ? r->n_cand - n : n;
+    uint8_t mark = drop ? MINE_OFF : MINE_NEG;
+    for (int got = 0; got < want;) {
+      int col = row_col(r, (int)draw_below(rng, (uint32_t)r->width));
+      if (r->mk[col] != CAND) continue;
+      r->mk[col] = mark;
+      if (!drop) rowacc_add(ra, r->s[col]);
+      got++;
+    }
+    finish(r, drop ? MINE_NEG : MINE_OFF, INFINITY, MINE_OFF, ra);
+    return;
+  }
+  int g = gather(m, r, -INFINITY, INFINITY, -1);
+  shuffle_prefix(m->idx, g, n, rng);
+  mark_list(r, m->idx, n < g ? n : g, ra);
+  finish(r, MINE_OFF, INFINITY, MINE_OFF, ra);
+}
+
+/* FaceNet's semi-hard negatives (Schroff et al. 2015): s_pos - margin < s < s_pos, n of them at
+ * random; when the band holds fewer, the hardest below it fill up to n. */
+static void pick_semi_hard(mine *m, row_t *r, int n, float s_pos, rng_t *rng, rowacc_t *ra) {
+  float low = s_pos - m->cfg.margin;
+  int g = gather(m, r, nextafterf(low, INFINITY), nextafterf(s_pos, -INFINITY), -1);
+  if (g >= n) {
+    shuffle_prefix(m->idx, g, n, rng);
+    mark_list(r, m->idx, n, ra);
+  } else {
+    mark_list(r, m->idx, g, ra);
+    r->n_cand -= g;
+    want_t w = {.mode = WANT_FIXED, .n = n - g, .u = low, .suspect = -1};
+    top(m, r, &w, TOP_MARK, ra);
+  }
+  finish(r, MINE_OFF, INFINITY, MINE_OFF, ra);
+}
+
+/* ---- mixing (MoCHi) ---------------------------------------------------------------------------- */
+
+static const float *key_of(const mine_layout *l, const mine_input *in, int col) {
+  if (col < l->queue_size) return in->queue_keys + (size_t)col * in->dim;
+  return in->batch_keys + (size_t)(col - l->batch_off) * in->dim;
+}
+
+/* A dot product of two keys, d floats, in eight-lane vectors of GCC's vector extension: left to
+ * itself, the compiler re-rolls any set of scalar partial sums into an accumulator array in memory,
+ * which made this loop the whole cost of mixing. */
+typedef float v8f __attribute__((vector_size(32)));
+
+static float dot(const float *restrict x, const float *restrict y, int n) {
+  v8f acc0 = {0}, acc1 = {0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f x0, y0, x1, y1;
+    memcpy(&x0, x + i, sizeof x0);
+    memcpy(&y0, y + i, sizeof y0);
+    memcpy(&x1, x + i + 8, sizeof x1);
+    memcpy(&y1, y + i + 8, sizeof y1);
+    acc0 += x0 * y0;
+    acc1 += x1 * y1;
+  }
+  acc0 += acc1;
+  float s = ((acc0[0] + acc0[1]) + (acc0[2] + acc0[3])) + ((acc0[4] + acc0[5]) + (acc0[6] + acc0[7]));
+  for (; i < n; i++) s += x[i] * y[i];
+  return s;
+}
+
+/* Issues prefetches for a key's cache lines: the pair mixes read two random keys each, and with the
+ * keys of the next few pairs on their way the dot products stop waiting on memory. */
+static inline void prefetch_key(const float *k, int d) {
+  for (int i = 0; i < d; i += 16) __builtin_prefetch(k + i);
+}
+
+enum { PREFETCH_AHEAD = 4 };
+
+/* MoCHi (Kalantidis et al. 2020, eqs. 3-4): from the hard pool P of a row, h = normalise(a n_i +
+ * (1-a) n_j) with a ~ U(0,1) for the first mix_pairs columns, and h' = normalise(b q + (1-b) n_j)
+ * with b ~ U(0, 0.5) for the next mix_query (the query never dominates its mix). The similarity q.h
+ * follows from the real columns' similarities and one key-key dot product, so no point is built.
+ * Three passes: the draws (recipes holding the raw weight), the dot products (keys prefetched a few
+ * pairs ahead), and the normalisation, over plain arrays so that it vectorises. */
+static void synthesize(mine *m, const mine_layout *l, const mine_input *in, int row, const int32_t *P,
+                       int np, float *srow, uint8_t *mrow, rng_t *rng, rowacc_t *ra) {
+  const mine_config *c = &m->cfg;
+  const int d = in->dim, X = l->synth_size, pairs = np >= 2 ? c->mix_pairs : 0;
+  mine_synth *rec = m->synth + (size_t)row * X;
+  float *w = m->vals, *xy = m->tmp; /* [X] each: raw weight, then the mix's x.y */
+  for (int x = 0; x < X; x++) {
+    rec[x] = (mine_synth){-2, -2, 0.0f, 0.0f};
+    w[x] = 0.0f;
+    if (x < c->mix_pairs && np >= 2) {
+      int i = (int)draw_below(rng, (uint32_t)np);
+      int j = (int)draw_below(rng, (uint32_t)(np - 1));
+      j += j >= i; /* two distinct pool members */
+      rec[x].a = P[i];
+      rec[x].b = P[j];
+      w[x] = draw_open01(rng);
+    } else if (x >= c->mix_pairs && np >= 1) {
+      rec[x].a = -1;
+      rec[x].b = P[draw_below(rng, (uint32_t)np)];
+      w[x] = 0.5f * draw_open01(rng);
+    }
+  }
+  for (int x = 0; x < PREFETCH_AHEAD && x < pairs; x++) {
+    prefetch_key(key_of(l, in, rec[x].a), d);
+    prefetch_key(key_of(l, in, rec[x].b), d);
+  }
+  for (int x = 0; x < X; x++) {
+    if (x + PREFETCH_AHEAD < pairs) {
+      prefetch_key(key_of(l, in, rec[x + PREFETCH_AHEAD].a), d);
+      prefetch_key(key_of(l, in, rec[x + PREFETCH_AHEAD].b), d);
+    }
+    /* x.y: the two keys' dot product, or for a query mix the query's similarity to its key */
+    const mine_synth *sy = &rec[x];
+    xy[x] = sy->b < 0 ? 0.0f : sy->a >= 0 ? dot(key_of(l, in, sy->a), key_of(l, in, sy->b), d) : srow[sy->b];
+  }
+  for (int x = 0; x < X; x++) { /* |w x + (1-w) y|^2 -> 1 / norm, in place of xy */
+    float n2 = w[x] * w[x] + (1 - w[x]) * (1 - w[x]) + 2 * w[x] * (1 - w[x]) * xy[x];
+    xy[x] = n2 > 1e-12f ? 1.0f / sqrtf(n2) : 0.0f;
+  }
+  for (int x = 0; x < X; x++) {
+    mine_synth *sy = &rec[x];
+    int col = l->synth_off + x;
+    if (sy->b < 0 || xy[x] == 0.0f) {
+      *sy = (mine_synth){-2, -2, 0.0f, 0.0f};
+      srow[col] = 0.0f;
+      mrow[col] = MINE_OFF;
+      continue;
+    }
+    sy->wa = w[x] * xy[x];
+    sy->wb = (1 - w[x]) * xy[x];
+    srow[col] = sy->wa * (sy->a >= 0 ? srow[sy->a] : 1.0f) + sy->wb * srow[sy->b]; /* q.q = 1 */
+    mrow[col] = MINE_NEG;
+    rowacc_add(ra, srow[col]);
+  }
+}
+
+void mine_synth_point(const mine *m, const mine_layout *l, const mine_input *in, int row, int x,
+                      float *out) {
+  const mine_synth *sy = m->synth + (size_t)row * l->synth_size + x;
+  const float *a = sy->a == -1 ? in->q + (size_t)row * in->dim : key_of(l, in, sy->a);
+  for (int k = 0; k < in->dim; k++) out[k] = 0.0f;
+  if (sy->b < 0) return;
+  const float *b = key_of(l, in, sy->b);
+  for (int k = 0; k < in->dim; k++) out[k] = sy->wa * a[k] + sy->wb * b[k];
+}
+
+void mine_synth_fold(const mine *m, const mine_layout *l, int batch_size, float *dS, float *dself) {
+  for (int i = 0; i < batch_size; i++) {
+    float *drow = dS + (size_t)i * l->cols;
+    const mine_synth *rec = m->synth + (size_t)i * l->synth_size;
+    dself[i] = 0.0f;
+    for (int x = 0; x < l->synth_size; x++) {
+      float g = drow[l->synth_off + x];
+      if (rec[x].b < 0 || g == 0.0f) continue;
+      if (rec[x].a == -1)
+        dself[i] += g * rec[x].wa;
+      else
+        drow[rec[x].a] += g * rec[x].wa;
+      drow[rec[x].b] += g * rec[x].wb;
+    }
+  }
+}
+
+/* ---- the step -------------------------------------------------------------------------------- */
+
+static uint32_t id_hash(int64_t id, int cap) {
+  return (uint32_t)(((uint64_t)id * 0x9e3779b97f4a7c15ULL) >> 32) & (uint32_t)(cap - 1);
+}
+
+/* hash: id -> first batch row with that id; chain links the rest. Unknown ids (< 0) stay out. */
+static void build_id_hash(mine *m, const int64_t *ids, int B) {
+  for (int i = 0; i < m->hash_cap; i++) m->hash[i] = -1;
+  for (int r = 0; r < B; r++) {
+    m->chain[r] = -1;
+    if (ids[r] < 0) continue;
+    uint32_t h = id_hash(ids[r], m->hash_cap);
+    while (m->hash[h] >= 0 && ids[m->hash[h]] != ids[r]) h = (h + 1) & (uint32_t)(m->hash_cap - 1);
+    if (m->hash[h] < 0) {
+      m->hash[h] = r;
+    } else {
+      m->chain[r] = m->chain[m->hash[h]];
+      m->chain[m->hash[h]] = r;
+    }
+  }
+}
+
+static int id_first_row(const mine *m, const int64_t *ids, int64_t id) {
+  uint32_t h = id_hash(id, m->hash_cap);
+  while (m->hash[h] >= 0) {
+    if (ids[m->hash[h]] == id) return m->hash[h];
+    h = (h + 1) & (uint32_t)(m->hash_cap - 1);
+  }
+  return -1;
+}
+
+/* Column col of every row with sample id `id` (except skip_row) stops being a candidate. */
+static long exclude_id(mine *m, const mine_input *in, const mine_layout *l, uint8_t *mask, int64_t id,
+                       int col, int skip_row) {
+  long n = 0;
+  for (int r = id_first_row(m, in->ids, id); r >= 0; r = m->chain[r]) {
+    uint8_t *p = mask + (size_t)r * l->cols + col;
+    if (r == skip_row || *p != CAND) continue;
+    *p = MINE_OFF;
+    m->n_excl[r]++;
+    n++;
+  }
+  return n;
+}
+
+static int check_input(const mine *m, const mine_layout *l, const mine_input *in) {
+  const mine_config *c = &m->cfg;
+  int B = in->batch_size;
+  if (B < 1 || B > m->max_batch)
+    return moco_error(MOCO_ESHAPE, "mine_select: batch_size %d: allowed 1..%d", B, m->max_batch);
+  mine_layout want;
+  mine_layout_init(&want, c, l->queue_size, B);
+  if (memcmp(&want, l, sizeof want) != 0 || l->cols > m->max_cols || l->queue_size > m->max_queue)
+    return moco_error(MOCO_ESHAPE,
+                      "mine_select: layout (K %d, batch %d, bank %d, synth %d, cols %d) does not match "
+                      "the config for batch %d, or exceeds the init sizes (queue %d, cols %d)",
+                      l->queue_size, l->batch_size, l->bank_size, l->synth_size, l->cols, B,
+                      m->max_queue, m->max_cols);
+  if (in->queue_filled < 0 || in->queue_filled > l->queue_size)
+    return moco_error(MOCO_ERANGE, "mine_select: queue_filled %d: allowed 0..%d", in->queue_filled,
+                      l->queue_size);
+  if (!in->s_pos) return moco_error(MOCO_EINVAL, "mine_select: s_pos is NULL");
+  if (!(in->hardness >= 0.0f && in->hardness <= 1.0f))
+    return moco_error(MOCO_ERANGE, "mine_select: hardness %g: allowed [0, 1]", in->hardness);
+  if (c->supervised && (!in->labels || (l->queue_size > 0 && !in->queue_labels)))
+    return moco_error(MOCO_EINVAL, "mine_select: supervised mode needs labels for the batch and queue");
+  if (c->strategy == MINE_MIXING && !in->warmup &&
+      (in->dim != m->dim || !in->q || (l->queue_size > 0 && !in->queue_keys) ||
+       (l->batch_size > 0 && !in->batch_keys)))
+    return moco_error(MOCO_EINVAL, "mine_select: mixing needs q, queue_keys, batch_keys of dim %d (got %d)",
+                      m->dim, in->dim);
+  return 0;
+}
+
+/* Phases 1 and 2 for all rows; returns the same-id exclusions. */
+static long prepare_masks(mine *m, const mine_layout *l, const mine_input *in, uint8_t *mask,
+                          int use_queue, long *supervised_filtered) {
+  const int B = in->batch_size;
+  for (int i = 0; i < B; i++) {
+    uint8_t *mk = mask + (size_t)i * l->cols;
+    memset(mk, MINE_OFF, (size_t)l->cols);
+    if (use_queue) memset(mk, CAND, (size_t)in->queue_filled);
+    m->n_excl[i] = 0;
+    if (l->batch_size) {
+      memset(mk + l->batch_off, CAND, (size_t)B);
+      mk[l->batch_off + i] = MINE_OFF; /* the query's own key is its positive */
+      m->n_excl[i]++;
+    }
+  }
+  long same = 0;
+  if (in->ids) {
+    build_id_hash(m, in->ids, B);
+    if (use_queue && in->queue_ids)
+      for (int j = 0; j < in->queue_filled; j++)
+        if (in->queue_ids[j] >= 0) same += exclude_id(m, in, l, mask, in->queue_ids[j], j, -1);
+    if (l->batch_size)
+      for (int j = 0; j < B; j++)
+        if (in->ids[j] >= 0) same += exclude_id(m, in, l, mask, in->ids[j], l->batch_off + j, j);
+  }
+  *supervised_filtered = 0;
+  if (m->cfg.supervised) {
+    for (int i = 0; i < B; i++) {
+      int32_t y = in->labels[i];
+      if (y < 0) continue;
+      uint8_t *mk = mask + (size_t)i * l->cols;
+      long n = 0;
+      if (use_queue)
+        for (int j = 0; j < in->queue_filled; j++)
+          if (in->queue_labels[j] == y && mk[j] == CAND) mk[j] = MINE_OFF, n++;
+      for (int j = 0; j < l->batch_size; j++)
+        if (in->labels[j] == y && mk[l->batch_off + j] == CAND) mk[l->batch_off + j] = MINE_OFF, n++;
+      m->n_excl[i] += (int32_t)n;
+      *supervised_filtered += n;
+    }
+  }
+  return same;
+}
+
+/* Label diagnostics over a finished row's negatives among the real columns. */
+static void count_labels(const mine_layout *l, const mine_input *in, int i, const uint8_t *mk,
+                         int use_queue, acc_t *acc) {
+  int32_t y = in->labels[i];
+  if (y < 0) return;
+  if (use_queue && in->queue_labels)
+    for (int j = 0; j < in->queue_filled; j++)
+      if (mk[j] == MINE_NEG && in->queue_labels[j] >= 0) {
+        acc->label_known++;
+        acc->label_same += in->queue_labels[j] == y;
+      }
+  for (int j = 0; j < l->batch_size; j++)
+    if (mk[l->batch_off + j] == MINE_NEG && in->labels[j] >= 0) {
+      acc->label_known++;
+      acc->label_same += in->labels[j] == y;
+    }
+}
+
+/* What the whole step does, fixed before the rows. */
+typedef struct {
+  mine_strategy strat; /* random during warm-up */
+  float h;
+  int warm, use_queue, guards, suspect;
+} plan_t;
+
+/* The candidate ranges of row i and their count after the exclusions of prepare_masks. */
+static row_t row_view(const mine *m, const mine_layout *l, const mine_input *in, const plan_t *p,
+                      float *srow, uint8_t *mk, int i) {
+  row_t r = {.s = srow, .mk = mk};
+  if (p->use_queue && in->queue_filled > 0) {
+    r.lo[r.nr] = 0;
+    r.hi[r.nr++] = in->queue_filled;
+  }
+  if (l->batch_size) {
+    r.lo[r.nr] = l->batch_off;
+    r.hi[r.nr++] = l->batch_off + in->batch_size;
+  }
+  for (int k = 0; k < r.nr; k++) r.width += r.hi[k] - r.lo[k];
+  r.n_cand = r.width - m->n_excl[i];
+  return r;
+}
+
+/* Guards, then the strategy, for one row; returns the count behind the knob (0 when none). */
+static int select_row(mine *m, const mine_layout *l, const mine_input *in, const plan_t *p, int i,
+                      row_t *r, rng_t *rng, rowacc_t *ra) {
+  const mine_config *c = &m->cfg;
+  float u = INFINITY;
+  if (c->ceiling == MINE_CEILING_ABSOLUTE) u = c->ceiling_value;
+  if (c->ceiling == MINE_CEILING_RELATIVE) u = in->s_pos[i] - c->ceiling_delta;
+  want_t w = {.mode = WANT_FIXED, .n = 0, .h = p->h, .eps = c->skip_hardest, .u = u, .suspect = p->suspect};
+  int n = 0;
+  switch (p->strat) {
+  case MINE_ALL:
+  case MINE_ADVERSARIAL:
+    if (c->skip_hardest > 0.0f) top(m, r, &w, TOP_GUARD, ra);
+    finish(r, MINE_NEG, u, p->suspect, ra);
+    return 0;
+  case MINE_RANDOM:
+  case MINE_SEMI_HARD:
+    if (p->guards) top(m, r, &w, TOP_GUARD, ra);
+    n = p->warm ? c->num_negatives : knob_n(c, p->h, r->n_cand);
+    if (n > r->n_cand) n = r->n_cand;
+    if (p->strat == MINE_RANDOM)
+      pick_random(m, r, n, rng, ra);
+    else
+      pick_semi_hard(m, r, n, in->s_pos[i], rng, ra);
+    return n;
+  case MINE_HARDEST:
+  case MINE_BAND:
+    w.mode = p->strat == MINE_HARDEST ? WANT_KNOB : WANT_BAND;
+    n = top(m, r, &w, TOP_MARK, ra);
+    return p->strat == MINE_HARDEST ? n : 0;
+  case MINE_MIXING:
+    w.mode = WANT_KNOB;
+    n = top(m, r, &w, TOP_POOL, ra); /* the hard pool stays in idx[0..n) */
+    finish(r, MINE_NEG, u, p->suspect, ra);
+    synthesize(m, l, in, i, m->idx, n, r->s, r->mk, rng, ra);
+    return n;
+  }
+  return 0;
+}
+
+/* Columns after the candidates: synthetic ones unused outside mixing, every bank row a negative (AdCo
+ * contrasts each query with the whole bank). */
+static void other_columns(mine *m, const mine_layout *l, const plan_t *p, int i, float *srow,
+                          uint8_t *mk, rowacc_t *ra) {
+  if (p->strat != MINE_MIXING)
+    for (int x = 0; x < l->synth_size; x++) {
+      m->synth[(size_t)i * l->synth_size + x] = (mine_synth){-2, -2, 0.0f, 0.0f};
+      mk[l->synth_off + x] = MINE_OFF;
+    }
+  for (int j = l->bank_off; j < l->bank_off + l->bank_size; j++) {
+    mk[j] = MINE_NEG;
+    rowacc_add(ra, srow[j]);
+  }
+}
+
+static void row_done(acc_t *acc, const rowacc_t *ra, float s_pos) {
+  acc->sum += ra->sum;
+  acc->count += ra->count;
+  if (ra->count > 0) {
+    acc->hardest_sum += ra->max;
+    acc->hardest_rows++;
+    if (ra->max > acc->hardest_max) acc->hardest_max = ra->max;
+  }
+  acc->correct += !(ra->count > 0 && ra->max >= s_pos); /* vacuously right without negatives */
+}
+
+static void fill_stats(mine_stats *st, const mine_config *c, const mine_input *in, const plan_t *p,
+                       const acc_t *acc) {
+  int B = in->batch_size;
+  memset(st, 0, sizeof *st);
+  st->hardness = p->warm ? 0.0f : in->hardness;
+  st->band_lo = p->strat == MINE_BAND ? p->h * c->band_lo : 0.0f;
+  st->band_hi = p->strat == MINE_BAND ? 1.0f - p->h * (1.0f - c->band_hi) : 1.0f;
+  st->hcl_beta = mine_hcl_beta(c, st->hardness);
+  st->negatives_per_query = (double)acc->count / B;
+  st->neg_sim_mean = acc->count ? (float)(acc->sum / acc->count) : 0.0f;
+  st->hardest_sim_mean = acc->hardest_rows ? (float)(acc->hardest_sum / acc->hardest_rows) : 0.0f;
+  st->hardest_sim_max = acc->hardest_rows ? acc->hardest_max : 0.0f;
+  st->instance_accuracy = (float)acc->correct / B;
+  st->label_known = acc->label_known;
+  st->label_same = acc->label_same;
+}
+
+int mine_select(mine *m, const mine_layout *l, const mine_input *in, float *S, uint8_t *mask,
+                rng_t *rng, mine_stats *st) {
+  int rc = check_input(m, l, in);
+  if (rc) return rc;
+  const mine_config *c = &m->cfg;
+  plan_t p = {.strat = c->strategy, .h = in->hardness};
+  p.warm = in->warmup && c->strategy != MINE_ADVERSARIAL;
+  if (p.warm) p.strat = MINE_RANDOM;
+  p.use_queue = c->strategy != MINE_ADVERSARIAL;
+  p.guards = c->ceiling != MINE_CEILING_NONE || c->skip_hardest > 0.0f;
+  p.suspect = c->suspects_as_positives ? MINE_POS : MINE_OFF;
+
+  long sup_filtered;
+  long same = prepare_masks(m, l, in, mask, p.use_queue, &sup_filtered);
+  acc_t acc = {.hardest_max = -INFINITY};
+  long suspects = 0, positives = 0;
+  int knob = 0;
+  for (int i = 0; i < in->batch_size; i++) {
+    float *srow = S + (size_t)i * l->cols;
+    uint8_t *mk = mask + (size_t)i * l->cols;
+    row_t r = row_view(m, l, in, &p, srow, mk, i);
+    rowacc_t ra = {0, 0, -INFINITY};
+    knob = imax(knob, select_row(m, l, in, &p, i, &r, rng, &ra));
+    other_columns(m, l, &p, i, srow, mk, &ra);
+    suspects += r.suspects;
+    positives += r.positives;
+    row_done(&acc, &ra, in->s_pos[i]);
+    if (in->labels) count_labels(l, in, i, mk, p.use_queue, &acc);
+  }
+  if (st) {
+    fill_stats(st, c, in, &p, &acc);
+    st->knob_n = knob;
+    st->filtered = suspects + sup_filtered;
+    st->extra_positives = positives;
+    st->same_id = same;
+  }
+  return 0;
+}

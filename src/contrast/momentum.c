@@ -1,0 +1,51 @@
+#include "contrast/momentum.h"
+
+#include <string.h>
+
+#include "core/err.h"
+#include "core/sched.h"
+
+void momentum_config_default(momentum_config *c) {
+  c->encoder_momentum = 0.999f;
+  c->schedule = MOMENTUM_CONSTANT;
+}
+
+int momentum_schedule_parse(const char *name, momentum_schedule *out) {
+  if (!strcmp(name, "constant")) *out = MOMENTUM_CONSTANT;
+  else if (!strcmp(name, "cosine")) *out = MOMENTUM_COSINE;
+  else return moco_error(MOCO_EINVAL, "momentum schedule '%s': expected constant or cosine", name);
+  return 0;
+}
+
+const char *momentum_schedule_name(momentum_schedule s) {
+  return s == MOMENTUM_COSINE ? "cosine" : "constant";
+}
+
+int momentum_config_check(const momentum_config *c) {
+  if (!(c->encoder_momentum >= 0.0f && c->encoder_momentum <= 1.0f))
+    return moco_error(MOCO_ECONFIG, "encoder_momentum: %g, allowed [0, 1]", c->encoder_momentum);
+  if (c->schedule != MOMENTUM_CONSTANT && c->schedule != MOMENTUM_COSINE)
+    return moco_error(MOCO_ECONFIG, "momentum schedule: %d unknown", (int)c->schedule);
+  return 0;
+}
+
+float momentum_at(const momentum_config *c, int64_t step, int64_t total_steps) {
+  if (c->schedule == MOMENTUM_CONSTANT || total_steps <= 0) return c->encoder_momentum;
+  return sched_cosine(c->encoder_momentum, 1.0f, step, total_steps);
+}
+
+void momentum_update(float *key, const float *query, size_t n, float m) {
+  float a = 1.0f - m;
+  for (size_t i = 0; i < n; i++) key[i] = m * key[i] + a * query[i];
+}
+
+int momentum_update_net(net *key, const net *query, float m) {
+  if (key->n_params != query->n_params || key->n_buffers != query->n_buffers ||
+      key->arch_hash != query->arch_hash)
+    return moco_error(MOCO_ESHAPE,
+                      "momentum update: key encoder has %zu params, %zu buffers; query %zu, %zu",
+                      key->n_params, key->n_buffers, query->n_params, query->n_buffers);
+  momentum_update(key->params, query->params, key->n_params, m);
+  momentum_update(key->buffers, query->buffers, key->n_buffers, m);
+  return 0;
+}

@@ -1,0 +1,238 @@
+#include "core/optim.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/err.h"
+#include "core/tensor.h"
+
+static const char *const kind_names[] = {"sgd", "lars", "adamw"};
+#define N_KINDS (int)(sizeof kind_names / sizeof kind_names[0])
+
+void optim_config_default(optim_config *c) {
+  *c = (optim_config){.optimizer = OPTIM_SGD,
+                      .momentum = 0.9f,
+                      .nesterov = 0,
+                      .weight_decay = 5e-4f,
+                      .decay_all = 0,
+                      .lars_eta = 0.001f,
+                      .beta1 = 0.9f,
+                      .beta2 = 0.999f,
+                      .eps = 1e-8f};
+}
+
+const char *optim_kind_name(optim_kind k) {
+  return (int)k >= 0 && (int)k < N_KINDS ? kind_names[k] : "?";
+}
+
+int optim_kind_parse(const char *name, optim_kind *k) {
+  for (int i = 0; i < N_KINDS; i++)
+    if (!strcmp(name, kind_names[i])) return *k = (optim_kind)i, 0;
+  return moco_error(MOCO_ECONFIG, "optimizer: \"%s\" is not one of sgd, lars, adamw", name);
+}
+
+/* NaN fails every comparison below, so each check is written as "in range", not "out of range". */
+static int check_config(const optim_config *c) {
+  if ((int)c->optimizer < 0 || (int)c->optimizer >= N_KINDS)
+    return moco_error(MOCO_ECONFIG, "optimizer: kind %d, allowed 0..%d", (int)c->optimizer, N_KINDS - 1);
+  if (!(c->momentum >= 0.0f && c->momentum < 1.0f))
+    return moco_error(MOCO_ECONFIG, "momentum: %g, allowed [0, 1)", c->momentum);
+  if (c->nesterov && !(c->momentum > 0.0f))
+    return moco_error(MOCO_ECONFIG, "nesterov: needs momentum > 0, found %g", c->momentum);
+  if (!(c->weight_decay >= 0.0f && isfinite(c->weight_decay)))
+    return moco_error(MOCO_ECONFIG, "weight_decay: %g, allowed >= 0", c->weight_decay);
+  if (c->optimizer == OPTIM_LARS && !(c->lars_eta > 0.0f && isfinite(c->lars_eta)))
+    return moco_error(MOCO_ECONFIG, "lars_eta: %g, allowed > 0", c->lars_eta);
+  if (c->optimizer == OPTIM_ADAMW) {
+    if (!(c->beta1 >= 0.0f && c->beta1 < 1.0f))
+      return moco_error(MOCO_ECONFIG, "beta1: %g, allowed [0, 1)", c->beta1);
+    if (!(c->beta2 >= 0.0f && c->beta2 < 1.0f))
+      return moco_error(MOCO_ECONFIG, "beta2: %g, allowed [0, 1)", c->beta2);
+    if (!(c->eps > 0.0f && isfinite(c->eps)))
+      return moco_error(MOCO_ECONFIG, "eps: %g, allowed > 0", c->eps);
+  }
+  return 0;
+}
+
+/* Every parameter must belong to exactly one segment, or some would silently never move. */
+static int check_segments(size_t n, const net_segment *s, int count) {
+  size_t off = 0;
+  for (int i = 0; i < count; i++) {
+    if (s[i].off != off || s[i].len == 0 || s[i].len > n - off)
+      return moco_error(MOCO_EINVAL,
+                        "optimizer segments[%d]: off %zu len %zu, expected off %zu and 1..%zu entries",
+                        i, s[i].off, s[i].len, off, n - off);
+    off += s[i].len;
+  }
+  if (off != n)
+    return moco_error(MOCO_EINVAL, "optimizer segments: cover %zu of %zu parameters", off, n);
+  return 0;
+}
+
+int optim_init(optim *o, const optim_config *cfg, size_t n_params, const net_segment *segments,
+               int n_segments) {
+  memset(o, 0, sizeof *o);
+  int rc = check_config(cfg);
+  if (!rc && n_segments < 0) rc = moco_error(MOCO_EINVAL, "optimizer: %d segments", n_segments);
+  if (!rc && n_segments > 0) rc = check_segments(n_params, segments, n_segments);
+  if (rc) return rc;
+  o->cfg = *cfg;
+  o->n_params = n_params;
+  o->n_segments = n_segments ? n_segments : 1;
+  o->segments = malloc(sizeof *o->segments * o->n_segments);
+  o->m = tensor_calloc(n_params);
+  if (cfg->optimizer == OPTIM_ADAMW) o->v = tensor_calloc(n_params);
+  if (!o->segments || !o->m || (cfg->optimizer == OPTIM_ADAMW && !o->v)) {
+    optim_free(o);
+    return moco_error(MOCO_ENOMEM, "optimizer: state for %zu parameters", n_params);
+  }
+  if (n_segments)
+    memcpy(o->segments, segments, sizeof *segments * n_segments);
+  else
+    o->segments[0] = (net_segment){0, n_params, 0, 0};
+  return 0;
+}
+
+void optim_free(optim *o) {
+  free(o->segments);
+  tensor_free(o->m);
+  tensor_free(o->v);
+  memset(o, 0, sizeof *o);
+}
+
+int optim_set_config(optim *o, const optim_config *cfg) {
+  int rc = check_config(cfg);
+  if (rc) return rc;
+  if (cfg->optimizer != o->cfg.optimizer)
+    return moco_error(MOCO_ECONFIG, "optimizer: cannot change from %s to %s while training",
+                      optim_kind_name(o->cfg.optimizer), optim_kind_name(cfg->optimizer));
+  o->cfg = *cfg;
+  return 0;
+}
+
+static double norm2(const float *x, size_t n) {
+  double s = 0.0;
+  for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+  return sqrt(s);
+}
+
+/* The LARS trust ratio of one segment, λ = η‖θ‖ / (‖g‖ + wd‖θ‖) (You et al. 2017, eq. 6). */
+static float lars_ratio(const float *p, const float *g, size_t n, float eta, float wd) {
+  double pn = norm2(p, n), den = norm2(g, n) + wd * pn;
+  return pn > 0.0 && den > 0.0 ? (float)(eta * pn / den) : 1.0f;
+}
+
+/* SGD / LARS on one segment: g' = scale·(g + wd·θ); v ← μv + g'; θ ← θ − lr·(v or g' + μv). */
+static void sgd_segment(const optim_config *c, float *p, const float *g, float *m, size_t n, float wd,
+                        float scale, float lr) {
+  const float mu = c->momentum;
+  if (c->nesterov) {
+    for (size_t i = 0; i < n; i++) {
+      float d = scale * (g[i] + wd * p[i]);
+      m[i] = mu * m[i] + d;
+      p[i] -= lr * (d + mu * m[i]);
+    }
+  } else {
+    for (size_t i = 0; i < n; i++) {
+      m[i] = mu * m[i] + scale * (g[i] + wd * p[i]);
+      p[i] -= lr * m[i];
+    }
+  }
+}
+
+/* AdamW on one segment; c1, c2 are the bias corrections 1 − β^t. */
+static void adamw_segment(const optim_config *c, float *p, const float *g, float *m, float *v, size_t n,
+                          float wd, float lr, float c1, float c2) {
+  const float b1 = c->beta1, b2 = c->beta2, step = lr / c1, rc2 = 1.0f / sqrtf(c2);
+  const float keep = 1.0f - lr * wd;
+  for (size_t i = 0; i < n; i++) {
+    m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+    v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+    p[i] = keep * p[i] - step * m[i] / (sqrtf(v[i]) * rc2 + c->eps);
+  }
+}
+
+void optim_step(optim *o, float *params, const float *grads, float lr) {
+  const optim_config *c = &o->cfg;
+  o->steps++;
+  float c1 = 1.0f - powf(c->beta1, (float)o->steps), c2 = 1.0f - powf(c->beta2, (float)o->steps);
+  for (int s = 0; s < o->n_segments; s++) {
+    const net_segment *sg = &o->segments[s];
+    float *p = params + sg->off, *m = o->m + sg->off;
+    const float *g = grads + sg->off;
+    int excluded = sg->no_decay && !c->decay_all;
+    float wd = excluded ? 0.0f : c->weight_decay;
+    switch (c->optimizer) {
+    case OPTIM_SGD:
+      sgd_segment(c, p, g, m, sg->len, wd, 1.0f, lr);
+      break;
+    case OPTIM_LARS: {
+      float scale = excluded ? 1.0f : lars_ratio(p, g, sg->len, c->lars_eta, wd);
+      sgd_segment(c, p, g, m, sg->len, wd, scale, lr);
+      break;
+    }
+    case OPTIM_ADAMW:
+      adamw_segment(c, p, g, m, o->v + sg->off, sg->len, wd, lr, c1, c2);
+      break;
+    }
+  }
+}
+
+void optim_save(const optim *o, blob_writer *w) {
+  blob_section_begin(w, "OPTM");
+  blob_put_u32(w, (uint32_t)o->cfg.optimizer);
+  blob_put_u64(w, o->n_params);
+  blob_put_u32(w, (uint32_t)o->n_segments);
+  for (int s = 0; s < o->n_segments; s++) {
+    blob_put_u64(w, o->segments[s].off);
+    blob_put_u32(w, (uint32_t)o->segments[s].no_decay);
+  }
+  blob_put_u64(w, (uint64_t)o->steps);
+  blob_put(w, o->m, o->n_params * sizeof(float));
+  if (o->v) blob_put(w, o->v, o->n_params * sizeof(float));
+  blob_section_end(w);
+}
+
+/* Reads the header into locals and compares it with `o` before anything of `o` changes, so a refused
+ * blob leaves the optimizer as it was. */
+static int load_header(const optim *o, blob_reader *s) {
+  uint32_t kind, nseg, no_decay;
+  uint64_t n, off;
+  int rc;
+  if ((rc = blob_get_u32(s, &kind)) || (rc = blob_get_u64(s, &n)) || (rc = blob_get_u32(s, &nseg)))
+    return rc;
+  if (kind != (uint32_t)o->cfg.optimizer)
+    return moco_error(MOCO_ESHAPE, "%s: optimizer state is for %s, this optimizer is %s", s->name,
+                      optim_kind_name((optim_kind)kind), optim_kind_name(o->cfg.optimizer));
+  if (n != o->n_params || nseg != (uint32_t)o->n_segments)
+    return moco_error(MOCO_ESHAPE,
+                      "%s: optimizer state has %llu parameters in %u segments, expected %zu in %d",
+                      s->name, (unsigned long long)n, nseg, o->n_params, o->n_segments);
+  for (int i = 0; i < o->n_segments; i++) {
+    if ((rc = blob_get_u64(s, &off)) || (rc = blob_get_u32(s, &no_decay))) return rc;
+    if (off != o->segments[i].off || no_decay != (uint32_t)o->segments[i].no_decay)
+      return moco_error(MOCO_ESHAPE,
+                        "%s: optimizer segment %d: off %llu no_decay %u, expected off %zu no_decay %d",
+                        s->name, i, (unsigned long long)off, no_decay, o->segments[i].off,
+                        o->segments[i].no_decay);
+  }
+  size_t want = 8 + o->n_params * sizeof(float) * (o->v ? 2 : 1);
+  if (s->len - s->pos != want)
+    return moco_error(MOCO_ESHAPE, "%s: optimizer state: %zu bytes of state, expected %zu", s->name,
+                      s->len - s->pos, want);
+  return 0;
+}
+
+int optim_load(optim *o, blob_reader *r) {
+  blob_reader s;
+  int rc = blob_section(r, "OPTM", &s);
+  if (!rc) rc = load_header(o, &s);
+  if (rc) return moco_error_wrap(rc, "loading optimizer");
+  uint64_t steps;
+  blob_get_u64(&s, &steps);
+  o->steps = (int64_t)steps;
+  blob_get(&s, o->m, o->n_params * sizeof(float));
+  if (o->v) blob_get(&s, o->v, o->n_params * sizeof(float));
+  return 0;
+}

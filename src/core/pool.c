@@ -1,0 +1,153 @@
+/* Pooling: MaxPool2d (kernel, stride, implicit -inf padding) and global average pooling. */
+#include "core/layers.h"
+
+#include <string.h>
+
+#include "hot.h"
+
+int conv_geom_init(conv_geom *g, int C, int H, int W, int K, int stride, int pad) {
+  g->C = C, g->H = H, g->W = W, g->K = K, g->stride = stride, g->pad = pad;
+  g->OH = g->OW = 0;
+  if (C < 1 || K < 1 || stride < 1 || pad < 0) return -1;
+  if (H + 2 * pad < K || W + 2 * pad < K) return -1;
+  g->OH = (H + 2 * pad - K) / stride + 1;
+  g->OW = (W + 2 * pad - K) / stride + 1;
+  return 0;
+}
+
+/* Window (oh, ow) of a plane: rows [*ha, *hb), columns [*wa, *wb), clipped to the plane (implicit -inf
+ * padding; PyTorch requires pad <= K/2, so every window holds at least one real pixel). */
+static void window(const conv_geom *g, int oh, int ow, int *ha, int *hb, int *wa, int *wb) {
+  int h0 = oh * g->stride - g->pad, w0 = ow * g->stride - g->pad;
+  *ha = h0 < 0 ? 0 : h0, *hb = h0 + g->K > g->H ? g->H : h0 + g->K;
+  *wa = w0 < 0 ? 0 : w0, *wb = w0 + g->K > g->W ? g->W : w0 + g->K;
+}
+
+/* Any geometry: one input plane [H, W] to one output plane [OH, OW]. */
+static void maxpool_plane(float *out, const float *inp, const conv_geom *g) {
+  for (int oh = 0; oh < g->OH; oh++)
+    for (int ow = 0; ow < g->OW; ow++) {
+      int ha, hb, wa, wb;
+      window(g, oh, ow, &ha, &hb, &wa, &wb);
+      float best = inp[ha * g->W + wa];
+      for (int h = ha; h < hb; h++)
+        for (int w = wa; w < wb; w++) best = inp[h * g->W + w] > best ? inp[h * g->W + w] : best;
+      out[oh * g->OW + ow] = best;
+    }
+}
+
+/* The winner of each window is found again by comparing with the output (first match in scan order,
+ * the element the forward's strict comparison kept); no argmax is stored. */
+static void maxpool_plane_backward(float *dinp, const float *dout, const float *inp,
+                                   const float *out, const conv_geom *g) {
+  memset(dinp, 0, (size_t)g->H * g->W * sizeof(float));
+  for (int oh = 0; oh < g->OH; oh++)
+    for (int ow = 0; ow < g->OW; ow++) {
+      int ha, hb, wa, wb, found = 0;
+      window(g, oh, ow, &ha, &hb, &wa, &wb);
+      float m = out[oh * g->OW + ow];
+      for (int h = ha; h < hb && !found; h++)
+        for (int w = wa; w < wb && !found; w++)
+          if (inp[h * g->W + w] == m) {
+            /* Overlapping windows (stride < kernel) may share a winner: accumulate. */
+            dinp[h * g->W + w] += dout[oh * g->OW + ow];
+            found = 1;
+          }
+    }
+}
+
+/* The common 2x2 window with stride 2 and no padding, written as selects over a row so that it
+ * vectorises; the per-window loops above cost several times more on random data. */
+static void maxpool_plane_2x2(float *out, const float *inp, const conv_geom *g) {
+  int W = g->W, OW = g->OW;
+  for (int oh = 0; oh < g->OH; oh++) {
+    const float *restrict r0 = inp + (size_t)2 * oh * W, *restrict r1 = r0 + W;
+    float *restrict o = out + (size_t)oh * OW;
+    for (int ow = 0; ow < OW; ow++) {
+      float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+      float m1 = b > a ? b : a, m2 = d > c ? d : c;
+      o[ow] = m2 > m1 ? m2 : m1;
+    }
+  }
+}
+
+static inline uint32_t f2u(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+
+static inline float u2f(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static void maxpool_plane_2x2_backward(float *dinp, const float *dout, const float *inp,
+                                       const float *out, const conv_geom *g) {
+  int W = g->W, OW = g->OW;
+  /* An odd last row or column lies in no window. */
+  if (g->H & 1) memset(dinp + (size_t)(g->H - 1) * W, 0, (size_t)W * sizeof(float));
+  for (int oh = 0; oh < g->OH; oh++) {
+    const float *restrict r0 = inp + (size_t)2 * oh * W, *restrict r1 = r0 + W;
+    float *restrict d0 = dinp + (size_t)2 * oh * W, *restrict d1 = d0 + W;
+    const float *restrict o = out + (size_t)oh * OW, *restrict dy = dout + (size_t)oh * OW;
+    for (int ow = 0; ow < OW; ow++) {
+      /* `rest` is the gradient not yet given to an earlier element equal to the maximum; the selects
+       * are bit masks so that the scalar tail of a short row (7 or 14 outputs) does not branch. */
+      float m = o[ow];
+      uint32_t rest = f2u(dy[ow]), e;
+      e = -(uint32_t)(r0[2 * ow] == m), d0[2 * ow] = u2f(rest & e), rest &= ~e;
+      e = -(uint32_t)(r0[2 * ow + 1] == m), d0[2 * ow + 1] = u2f(rest & e), rest &= ~e;
+      e = -(uint32_t)(r1[2 * ow] == m), d1[2 * ow] = u2f(rest & e), rest &= ~e;
+      e = -(uint32_t)(r1[2 * ow + 1] == m), d1[2 * ow + 1] = u2f(rest & e);
+    }
+    if (W & 1) d0[W - 1] = d1[W - 1] = 0.0f;
+  }
+}
+
+static int is_2x2(const conv_geom *g) { return g->K == 2 && g->stride == 2 && g->pad == 0; }
+
+void maxpool_forward(float *out, const float *inp, int B, const conv_geom *g) {
+  size_t in_plane = (size_t)g->H * g->W, out_plane = (size_t)g->OH * g->OW;
+  for (size_t p = 0; p < (size_t)B * g->C; p++) {
+    if (is_2x2(g))
+      maxpool_plane_2x2(out + p * out_plane, inp + p * in_plane, g);
+    else
+      maxpool_plane(out + p * out_plane, inp + p * in_plane, g);
+  }
+}
+
+void maxpool_backward(float *dinp, const float *dout, const float *inp, const float *out, int B,
+                      const conv_geom *g) {
+  size_t in_plane = (size_t)g->H * g->W, out_plane = (size_t)g->OH * g->OW;
+  for (size_t p = 0; p < (size_t)B * g->C; p++) {
+    if (is_2x2(g))
+      maxpool_plane_2x2_backward(dinp + p * in_plane, dout + p * out_plane, inp + p * in_plane,
+                                 out + p * out_plane, g);
+    else
+      maxpool_plane_backward(dinp + p * in_plane, dout + p * out_plane, inp + p * in_plane,
+                             out + p * out_plane, g);
+  }
+}
+
+void avgpool_forward(float *out, const float *inp, int B, int C, int S) {
+  size_t planes = (size_t)B * C;
+  float inv = 1.0f / (float)S;
+  for (size_t p = 0; p < planes; p++) {
+    const float *x = inp + p * S;
+    float s = 0.0f;
+    for (int i = 0; i < S; i++) s += x[i];
+    out[p] = s * inv;
+  }
+}
+
+void avgpool_backward(float *dinp, const float *dout, int B, int C, int S) {
+  size_t planes = (size_t)B * C;
+  float inv = 1.0f / (float)S;
+  for (size_t p = 0; p < planes; p++) {
+    float v = dout[p] * inv;
+    float *dx = dinp + p * S;
+    for (int i = 0; i < S; i++) dx[i] = v;
+  }
+}

@@ -1,0 +1,554 @@
+#include "train/step.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/err.h"
+#include "core/tensor.h"
+
+/* CLOCK_MONOTONIC through the vDSO: tens of nanoseconds, so every phase can be timed every step. */
+static double clock_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+void moco_config_default(moco_config *c) {
+  memset(c, 0, sizeof *c);
+  c->batch_size = 256;
+  c->queue_size = 4096;
+  c->symmetric = 0;
+  c->shuffle_bn_groups = 8;
+  c->total_steps = 0;
+  c->seed = 1;
+  loss_config_default(&c->loss);
+  mine_config_default(&c->mine);
+  hardness_config_default(&c->hardness);
+  advbank_config_default(&c->advbank);
+  momentum_config_default(&c->momentum);
+  optim_config_default(&c->optim);
+  sched_config_default(&c->sched);
+}
+
+static int adversarial(const moco_config *c) {
+  return c->loss.loss != LOSS_NTXENT && c->mine.strategy == MINE_ADVERSARIAL;
+}
+
+int moco_config_check(const moco_config *c) {
+  int rc;
+  if (c->batch_size < 1 || c->batch_size > (1 << 20))
+    return moco_error(MOCO_ECONFIG, "batch_size: %d, allowed [1, 2^20]", c->batch_size);
+  if (c->queue_size < 0 || c->queue_size > (1 << 24))
+    return moco_error(MOCO_ECONFIG, "queue_size: %d, allowed [0, 2^24]", c->queue_size);
+  if (c->queue_size == 0 && !adversarial(c) && !c->mine.in_batch_negatives && c->loss.loss != LOSS_NTXENT)
+    return moco_error(MOCO_ECONFIG,
+                      "queue_size: 0 leaves no negatives (enable in_batch_negatives, or adversarial)");
+  if (c->shuffle_bn_groups < 1 || c->shuffle_bn_groups > c->batch_size)
+    return moco_error(MOCO_ECONFIG, "shuffle_bn_groups: %d, allowed [1, batch_size = %d]",
+                      c->shuffle_bn_groups, c->batch_size);
+  if (c->total_steps < 0)
+    return moco_error(MOCO_ECONFIG, "total_steps: %lld, must be >= 0", (long long)c->total_steps);
+  if (adversarial(c) && c->advbank.bank_size != c->mine.bank_size)
+    return moco_error(MOCO_ECONFIG, "advbank.bank_size %d differs from mining bank_size %d",
+                      c->advbank.bank_size, c->mine.bank_size);
+  if ((rc = loss_config_check(&c->loss)) || (rc = mine_config_check(&c->mine)) ||
+      (rc = hardness_config_check(&c->hardness)) || (rc = momentum_config_check(&c->momentum)) ||
+      (rc = sched_validate(&c->sched)))
+    return rc;
+  if (adversarial(c) && (rc = advbank_config_check(&c->advbank))) return rc;
+  return 0;
+}
+
+/* Rows of the query (and key) batches: both views are queries when symmetric, and NT-Xent puts both
+ * views through the query encoder. */
+static int query_rows(const moco_config *c, int B) {
+  return c->symmetric || c->loss.loss == LOSS_NTXENT ? 2 * B : B;
+}
+static int key_rows(const moco_config *c, int B) {
+  return c->symmetric && c->loss.loss != LOSS_NTXENT ? 2 * B : B;
+}
+
+/* The layout of S for a batch of B: queue columns unless the strategy is adversarial (AdCo has no
+ * queue of negatives; the queue, when configured, only seeds the bank). */
+static void layout_for(const moco_model *m, int B, mine_layout *l) {
+  int K = adversarial(&m->cfg) ? 0 : m->cfg.queue_size;
+  mine_layout_init(l, &m->cfg.mine, K, B);
+}
+
+void moco_free(moco_model *m) {
+  net_free(&m->query);
+  net_free(&m->key);
+  optim_free(&m->opt);
+  if (m->queue.keys) queue_free(&m->queue);
+  mine_free(&m->mine);
+  if (m->bank.w) advbank_free(&m->bank);
+  tensor_free(m->xq);
+  tensor_free(m->xk);
+  free(m->perm);
+  tensor_free(m->k);
+  tensor_free(m->s_pos);
+  tensor_free(m->dpos);
+  tensor_free(m->dself);
+  tensor_free(m->S);
+  tensor_free(m->dS);
+  free(m->mask);
+  tensor_free(m->dq);
+  tensor_free(m->ntxent_work);
+  memset(m, 0, sizeof *m);
+}
+
+static int alloc_buffers(moco_model *m) {
+  const moco_config *c = &m->cfg;
+  int B = c->batch_size, R = query_rows(c, B);
+  size_t d = (size_t)m->dim, in = (size_t)m->in_len;
+  m->xq = tensor_alloc((size_t)R * in);
+  m->xk = tensor_alloc((size_t)R * in);
+  m->perm = malloc((size_t)R * sizeof *m->perm);
+  m->k = tensor_calloc((size_t)R * d);
+  m->s_pos = tensor_calloc((size_t)R);
+  m->dpos = tensor_calloc((size_t)R);
+  m->dself = tensor_calloc((size_t)R);
+  m->dq = tensor_calloc((size_t)R * d);
+  if (!m->xq || !m->xk || !m->perm || !m->k || !m->s_pos || !m->dpos || !m->dself || !m->dq)
+    return MOCO_ENOMEM;
+  if (c->loss.loss == LOSS_NTXENT) {
+    m->ntxent_work = tensor_calloc(loss_ntxent_work_len(B, c->queue_size));
+    return m->ntxent_work ? 0 : MOCO_ENOMEM;
+  }
+  mine_layout l;
+  layout_for(m, B, &l);
+  size_t cells = (size_t)R * (size_t)l.cols;
+  m->S = tensor_calloc(cells);
+  m->dS = tensor_calloc(cells);
+  m->mask = calloc(cells ? cells : 1, 1);
+  return m->S && m->dS && m->mask ? 0 : MOCO_ENOMEM;
+}
+
+int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_shape in,
+              const char *path) {
+  memset(m, 0, sizeof *m);
+  int rc = moco_config_check(cfg);
+  if (rc) return rc;
+  m->cfg = *cfg;
+  int B = cfg->batch_size, R = query_rows(cfg, B);
+  if ((rc = net_build(&m->query, spec, in, R, path))) return rc;
+  if (m->query.n_layers == 0 || m->query.layers[m->query.n_layers - 1].kind != LAYER_L2NORM) {
+    net_free(&m->query);
+    return moco_error(MOCO_ECONFIG, "%s: the encoder must end in l2norm (embeddings are unit rows)",
+                      path);
+  }
+  rng_t init;
+  rng_init(&init, cfg->seed, RNG_STREAM_INIT);
+  net_init(&m->query, &init);
+  m->dim = (int)net_shape_size(m->query.out_shape);
+  m->in_len = (int)net_shape_size(in);
+  rng_init(&m->rng, cfg->seed, RNG_STREAM_SAMPLE);
+  if ((rc = net_clone(&m->key, &m->query))) goto fail;
+  m->key.bn_groups = cfg->shuffle_bn_groups;
+  if ((rc = optim_init(&m->opt, &cfg->optim, m->query.n_params, m->query.segments,
+                       m->query.n_segments)))
+    goto fail;
+  if (cfg->queue_size > 0 && (rc = queue_init(&m->queue, cfg->queue_size, m->dim))) goto fail;
+  if ((rc = mine_init(&m->mine, &cfg->mine, B, adversarial(cfg) ? 0 : cfg->queue_size, m->dim)))
+    goto fail;
+  hardness_init(&m->hard, &cfg->hardness);
+  if (adversarial(cfg) && (rc = advbank_init(&m->bank, &cfg->advbank, m->dim, R, &init))) goto fail;
+  if ((rc = alloc_buffers(m))) {
+    moco_error(rc, "moco_init: work buffers for batch %d, queue %d", B, cfg->queue_size);
+    goto fail;
+  }
+  return 0;
+fail:
+  moco_free(m);
+  return rc;
+}
+
+/* Training progress in [0, 1] for the schedules; 0 throughout when no length is set. */
+static double progress(const moco_model *m) {
+  if (m->cfg.total_steps <= 0) return 0.0;
+  double p = (double)m->step / (double)m->cfg.total_steps;
+  return p > 1.0 ? 1.0 : p;
+}
+
+/* ---- keys ------------------------------------------------------------------------------------- */
+
+/* Row r of the key batch: view 2 of sample r, then (symmetric) view 1 of sample r − B. */
+static const float *key_source(const float *x1, const float *x2, int B, int r, size_t in) {
+  return r < B ? x2 + (size_t)r * in : x1 + (size_t)(r - B) * in;
+}
+
+int moco_keys(moco_model *m, const float *x1, const float *x2, int B, moco_diag *d) {
+  if (B < 1 || B > m->cfg.batch_size)
+    return moco_error(MOCO_ERANGE, "moco step: batch of %d, allowed [1, batch_size = %d]", B,
+                      m->cfg.batch_size);
+  double t0 = clock_now();
+  int n = key_rows(&m->cfg, B);
+  size_t in = (size_t)m->in_len, dim = (size_t)m->dim;
+  /* MoCo's shuffle BN: the key encoder's BatchNorm statistics come from groups of a random
+   * permutation of the batch, so a query and its key never share statistics and the model cannot
+   * cheat through them (He et al. 2020, §3.3). With one group the permutation changes nothing. */
+  for (int r = 0; r < n; r++) m->perm[r] = (uint32_t)r;
+  if (m->key.bn_groups > 1) rng_shuffle_u32(&m->rng, m->perm, (uint32_t)n);
+  for (int r = 0; r < n; r++)
+    memcpy(m->xk + (size_t)r * in, key_source(x1, x2, B, (int)m->perm[r], in), in * sizeof(float));
+  const float *out = net_forward(&m->key, m->xk, n);
+  if (!out) return moco_error_wrap(MOCO_ERANGE, "key encoder");
+  for (int r = 0; r < n; r++)
+    memcpy(m->k + (size_t)m->perm[r] * dim, out + (size_t)r * dim, dim * sizeof(float));
+  if (d) d->time.keys = clock_now() - t0;
+  return 0;
+}
+
+/* ---- loss -------------------------------------------------------------------------------------- */
+
+typedef struct {
+  double t_similarity, t_mining, t_loss;
+  mine_stats st;
+  int halves;
+} loss_parts;
+
+/* Combines the statistics of the two halves of a symmetric step (equal row counts). */
+static void merge_stats(mine_stats *a, const mine_stats *b) {
+  a->negatives_per_query = 0.5 * (a->negatives_per_query + b->negatives_per_query);
+  a->neg_sim_mean = 0.5f * (a->neg_sim_mean + b->neg_sim_mean);
+  a->hardest_sim_mean = 0.5f * (a->hardest_sim_mean + b->hardest_sim_mean);
+  a->hardest_sim_max = fmaxf(a->hardest_sim_max, b->hardest_sim_max);
+  a->instance_accuracy = 0.5f * (a->instance_accuracy + b->instance_accuracy);
+  a->filtered += b->filtered;
+  a->extra_positives += b->extra_positives;
+  a->same_id += b->same_id;
+  a->label_known += b->label_known;
+  a->label_same += b->label_same;
+}
+
+/* S = Q·[queue | in-batch keys | bank]ᵀ, one sgemm per block into its columns; the in-batch block
+ * of each half is against that half's keys. Queue columns past the filled prefix are left as they
+ * are: mining never selects them. */
+static void similarities(moco_model *m, const mine_layout *l, const float *q, int B, int halves) {
+  int R = B * halves, C = l->cols, d = m->dim;
+  if (l->queue_size > 0 && m->queue.filled > 0)
+    mat_mul_ld(m->S, C, q, d, m->queue.keys, d, R, m->queue.filled, d, 0, 1, 1.0f, 0.0f);
+  for (int h = 0; h < halves && l->batch_size > 0; h++)
+    mat_mul_ld(m->S + (size_t)h * B * C + l->batch_off, C, q + (size_t)h * B * d, d,
+               m->k + (size_t)h * B * d, d, B, B, d, 0, 1, 1.0f, 0.0f);
+  if (l->bank_size > 0)
+    mat_mul_ld(m->S + l->bank_off, C, q, d, m->bank.w, d, R, l->bank_size, d, 0, 1, 1.0f, 0.0f);
+}
+
+/* dq = dS·candidates + dpos·k + dself·q: the transpose of `similarities`, plus the positive and
+ * MoCHi's query-mix terms. Synthetic columns were folded into the real ones by mine_synth_fold. */
+static void query_gradient(moco_model *m, const mine_layout *l, const float *q, int B, int halves) {
+  int R = B * halves, C = l->cols, d = m->dim;
+  vec_fill(m->dq, 0.0f, (size_t)R * d);
+  if (l->queue_size > 0 && m->queue.filled > 0)
+    mat_mul_ld(m->dq, d, m->dS, C, m->queue.keys, d, R, d, m->queue.filled, 0, 0, 1.0f, 1.0f);
+  for (int h = 0; h < halves && l->batch_size > 0; h++)
+    mat_mul_ld(m->dq + (size_t)h * B * d, d, m->dS + (size_t)h * B * C + l->batch_off, C,
+               m->k + (size_t)h * B * d, d, B, d, B, 0, 0, 1.0f, 1.0f);
+  if (l->bank_size > 0)
+    mat_mul_ld(m->dq, d, m->dS + l->bank_off, C, m->bank.w, d, R, d, l->bank_size, 0, 0, 1.0f, 1.0f);
+  for (int r = 0; r < R; r++) {
+    vec_axpy(m->dq + (size_t)r * d, m->dpos[r], m->k + (size_t)r * d, (size_t)d);
+    vec_axpy(m->dq + (size_t)r * d, m->dself[r], q + (size_t)r * d, (size_t)d);
+  }
+}
+
+/* Mining and loss, half by half (a symmetric step's halves have different in-batch keys, and MoCHi's
+ * recipes of one half must be folded before the next select overwrites them). Returns the loss, the
+ * mean over all rows. */
+static int mine_and_loss(moco_model *m, const mine_layout *l, const float *q, const int64_t *ids,
+                         const int32_t *labels, int B, int halves, int backward, float hardness,
+                         int warmup, double *loss, loss_parts *lp) {
+  int C = l->cols;
+  *loss = 0.0;
+  for (int h = 0; h < halves; h++) {
+    size_t row0 = (size_t)h * B;
+    float *S = m->S + row0 * C, *dS = m->dS + row0 * C;
+    uint8_t *mask = m->mask + row0 * C;
+    mine_input in = {
+        .batch_size = B,
+        .s_pos = m->s_pos + row0,
+        .hardness = hardness,
+        .warmup = warmup,
+        .queue_filled = l->queue_size > 0 ? m->queue.filled : 0,
+        .queue_ids = l->queue_size > 0 ? m->queue.ids : NULL,
+        .queue_labels = l->queue_size > 0 && labels ? m->queue.labels : NULL,
+        .ids = ids,
+        .labels = labels,
+        .dim = m->dim,
+        .q = q + row0 * m->dim,
+        .queue_keys = l->queue_size > 0 ? m->queue.keys : NULL,
+        .batch_keys = m->k + row0 * m->dim,
+    };
+    mine_stats st;
+    double t0 = clock_now();
+    int rc = mine_select(&m->mine, l, &in, S, mask, &m->rng, &st);
+    if (rc) return moco_error_wrap(rc, "mining");
+    double t1 = clock_now();
+    float beta = st.hcl_beta;
+    if (backward) {
+      *loss += loss_backward(&m->cfg.loss, beta, dS, m->dpos + row0, S, mask, in.s_pos, B, C);
+      if (l->synth_size > 0)
+        mine_synth_fold(&m->mine, l, B, dS, m->dself + row0);
+      else
+        vec_fill(m->dself + row0, 0.0f, (size_t)B);
+    } else {
+      *loss += loss_forward(&m->cfg.loss, beta, S, mask, in.s_pos, B, C);
+    }
+    lp->t_mining += t1 - t0;
+    lp->t_loss += clock_now() - t1;
+    if (h == 0)
+      lp->st = st;
+    else
+      merge_stats(&lp->st, &st);
+  }
+  *loss /= halves;
+  if (backward && halves > 1) { /* the mean over 2B rows: each half's gradient counts half */
+    vec_scale(m->dS, 1.0f / halves, (size_t)halves * B * C);
+    vec_scale(m->dpos, 1.0f / halves, (size_t)halves * B);
+    vec_scale(m->dself, 1.0f / halves, (size_t)halves * B);
+  }
+  return 0;
+}
+
+static void fill_diag(moco_diag *d, const mine_stats *st, double loss, const float *s_pos, int R,
+                      float hardness) {
+  double sp = 0.0;
+  for (int r = 0; r < R; r++) sp += s_pos[r];
+  d->loss = loss;
+  d->pos_sim_mean = (float)(sp / R);
+  d->neg_sim_mean = st->neg_sim_mean;
+  d->hardest_sim_mean = st->hardest_sim_mean;
+  d->hardest_sim_max = st->hardest_sim_max;
+  d->instance_accuracy = st->instance_accuracy;
+  d->negatives_per_query = st->negatives_per_query;
+  d->filtered = st->filtered;
+  d->extra_positives = st->extra_positives;
+  d->false_negative_rate =
+      st->label_known > 0 ? (float)((double)st->label_same / (double)st->label_known) : -1.0f;
+  d->hardness = hardness;
+}
+
+/* Statistics of a contract-form problem where every used column is a negative (NT-Xent). */
+static void view_stats(const loss_view *v, mine_stats *st) {
+  memset(st, 0, sizeof *st);
+  double neg = 0.0, hard = 0.0;
+  long n_neg = 0, correct = 0;
+  st->hardest_sim_max = -INFINITY;
+  for (int r = 0; r < v->rows; r++) {
+    const float *s = v->S + (size_t)r * v->cols;
+    const uint8_t *mk = v->mask + (size_t)r * v->cols;
+    float top = -INFINITY;
+    for (int j = 0; j < v->cols; j++)
+      if (mk[j] == MINE_NEG) {
+        neg += s[j];
+        n_neg++;
+        top = fmaxf(top, s[j]);
+      }
+    hard += top;
+    st->hardest_sim_max = fmaxf(st->hardest_sim_max, top);
+    correct += v->s_pos[r] > top;
+  }
+  st->negatives_per_query = (double)n_neg / v->rows;
+  st->neg_sim_mean = n_neg ? (float)(neg / n_neg) : 0.0f;
+  st->hardest_sim_mean = (float)(hard / v->rows);
+  st->instance_accuracy = (float)correct / (float)v->rows;
+}
+
+/* SimCLR: both views through the query encoder as one 2B batch, NT-Xent over them plus the valid
+ * queue. */
+static int ntxent_loss(moco_model *m, const float *x1, const float *x2, int B, int backward,
+                       moco_diag *d, float hardness) {
+  size_t in = (size_t)m->in_len;
+  int K = m->queue.keys ? m->queue.filled : 0, dim = m->dim;
+  double t0 = clock_now();
+  memcpy(m->xq, x1, (size_t)B * in * sizeof(float));
+  memcpy(m->xq + (size_t)B * in, x2, (size_t)B * in * sizeof(float));
+  const float *z = m->q = net_forward(&m->query, m->xq, 2 * B);
+  if (!z) return moco_error_wrap(MOCO_ERANGE, "query encoder");
+  double t1 = clock_now();
+  const float *negs = K > 0 ? m->queue.keys : NULL;
+  double loss = backward ? loss_ntxent_backward(m->dq, z, B, dim, negs, K, m->cfg.loss.temperature,
+                                                m->ntxent_work)
+                         : loss_ntxent_forward(z, B, dim, negs, K, m->cfg.loss.temperature,
+                                               m->ntxent_work);
+  double t2 = clock_now();
+  if (backward) {
+    net_zero_grad(&m->query);
+    int rc = net_backward(&m->query, m->dq, NULL, 2 * B);
+    if (rc) return moco_error_wrap(rc, "query encoder backward");
+  }
+  if (d) {
+    loss_view v = loss_ntxent_view(m->ntxent_work, B, K);
+    mine_stats st;
+    view_stats(&v, &st);
+    fill_diag(d, &st, loss, v.s_pos, v.rows, hardness);
+    d->time.queries = t1 - t0;
+    d->time.similarity = 0.0;
+    d->time.mining = 0.0;
+    d->time.loss = t2 - t1;
+    d->time.backward = clock_now() - t2;
+  }
+  return 0;
+}
+
+int moco_loss(moco_model *m, const float *x1, const float *x2, const int64_t *ids,
+              const int32_t *labels, int B, int backward, moco_diag *d) {
+  if (B < 1 || B > m->cfg.batch_size)
+    return moco_error(MOCO_ERANGE, "moco step: batch of %d, allowed [1, batch_size = %d]", B,
+                      m->cfg.batch_size);
+  int warmup = 0;
+  float hardness = hardness_at(&m->hard, progress(m), &warmup);
+  if (m->cfg.loss.loss == LOSS_NTXENT) return ntxent_loss(m, x1, x2, B, backward, d, hardness);
+
+  int halves = m->cfg.symmetric ? 2 : 1, R = halves * B, dim = m->dim;
+  size_t in = (size_t)m->in_len;
+  double t0 = clock_now();
+  const float *xq = x1;
+  if (halves == 2) {
+    memcpy(m->xq, x1, (size_t)B * in * sizeof(float));
+    memcpy(m->xq + (size_t)B * in, x2, (size_t)B * in * sizeof(float));
+    xq = m->xq;
+  }
+  const float *q = m->q = net_forward(&m->query, xq, R);
+  if (!q) return moco_error_wrap(MOCO_ERANGE, "query encoder");
+  for (int r = 0; r < R; r++)
+    m->s_pos[r] = vec_dot(q + (size_t)r * dim, m->k + (size_t)r * dim, (size_t)dim);
+  double t1 = clock_now();
+
+  mine_layout l;
+  layout_for(m, B, &l);
+  similarities(m, &l, q, B, halves);
+  loss_parts lp = {.t_similarity = clock_now() - t1};
+  double loss;
+  int rc = mine_and_loss(m, &l, q, ids, labels, B, halves, backward, hardness, warmup, &loss, &lp);
+  if (rc) return rc;
+
+  double t2 = clock_now();
+  if (backward) {
+    query_gradient(m, &l, q, B, halves);
+    net_zero_grad(&m->query);
+    if ((rc = net_backward(&m->query, m->dq, NULL, R))) return moco_error_wrap(rc, "query backward");
+  }
+  if (d) {
+    fill_diag(d, &lp.st, loss, m->s_pos, R, lp.st.hardness);
+    d->time.queries = t1 - t0;
+    d->time.similarity = lp.t_similarity;
+    d->time.mining = lp.t_mining;
+    d->time.loss = lp.t_loss;
+    d->time.backward = clock_now() - t2;
+  }
+  return 0;
+}
+
+/* ---- the step ----------------------------------------------------------------------------------- */
+
+/* AdCo's bank ascends the same loss at its own temperature: the bank columns' gradient is recomputed
+ * at that temperature (into dS, no longer needed) and handed to advbank_update. Uses the queries of
+ * the step's forward. */
+static int update_bank(moco_model *m, int B, float hardness) {
+  int halves = m->cfg.symmetric ? 2 : 1, R = halves * B;
+  mine_layout l;
+  layout_for(m, B, &l);
+  loss_config bank_loss = m->cfg.loss;
+  bank_loss.temperature = m->cfg.advbank.temperature;
+  float beta = mine_hcl_beta(&m->cfg.mine, hardness);
+  loss_backward(&bank_loss, beta, m->dS, m->dpos, m->S, m->mask, m->s_pos, R, l.cols);
+  return advbank_update(&m->bank, m->dS + l.bank_off, l.cols, m->q, R);
+}
+
+int moco_step(moco_model *m, const float *x1, const float *x2, const int64_t *ids,
+              const int32_t *labels, int B, moco_diag *d) {
+  double t0 = clock_now();
+  moco_diag local;
+  if (!d) d = &local;
+  memset(d, 0, sizeof *d);
+  float lr = sched_lr(&m->cfg.sched, m->step, m->cfg.total_steps);
+  float mom = momentum_at(&m->cfg.momentum, m->step, m->cfg.total_steps);
+  int rc;
+  /* SimCLR without a queue has no use for keys. */
+  int need_keys = m->cfg.loss.loss != LOSS_NTXENT || m->queue.keys;
+  if ((need_keys && (rc = moco_keys(m, x1, x2, B, d))) ||
+      (rc = moco_loss(m, x1, x2, ids, labels, B, 1, d)))
+    return rc;
+
+  double t1 = clock_now();
+  optim_step(&m->opt, m->query.params, m->query.grads, lr);
+  if ((rc = momentum_update_net(&m->key, &m->query, mom))) return rc;
+  if (adversarial(&m->cfg) && (rc = update_bank(m, B, d->hardness))) return rc;
+  if (m->queue.keys) {
+    int was_full = m->queue.filled == m->queue.queue_size;
+    queue_enqueue(&m->queue, m->k, ids, labels, B, m->step);
+    /* AdCo option: once the queue first fills, the bank restarts from real keys. */
+    if (adversarial(&m->cfg) && m->cfg.advbank.init_from_queue && !was_full &&
+        m->queue.filled == m->queue.queue_size)
+      advbank_seed(&m->bank, m->queue.keys, m->queue.filled, &m->rng);
+  }
+  float signal = m->cfg.hardness.signal == HARDNESS_SIGNAL_ACCURACY ? d->instance_accuracy
+                                                                      : d->hardest_sim_mean;
+  hardness_observe(&m->hard, progress(m), signal);
+  d->step = m->step;
+  d->lr = lr;
+  d->momentum = mom;
+  m->step++;
+  double t2 = clock_now();
+  d->time.update = t2 - t1;
+  d->time.total = t2 - t0;
+  return 0;
+}
+
+/* ---- persistence ------------------------------------------------------------------------------- */
+
+enum { MOCO_STATE_VERSION = 1 };
+
+void moco_save(const moco_model *m, blob_writer *w) {
+  blob_section_begin(w, "MOCO");
+  blob_put_u32(w, MOCO_STATE_VERSION);
+  blob_put_u64(w, (uint64_t)m->step);
+  blob_put_u64(w, m->rng.state);
+  blob_put_u64(w, m->rng.inc);
+  blob_put_u32(w, (uint32_t)m->dim);
+  blob_put_u32(w, (uint32_t)m->cfg.queue_size);
+  blob_put_u32(w, m->bank.w ? (uint32_t)m->bank.size : 0u);
+  blob_section_end(w);
+  net_save(&m->query, w);
+  net_save(&m->key, w);
+  optim_save(&m->opt, w);
+  if (m->queue.keys) queue_save(&m->queue, w);
+  hardness_save(&m->hard, w);
+  if (m->bank.w) advbank_save(&m->bank, w);
+}
+
+/* On failure the model may be partly loaded: the caller discards it (moco_free, moco_init). */
+int moco_load(moco_model *m, blob_reader *r) {
+  blob_reader s;
+  uint32_t version, dim, K, M;
+  uint64_t step, state, inc;
+  int rc;
+  if ((rc = blob_section(r, "MOCO", &s))) return moco_error_wrap(rc, "training state");
+  if ((rc = blob_get_u32(&s, &version)) || (rc = blob_get_u64(&s, &step)) ||
+      (rc = blob_get_u64(&s, &state)) || (rc = blob_get_u64(&s, &inc)) ||
+      (rc = blob_get_u32(&s, &dim)) || (rc = blob_get_u32(&s, &K)) || (rc = blob_get_u32(&s, &M)))
+    return moco_error_wrap(rc, "training state");
+  if (version != MOCO_STATE_VERSION)
+    return moco_error(MOCO_EFORMAT, "training state: %s: version %u, this build reads %d", s.name,
+                      version, MOCO_STATE_VERSION);
+  uint32_t my_M = m->bank.w ? (uint32_t)m->bank.size : 0u;
+  if (dim != (uint32_t)m->dim || K != (uint32_t)m->cfg.queue_size || M != my_M)
+    return moco_error(MOCO_ESHAPE,
+                      "training state: %s: saved dim %u, queue_size %u, bank %u; this model has "
+                      "%d, %d, %u",
+                      s.name, dim, K, M, m->dim, m->cfg.queue_size, my_M);
+  if ((rc = net_load(&m->query, r))) return moco_error_wrap(rc, "query encoder");
+  if ((rc = net_load(&m->key, r))) return moco_error_wrap(rc, "key encoder");
+  if ((rc = optim_load(&m->opt, r))) return moco_error_wrap(rc, "optimizer");
+  if (m->queue.keys && (rc = queue_load(&m->queue, r))) return rc;
+  if ((rc = hardness_load(&m->hard, r))) return moco_error_wrap(rc, "hardness");
+  if (m->bank.w && (rc = advbank_load(&m->bank, r))) return moco_error_wrap(rc, "adversarial bank");
+  m->step = (int64_t)step;
+  m->rng.state = state;
+  m->rng.inc = inc;
+  return 0;
+}

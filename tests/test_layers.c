@@ -1,0 +1,494 @@
+/* The layer functions: finite-difference gradients of inputs and parameters at several shapes (batch 1,
+ * sizes that are not multiples of 4 or 8), Conv2d and MaxPool against naive loops, BatchNorm modes. */
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/layers.h"
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "testutil.h"
+
+/* One layer under test: forward maps (x, w, b) to out; the loss is sum(out * dout) for a fixed random
+ * dout, so its gradient is exactly what backward computes from dout. */
+typedef struct lt lt;
+struct lt {
+  void (*forward)(lt *t);
+  void (*backward)(lt *t); /* dx (written), dw, db (added) */
+  float *x, *w, *b, *out, *dout, *dx, *dw, *db;
+  size_t nx, nw, nb, nout;
+  int B, C, OC, S, chunk;
+  conv_geom g;
+  bn_dims d;
+  float *saved, *ws, *rm, *rv;
+};
+
+static double lt_loss(void *ctx) {
+  lt *t = ctx;
+  t->forward(t);
+  double s = 0.0;
+  for (size_t i = 0; i < t->nout; i++) s += (double)t->out[i] * t->dout[i];
+  return s;
+}
+
+static float *fresh(size_t n, rng_t *r, float lo, float hi) {
+  float *p = tensor_calloc(n ? n : 1);
+  if (r) fill_uniform(p, n, r, lo, hi);
+  return p;
+}
+
+static void lt_alloc(lt *t, size_t nx, size_t nw, size_t nb, size_t nout, rng_t *r) {
+  t->nx = nx, t->nw = nw, t->nb = nb, t->nout = nout;
+  t->x = fresh(nx, r, -1, 1);
+  t->w = fresh(nw, r, -1, 1);
+  t->b = fresh(nb, r, -1, 1);
+  t->out = fresh(nout, NULL, 0, 0);
+  t->dout = fresh(nout, r, -1, 1);
+  t->dx = fresh(nx, NULL, 0, 0);
+  t->dw = fresh(nw, NULL, 0, 0);
+  t->db = fresh(nb, NULL, 0, 0);
+}
+
+static void lt_free(lt *t) {
+  float *p[] = {t->x,  t->w,  t->b,     t->out, t->dout, t->dx,
+                t->dw, t->db, t->saved, t->ws,  t->rm,   t->rv};
+  for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) tensor_free(p[i]);
+  memset(t, 0, sizeof *t);
+}
+
+/* Runs backward at the current point (dw, db pre-filled with 0.5 to prove they are added to) and
+ * compares every gradient with central differences. */
+static void lt_check(lt *t, float h, double tol) {
+  t->forward(t);
+  vec_fill(t->dw, 0.5f, t->nw);
+  vec_fill(t->db, 0.5f, t->nb);
+  t->backward(t);
+  for (size_t i = 0; i < t->nw; i++) t->dw[i] -= 0.5f;
+  for (size_t i = 0; i < t->nb; i++) t->db[i] -= 0.5f;
+  double e;
+  e = gradcheck(lt_loss, t, t->x, t->dx, t->nx, h, 300, 5e-2);
+  ck_assert_msg(e < tol, "input gradient: rel err %g", e);
+  if (t->nw) {
+    e = gradcheck(lt_loss, t, t->w, t->dw, t->nw, h, 300, 5e-2);
+    ck_assert_msg(e < tol, "weight gradient: rel err %g", e);
+  }
+  if (t->nb) {
+    e = gradcheck(lt_loss, t, t->b, t->db, t->nb, h, 300, 5e-2);
+    ck_assert_msg(e < tol, "bias gradient: rel err %g", e);
+  }
+}
+
+/* ---- linear ---- */
+
+static void lin_f(lt *t) {
+  linear_forward(t->out, t->x, t->w, t->nb ? t->b : NULL, t->B, t->C, t->OC);
+}
+static void lin_b(lt *t) {
+  linear_backward(t->dx, t->dw, t->nb ? t->db : NULL, t->dout, t->x, t->w, t->B, t->C, t->OC);
+}
+
+START_TEST(linear_gradients_match_finite_differences) {
+  static const int shapes[][4] = {{1, 3, 2, 1}, {5, 7, 3, 1}, {4, 9, 13, 0}, {3, 16, 8, 1}};
+  rng_t r;
+  rng_init(&r, 1, 1);
+  for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+    int B = shapes[k][0], C = shapes[k][1], OC = shapes[k][2], bias = shapes[k][3];
+    lt t = {.forward = lin_f, .backward = lin_b, .B = B, .C = C, .OC = OC};
+    lt_alloc(&t, (size_t)B * C, (size_t)OC * C, bias ? OC : 0, (size_t)B * OC, &r);
+    lt_check(&t, 1e-2f, 1e-2);
+    lt_free(&t);
+  }
+}
+END_TEST
+
+START_TEST(linear_forward_matches_naive) {
+  rng_t r;
+  rng_init(&r, 2, 1);
+  lt t = {.B = 3, .C = 5, .OC = 4};
+  lt_alloc(&t, 15, 20, 4, 12, &r);
+  lin_f(&t);
+  for (int b = 0; b < 3; b++)
+    for (int o = 0; o < 4; o++) {
+      double s = t.b[o];
+      for (int c = 0; c < 5; c++) s += (double)t.x[b * 5 + c] * t.w[o * 5 + c];
+      ck_assert(fabs(s - t.out[b * 4 + o]) < 1e-5);
+    }
+  lt_free(&t);
+}
+END_TEST
+
+/* ---- relu, flatten, avgpool, l2norm ---- */
+
+static void relu_f(lt *t) { relu_forward(t->out, t->x, t->nx); }
+static void relu_b(lt *t) { relu_backward(t->dx, t->dout, t->out, t->nx); }
+static void flat_f(lt *t) { flatten_forward(t->out, t->x, t->nx); }
+static void flat_b(lt *t) { flatten_backward(t->dx, t->dout, t->nx); }
+static void avg_f(lt *t) { avgpool_forward(t->out, t->x, t->B, t->C, t->S); }
+static void avg_b(lt *t) { avgpool_backward(t->dx, t->dout, t->B, t->C, t->S); }
+static void l2_f(lt *t) { l2norm_forward(t->out, t->saved, t->x, t->B, t->C); }
+static void l2_b(lt *t) { l2norm_backward(t->dx, t->dout, t->out, t->saved, t->B, t->C); }
+
+START_TEST(elementwise_gradients_match_finite_differences) {
+  rng_t r;
+  rng_init(&r, 3, 1);
+  static const int sizes[] = {1, 7, 37};
+  for (int k = 0; k < 3; k++) {
+    size_t n = (size_t)sizes[k] * 3;
+    lt t = {.forward = relu_f, .backward = relu_b};
+    lt_alloc(&t, n, 0, 0, n, &r);
+    /* Away from the kink by more than the step. */
+    for (size_t i = 0; i < n; i++) t.x[i] += t.x[i] >= 0 ? 0.05f : -0.05f;
+    lt_check(&t, 1e-2f, 1e-3);
+    lt_free(&t);
+    lt f = {.forward = flat_f, .backward = flat_b};
+    lt_alloc(&f, n, 0, 0, n, &r);
+    lt_check(&f, 1e-2f, 1e-3);
+    lt_free(&f);
+  }
+  static const int shapes[][3] = {{1, 3, 5}, {2, 5, 49}, {3, 4, 1}};
+  for (int k = 0; k < 3; k++) {
+    lt t = {.forward = avg_f,
+            .backward = avg_b,
+            .B = shapes[k][0],
+            .C = shapes[k][1],
+            .S = shapes[k][2]};
+    lt_alloc(&t, (size_t)t.B * t.C * t.S, 0, 0, (size_t)t.B * t.C, &r);
+    lt_check(&t, 1e-2f, 1e-3);
+    lt_free(&t);
+  }
+}
+END_TEST
+
+START_TEST(l2norm_gradient_is_exact) {
+  rng_t r;
+  rng_init(&r, 4, 1);
+  static const int shapes[][2] = {{1, 5}, {4, 13}, {3, 128}};
+  for (int k = 0; k < 3; k++) {
+    lt t = {.forward = l2_f, .backward = l2_b, .B = shapes[k][0], .C = shapes[k][1]};
+    lt_alloc(&t, (size_t)t.B * t.C, 0, 0, (size_t)t.B * t.C, &r);
+    t.saved = fresh(t.B, NULL, 0, 0);
+    lt_check(&t, 1e-3f, 1e-2);
+    for (int b = 0; b < t.B; b++) {
+      double s = 0;
+      for (int i = 0; i < t.C; i++) s += (double)t.out[b * t.C + i] * t.out[b * t.C + i];
+      ck_assert(fabs(s - 1.0) < 1e-5);
+    }
+    lt_free(&t);
+  }
+  /* A zero row stays zero and its gradient is the clamped map's. */
+  float x[3] = {0}, y[3], nrm, dy[3] = {1e-12f, 0, 0}, dx[3];
+  l2norm_forward(y, &nrm, x, 1, 3);
+  ck_assert(y[0] == 0 && y[1] == 0 && y[2] == 0);
+  l2norm_backward(dx, dy, y, &nrm, 1, 3);
+  ck_assert(fabsf(dx[0] - 1.0f) < 1e-5f);
+}
+END_TEST
+
+/* ---- batchnorm ---- */
+
+static void bn_f(lt *t) {
+  batchnorm_forward(t->out, t->saved, t->rm, t->rv, t->x, t->w, t->b, &t->d);
+}
+static void bn_b(lt *t) {
+  batchnorm_backward(t->dx, t->dw, t->db, t->ws, t->dout, t->x, t->w, t->saved, &t->d);
+}
+
+static void bn_setup(lt *t, int B, int C, int S, int G, int training, rng_t *r) {
+  *t = (lt){.forward = bn_f, .backward = bn_b};
+  t->d = (bn_dims){B, C, S, G, 0.1f, 1e-5f, training};
+  lt_alloc(t, (size_t)B * C * S, C, C, (size_t)B * C * S, r);
+  for (int c = 0; c < C; c++) t->w[c] += 1.5f; /* gamma away from 0 */
+  t->saved = fresh(batchnorm_saved_len(C, B), NULL, 0, 0);
+  t->ws = fresh(2 * (size_t)C, NULL, 0, 0);
+  t->rm = fresh(C, r, -0.5f, 0.5f);
+  t->rv = fresh(C, r, 0.5f, 2.0f);
+}
+
+START_TEST(batchnorm_gradients_match_finite_differences) {
+  /* B, C, S, G, training: vectors, images, split groups (even and uneven), eval mode. */
+  static const int cases[][5] = {
+      {5, 3, 1, 1, 1}, {2, 7, 1, 1, 1},  {3, 2, 9, 1, 1}, {4, 3, 25, 1, 1}, {6, 5, 1, 2, 1},
+      {7, 3, 4, 3, 1}, {8, 2, 17, 4, 1}, {4, 3, 1, 1, 0}, {2, 3, 10, 1, 0}, {1, 5, 6, 1, 1}};
+  rng_t r;
+  rng_init(&r, 5, 1);
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    lt t;
+    bn_setup(&t, cases[k][0], cases[k][1], cases[k][2], cases[k][3], cases[k][4], &r);
+    lt_check(&t, 1e-2f, 2e-2);
+    lt_free(&t);
+  }
+}
+END_TEST
+
+START_TEST(batchnorm_train_updates_running_stats_and_eval_uses_them) {
+  rng_t r;
+  rng_init(&r, 6, 1);
+  const int B = 6, C = 3, S = 4;
+  lt t;
+  bn_setup(&t, B, C, S, 1, 1, &r);
+  vec_fill(t.rm, 0.0f, C);
+  vec_fill(t.rv, 1.0f, C);
+  t.d.momentum = 0.25f;
+  bn_f(&t);
+  double mean[3] = {0}, var[3] = {0};
+  int n = B * S;
+  for (int c = 0; c < C; c++) {
+    for (int b = 0; b < B; b++)
+      for (int s = 0; s < S; s++) mean[c] += t.x[(b * C + c) * S + s];
+    mean[c] /= n;
+    for (int b = 0; b < B; b++)
+      for (int s = 0; s < S; s++) var[c] += pow(t.x[(b * C + c) * S + s] - mean[c], 2);
+    var[c] /= n;
+    /* Training output: normalised with the biased batch variance. */
+    for (int b = 0; b < B; b++)
+      for (int s = 0; s < S; s++) {
+        int i = (b * C + c) * S + s;
+        double y = (t.x[i] - mean[c]) / sqrt(var[c] + 1e-5) * t.w[c] + t.b[c];
+        ck_assert(fabs(y - t.out[i]) < 1e-4);
+      }
+    /* Running statistics: PyTorch's momentum convention with the unbiased variance. */
+    ck_assert(fabs(t.rm[c] - 0.25 * mean[c]) < 1e-6);
+    ck_assert(fabs(t.rv[c] - (0.75 + 0.25 * var[c] * n / (n - 1))) < 1e-5);
+  }
+  /* Eval: the running statistics, whatever the batch holds. */
+  t.d.training = 0;
+  fill_uniform(t.x, t.nx, &r, -3, 3);
+  float rm[3], rv[3];
+  memcpy(rm, t.rm, sizeof rm);
+  memcpy(rv, t.rv, sizeof rv);
+  bn_f(&t);
+  for (int c = 0; c < C; c++) {
+    ck_assert(rm[c] == t.rm[c] && rv[c] == t.rv[c]);
+    for (int b = 0; b < B; b++)
+      for (int s = 0; s < S; s++) {
+        int i = (b * C + c) * S + s;
+        double y = (t.x[i] - rm[c]) / sqrt(rv[c] + 1e-5) * t.w[c] + t.b[c];
+        ck_assert(fabs(y - t.out[i]) < 1e-4);
+      }
+  }
+  lt_free(&t);
+}
+END_TEST
+
+START_TEST(split_batchnorm_normalises_each_group_alone) {
+  rng_t r;
+  rng_init(&r, 7, 1);
+  const int B = 8, C = 5, G = 2;
+  lt t, h;
+  bn_setup(&t, B, C, 1, G, 1, &r);
+  bn_setup(&h, B / G, C, 1, 1, 1, &r);
+  memcpy(h.w, t.w, C * sizeof(float));
+  memcpy(h.b, t.b, C * sizeof(float));
+  vec_fill(t.rm, 0.0f, C), vec_fill(t.rv, 1.0f, C);
+  bn_f(&t);
+  float rm_sum[5] = {0}, rv_sum[5] = {0};
+  for (int g = 0; g < G; g++) {
+    memcpy(h.x, t.x + g * (B / G) * C, h.nx * sizeof(float));
+    vec_fill(h.rm, 0.0f, C), vec_fill(h.rv, 1.0f, C);
+    bn_f(&h);
+    for (size_t i = 0; i < h.nout; i++)
+      ck_assert(fabsf(h.out[i] - t.out[g * (B / G) * C + i]) < 1e-5f);
+    for (int c = 0; c < C; c++) rm_sum[c] += h.rm[c] / G, rv_sum[c] += h.rv[c] / G;
+  }
+  /* The running statistics follow the average of the groups' updates. */
+  for (int c = 0; c < C; c++) {
+    ck_assert(fabsf(rm_sum[c] - t.rm[c]) < 1e-6f);
+    ck_assert(fabsf(rv_sum[c] - t.rv[c]) < 1e-6f);
+  }
+  lt_free(&t);
+  lt_free(&h);
+}
+END_TEST
+
+/* ---- conv2d ---- */
+
+static void conv_f(lt *t) {
+  conv2d_forward(t->out, t->ws, t->x, t->w, t->nb ? t->b : NULL, t->B, t->OC, &t->g, t->chunk);
+}
+static void conv_b(lt *t) {
+  conv2d_backward(t->dx, t->dw, t->nb ? t->db : NULL, t->ws, t->dout, t->x, t->w, t->B, t->OC,
+                  &t->g, t->chunk);
+}
+
+/* B, C, H, W, OC, K, stride, pad, chunk, bias */
+static const int conv_cases[][10] = {
+    {2, 2, 5, 5, 3, 3, 1, 1, 1, 1}, {3, 3, 7, 6, 2, 3, 2, 0, 3, 1}, {1, 1, 6, 6, 4, 5, 2, 2, 1, 0},
+    {5, 2, 4, 4, 3, 1, 1, 0, 2, 1}, {2, 3, 9, 7, 5, 3, 3, 1, 2, 1}, {3, 2, 5, 5, 3, 2, 1, 0, 2, 0},
+    {4, 1, 3, 3, 2, 3, 1, 2, 4, 1},
+};
+
+static void conv_setup(lt *t, const int *c, rng_t *r) {
+  *t = (lt){.forward = conv_f, .backward = conv_b, .B = c[0], .OC = c[4], .chunk = c[8]};
+  ck_assert_int_eq(conv_geom_init(&t->g, c[1], c[2], c[3], c[5], c[6], c[7]), 0);
+  size_t nx = (size_t)c[0] * c[1] * c[2] * c[3], nw = (size_t)c[4] * c[1] * c[5] * c[5];
+  lt_alloc(t, nx, nw, c[9] ? c[4] : 0, (size_t)c[0] * c[4] * t->g.OH * t->g.OW, r);
+  t->ws = fresh(conv2d_workspace_len(&t->g, t->OC, t->chunk), NULL, 0, 0);
+}
+
+START_TEST(conv2d_gradients_match_finite_differences) {
+  rng_t r;
+  rng_init(&r, 8, 1);
+  for (size_t k = 0; k < sizeof conv_cases / sizeof conv_cases[0]; k++) {
+    lt t;
+    conv_setup(&t, conv_cases[k], &r);
+    lt_check(&t, 1e-2f, 1e-2);
+    lt_free(&t);
+  }
+}
+END_TEST
+
+START_TEST(conv2d_matches_naive_convolution) {
+  rng_t r;
+  rng_init(&r, 9, 1);
+  for (size_t k = 0; k < sizeof conv_cases / sizeof conv_cases[0]; k++) {
+    lt t;
+    conv_setup(&t, conv_cases[k], &r);
+    conv_f(&t);
+    const conv_geom *g = &t.g;
+    int K = g->K;
+    for (int b = 0; b < t.B; b++)
+      for (int o = 0; o < t.OC; o++)
+        for (int oh = 0; oh < g->OH; oh++)
+          for (int ow = 0; ow < g->OW; ow++) {
+            double s = t.nb ? t.b[o] : 0.0;
+            for (int c = 0; c < g->C; c++)
+              for (int i = 0; i < K; i++)
+                for (int j = 0; j < K; j++) {
+                  int ih = oh * g->stride - g->pad + i, iw = ow * g->stride - g->pad + j;
+                  if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) continue;
+                  s += (double)t.x[((b * g->C + c) * g->H + ih) * g->W + iw] *
+                       t.w[((o * g->C + c) * K + i) * K + j];
+                }
+            float got = t.out[((b * t.OC + o) * g->OH + oh) * g->OW + ow];
+            ck_assert_msg(fabs(s - got) < 1e-4, "case %zu: %g vs %g", k, s, got);
+          }
+    lt_free(&t);
+  }
+}
+END_TEST
+
+START_TEST(conv2d_chunk_does_not_change_results) {
+  rng_t r;
+  rng_init(&r, 10, 1);
+  int c[10] = {7, 3, 6, 6, 4, 3, 1, 1, 1, 1};
+  lt a, b;
+  conv_setup(&a, c, &r);
+  c[8] = 3;
+  conv_setup(&b, c, &r);
+  memcpy(b.x, a.x, a.nx * sizeof(float));
+  memcpy(b.w, a.w, a.nw * sizeof(float));
+  memcpy(b.b, a.b, a.nb * sizeof(float));
+  memcpy(b.dout, a.dout, a.nout * sizeof(float));
+  conv_f(&a), conv_b(&a), conv_f(&b), conv_b(&b);
+  for (size_t i = 0; i < a.nout; i++) ck_assert(fabsf(a.out[i] - b.out[i]) < 1e-5f);
+  for (size_t i = 0; i < a.nx; i++) ck_assert(fabsf(a.dx[i] - b.dx[i]) < 1e-5f);
+  for (size_t i = 0; i < a.nw; i++) ck_assert(fabsf(a.dw[i] - b.dw[i]) < 1e-4f);
+  lt_free(&a);
+  lt_free(&b);
+}
+END_TEST
+
+/* ---- maxpool ---- */
+
+static void mp_f(lt *t) { maxpool_forward(t->out, t->x, t->B, &t->g); }
+static void mp_b(lt *t) { maxpool_backward(t->dx, t->dout, t->x, t->out, t->B, &t->g); }
+
+/* B, C, H, W, K, stride, pad */
+static const int pool_cases[][7] = {
+    {2, 3, 4, 4, 2, 2, 0}, {1, 2, 7, 5, 3, 2, 1}, {3, 1, 5, 5, 3, 1, 0}, {2, 2, 6, 7, 2, 3, 1},
+    {1, 1, 3, 3, 3, 3, 0}, {2, 3, 5, 7, 2, 2, 0}, {1, 2, 6, 6, 3, 2, 0}};
+
+static void pool_setup(lt *t, const int *c, rng_t *r) {
+  *t = (lt){.forward = mp_f, .backward = mp_b, .B = c[0]};
+  ck_assert_int_eq(conv_geom_init(&t->g, c[1], c[2], c[3], c[4], c[5], c[6]), 0);
+  size_t nx = (size_t)c[0] * c[1] * c[2] * c[3], nout = (size_t)c[0] * c[1] * t->g.OH * t->g.OW;
+  lt_alloc(t, nx, 0, 0, nout, r);
+  /* Distinct values 0.05 apart, so no step of the finite differences changes a window's winner. */
+  uint32_t *perm = malloc(nx * sizeof *perm);
+  for (size_t i = 0; i < nx; i++) perm[i] = (uint32_t)i;
+  rng_shuffle_u32(r, perm, (uint32_t)nx);
+  for (size_t i = 0; i < nx; i++) t->x[i] = 0.05f * (float)perm[i] - 1.0f;
+  free(perm);
+}
+
+START_TEST(maxpool_matches_naive_and_gradients) {
+  rng_t r;
+  rng_init(&r, 11, 1);
+  for (size_t k = 0; k < sizeof pool_cases / sizeof pool_cases[0]; k++) {
+    lt t;
+    pool_setup(&t, pool_cases[k], &r);
+    mp_f(&t);
+    const conv_geom *g = &t.g;
+    for (int p = 0; p < t.B * g->C; p++)
+      for (int oh = 0; oh < g->OH; oh++)
+        for (int ow = 0; ow < g->OW; ow++) {
+          float best = -INFINITY;
+          for (int i = 0; i < g->K; i++)
+            for (int j = 0; j < g->K; j++) {
+              int ih = oh * g->stride - g->pad + i, iw = ow * g->stride - g->pad + j;
+              if (ih >= 0 && ih < g->H && iw >= 0 && iw < g->W &&
+                  t.x[(p * g->H + ih) * g->W + iw] > best)
+                best = t.x[(p * g->H + ih) * g->W + iw];
+            }
+          ck_assert(best == t.out[(p * g->OH + oh) * g->OW + ow]);
+        }
+    lt_check(&t, 1e-2f, 1e-3);
+    lt_free(&t);
+  }
+}
+END_TEST
+
+START_TEST(maxpool_ties_send_the_gradient_to_the_first_maximum) {
+  /* 2x2 stride 2 (the vectorised path) and 3x3 stride 1 (the general one), every value equal. */
+  for (int k = 0; k < 2; k++) {
+    conv_geom g;
+    conv_geom_init(&g, 1, 4, 4, k ? 3 : 2, k ? 1 : 2, 0);
+    float x[16], y[4], dy[4] = {1, 2, 3, 4}, dx[16];
+    vec_fill(x, 0.5f, 16);
+    maxpool_forward(y, x, 1, &g);
+    maxpool_backward(dx, dy, x, y, 1, &g);
+    float total = 0;
+    for (int i = 0; i < 16; i++) total += dx[i];
+    ck_assert(total == 10.0f);
+    if (k == 0)
+      ck_assert(dx[0] == 1 && dx[1] == 0 && dx[4] == 0 && dx[2] == 2 && dx[8] == 3 && dx[10] == 4);
+    else
+      ck_assert(dx[0] == 1 && dx[1] == 2 && dx[4] == 3 && dx[5] == 4);
+  }
+}
+END_TEST
+
+START_TEST(conv_geometry_rejects_kernels_that_do_not_fit) {
+  conv_geom g;
+  ck_assert_int_eq(conv_geom_init(&g, 1, 28, 28, 3, 1, 1), 0);
+  ck_assert_int_eq(g.OH, 28);
+  ck_assert_int_eq(conv_geom_init(&g, 1, 28, 28, 2, 2, 0), 0);
+  ck_assert_int_eq(g.OW, 14);
+  ck_assert_int_eq(conv_geom_init(&g, 1, 7, 7, 3, 2, 1), 0);
+  ck_assert_int_eq(g.OH, 4);
+  ck_assert_int_eq(conv_geom_init(&g, 1, 2, 2, 5, 1, 1), -1);
+  ck_assert_int_eq(conv_geom_init(&g, 1, 2, 2, 1, 0, 0), -1);
+}
+END_TEST
+
+Suite *layers_suite(void) {
+  Suite *s = suite_create("layers");
+  TCase *tc = tcase_create("layers");
+  tcase_set_timeout(tc, 60);
+  tcase_add_test(tc, linear_forward_matches_naive);
+  tcase_add_test(tc, linear_gradients_match_finite_differences);
+  tcase_add_test(tc, elementwise_gradients_match_finite_differences);
+  tcase_add_test(tc, l2norm_gradient_is_exact);
+  tcase_add_test(tc, batchnorm_gradients_match_finite_differences);
+  tcase_add_test(tc, batchnorm_train_updates_running_stats_and_eval_uses_them);
+  tcase_add_test(tc, split_batchnorm_normalises_each_group_alone);
+  tcase_add_test(tc, conv2d_gradients_match_finite_differences);
+  tcase_add_test(tc, conv2d_matches_naive_convolution);
+  tcase_add_test(tc, conv2d_chunk_does_not_change_results);
+  tcase_add_test(tc, maxpool_matches_naive_and_gradients);
+  tcase_add_test(tc, maxpool_ties_send_the_gradient_to_the_first_maximum);
+  tcase_add_test(tc, conv_geometry_rejects_kernels_that_do_not_fit);
+  suite_add_tcase(s, tc);
+  return s;
+}

@@ -1,0 +1,322 @@
+/* The losses: values against direct double-precision formulas, finite-difference gradient checks of
+ * every loss (InfoNCE plain and multi-positive, HCL, DCL, triplet both ways, NT-Xent with and without
+ * queue negatives), rows with every candidate masked off, and stability at small temperatures. */
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "contrast/loss.h"
+#include "contrast/mine.h"
+#include "core/tensor.h"
+#include "testutil.h"
+
+enum { OFF = MINE_OFF, NEG = MINE_NEG, POS = MINE_POS };
+enum { B = 5, C = 37 };
+
+typedef struct {
+  loss_config cfg;
+  float beta;
+  float S[B * C], s_pos[B], dS[B * C], dpos[B];
+  uint8_t mask[B * C];
+} case_t;
+
+/* Random similarities in [−1, 1] with a mask mixing OFF, NEG and (when with_pos) POS entries; row 3
+ * has every candidate OFF. */
+static void make_case(case_t *t, loss_kind kind, int with_pos, uint64_t seed) {
+  memset(t, 0, sizeof *t);
+  loss_config_default(&t->cfg);
+  t->cfg.loss = kind;
+  t->beta = 1.0f;
+  rng_t r;
+  rng_init(&r, seed, 1);
+  fill_uniform(t->S, B * C, &r, -1.0f, 1.0f);
+  fill_uniform(t->s_pos, B, &r, -0.2f, 1.0f);
+  for (int i = 0; i < B * C; i++) {
+    uint32_t u = rng_below(&r, 10);
+    t->mask[i] = u < 3 ? OFF : (with_pos && u == 9) ? POS : NEG;
+  }
+  memset(t->mask + 3 * C, OFF, C);
+}
+
+static double eval_loss(void *ctx) {
+  case_t *t = ctx;
+  return loss_forward(&t->cfg, t->beta, t->S, t->mask, t->s_pos, B, C);
+}
+
+/* Gradient check w.r.t. S and s_pos; also: the backward returns the forward's value, dS is 0 where
+ * OFF, and the all-OFF row 3 has zero gradient. */
+static void check_gradients(case_t *t, float h, double tol) {
+  double lf = eval_loss(t);
+  double lb = loss_backward(&t->cfg, t->beta, t->dS, t->dpos, t->S, t->mask, t->s_pos, B, C);
+  ck_assert_msg(fabs(lf - lb) <= 1e-6 * (1 + fabs(lf)), "forward %g backward %g", lf, lb);
+  for (int i = 0; i < B * C; i++)
+    if (t->mask[i] == OFF) ck_assert(t->dS[i] == 0.0f);
+  ck_assert(t->dpos[3] == 0.0f);
+  /* Entries far below the largest are judged against 1% of it: the forward's float exponentials
+   * (relative error 1e-7) put a floor of about 1e-7/h under what differences can resolve. */
+  double top = 0;
+  for (int i = 0; i < B * C; i++) top = fmax(top, fabs(t->dS[i]));
+  for (int i = 0; i < B; i++) top = fmax(top, fabs(t->dpos[i]));
+  double e1 = gradcheck(eval_loss, t, t->S, t->dS, B * C, h, B * C, 1e-2 * top);
+  double e2 = gradcheck(eval_loss, t, t->s_pos, t->dpos, B, h, B, 1e-2 * top);
+  ck_assert_msg(e1 < tol, "dS rel err %g (loss %s)", e1, loss_kind_name(t->cfg.loss));
+  ck_assert_msg(e2 < tol, "dpos rel err %g (loss %s)", e2, loss_kind_name(t->cfg.loss));
+}
+
+/* ---- direct formulas, in double ---- */
+
+static double ref_infonce(const case_t *t, double tau) {
+  double total = 0;
+  for (int i = 0; i < B; i++) {
+    double num = exp(t->s_pos[i] / tau), den = num;
+    for (int j = 0; j < C; j++) {
+      double e = exp(t->S[i * C + j] / tau);
+      if (t->mask[i * C + j] != OFF) den += e;
+      if (t->mask[i * C + j] == POS) num += e;
+    }
+    total += -log(num / den);
+  }
+  return total / B;
+}
+
+/* The reference code's estimator (joshr17/HCL, image/main.py `criterion`), extended to the positive
+ * set as loss.h documents. */
+static double ref_hcl(const case_t *t, double tau, double beta, double tau_plus) {
+  double total = 0;
+  for (int i = 0; i < B; i++) {
+    double pos = exp(t->s_pos[i] / tau);
+    double A = 0, W = 0, AP = pow(pos, beta) * pos, WP = pow(pos, beta);
+    int N = 0;
+    for (int j = 0; j < C; j++) {
+      double e = exp(t->S[i * C + j] / tau), imp = pow(e, beta);
+      if (t->mask[i * C + j] == NEG) A += imp * e, W += imp, N++;
+      if (t->mask[i * C + j] == POS) AP += imp * e, WP += imp;
+    }
+    if (N == 0) continue;
+    double reweight = A / (W / N);
+    double Ng = (-tau_plus * N * (AP / WP) + reweight) / (1 - tau_plus);
+    if (Ng < N * exp(-1 / tau)) Ng = N * exp(-1 / tau);
+    total += -log(pos / (pos + Ng));
+  }
+  return total / B;
+}
+
+START_TEST(infonce_matches_formula_and_gradient) {
+  case_t t;
+  for (int with_pos = 0; with_pos <= 1; with_pos++) {
+    make_case(&t, LOSS_INFONCE, with_pos, 11 + with_pos);
+    t.cfg.temperature = 0.5f;
+    ck_assert(fabs(eval_loss(&t) - ref_infonce(&t, 0.5)) < 1e-6);
+    check_gradients(&t, 1e-3f, 1e-2);
+    t.cfg.temperature = 0.07f;
+    ck_assert(fabs(eval_loss(&t) - ref_infonce(&t, 0.07)) < 1e-5 * ref_infonce(&t, 0.07));
+    check_gradients(&t, 2e-4f, 2e-2);
+  }
+}
+END_TEST
+
+START_TEST(hcl_and_dcl_match_reference_and_gradient) {
+  case_t t;
+  const float betas[] = {0.0f, 0.5f, 1.0f, 3.0f};
+  const float tps[] = {0.0f, 0.1f};
+  for (int with_pos = 0; with_pos <= 1; with_pos++)
+    for (int b = 0; b < 4; b++)
+      for (int p = 0; p < 2; p++) {
+        make_case(&t, LOSS_HCL, with_pos, 20 + b);
+        t.cfg.temperature = 0.5f;
+        t.cfg.tau_plus = tps[p];
+        t.beta = betas[b];
+        double ref = ref_hcl(&t, 0.5, betas[b], tps[p]);
+        ck_assert_msg(fabs(eval_loss(&t) - ref) < 1e-5 * (1 + ref), "beta %g tau+ %g: %g vs %g",
+                      betas[b], tps[p], eval_loss(&t), ref);
+        check_gradients(&t, 1e-3f, 1e-2);
+      }
+}
+END_TEST
+
+START_TEST(hcl_lower_clamp_is_applied_without_gradient) {
+  /* A large τ⁺ with an easy row drives the debiased estimate below N·e^{−1/τ}: the clamp holds the
+   * negative term at that bound, so only the positive's own softmax term has a gradient. */
+  case_t t;
+  make_case(&t, LOSS_HCL, 0, 31);
+  t.cfg.temperature = 0.5f;
+  t.cfg.tau_plus = 0.9f;
+  t.beta = 1.0f;
+  for (int j = 0; j < C; j++) t.S[j] = -0.9f;
+  t.s_pos[0] = 0.95f;
+  double ref = ref_hcl(&t, 0.5, 1.0, 0.9);
+  ck_assert(fabs(eval_loss(&t) - ref) < 1e-5 * (1 + ref));
+  loss_backward(&t.cfg, t.beta, t.dS, t.dpos, t.S, t.mask, t.s_pos, B, C);
+  for (int j = 0; j < C; j++) ck_assert(t.dS[j] == 0.0f);
+  int n = 0;
+  for (int j = 0; j < C; j++) n += t.mask[j] == NEG;
+  double e0 = exp(0.95 / 0.5), ng = n * exp(-2.0);
+  ck_assert(fabs(t.dpos[0] - (e0 / (e0 + ng) - 1) / (0.5 * B)) < 1e-6);
+  check_gradients(&t, 1e-3f, 1e-2);
+}
+END_TEST
+
+START_TEST(triplet_matches_hand_values_and_gradient) {
+  case_t t;
+  make_case(&t, LOSS_TRIPLET, 1, 41);
+  t.cfg.margin = 0.3f;
+  for (int mode = 0; mode < 2; mode++) {
+    t.cfg.triplet_negative = mode ? TRIPLET_MEAN : TRIPLET_HARDEST;
+    double ref = 0;
+    for (int i = 0; i < B; i++) {
+      double hard = -INFINITY, sum = 0;
+      int n = 0;
+      for (int j = 0; j < C; j++)
+        if (t.mask[i * C + j] == NEG) {
+          double h = t.S[i * C + j] - t.s_pos[i] + 0.3;
+          hard = fmax(hard, t.S[i * C + j]);
+          sum += h > 0 ? h : 0;
+          n++;
+        }
+      if (!n) continue;
+      ref += mode ? sum / n : fmax(0.0, hard - t.s_pos[i] + 0.3);
+    }
+    ref /= B;
+    ck_assert(fabs(eval_loss(&t) - ref) < 1e-6);
+    check_gradients(&t, 1e-4f, 1e-2);
+  }
+}
+END_TEST
+
+START_TEST(every_loss_is_zero_on_rows_with_nothing_selected) {
+  case_t t;
+  for (int kind = LOSS_INFONCE; kind <= LOSS_TRIPLET; kind++) {
+    make_case(&t, (loss_kind)kind, 1, 50 + kind);
+    memset(t.mask, OFF, sizeof t.mask);
+    ck_assert(eval_loss(&t) == 0.0);
+    ck_assert(loss_backward(&t.cfg, t.beta, t.dS, t.dpos, t.S, t.mask, t.s_pos, B, C) == 0.0);
+    for (int i = 0; i < B * C; i++) ck_assert(t.dS[i] == 0.0f);
+    for (int i = 0; i < B; i++) ck_assert(t.dpos[i] == 0.0f);
+  }
+  /* A row whose only candidates are extra positives is also 0 for HCL (nothing to push away). */
+  make_case(&t, LOSS_HCL, 1, 60);
+  for (int i = 0; i < B * C; i++) t.mask[i] = t.mask[i] == NEG ? OFF : t.mask[i];
+  ck_assert(eval_loss(&t) == 0.0);
+}
+END_TEST
+
+START_TEST(losses_are_finite_at_small_temperature) {
+  case_t t;
+  for (int kind = LOSS_INFONCE; kind <= LOSS_HCL; kind++) {
+    make_case(&t, (loss_kind)kind, 1, 70);
+    t.cfg.temperature = 0.01f; /* logits up to 100: exp would overflow float without the shift */
+    for (int i = 0; i < B * C; i++) t.S[i] = 0.99f - 0.001f * (i % 13);
+    double l = loss_backward(&t.cfg, t.beta, t.dS, t.dpos, t.S, t.mask, t.s_pos, B, C);
+    ck_assert(isfinite(l) && l >= 0.0);
+    for (int i = 0; i < B * C; i++) ck_assert(isfinite(t.dS[i]));
+    if (kind == LOSS_INFONCE) ck_assert(fabs(l - ref_infonce(&t, 0.01)) < 1e-5 * (1 + l));
+  }
+}
+END_TEST
+
+/* ---- NT-Xent ---- */
+
+enum { NB = 4, ND = 6, NK = 9 };
+
+typedef struct {
+  float Z[2 * NB * ND], Q[NK * ND], dZ[2 * NB * ND];
+  int K;
+  float tau;
+  float *work;
+} ntxent_case;
+
+static double eval_ntxent(void *ctx) {
+  ntxent_case *t = ctx;
+  return loss_ntxent_forward(t->Z, NB, ND, t->Q, t->K, t->tau, t->work);
+}
+
+static double ref_ntxent(const ntxent_case *t) {
+  int R = 2 * NB;
+  double total = 0;
+  for (int i = 0; i < R; i++) {
+    double den = 0, num = 0;
+    for (int k = 0; k < R + t->K; k++) {
+      if (k == i) continue;
+      const float *o = k < R ? t->Z + k * ND : t->Q + (k - R) * ND;
+      double s = 0;
+      for (int c = 0; c < ND; c++) s += (double)t->Z[i * ND + c] * o[c];
+      den += exp(s / t->tau);
+      if (k == (i + NB) % R) num = exp(s / t->tau);
+    }
+    total += -log(num / den);
+  }
+  return total / R;
+}
+
+START_TEST(ntxent_matches_formula_and_gradient_with_and_without_queue) {
+  ntxent_case t;
+  rng_t r;
+  rng_init(&r, 80, 1);
+  t.work = tensor_alloc(loss_ntxent_work_len(NB, NK));
+  for (int K = 0; K <= NK; K += NK) {
+    t.K = K;
+    t.tau = 0.3f;
+    fill_uniform(t.Z, sizeof t.Z / sizeof(float), &r, -1, 1);
+    fill_uniform(t.Q, sizeof t.Q / sizeof(float), &r, -1, 1);
+    for (int i = 0; i < 2 * NB; i++) vec_normalize(t.Z + i * ND, ND);
+    for (int i = 0; i < NK; i++) vec_normalize(t.Q + i * ND, ND);
+    double lf = eval_ntxent(&t);
+    ck_assert_msg(fabs(lf - ref_ntxent(&t)) < 1e-5, "K=%d %g vs %g", K, lf, ref_ntxent(&t));
+    double lb = loss_ntxent_backward(t.dZ, t.Z, NB, ND, t.Q, t.K, t.tau, t.work);
+    ck_assert(fabs(lf - lb) < 1e-6);
+    double e = gradcheck(eval_ntxent, &t, t.Z, t.dZ, 2 * NB * ND, 1e-3f, 2 * NB * ND, 1e-3);
+    ck_assert_msg(e < 1e-2, "K=%d dZ rel err %g", K, e);
+    /* The contract view of the same problem: each row's partner is its positive, masked off with the
+     * row itself; every other column is a negative. */
+    eval_ntxent(&t);
+    loss_view v = loss_ntxent_view(t.work, NB, K);
+    ck_assert_int_eq(v.rows, 2 * NB);
+    ck_assert_int_eq(v.cols, 2 * NB + K);
+    for (int i = 0; i < v.rows; i++) {
+      int p = (i + NB) % (2 * NB), off = 0;
+      ck_assert(fabsf(v.s_pos[i] - vec_dot(t.Z + i * ND, t.Z + p * ND, ND)) < 1e-6f);
+      for (int j = 0; j < v.cols; j++) off += v.mask[i * v.cols + j] == OFF;
+      ck_assert_int_eq(off, 2);
+      ck_assert_int_eq(v.mask[i * v.cols + i], OFF);
+      ck_assert_int_eq(v.mask[i * v.cols + p], OFF);
+    }
+  }
+  tensor_free(t.work);
+}
+END_TEST
+
+START_TEST(loss_config_names_and_checks) {
+  loss_config c;
+  loss_config_default(&c);
+  ck_assert_int_eq(loss_config_check(&c), 0);
+  loss_kind k;
+  ck_assert_int_eq(loss_kind_parse("hcl", &k), 0);
+  ck_assert_int_eq(k, LOSS_HCL);
+  ck_assert_str_eq(loss_kind_name(LOSS_NTXENT), "ntxent");
+  ck_assert_int_lt(loss_kind_parse("nce", &k), 0);
+  triplet_negative m;
+  ck_assert_int_eq(triplet_negative_parse("mean", &m), 0);
+  ck_assert_int_eq(m, TRIPLET_MEAN);
+  c.tau_plus = 1.0f;
+  ck_assert_int_lt(loss_config_check(&c), 0);
+  c.tau_plus = 0.1f;
+  c.temperature = 0.0f;
+  ck_assert_int_lt(loss_config_check(&c), 0);
+}
+END_TEST
+
+Suite *loss_suite(void) {
+  Suite *s = suite_create("loss");
+  TCase *tc = tcase_create("loss");
+  tcase_add_test(tc, infonce_matches_formula_and_gradient);
+  tcase_add_test(tc, hcl_and_dcl_match_reference_and_gradient);
+  tcase_add_test(tc, hcl_lower_clamp_is_applied_without_gradient);
+  tcase_add_test(tc, triplet_matches_hand_values_and_gradient);
+  tcase_add_test(tc, every_loss_is_zero_on_rows_with_nothing_selected);
+  tcase_add_test(tc, losses_are_finite_at_small_temperature);
+  tcase_add_test(tc, ntxent_matches_formula_and_gradient_with_and_without_queue);
+  tcase_add_test(tc, loss_config_names_and_checks);
+  suite_add_tcase(s, tc);
+  return s;
+}
