@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 
 double gradcheck(gc_loss_fn f, void *ctx, float *x, const float *grad, size_t n, float h,
@@ -60,6 +61,27 @@ const char *data_path(const char *name) {
   const char *root = getenv("MOCOD_DATA");
   snprintf(buf, sizeof buf, "%s/%s", root ? root : "data", name);
   return buf;
+}
+
+const char *bin_path(const char *name) {
+  static char buf[512];
+  const char *dir = getenv("MOCOD_BIN");
+  snprintf(buf, sizeof buf, "%s/%s", dir && *dir ? dir : "build/bin", name);
+  return buf;
+}
+
+int run_capture(const char *cmd, char *out, size_t n) {
+  char full[4096];
+  snprintf(full, sizeof full, "( %s ) 2>&1", cmd);
+  FILE *p = popen(full, "r");
+  if (!p) return -1;
+  size_t len = 0, k;
+  char sink[256];
+  while ((k = fread(len + 1 < n ? out + len : sink, 1, len + 1 < n ? n - 1 - len : sizeof sink, p)) > 0)
+    if (len + 1 < n) len += k;
+  if (n) out[len] = '\0';
+  int st = pclose(p);
+  return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 double now_seconds(void) {

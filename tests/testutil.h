@@ -26,6 +26,13 @@ void rm_rf(const char *path);
 /* Path of a file in the repository's data/ directory (static buffer). */
 const char *data_path(const char *name);
 
+/* Path of a program the Makefile built: $MOCOD_BIN/name (build/bin when unset); static buffer. */
+const char *bin_path(const char *name);
+
+/* Runs `cmd` through the shell with stdout and stderr captured into out (NUL-terminated, cut to n - 1
+ * bytes); returns its exit status, or -1 when it could not run or was killed. */
+int run_capture(const char *cmd, char *out, size_t n);
+
 /* Seconds from a monotonic clock. */
 double now_seconds(void);
 
