@@ -307,6 +307,11 @@ START_TEST(invalid_config_lists_every_problem) {
   ck_assert_msg(strstr(out, "optim.batchsize: unknown key (did you mean 'optim.batch_size'?)") != NULL,
                 "%s", out);
   free(out);
+  /* Layer lists are checked by building them, each under its own name. */
+  ck_assert_int_eq(MOCOD("--set", "model.head=[{\"type\":\"linear\"}]", "--check-config"), 2);
+  out = slurp(path_in("out.txt"));
+  ck_assert_msg(strstr(out, "model.head[0].out: missing field") != NULL, "%s", out);
+  free(out);
   ck_assert_int_eq(MOCOD("--check-config"), 0);
   ck_assert_int_eq(MOCOD("--print-config"), 0);
   out = slurp(path_in("out.txt"));

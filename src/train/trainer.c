@@ -67,6 +67,18 @@ static json_t *encoder_spec(const trainer_config *c) {
   return spec;
 }
 
+/* Builds the backbone and the head on their own, one sample deep, so that a bad layer is reported by
+ * its own list ("model.head[1].out: ...") rather than by its index in the combined encoder. */
+static int check_layers(const trainer_config *c, net_shape in) {
+  net b, h;
+  int rc = net_build(&b, c->backbone, in, 1, "model.backbone");
+  if (rc) return rc;
+  rc = net_build(&h, c->head, b.out_shape, 1, "model.head");
+  if (!rc) net_free(&h);
+  net_free(&b);
+  return rc;
+}
+
 /* Per-channel mean and std of the training set, for the loader's normalisation. */
 static int train_stats(trainer *t) {
   dataset ds;
@@ -127,6 +139,7 @@ int trainer_create(trainer **out, const trainer_config *cfg) {
   mc.total_steps = t->total_steps;
   net_shape in = {t->ld.shape.c, t->ld.shape.h, t->ld.shape.w};
   t->in_len = (int)net_shape_size(in);
+  if ((rc = check_layers(cfg, in))) goto fail;
   json_t *spec = encoder_spec(cfg);
   rc = moco_init(&t->m, &mc, spec, in, "model");
   json_decref(spec);
