@@ -208,6 +208,8 @@ def main():
     ap.add_argument("--arch", choices=["mlp", "cnn"], default="cnn")
     ap.add_argument("--channels", default="32,64,128")
     ap.add_argument("--fc", type=int, default=0, help="cnn: flatten + linear(fc) backbone output, 0 = GAP")
+    ap.add_argument("--pools", type=int, default=2, help="cnn: 2x2 max-pool after the first N conv blocks")
+    ap.add_argument("--eval-encoder", choices=["query", "key"], default="query")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--bn-groups", type=int, default=1, help="split BN groups with shuffled keys (1 = off)")
@@ -244,7 +246,7 @@ def main():
     xs = xtr[:a.subset] if a.subset else xtr
 
     channels = tuple(int(c) for c in a.channels.split(","))
-    enc = build_encoder(a.arch, a.hidden, a.dim, channels=channels, fc=a.fc)
+    enc = build_encoder(a.arch, a.hidden, a.dim, channels=channels, fc=a.fc, pools=a.pools)
     if a.bn_groups > 1:
         split_bn(enc, a.bn_groups)
     fwd = count_flops(enc, (1, 28, 28))
@@ -277,7 +279,8 @@ def main():
     step, loss_sum, acc_sum, n_sum = 0, 0.0, 0.0, 0
     if 0 in evals:
         evals.remove(0)
-        acc = knn_accuracy(features(model.encoder_q, xtr), ytr, features(model.encoder_q, xte), yte)
+        ev = model.encoder_q if a.eval_encoder == "query" else model.encoder_k
+        acc = knn_accuracy(features(ev, xtr), ytr, features(ev, xte), yte)
         emit({"tag": a.tag, "epoch": 0, "samples": 0, "train_gflop": 0, "knn_acc": acc})
     while step < total:
         perm = torch.randperm(len(xs), generator=gen)
@@ -304,7 +307,8 @@ def main():
                 return 1
             if step in evals:
                 t0 = time.time()
-                acc = knn_accuracy(features(model.encoder_q, xtr), ytr, features(model.encoder_q, xte), yte)
+                ev = model.encoder_q if a.eval_encoder == "query" else model.encoder_k
+                acc = knn_accuracy(features(ev, xtr), ytr, features(ev, xte), yte)
                 emit({"tag": a.tag, "epoch": round(step / steps_per_epoch, 3), "step": step,
                       "samples": step * a.batch, "train_gflop": round(step * step_gflop, 1),
                       "knn_acc": round(acc, 4), "loss": round(loss_sum / n_sum, 4),

@@ -77,11 +77,11 @@ class Encoder(nn.Module):
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
 
-def build_encoder(arch, hidden=512, dim=128, channels=(32, 64, 128), fc=0):
+def build_encoder(arch, hidden=512, dim=128, channels=(32, 64, 128), fc=0, pools=2):
     if arch == "mlp":
         bb, d = mlp_encoder()
     elif arch == "cnn":
-        bb, d = cnn_encoder(channels, fc=fc)
+        bb, d = cnn_encoder(channels, pools=pools, fc=fc)
     else:
         raise ValueError("arch: %r, allowed mlp|cnn" % arch)
     return Encoder(bb, d, hidden, dim)
