@@ -5,11 +5,15 @@
     scripts/experiments.py --steps 2000 --configs all,hardest --seeds 1,2
     scripts/experiments.py --table-only                     # only re-read the logs of earlier runs
 
-Each run is the real daemon in the foreground:
-    build/bin/mocod -c CONFIG --set seed=S --set log.progress_file=OUT/NAME/seed-S/progress.jsonl
-                    --set checkpoint.dir=OUT/NAME/seed-S/checkpoint [--set train.steps=STEPS] [--set ...]
-which trains until the budget is spent and then exits. A config NAME is the file config/exp-NAME.json,
-else config/NAME.json, else a path. The figures are read from the progress log: kNN accuracy from the
+Each run is the real daemon in the foreground, from scratch, with its own files in OUT/NAME/seed-S/:
+    build/bin/mocod -c CONFIG --no-resume --set seed=S --set log.progress=D/progress.jsonl
+                    --set log.file=D/mocod.log --set checkpoint.dir=D/checkpoint
+                    --set service.socket=D/mocod.sock --set service.pid_file=D/mocod.pid
+                    --set service.exit_on_finish=true
+                    [--set optim.steps=STEPS | --set optim.epochs=EPOCHS] [--set ...]
+which trains until the budget is spent and then exits (a daemon still up FINISH_GRACE seconds after its
+"finished" event is stopped with SIGTERM). A config NAME is the file config/exp-NAME.json,
+else config/NAME.json (with the aliases all = moco, in-batch = simclr), else a path. The figures are read from the progress log: kNN accuracy from the
 last {"event":"eval"} that has knn_acc, linear-probe accuracy from the last that has probe_acc. A run whose
 directory holds a finished log (`done` marker) is not run again, so an interrupted sweep resumes.
 Standard library only: runs on the machine that runs mocod.
@@ -38,6 +42,8 @@ LABELS = {
     "in-batch": "in-batch only (SimCLR-style NT-Xent)",
     "triplet": "triplet",
 }
+# Strategy names of the table -> the config file names under config/ where they differ.
+ALIASES = {"all": "moco", "in-batch": "simclr"}
 # Raw pixels under the same protocols (shared/REFERENCE.md for the kNN monitor; the probe figure is the
 # same multinomial logistic regression on the 784 raw pixels). Override with --baseline-knn/--baseline-probe.
 BASELINE_KNN = 78.9
@@ -45,7 +51,8 @@ BASELINE_PROBE = None
 
 
 def config_path(name):
-    for p in ("config/exp-%s.json" % name, "config/%s.json" % name, name):
+    alias = ALIASES.get(name, name)
+    for p in ("config/exp-%s.json" % name, "config/%s.json" % name, "config/%s.json" % alias, name):
         if os.path.isfile(p):
             return p
     return None
@@ -112,6 +119,44 @@ def fmt(m, s):
     return "%.1f" % m if s is None else "%.1f ± %.1f" % (m, s)
 
 
+FINISH_GRACE = 30
+
+
+def finished(log):
+    """True once the progress log holds the daemon's {"event":"finished"}."""
+    try:
+        return any(ev.get("event") == "finished" for ev in read_events(log))
+    except OSError:
+        return False
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        return proc.wait(timeout=FINISH_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def wait_run(proc, log, timeout):
+    """Waits for one daemon: (exit status, None) when it ends by itself or lingers after finishing;
+    (status, reason) when it had to be stopped for the --timeout."""
+    t0, done_at = time.time(), None
+    while True:
+        try:
+            return proc.wait(timeout=2), None
+        except subprocess.TimeoutExpired:
+            pass
+        if timeout and time.time() - t0 > timeout:
+            return stop(proc), "timed out after %d s" % timeout
+        if done_at is None and finished(log):
+            done_at = time.time()
+        if done_at is not None and time.time() - done_at > FINISH_GRACE:
+            stop(proc)  # finished but still serving: the run is complete
+            return 0, None
+
+
 def run_dir(out, name, seed):
     return os.path.join(out, run_name(name), "seed-%d" % seed)
 
@@ -128,27 +173,36 @@ def run_one(a, name, seed):
     os.makedirs(d, exist_ok=True)
     log = os.path.join(d, "progress.jsonl")
     if os.path.exists(log):
-        os.remove(log)  # a run that did not finish starts over
-    cmd = [a.mocod, "-c", cfg, "--set", "seed=%d" % seed, "--set", "log.progress_file=" + log,
-           "--set", "checkpoint.dir=" + os.path.join(d, "checkpoint")]
+        os.remove(log)  # a run that did not finish starts over (--no-resume)
+    # Every file of the run in its own directory, so runs can share the machine (--jobs) and a run never
+    # resumes another's checkpoint.
+    cmd = [a.mocod, "-c", cfg, "--no-resume", "--set", "seed=%d" % seed,
+           "--set", "%s=%s" % (a.progress_key, log),
+           "--set", "log.file=" + os.path.join(d, "mocod.log"),
+           "--set", "checkpoint.dir=" + os.path.join(d, "checkpoint"),
+           "--set", "service.socket=" + os.path.join(d, "mocod.sock"),
+           "--set", "service.pid_file=" + os.path.join(d, "mocod.pid"),
+           "--set", "service.exit_on_finish=true"]
     if a.steps:
-        cmd += ["--set", "%s=%d" % (a.budget_key, a.steps)]
+        cmd += ["--set", "optim.steps=%d" % a.steps]
+    elif a.epochs:
+        cmd += ["--set", "optim.epochs=%d" % a.epochs]
     for kv in a.set:
         cmd += ["--set", kv]
     if a.dry_run:
         return name, seed, True, " ".join(cmd)
     t0 = time.time()
-    with open(os.path.join(d, "mocod.log"), "wb") as out:
+    with open(os.path.join(d, "stdout.log"), "wb") as out:
         try:
-            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                timeout=a.timeout or None).returncode
-        except subprocess.TimeoutExpired:
-            return name, seed, False, "timed out after %d s (see %s/mocod.log)" % (a.timeout, d)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         except OSError as e:
             return name, seed, False, "cannot start %s: %s" % (a.mocod, e)
+        rc, why = wait_run(proc, log, a.timeout)
     took = time.time() - t0
+    if why:
+        return name, seed, False, "%s after %.0f s (see %s/stdout.log, mocod.log)" % (why, took, d)
     if rc != 0:
-        return name, seed, False, "mocod exited with %d after %.0f s (see %s/mocod.log)" % (rc, took, d)
+        return name, seed, False, "mocod exited with %d after %.0f s (see %s/stdout.log, mocod.log)" % (rc, took, d)
     knn, _, _ = final_figures(log) if os.path.exists(log) else (None, None, None)
     if knn is None:
         return name, seed, False, "no eval event with knn_acc in %s" % log
@@ -191,8 +245,9 @@ def main():
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                     help="comma-separated config names or paths (default: the ten strategies)")
     ap.add_argument("--seeds", default="1,2,3")
-    ap.add_argument("--steps", type=int, default=0, help="training budget for every run (0: the config's)")
-    ap.add_argument("--budget-key", default="train.steps", help="config key the budget overrides")
+    ap.add_argument("--steps", type=int, default=0, help="budget in steps for every run (optim.steps)")
+    ap.add_argument("--epochs", type=int, default=0, help="budget in epochs for every run (optim.epochs)")
+    ap.add_argument("--progress-key", default="log.progress", help="config key of the progress-log path")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every run (repeatable)")
     ap.add_argument("--mocod", default="build/bin/mocod")
@@ -232,7 +287,8 @@ def main():
             return 0
 
     text, missing = table(a, names, seeds)
-    budget = ("%d steps" % a.steps) if a.steps else "each config's own budget"
+    budget = ("%d steps" % a.steps if a.steps else "%d epochs" % a.epochs if a.epochs
+              else "each config's own budget")
     print("Fashion-MNIST test accuracy, %s, seeds %s (mean ± sample std over seeds); kNN: cosine, "
           "weighted, on backbone features.\n" % (budget, ",".join(map(str, seeds))))
     print(text)
