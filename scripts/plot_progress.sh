@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Draws mocod training curves from progress logs (JSON lines) as one PNG with six panels:
 # loss, instance accuracy, kNN accuracy (and linear-probe accuracy where logged), false-negative rate,
-# hardness, learning rate, all over training steps. Several logs draw one line each, for comparisons.
+# hardness (the control value, with the mean similarity of the negatives used), learning rate, over steps. Several logs draw one line each, for comparisons.
 #
 #   scripts/plot_progress.sh [-o OUT.png] [-t TITLE] [-s SMOOTH] PROGRESS.jsonl [MORE.jsonl ...]
 #
-# Reads the events {"event":"progress","step":..,"loss":..,"inst_acc":..,"fn_rate":..,"hardness":..,"lr":..}
+# Reads the events {"event":"progress","step":..,"loss":..,"inst_acc":..,"fn_rate":..,"hardness":..,"neg_sim":..,"lr":..}
 # and {"event":"eval","step":..,"knn_acc":..,"probe_acc":..}; other events and missing fields are skipped.
 # SMOOTH (default 1: off) averages the progress figures over that many consecutive events.
 # Needs gnuplot (Debian: gnuplot-nox, installed by `MOCOD_EXTRAS=1 scripts/install-deps.sh`) and awk, so
@@ -64,11 +64,11 @@ for f in "$@"; do
     /"event"[ \t]*:[ \t]*"progress"/ {
       s = num("step"); if (s == "?") next
       if (s > maxstep) maxstep = s
-      split("loss inst_acc fn_rate hardness lr", keys, " ")
+      split("loss inst_acc fn_rate hardness lr neg_sim", keys, " ")
       line = s
-      for (c = 1; c <= 5; c++) {
-        v = c < 5 ? smooth(c, num(keys[c])) : num(keys[c])  # the lr is exact: never smoothed
-        if (v != "?") have[c]++
+      for (c = 1; c <= 6; c++) {
+        v = c != 5 ? smooth(c, num(keys[c])) : num(keys[c])  # the lr is exact: never smoothed
+        if (v != "?") have[c < 6 ? c : 8]++
         line = line " " v
       }
       print line > prog; np++
@@ -82,19 +82,25 @@ for f in "$@"; do
       print s, k, p > ev; ne++
     }
     END {
-      if (!np) print "0 ? ? ? ? ?" > prog
+      if (!np) print "0 ? ? ? ? ? ?" > prog
       if (!ne) print "0 ? ?" > ev
+      # counts of loss inst_acc fn_rate hardness lr knn probe, the last step, count of neg_sim
       for (c = 1; c <= 7; c++) printf "%d ", have[c] + 0 > cnt
-      print maxstep + 0 > cnt
+      print maxstep + 0, have[8] + 0 > cnt
     }' "$f"
   name=$(basename "$f"); name=${name%.jsonl}; name=${name%.json}; name=${name%.log}
-  names="$names ${name//[^A-Za-z0-9._-]/_}"
+  # run/experiments/hcl/seed-1/progress.jsonl -> hcl/seed-1: the directories name the run
+  if [ "$name" = progress ] && [ "$(dirname "$f")" != . ]; then
+    d=$(cd "$(dirname "$f")" && pwd)
+    name="$(basename "$(dirname "$d")")/$(basename "$d")"
+  fi
+  names="$names ${name//[^A-Za-z0-9._\/-]/_}"
 done
 n=$i
 
 # A panel is drawn where any log has that column; otherwise it says "no data" (gnuplot refuses to
 # autoscale a plot without points).
-have_col() { # column number (1..7) -> prints the total count over logs
+have_col() { # column number in the .count file -> prints the total count over logs
   local t=0 k
   for ((k = 1; k <= n; k++)); do t=$((t + $(awk -v c="$1" '{print $c}' "$tmp/$k.count"))); done
   echo "$t"
@@ -118,6 +124,11 @@ for ((k = 1; k <= n; k++)); do
   m=$(awk '{print $8}' "$tmp/$k.count"); [ "$m" -gt "$maxstep" ] && maxstep=$m
 done
 [ "$maxstep" -gt 0 ] || maxstep=1
+
+negsim=""
+if [ "$(have_col 9)" -gt 0 ]; then
+  negsim=", for [i=1:$n] sprintf('$tmp/%d.prog', i) using 1:7 with lines dt 2 lw 1.5 lc i title (N > 1 ? word(names, i).' neg sim' : 'mean negative similarity')"
+fi
 
 probe=""
 if [ "$(have_col 7)" -gt 0 ]; then
@@ -143,7 +154,7 @@ EOF
   panel "instance accuracy (positive ranked first)" "accuracy" prog 3 2 "bottom right"
   panel "kNN accuracy (test set)" "accuracy" eval 2 6 "bottom right" "$probe" kNN
   panel "suspected false-negative rate" "rate" prog 4 3 "top left"
-  panel "hardness (mean similarity of used negatives)" "cosine similarity" prog 5 4 "top left"
+  panel "hardness (control value; dashed: mean similarity of negatives)" "hardness / cosine" prog 5 4 "top left" "$negsim" hardness
   panel "learning rate" "lr" prog 6 5 "top right"
   echo "unset multiplot"
 } > "$tmp/plot.gp"
