@@ -195,8 +195,26 @@ def lr_at(step, total, warm, base):
     return 0.5 * base * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+def summarize(path):
+    """Markdown table of kNN accuracy (%) by run and epoch from the JSON lines of --out."""
+    runs, epochs = {}, set()
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            runs.setdefault(r["tag"], {})[r["epoch"]] = r
+            epochs.add(r["epoch"])
+    epochs = sorted(epochs)
+    print("| run | " + " | ".join("ep %g" % e for e in epochs) + " |")
+    print("| --- |" + " --- |" * len(epochs))
+    for tag, rs in runs.items():
+        print("| %s | " % tag + " | ".join("%.1f" % (100 * rs[e]["knn_acc"]) if e in rs else "" for e in epochs)
+              + " |")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--summarize", metavar="JSONL", help="print the kNN-by-epoch table of earlier runs, exit")
     ap.add_argument("--tag", default="run")
     ap.add_argument("--out", default="", help="append the JSON result lines to this file")
     ap.add_argument("--threads", type=int, default=1)
@@ -237,6 +255,8 @@ def main():
     ap.add_argument("--erase-p", type=float, default=0.0)
     ap.add_argument("--erase-scale", type=floats, default=[0.02, 0.2])
     a = ap.parse_args()
+    if a.summarize:
+        return summarize(a.summarize)
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
