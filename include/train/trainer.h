@@ -39,8 +39,6 @@ typedef struct {
   eval_knn_config knn;
   eval_probe_config probe;
   trainer_encoder eval_encoder;
-  int64_t eval_train_limit; /* training samples in the kNN bank and the probe's training set; 0 all */
-  int64_t eval_limit;       /* evaluation samples; 0 all */
   int eval_pairs;           /* augmented pairs for alignment (and rows for uniformity) */
   int threads;              /* BLAS threads */
 } trainer_config;
@@ -70,6 +68,8 @@ typedef struct {
   trainer_encoder encoder; /* whose backbone features are evaluated */
   int knn;                 /* kNN monitor, alignment and uniformity */
   int probe;               /* linear probe */
+  int64_t train_limit;     /* training samples in the kNN bank and the probe's training set; 0 all */
+  int64_t eval_limit;      /* evaluation samples; 0 all */
 } trainer_eval_request;
 
 typedef struct {

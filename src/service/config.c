@@ -166,8 +166,9 @@ const config_option config_options[] = {
     BOOL("eval.probe_at_end", true, R, "train a linear probe on frozen features when training ends"),
     INT("eval.probe_max_iter", 300, 1, 100000, R, "linear probe: L-BFGS iterations"),
     NUM("eval.probe_weight_decay", 1e-4, 0, 10, R, "linear probe: L2 penalty on standardised features"),
-    INT("eval.train_limit", 0, 0, 1e12, R, "training samples in the kNN bank and the probe; 0: all"),
-    INT("eval.limit", 0, 0, 1e12, R, "evaluation samples; 0: all"),
+    INT("eval.train_limit", 0, 0, 1e12, R,
+        "periodic monitor: training samples in its kNN bank; 0: all (the final evaluation uses all)"),
+    INT("eval.limit", 0, 0, 1e12, R, "periodic monitor: evaluation samples; 0: all (the final one uses all)"),
     INT("eval.pairs", 1024, 2, 1 << 20, R, "augmented pairs for alignment, rows for uniformity"),
     /* ---- checkpoint ---- */
     STR("checkpoint.dir", "\"run/checkpoints\"", 0, "directory of checkpoint files"),
@@ -985,8 +986,6 @@ int config_to_trainer(const json_t *root, trainer_config *tc) {
   tc->probe.max_iter = I("eval.probe_max_iter");
   tc->probe.weight_decay = F("eval.probe_weight_decay");
   tc->eval_encoder = enum_index(root, "eval.encoder") ? TRAINER_KEY : TRAINER_QUERY;
-  tc->eval_train_limit = config_int(root, "eval.train_limit");
-  tc->eval_limit = config_int(root, "eval.limit");
   tc->eval_pairs = I("eval.pairs");
   tc->threads = I("threads");
   /* The modules' own checks catch what the schema cannot express; name the section. */

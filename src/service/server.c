@@ -240,13 +240,20 @@ static void start_checkpoint(server *s, job_reason why, ctl_call *call) {
   job_start(s, JOB_CHECKPOINT);
 }
 
-/* encoder: "query", "key", or NULL for eval.encoder. */
-static void start_eval(server *s, job_reason why, ctl_call *call, int probe, const char *encoder) {
+/* encoder: "query", "key", or NULL for eval.encoder. The periodic monitor may work on subsets
+ * (eval.train_limit, eval.limit) to stay cheap; the final evaluation and the command use every sample
+ * unless the command names limits (args). */
+static void start_eval(server *s, job_reason why, ctl_call *call, int probe, const char *encoder,
+                       const json_t *args) {
   job *j = &s->job;
   j->reason = why;
   j->call = call;
   if (!encoder) encoder = config_str(s->config, "eval.encoder");
   j->ereq.encoder = strcmp(encoder, "key") ? TRAINER_QUERY : TRAINER_KEY;
+  j->ereq.train_limit = why == WHY_PERIODIC ? config_int(s->config, "eval.train_limit")
+                                            : json_integer_value(json_object_get(args, "train_limit"));
+  j->ereq.eval_limit = why == WHY_PERIODIC ? config_int(s->config, "eval.limit")
+                                           : json_integer_value(json_object_get(args, "limit"));
   j->ereq.knn = 1;
   j->ereq.probe = probe;
   job_start(s, JOB_EVAL);
@@ -619,7 +626,7 @@ static int start_op_job(server *s, op *o) {
                       enc);
       return 0;
     }
-    start_eval(s, WHY_COMMAND, o->call, json_is_true(json_object_get(o->args, "probe")), enc);
+    start_eval(s, WHY_COMMAND, o->call, json_is_true(json_object_get(o->args, "probe")), enc, o->args);
     return 1;
   }
   case OP_EXPORT: {
@@ -660,7 +667,7 @@ static void pump(server *s) {
   if (s->state != ST_RUNNING) return;
   if (s->eval_due) {
     s->eval_due = 0;
-    start_eval(s, WHY_PERIODIC, NULL, 0, NULL);
+    start_eval(s, WHY_PERIODIC, NULL, 0, NULL, NULL);
     return;
   }
   if (s->ckpt_due) {
@@ -678,7 +685,7 @@ static void pump(server *s) {
   if (s->finish_stage == 0) {
     s->finish_stage = 1;
     log_msg(LL_NOTICE, "training finished at step %lld", (long long)s->snap.step);
-    start_eval(s, WHY_FINISH, NULL, config_bool(s->config, "eval.probe_at_end"), NULL);
+    start_eval(s, WHY_FINISH, NULL, config_bool(s->config, "eval.probe_at_end"), NULL, NULL);
     return;
   }
   if (s->finish_stage == 1) {
@@ -903,8 +910,11 @@ static int gate(ctl_call *call, const ctl_command *cmd, void *data) {
 }
 
 static const ctl_arg config_args[] = {{"key", CTL_T_STRING, 0, 0, 0}, {NULL, 0, 0, 0, 0}};
-static const ctl_arg eval_args[] = {
-    {"probe", CTL_T_BOOL, 0, 0, 0}, {"encoder", CTL_T_STRING, 0, 0, 0}, {NULL, 0, 0, 0, 0}};
+static const ctl_arg eval_args[] = {{"probe", CTL_T_BOOL, 0, 0, 0},
+                                    {"encoder", CTL_T_STRING, 0, 0, 0},
+                                    {"train_limit", CTL_T_INT, 0, 0, 1e12},
+                                    {"limit", CTL_T_INT, 0, 0, 1e12},
+                                    {NULL, 0, 0, 0, 0}};
 static const ctl_arg export_args[] = {{"path", CTL_T_STRING, CTL_ARG_REQUIRED, 0, 0},
                                       {"split", CTL_T_STRING, 0, 0, 0},
                                       {"encoder", CTL_T_STRING, 0, 0, 0},

@@ -284,8 +284,6 @@ int trainer_apply_runtime(trainer *t, const trainer_config *cfg) {
   t->cfg.knn = cfg->knn;
   t->cfg.probe = cfg->probe;
   t->cfg.eval_encoder = cfg->eval_encoder;
-  t->cfg.eval_train_limit = cfg->eval_train_limit;
-  t->cfg.eval_limit = cfg->eval_limit;
   t->cfg.eval_pairs = cfg->eval_pairs;
   return 0;
 }
@@ -455,9 +453,9 @@ int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_r
     return moco_error(MOCO_ESTATE, "evaluation needs labelled training data and an evaluation split (data.eval)");
   net *n = req->encoder == TRAINER_KEY ? &t->m.key : &t->m.query;
   features tr, ev;
-  int rc = extract(t, LOADER_TRAIN, n, 1, 0, t->cfg.eval_train_limit, &tr);
+  int rc = extract(t, LOADER_TRAIN, n, 1, 0, req->train_limit, &tr);
   if (rc) return moco_error_wrap(rc, "evaluation: training features");
-  if ((rc = extract(t, LOADER_EVAL, n, 1, 1, t->cfg.eval_limit, &ev))) {
+  if ((rc = extract(t, LOADER_EVAL, n, 1, 1, req->eval_limit, &ev))) {
     features_free(&tr);
     return moco_error_wrap(rc, "evaluation: evaluation features");
   }
