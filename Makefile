@@ -55,7 +55,8 @@ bench: deps
 	@$(MAKE) --no-print-directory bench-run
 .PHONY: bench-run
 bench-run: $(BENCHES) $(PROGS)
-	@for b in $(BENCHES); do echo "== $$b"; MOCOD_BIN=$(BIN) $$b || exit 1; done
+	@. scripts/blas-env.sh; echo "OPENBLAS_CORETYPE=$${OPENBLAS_CORETYPE:-auto}"; \
+	for b in $(BENCHES); do echo "== $$b"; MOCOD_BIN=$(BIN) $$b || exit 1; done
 
 run: deps
 	@$(MAKE) --no-print-directory all
