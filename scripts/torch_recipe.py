@@ -169,10 +169,16 @@ class RecipeMoCo(MoCo):
 
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def features(encoder, x, bs=1000):
+def features(encoder, x, bs=1000, flat=False):
+    """Normalised backbone features; flat: the flattened conv map before the backbone's linear block
+    (what the backbone would output if that block moved into the projection head)."""
     was = encoder.training
     encoder.eval()
-    out = torch.cat([F.normalize(encoder.features(x[i:i + bs]), dim=1) for i in range(0, len(x), bs)])
+    f = encoder.features
+    if flat:
+        cut = [i for i, m in enumerate(encoder.backbone) if isinstance(m, nn.Flatten)][-1] + 1
+        f = encoder.backbone[:cut]
+    out = torch.cat([F.normalize(f(x[i:i + bs]), dim=1) for i in range(0, len(x), bs)])
     encoder.train(was)
     return out
 
@@ -228,6 +234,8 @@ def main():
     ap.add_argument("--fc", type=int, default=0, help="cnn: flatten + linear(fc) backbone output, 0 = GAP")
     ap.add_argument("--pools", type=int, default=2, help="cnn: 2x2 max-pool after the first N conv blocks")
     ap.add_argument("--eval-encoder", choices=["query", "key"], default="query")
+    ap.add_argument("--eval-flat", action="store_true",
+                    help="also report kNN on the flattened conv map before the backbone's linear (cnn --fc)")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--bn-groups", type=int, default=1, help="split BN groups with shuffled keys (1 = off)")
@@ -329,11 +337,15 @@ def main():
                 t0 = time.time()
                 ev = model.encoder_q if a.eval_encoder == "query" else model.encoder_k
                 acc = knn_accuracy(features(ev, xtr), ytr, features(ev, xte), yte)
-                emit({"tag": a.tag, "epoch": round(step / steps_per_epoch, 3), "step": step,
+                extra = {}
+                if a.eval_flat:
+                    extra["knn_acc_flat"] = round(knn_accuracy(features(ev, xtr, flat=True), ytr,
+                                                               features(ev, xte, flat=True), yte), 4)
+                emit(dict(extra, **{"tag": a.tag, "epoch": round(step / steps_per_epoch, 3), "step": step,
                       "samples": step * a.batch, "train_gflop": round(step * step_gflop, 1),
                       "knn_acc": round(acc, 4), "loss": round(loss_sum / n_sum, 4),
                       "inst_acc": round(acc_sum / n_sum, 4), "train_s": round(t_train, 1),
-                      "eval_s": round(time.time() - t0, 1), "wall_s": round(time.time() - t_start, 1)})
+                      "eval_s": round(time.time() - t0, 1), "wall_s": round(time.time() - t_start, 1)}))
                 loss_sum, acc_sum, n_sum = 0.0, 0.0, 0
     return 0
 
