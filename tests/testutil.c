@@ -83,9 +83,3 @@ int run_capture(const char *cmd, char *out, size_t n) {
   int st = pclose(p);
   return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
-
-double now_seconds(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}

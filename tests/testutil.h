@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 
+#include "core/clock.h"
 #include "core/rng.h"
 
 /* Loss as a function of whatever the test perturbs; evaluated in double where the test can. */
@@ -32,8 +33,5 @@ const char *bin_path(const char *name);
 /* Runs `cmd` through the shell with stdout and stderr captured into out (NUL-terminated, cut to n - 1
  * bytes); returns its exit status, or -1 when it could not run or was killed. */
 int run_capture(const char *cmd, char *out, size_t n);
-
-/* Seconds from a monotonic clock. */
-double now_seconds(void);
 
 #endif

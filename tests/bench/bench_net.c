@@ -36,9 +36,9 @@ static double bench_sgemm(int N) {
   double t[REPS];
   mat_mul(c, a, b, N, N, N, 0, 0, 1.0f, 0.0f);
   for (int i = 0; i < REPS; i++) {
-    double t0 = now_seconds();
+    double t0 = clock_now();
     mat_mul(c, a, b, N, N, N, 0, 0, 1.0f, 0.0f);
-    t[i] = now_seconds() - t0;
+    t[i] = clock_now() - t0;
   }
   tensor_free(a), tensor_free(b), tensor_free(c);
   return 2.0 * N * N * N / median(t, REPS) / 1e9;
@@ -76,12 +76,12 @@ static double bench_net(const char *name, const char *spec_text, net_shape in, i
   fill_uniform(dy, nout, &r, -1, 1);
   double tf[REPS], tb[REPS];
   for (int i = -2; i < REPS; i++) {
-    double t0 = now_seconds();
+    double t0 = clock_now();
     net_forward(&n, x, B);
-    double t1 = now_seconds();
+    double t1 = clock_now();
     net_zero_grad(&n);
     net_backward(&n, dy, NULL, B);
-    double t2 = now_seconds();
+    double t2 = clock_now();
     if (i >= 0) tf[i] = t1 - t0, tb[i] = t2 - t1;
   }
   double f = step_flops(&n, B), fwd = median(tf, REPS), bwd = median(tb, REPS);
