@@ -164,7 +164,7 @@ const config_option config_options[] = {
     NUM("eval.temperature", 0.1, 0.001, 10, R, "kNN weight temperature T: weight exp(s/T)"),
     ENUM("eval.encoder", "query", "query|key", R, "encoder whose backbone features are evaluated"),
     BOOL("eval.probe_at_end", true, R, "train a linear probe on frozen features when training ends"),
-    INT("eval.probe_max_iter", 300, 1, 100000, R, "linear probe: L-BFGS iterations"),
+    INT("eval.probe_max_iter", 100, 1, 100000, R, "linear probe: L-BFGS iterations"),
     NUM("eval.probe_weight_decay", 1e-4, 0, 10, R, "linear probe: L2 penalty on standardised features"),
     INT("eval.train_limit", 0, 0, 1e12, R,
         "periodic monitor: training samples in its kNN bank; 0: all (the final evaluation uses all)"),
