@@ -44,22 +44,24 @@ typedef struct {
   net_shape in;
 } job;
 
-/* The config as mocod reads it, and the training data's sample shape from the file headers. */
+/* The config as mocod reads it, and the training data's sample shape from the file headers. On
+ * failure nothing is left allocated. */
 static int job_load(job *j, const char *path) {
   char *report = NULL;
+  j->root = NULL;
   int rc = config_load_file(&j->root, path);
   if (!rc && (rc = config_finalize(j->root, &report)) && report) moco_error(rc, "%s", report);
   free(report);
   if (!rc) rc = config_to_trainer(j->root, &j->tc);
-  if (rc) return rc;
   dataset ds;
   const trainer_config *c = &j->tc;
-  if ((rc = dataset_open(&ds, "train", c->train, c->train_labels[0] ? c->train_labels : NULL,
-                         c->loader.num_classes)))
-    return rc;
-  j->in = (net_shape){ds.shape.c, ds.shape.h, ds.shape.w};
-  dataset_close(&ds);
-  return 0;
+  if (!rc && !(rc = dataset_open(&ds, "train", c->train, c->train_labels[0] ? c->train_labels : NULL,
+                                 c->loader.num_classes))) {
+    j->in = (net_shape){ds.shape.c, ds.shape.h, ds.shape.w};
+    dataset_close(&ds);
+  }
+  if (rc) json_decref(j->root);
+  return rc;
 }
 
 /* The model of the configured job with mc's settings, its queue full of random unit keys. */
