@@ -39,11 +39,11 @@ static void setup(void) {
   snprintf(sock, sizeof sock, "%s/run/mocod.sock", dir);
   /* Orphaned daemons (double fork) become our children, so that they can be waited for. */
   prctl(PR_SET_CHILD_SUBREAPER, 1);
-  t_start = now_seconds();
+  t_start = clock_now();
 }
 
 static void teardown(void) {
-  if (getenv("MOCOD_TEST_TIMES")) fprintf(stderr, "%s: %.2f s\n", dir, now_seconds() - t_start);
+  if (getenv("MOCOD_TEST_TIMES")) fprintf(stderr, "%s: %.2f s\n", dir, clock_now() - t_start);
   rm_rf(dir);
 }
 
@@ -120,8 +120,8 @@ static int read_pid_file(void) {
 
 /* Waits for a pid (our child or, through the subreaper, grandchild) to exit; its status or -1. */
 static int wait_exit(int pid, double timeout) {
-  double end = now_seconds() + timeout;
-  while (now_seconds() < end) {
+  double end = clock_now() + timeout;
+  while (clock_now() < end) {
     int st;
     pid_t r = waitpid(pid, &st, WNOHANG);
     if (r == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
@@ -167,7 +167,7 @@ static void client_send(client *c, const char *text) {
 
 /* The next line as JSON, within timeout seconds (NULL on timeout or close). */
 static json_t *client_line(client *c, double timeout) {
-  double end = now_seconds() + timeout;
+  double end = clock_now() + timeout;
   for (;;) {
     char *nl = memchr(c->buf, '\n', c->len);
     if (nl) {
@@ -179,7 +179,7 @@ static json_t *client_line(client *c, double timeout) {
       ck_assert_msg(j != NULL, "a line that is not JSON");
       return j;
     }
-    int ms = (int)((end - now_seconds()) * 1000);
+    int ms = (int)((end - clock_now()) * 1000);
     if (ms <= 0) return NULL;
     struct pollfd p = {.fd = c->fd, .events = POLLIN};
     if (poll(&p, 1, ms) <= 0) return NULL;
@@ -225,9 +225,9 @@ static long long status_step(void) {
 }
 
 static void wait_step(long long at_least, double timeout) {
-  double end = now_seconds() + timeout;
+  double end = clock_now() + timeout;
   while (status_step() < at_least) {
-    ck_assert_msg(now_seconds() < end, "step %lld not reached in %.0f s", at_least, timeout);
+    ck_assert_msg(clock_now() < end, "step %lld not reached in %.0f s", at_least, timeout);
     usleep(10000);
   }
 }
@@ -402,8 +402,8 @@ START_TEST(every_command_over_the_socket) {
   /* The subscriber has seen progress, eval, checkpoint and config_change events. */
   int seen_progress = 0, seen_eval = 0, seen_ckpt = 0, seen_change = 0;
   json_t *ev;
-  double until = now_seconds() + 10;
-  while ((!seen_progress || !seen_eval || !seen_ckpt || seen_change < 4) && now_seconds() < until &&
+  double until = clock_now() + 10;
+  while ((!seen_progress || !seen_eval || !seen_ckpt || seen_change < 4) && clock_now() < until &&
          (ev = client_line(sub, 1.0))) {
     const char *name = json_string_value(json_object_get(ev, "event"));
     ck_assert_ptr_nonnull(name);
@@ -479,12 +479,12 @@ START_TEST(status_answers_fast_during_steps) {
   static double lat[MAX];
   long long first = -1, last = -1;
   int N = 0;
-  double start = now_seconds();
-  while (N < MAX && (N < 60 || now_seconds() - start < 1.0 || last == first) && now_seconds() - start < 30) {
+  double start = clock_now();
+  while (N < MAX && (N < 60 || clock_now() - start < 1.0 || last == first) && clock_now() - start < 30) {
     int i = N++;
-    double t0 = now_seconds();
+    double t0 = clock_now();
     json_t *a = client_call(c, "{\"id\":1,\"cmd\":\"status\"}", 5);
-    lat[i] = now_seconds() - t0;
+    lat[i] = clock_now() - t0;
     ck_assert_ptr_nonnull(a);
     long long s = json_integer_value(json_object_get(json_object_get(a, "result"), "step"));
     if (first < 0) first = s;
@@ -691,8 +691,8 @@ START_TEST(signals_stop_with_checkpoint_and_reopen_logs) {
   wait_step(2, 10);
   ck_assert_int_eq(rename(path_in("run/mocod.log"), path_in("run/mocod.log.1")), 0);
   kill(pid, SIGHUP);
-  double end = now_seconds() + 5;
-  while (access(path_in("run/mocod.log"), F_OK) && now_seconds() < end) usleep(10000);
+  double end = clock_now() + 5;
+  while (access(path_in("run/mocod.log"), F_OK) && clock_now() < end) usleep(10000);
   ck_assert_int_eq(access(path_in("run/mocod.log"), F_OK), 0);
   kill(pid, SIGTERM);
   ck_assert_int_eq(wait_exit(pid, 20), 0);

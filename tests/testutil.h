@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 
+#include "core/clock.h"
 #include "core/net.h"
 #include "core/rng.h"
 
@@ -33,9 +34,6 @@ const char *bin_path(const char *name);
 /* Runs `cmd` through the shell with stdout and stderr captured into out (NUL-terminated, cut to n - 1
  * bytes); returns its exit status, or -1 when it could not run or was killed. */
 int run_capture(const char *cmd, char *out, size_t n);
-
-/* Seconds from a monotonic clock. */
-double now_seconds(void);
 
 /* Benchmark helpers. */
 

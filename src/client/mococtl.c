@@ -9,9 +9,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "core/clock.h"
 #include "service/ctl.h"
 
 /* Exit status, for scripts. */
@@ -90,16 +90,10 @@ static int conn_send(conn *c, const char *line) {
   return 0;
 }
 
-static double now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* The next line (NUL-terminated, in c->buf, valid until the next call). Returns its length, -1 when the
  * connection closed, -2 on timeout (timeout <= 0: none), -3 on a read error or an oversized line. */
 static long conn_line(conn *c, double timeout, size_t *consumed) {
-  double deadline = now() + timeout;
+  double deadline = clock_now() + timeout;
   if (*consumed) { /* drop the line returned last time */
     memmove(c->buf, c->buf + *consumed, c->len - *consumed);
     c->len -= *consumed;
@@ -121,7 +115,7 @@ static long conn_line(conn *c, double timeout, size_t *consumed) {
       c->cap = cap;
     }
     if (timeout > 0) {
-      double left = deadline - now();
+      double left = deadline - clock_now();
       struct pollfd pf = {.fd = c->fd, .events = POLLIN};
       int r = left > 0 ? poll(&pf, 1, (int)ceil(left * 1000)) : 0;
       if (r < 0 && errno == EINTR) continue;

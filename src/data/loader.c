@@ -4,8 +4,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "core/clock.h"
 #include "core/err.h"
 #include "core/tensor.h"
 
@@ -98,12 +98,6 @@ struct loader_impl {
   loader_pos pos;                 /* of the next batch loader_next returns */
   double wait;
 };
-
-static double now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* ---- the order of records: epochs, file order, shuffle windows (reader thread) ---- */
 
@@ -549,11 +543,11 @@ int loader_next(loader *l, loader_batch *b) {
   if (!I->running && (rc = pipeline_start(I))) return rc;
   int k = (int)(I->consume_seq % (uint64_t)I->n_slots);
   slot *s = &I->slots[k];
-  double t0 = now();
+  double t0 = clock_now();
   pthread_mutex_lock(&I->mu);
   while (s->state != SLOT_READY) pthread_cond_wait(&I->cv_consumer, &I->mu);
   pthread_mutex_unlock(&I->mu);
-  I->wait += now() - t0;
+  I->wait += clock_now() - t0;
   if (s->err) {
     I->err = s->err;
     snprintf(I->errmsg, sizeof I->errmsg, "%s", s->errmsg);

@@ -3,17 +3,10 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "core/clock.h"
 #include "core/err.h"
 #include "core/tensor.h"
-
-/* CLOCK_MONOTONIC through the vDSO: tens of nanoseconds, so every phase can be timed every step. */
-static double clock_now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 void moco_config_default(moco_config *c) {
   memset(c, 0, sizeof *c);

@@ -5,10 +5,10 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "contrast/hardness.h"
 #include "contrast/momentum.h"
+#include "core/clock.h"
 #include "core/err.h"
 #include "core/sched.h"
 #include "data/dataset.h"
@@ -31,12 +31,6 @@ struct trainer {
 
 /* Eval passes go in chunks of this many samples, within the networks' max_batch. */
 static int chunk_of(const trainer *t) { return t->cfg.moco.batch_size; }
-
-static double mono(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 void trainer_config_default(trainer_config *c) {
   memset(c, 0, sizeof *c);
@@ -192,12 +186,12 @@ void trainer_describe(const trainer *t, trainer_stats *st) {
 }
 
 int trainer_step(trainer *t, trainer_stats *st) {
-  double t0 = mono();
+  double t0 = clock_now();
   loader_batch b;
   int rc = loader_next(&t->ld, &b);
   if (rc) return moco_error_wrap(rc, "step %lld: data", (long long)t->m.step + 1);
   if (b.size == 0) return moco_error(MOCO_ESTATE, "step %lld: the data stream ended", (long long)t->m.step + 1);
-  double t1 = mono();
+  double t1 = clock_now();
   moco_diag d;
   rc = moco_step(&t->m, b.view1, b.view2, b.ids, t->ld.has_labels ? b.labels : NULL, b.size, &d);
   if (rc) return moco_error_wrap(rc, "step %lld", (long long)t->m.step + 1);
@@ -217,7 +211,7 @@ int trainer_step(trainer *t, trainer_stats *st) {
   st->filtered = (float)d.filtered / (float)b.size;
   st->fn_rate = d.false_negative_rate;
   st->data_wait = t1 - t0;
-  st->seconds = mono() - t0;
+  st->seconds = clock_now() - t0;
   return 0;
 }
 
@@ -445,7 +439,7 @@ static int count_classes(const features *a, const features *b) {
 void trainer_interrupt(trainer *t, int on) { atomic_store(&t->interrupt, on); }
 
 int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_result *res) {
-  double t0 = mono();
+  double t0 = clock_now();
   memset(res, 0, sizeof *res);
   res->step = t->m.step;
   if (!t->ld.has_eval || !t->ld.has_labels)
@@ -488,7 +482,7 @@ int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_r
   }
   features_free(&tr);
   features_free(&ev);
-  res->seconds = mono() - t0;
+  res->seconds = clock_now() - t0;
   return rc;
 }
 

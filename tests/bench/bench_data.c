@@ -34,7 +34,7 @@ static int stream(const loader_config *c, uint64_t samples, double *rate, double
   loader l;
   int rc = loader_open(&l, c);
   if (rc) return rc;
-  double t0 = now_seconds();
+  double t0 = clock_now();
   uint64_t n = 0;
   loader_batch b;
   volatile float sink = 0;
@@ -42,7 +42,7 @@ static int stream(const loader_config *c, uint64_t samples, double *rate, double
     sink += b.view1[0] + b.view2[b.size - 1];
     n += (uint64_t)b.size;
   }
-  double t = now_seconds() - t0;
+  double t = clock_now() - t0;
   *rate = (double)n / t;
   *wait = loader_wait_seconds(&l) / t;
   loader_close(&l);
@@ -115,9 +115,9 @@ static void bench_memory(void) {
   snprintf(dirc, sizeof dirc, "%s", dir);
   snprintf(spec, sizeof spec, "%s/big-*.shard", dirc);
   uint64_t n = 0;
-  double t0 = now_seconds();
+  double t0 = clock_now();
   int rc = generate(dirc, gb * (1u << 30), &n);
-  double tg = now_seconds() - t0;
+  double tg = clock_now() - t0;
   if (rc) {
     printf("memory: generating: %s\n", moco_errmsg());
     rm_rf(dirc);
@@ -139,12 +139,12 @@ static void bench_memory(void) {
   loader_batch b;
   uint64_t seen = 0;
   long peak10 = -1;
-  t0 = now_seconds();
+  t0 = clock_now();
   while (!(rc = loader_next(&l, &b)) && b.size) {
     seen += (uint64_t)b.size;
     if (peak10 < 0 && seen >= n / 10) peak10 = proc_status_kb("VmHWM:");
   }
-  double ts = now_seconds() - t0;
+  double ts = clock_now() - t0;
   long peak = proc_status_kb("VmHWM:");
   loader_close(&l);
   size_t window = 10000 * (3 * 32 * 32 + 12), slots = 5 * 256 * (3 * 32 * 32 + 12 + 2 * 4 * 3 * 32 * 32);

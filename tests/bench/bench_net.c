@@ -34,12 +34,12 @@ static double bench_net(const char *name, const char *spec_text, net_shape in, i
   fill_uniform(dy, nout, &r, -1, 1);
   double tf[REPS], tb[REPS];
   for (int i = -2; i < REPS; i++) {
-    double t0 = now_seconds();
+    double t0 = clock_now();
     net_forward(&n, x, B);
-    double t1 = now_seconds();
+    double t1 = clock_now();
     net_zero_grad(&n);
     net_backward(&n, dy, NULL, B);
-    double t2 = now_seconds();
+    double t2 = clock_now();
     if (i >= 0) tf[i] = t1 - t0, tb[i] = t2 - t1;
   }
   double f = net_train_flops(&n) * B, fwd = median_of(tf, REPS), bwd = median_of(tb, REPS);

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "../testutil.h"
+#include "core/clock.h"
 #include "core/err.h"
 #include "core/tensor.h"
 #include "data/dataset.h"
@@ -116,16 +117,16 @@ static int step_at(moco_model *m, const float *views, long it) {
 static int time_steps(moco_model *m, const float *views, double budget, double *seconds, int *steps) {
   long it = 0;
   int rc = 0;
-  double t0 = now_seconds();
+  double t0 = clock_now();
   while (it < WARMUP && !rc) rc = step_at(m, views, it++);
-  double per = (now_seconds() - t0) / WARMUP;
+  double per = (clock_now() - t0) / WARMUP;
   *steps = (int)(budget / REPS / (per > 1e-4 ? per : 1e-4));
   if (*steps < 2) *steps = 2;
   double t[REPS];
   for (int r = 0; r < REPS && !rc; r++) {
-    t0 = now_seconds();
+    t0 = clock_now();
     for (int i = 0; i < *steps && !rc; i++) rc = step_at(m, views, it++);
-    t[r] = (now_seconds() - t0) / *steps;
+    t[r] = (clock_now() - t0) / *steps;
   }
   if (!rc) *seconds = median_of(t, REPS);
   return rc;
