@@ -106,26 +106,35 @@ static double step_flops(const moco_model *m, int B) {
 }
 
 /* Step `it` of the timing loop, on view batch it mod POOL. */
-static int step_at(moco_model *m, const float *views, long it) {
+static int step_at(moco_model *m, const float *views, long it, moco_diag *d) {
   size_t batch = (size_t)m->cfg.batch_size * m->in_len, v = (size_t)(it % POOL);
   return moco_step(m, views + 2 * v * batch, views + (2 * v + 1) * batch, NULL, NULL, m->cfg.batch_size,
-                   NULL);
+                   d);
 }
 
 /* The median over REPS repetitions of the mean step time, after WARMUP steps; the repetition length
- * fits `budget` seconds in all. */
-static int time_steps(moco_model *m, const float *views, double budget, double *seconds, int *steps) {
+ * fits `budget` seconds in all. `phases` sums the step's own phase times over the timed steps. */
+static int time_steps(moco_model *m, const float *views, double budget, double *seconds, int *steps,
+                      moco_timing *phases) {
   long it = 0;
   int rc = 0;
+  moco_diag d;
   double t0 = clock_now();
-  while (it < WARMUP && !rc) rc = step_at(m, views, it++);
+  while (it < WARMUP && !rc) rc = step_at(m, views, it++, &d);
   double per = (clock_now() - t0) / WARMUP;
   *steps = (int)(budget / REPS / (per > 1e-4 ? per : 1e-4));
   if (*steps < 2) *steps = 2;
   double t[REPS];
+  memset(phases, 0, sizeof *phases);
   for (int r = 0; r < REPS && !rc; r++) {
     t0 = clock_now();
-    for (int i = 0; i < *steps && !rc; i++) rc = step_at(m, views, it++);
+    for (int i = 0; i < *steps && !rc; i++) {
+      rc = step_at(m, views, it++, &d);
+      phases->keys += d.time.keys, phases->queries += d.time.queries;
+      phases->similarity += d.time.similarity, phases->mining += d.time.mining;
+      phases->loss += d.time.loss, phases->backward += d.time.backward;
+      phases->update += d.time.update, phases->total += d.time.total;
+    }
     t[r] = (clock_now() - t0) / *steps;
   }
   if (!rc) *seconds = median_of(t, REPS);
@@ -253,6 +262,13 @@ int main(int argc, char **argv) {
   char enc[1024];
   net_describe(&m.query, enc, sizeof enc);
   printf("config %s, OpenBLAS core %s, %d threads\n", config, openblas_get_corename(), j.tc.threads);
+  /* PyTorch's thread pool loses far more than mocod to cores that other work holds: say how busy the
+   * machine was, so a ratio measured on a shared machine can be read for what it is. */
+  double load = -1;
+  FILE *la = fopen("/proc/loadavg", "r");
+  if (la && fscanf(la, "%lf", &load) != 1) load = -1;
+  if (la) fclose(la);
+  printf("machine: %ld CPUs, load average %.2f before this run\n", sysconf(_SC_NPROCESSORS_ONLN), load);
   printf("encoder %s, %zu parameters\n", enc, m.query.n_params);
   printf("job: batch %d, queue %d, dim %d, InfoNCE over the whole queue (strategy all) for the "
          "comparison; configured: loss %s, strategy %s%s\n",
@@ -262,7 +278,9 @@ int main(int argc, char **argv) {
   double gemm = sgemm_gflops(SGEMM_N, REPS);
   printf("%-26s %7.1f GFLOP/s (median of %d)\n", "sgemm 2048^3", gemm, REPS);
   double sec = 0, flops = step_flops(&m, mc.batch_size), tsec = 0;
-  int steps = 0, rc = time_steps(&m, views, budget, &sec, &steps);
+  int steps = 0;
+  moco_timing ph;
+  int rc = time_steps(&m, views, budget, &sec, &steps, &ph);
   moco_free(&m);
   tensor_free(views);
   if (rc) {
@@ -270,6 +288,11 @@ int main(int argc, char **argv) {
     return 1;
   }
   print_step("mocod step", sec, REPS, steps, flops, gemm);
+  printf("%-26s keys %.0f%%, queries %.0f%%, similarity %.0f%%, mining %.0f%%, loss %.0f%%, backward %.0f%%, "
+         "update %.0f%%\n",
+         "mocod step phases", 100 * ph.keys / ph.total, 100 * ph.queries / ph.total,
+         100 * ph.similarity / ph.total, 100 * ph.mining / ph.total, 100 * ph.loss / ph.total,
+         100 * ph.backward / ph.total, 100 * ph.update / ph.total);
   int trc = torch_reference(config, &j, budget, &tsec, gemm);
   if (trc == 0) printf("%-26s %7.2f (mocod steps/s / PyTorch steps/s)\n", "speed ratio", tsec / sec);
 
