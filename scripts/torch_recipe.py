@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_reference import MoCo, build_encoder, count_flops, load_fashion, make_optimizer  # noqa: E402
+from torch_reference import (MoCo, build_encoder, count_flops, load_fashion, make_optimizer,  # noqa: E402
+                             split_bn)
 
 
 def floats(s):
@@ -105,68 +106,6 @@ def augment(x, a, gen):
 
 
 # ---------------------------------------------------------------------------------------------------
-class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm with statistics per group of B/groups consecutive samples: MoCo's shuffled BN on one
-    device (the key batch is permuted across groups so a query and its key never share statistics)."""
-
-    def __init__(self, num_features, groups):
-        super().__init__(num_features)
-        self.groups = groups
-
-    def forward(self, x):
-        shape = x.shape
-        if x.dim() == 2:
-            x = x.view(shape[0], shape[1], 1, 1)
-        if not self.training or self.groups == 1:
-            return super().forward(x).view(shape)
-        B, C, H, W = x.shape
-        g = self.groups
-        y = x.view(g, B // g, C, H, W).transpose(0, 1).reshape(B // g, g * C, H, W)
-        rm, rv = self.running_mean.repeat(g), self.running_var.repeat(g)
-        y = F.batch_norm(y, rm, rv, self.weight.repeat(g), self.bias.repeat(g), True, self.momentum, self.eps)
-        self.running_mean.copy_(rm.view(g, C).mean(0))
-        self.running_var.copy_(rv.view(g, C).mean(0))
-        return y.view(B // g, g, C, H, W).transpose(0, 1).reshape(shape)
-
-
-def split_bn(module, groups):
-    for name, child in module.named_children():
-        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            setattr(module, name, SplitBatchNorm(child.num_features, groups))
-        else:
-            split_bn(child, groups)
-    return module
-
-
-class RecipeMoCo(MoCo):
-    """MoCo with the knobs explored here: hardest-n queue negatives and shuffled split BN for keys."""
-
-    def __init__(self, encoder, a):
-        super().__init__(encoder, a.queue, a.dim, a.momentum, a.temperature)
-        self.hard_n = a.hard_n if a.negatives == "hardest" else 0
-        self.shuffle = a.bn_groups > 1
-
-    def forward(self, x_q, x_k):
-        q = self.encoder_q(x_q)
-        with torch.no_grad():
-            self.momentum_update()
-            if self.shuffle:
-                perm = torch.randperm(x_k.shape[0])
-                k = torch.empty_like(q)
-                k[perm] = self.encoder_k(x_k[perm])
-            else:
-                k = self.encoder_k(x_k)
-        l_pos = (q * k).sum(dim=1, keepdim=True)
-        l_neg = q @ self.queue.t()
-        if self.hard_n:
-            with torch.no_grad():
-                idx = l_neg.topk(self.hard_n, dim=1).indices
-            l_neg = l_neg.gather(1, idx)
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.t
-        labels = torch.zeros(q.shape[0], dtype=torch.long)
-        return F.cross_entropy(logits, labels), logits, k
-
-
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def features(encoder, x, bs=1000, flat=False):
@@ -278,7 +217,9 @@ def main():
     if a.bn_groups > 1:
         split_bn(enc, a.bn_groups)
     fwd = count_flops(enc, (1, 28, 28))
-    model = RecipeMoCo(enc, a)
+    # hardest-n queue negatives and shuffled split BN for the keys, as explored here
+    model = MoCo(enc, a.queue, a.dim, a.momentum, a.temperature, shuffle_bn_groups=a.bn_groups,
+                 hard_n=a.hard_n if a.negatives == "hardest" else 0)
     opt = make_optimizer(model, a.lr, a.sgd_momentum, a.wd)
     feat_fwd = count_flops(nn.Sequential(enc.backbone), (1, 28, 28))
 

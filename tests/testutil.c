@@ -7,6 +7,8 @@
 #include <sys/wait.h>
 #include <time.h>
 
+#include "core/tensor.h"
+
 double gradcheck(gc_loss_fn f, void *ctx, float *x, const float *grad, size_t n, float h,
                  size_t max_checks, double floor) {
   size_t stride = n > max_checks ? n / max_checks : 1;
@@ -82,4 +84,61 @@ int run_capture(const char *cmd, char *out, size_t n) {
   if (n) out[len] = '\0';
   int st = pclose(p);
   return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+double median_of(double *t, int n) {
+  qsort(t, (size_t)n, sizeof *t, cmp_double);
+  return t[n / 2];
+}
+
+double sgemm_gflops(int n, int reps) {
+  size_t len = (size_t)n * n;
+  float *a = tensor_alloc(len), *b = tensor_alloc(len), *c = tensor_alloc(len);
+  double *t = malloc((size_t)reps * sizeof *t);
+  double gf = 0.0;
+  if (a && b && c && t) {
+    rng_t r;
+    rng_init(&r, 1, 1);
+    fill_uniform(a, len, &r, -1, 1);
+    fill_uniform(b, len, &r, -1, 1);
+    mat_mul(c, a, b, n, n, n, 0, 0, 1.0f, 0.0f); /* first touch, OpenBLAS buffers */
+    for (int i = 0; i < reps; i++) {
+      double t0 = clock_now();
+      mat_mul(c, a, b, n, n, n, 0, 0, 1.0f, 0.0f);
+      t[i] = clock_now() - t0;
+    }
+    gf = 2.0 * n * n * n / median_of(t, reps) / 1e9;
+  }
+  free(t);
+  tensor_free(a), tensor_free(b), tensor_free(c);
+  return gf;
+}
+
+double net_train_flops(const net *n) {
+  double f = 0.0;
+  int first = 1;
+  for (int i = 0; i < n->n_layers; i++) {
+    const layer *L = &n->layers[i];
+    if (L->kind != LAYER_LINEAR && L->kind != LAYER_CONV2D) continue;
+    double fl = 2.0 * (double)L->w_len * L->out_shape.h * L->out_shape.w;
+    f += first ? 2 * fl : 3 * fl;
+    first = 0;
+  }
+  return f;
+}
+
+long proc_status_kb(const char *field) {
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  long v = -1;
+  size_t n = strlen(field);
+  while (f && fgets(line, sizeof line, f))
+    if (!strncmp(line, field, n)) v = atol(line + n + 1);
+  if (f) fclose(f);
+  return v;
 }

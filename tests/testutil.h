@@ -5,6 +5,7 @@
 #include <stddef.h>
 
 #include "core/clock.h"
+#include "core/net.h"
 #include "core/rng.h"
 
 /* Loss as a function of whatever the test perturbs; evaluated in double where the test can. */
@@ -33,5 +34,22 @@ const char *bin_path(const char *name);
 /* Runs `cmd` through the shell with stdout and stderr captured into out (NUL-terminated, cut to n - 1
  * bytes); returns its exit status, or -1 when it could not run or was killed. */
 int run_capture(const char *cmd, char *out, size_t n);
+
+/* Benchmark helpers. */
+
+/* The median of t[0..n) (sorts t in place). */
+double median_of(double *t, int n);
+
+/* GFLOP/s of an n x n x n sgemm through mat_mul, the median of `reps` timed runs after one untimed:
+ * the machine's practical peak, against which a step's GFLOP/s is read. */
+double sgemm_gflops(int n, int reps);
+
+/* Matrix-product FLOPs per sample of one training pass as the network performs it: forward F,
+ * weight gradients F and input gradients F less the first parameter layer's (nothing needs the
+ * gradient of the input images, so net_backward skips it), i.e. 3F - F_first. */
+double net_train_flops(const net *n);
+
+/* A "Field:   N kB" value of /proc/self/status (VmRSS:, VmHWM:, ...) in kB, -1 when absent. */
+long proc_status_kb(const char *field);
 
 #endif

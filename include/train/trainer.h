@@ -90,6 +90,10 @@ typedef struct {
 /* Maps defaults onto every field (the modules' own defaults); the service overwrites them. */
 void trainer_config_default(trainer_config *c);
 
+/* The layer list of the encoder the step trains: backbone + head + linear(embed_dim) + l2norm (the
+ * step wants unit embeddings). A new reference; the layers are shared with cfg's lists. */
+json_t *trainer_encoder_spec(const trainer_config *c);
+
 /* Opens the data, builds the networks, allocates for the largest batch. On failure nothing is left
  * allocated and *out is NULL. */
 int trainer_create(trainer **out, const trainer_config *cfg);

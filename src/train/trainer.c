@@ -49,8 +49,7 @@ void trainer_config_default(trainer_config *c) {
  * Building.
  * ------------------------------------------------------------------------------------------------- */
 
-/* backbone + head + linear(embed_dim) + l2norm: the encoder the step trains (it wants the l2norm). */
-static json_t *encoder_spec(const trainer_config *c) {
+json_t *trainer_encoder_spec(const trainer_config *c) {
   json_t *spec = json_array();
   size_t i;
   json_t *l;
@@ -134,7 +133,7 @@ int trainer_create(trainer **out, const trainer_config *cfg) {
   net_shape in = {t->ld.shape.c, t->ld.shape.h, t->ld.shape.w};
   t->in_len = (int)net_shape_size(in);
   if ((rc = check_layers(cfg, in))) goto fail;
-  json_t *spec = encoder_spec(cfg);
+  json_t *spec = trainer_encoder_spec(cfg);
   rc = moco_init(&t->m, &mc, spec, in, "model");
   json_decref(spec);
   if (rc) goto fail;

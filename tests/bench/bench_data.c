@@ -21,17 +21,6 @@
 
 #define FMNIST "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
-static long status_kb(const char *field) {
-  FILE *f = fopen("/proc/self/status", "r");
-  char line[256];
-  long v = -1;
-  size_t n = strlen(field);
-  while (f && fgets(line, sizeof line, f))
-    if (!strncmp(line, field, n)) v = atol(line + n + 1);
-  if (f) fclose(f);
-  return v;
-}
-
 /* Resets the peak-RSS mark (VmHWM) so each phase reports its own peak. */
 static void reset_peak(void) {
   FILE *f = fopen("/proc/self/clear_refs", "w");
@@ -139,7 +128,7 @@ static void bench_memory(void) {
   loader_config_default(&c);
   c.train = spec;
   c.epochs = 1;
-  long before = status_kb("VmRSS:");
+  long before = proc_status_kb("VmRSS:");
   reset_peak();
   loader l;
   if ((rc = loader_open(&l, &c))) {
@@ -153,10 +142,10 @@ static void bench_memory(void) {
   t0 = clock_now();
   while (!(rc = loader_next(&l, &b)) && b.size) {
     seen += (uint64_t)b.size;
-    if (peak10 < 0 && seen >= n / 10) peak10 = status_kb("VmHWM:");
+    if (peak10 < 0 && seen >= n / 10) peak10 = proc_status_kb("VmHWM:");
   }
   double ts = clock_now() - t0;
-  long peak = status_kb("VmHWM:");
+  long peak = proc_status_kb("VmHWM:");
   loader_close(&l);
   size_t window = 10000 * (3 * 32 * 32 + 12), slots = 5 * 256 * (3 * 32 * 32 + 12 + 2 * 4 * 3 * 32 * 32);
   printf("memory: streamed %llu samples (one epoch, 2 views) in %.1f s, %.0f samples/s, %.0f MB/s%s%s\n",

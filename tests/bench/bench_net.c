@@ -1,9 +1,9 @@
 /* Forward + backward of the default MLP encoder and of a small CNN at batch 256, next to a large square
  * sgemm measured in the same run. Prints figures, judges nothing.
  *
- * FLOPs are those the step performs: 2 x multiply-adds of every matrix product, forward (F), weight
- * gradients (F) and input gradients (F less the first parameter layer's, which is skipped because
- * nothing needs the gradient of the input images). */
+ * FLOPs are those the step performs (net_train_flops, tests/testutil.h): 2 x multiply-adds of every
+ * matrix product, forward (F), weight gradients (F) and input gradients (F less the first parameter
+ * layer's, which is skipped because nothing needs the gradient of the input images). */
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,48 +15,6 @@
 #include "core/tensor.h"
 
 #define REPS 9
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-static double median(double *t, int n) {
-  qsort(t, n, sizeof *t, cmp_double);
-  return t[n / 2];
-}
-
-static double bench_sgemm(int N) {
-  float *a = tensor_alloc((size_t)N * N), *b = tensor_alloc((size_t)N * N),
-        *c = tensor_alloc((size_t)N * N);
-  rng_t r;
-  rng_init(&r, 1, 1);
-  fill_uniform(a, (size_t)N * N, &r, -1, 1);
-  fill_uniform(b, (size_t)N * N, &r, -1, 1);
-  double t[REPS];
-  mat_mul(c, a, b, N, N, N, 0, 0, 1.0f, 0.0f);
-  for (int i = 0; i < REPS; i++) {
-    double t0 = clock_now();
-    mat_mul(c, a, b, N, N, N, 0, 0, 1.0f, 0.0f);
-    t[i] = clock_now() - t0;
-  }
-  tensor_free(a), tensor_free(b), tensor_free(c);
-  return 2.0 * N * N * N / median(t, REPS) / 1e9;
-}
-
-/* Matrix-product FLOPs of one forward + backward step as the network performs it. */
-static double step_flops(const net *n, int B) {
-  double f = 0.0;
-  int first = 1;
-  for (int i = 0; i < n->n_layers; i++) {
-    const layer *L = &n->layers[i];
-    if (L->kind != LAYER_LINEAR && L->kind != LAYER_CONV2D) continue;
-    double fl = 2.0 * (double)L->w_len * L->out_shape.h * L->out_shape.w * B;
-    f += first ? 2 * fl : 3 * fl;
-    first = 0;
-  }
-  return f;
-}
 
 static double bench_net(const char *name, const char *spec_text, net_shape in, int B, double gemm) {
   json_error_t je;
@@ -84,7 +42,7 @@ static double bench_net(const char *name, const char *spec_text, net_shape in, i
     double t2 = clock_now();
     if (i >= 0) tf[i] = t1 - t0, tb[i] = t2 - t1;
   }
-  double f = step_flops(&n, B), fwd = median(tf, REPS), bwd = median(tb, REPS);
+  double f = net_train_flops(&n) * B, fwd = median_of(tf, REPS), bwd = median_of(tb, REPS);
   double gf = f / (fwd + bwd) / 1e9;
   printf("%-4s B=%d  %zu params  %.3f GFLOP/step  fwd %.2f ms  bwd %.2f ms  %.1f GFLOP/s  ratio to "
          "sgemm %.2f\n",
@@ -112,7 +70,7 @@ int main(int argc, char **argv) {
       "{\"type\":\"conv2d\",\"out\":128,\"kernel\":3,\"pad\":1},{\"type\":\"batchnorm\"},{\"type\":"
       "\"relu\"},"
       "{\"type\":\"avgpool\"},{\"type\":\"linear\",\"out\":128},{\"type\":\"l2norm\"}]";
-  double gemm = bench_sgemm(2048);
+  double gemm = sgemm_gflops(2048, REPS);
   /* OpenBLAS picks its kernels from the CPU model at load time; on a virtual CPU it may not know
    * (it then falls back to SSE3 "Prescott" kernels, 5x slower here), which OPENBLAS_CORETYPE
    * (e.g. SkylakeX, Haswell) overrides. The core in use is printed so the figures can be read. */

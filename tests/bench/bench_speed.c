@@ -1,0 +1,306 @@
+/* Speed of mocod's training step on the configured job (issue 6): steps/s against a PyTorch reference of
+ * the same job, the step's GFLOP/s as a share of a large sgemm measured in the same run, and peak memory
+ * for queue sizes 4096 and 65536. Prints figures, judges nothing.
+ *
+ *   bench_speed [CONFIG]          (default config/default.json; MOCOD_BENCH_SECONDS: timing budget per
+ *                                  side, default 6)
+ *
+ * The job is the config's, read through the service's config code (extends, defaults, checks) and the
+ * trainer's encoder (backbone + head + linear to embed_dim + l2norm): batch, queue, temperature, key
+ * momentum, shuffle-BN groups, optimizer, lr, weight decay and threads. For the comparison the
+ * negatives are the whole queue (strategy all, no guards) and the loss is asymmetric InfoNCE, which is
+ * what scripts/torch_reference.py implements; the configured loss and strategy are printed beside it.
+ *
+ * Both sides time the step alone on ready-made N(0, 1) views of the training data's shape (four
+ * batches, cycled) with a full queue of random unit keys, by the same protocol: warm-up steps, then
+ * REPS repetitions of as many steps as fit the budget; the median repetition's mean step time. Both
+ * count the step's work with the same formula (step_flops here, step_gflop there) and print it, so a
+ * mismatch in architecture shows as two different GFLOP/step figures.
+ *
+ * Peak memory: this program re-runs itself as `bench_speed --rss QUEUE_SIZE CONFIG`, a fresh process
+ * that builds the configured model (configured strategy and loss) with that queue, fills the queue,
+ * runs a few steps and reports its own VmHWM: model, optimizer state, queue, similarity buffers and
+ * OpenBLAS, without the data loader or evaluation. */
+#include <cblas.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../testutil.h"
+#include "core/clock.h"
+#include "core/err.h"
+#include "core/tensor.h"
+#include "data/dataset.h"
+#include "service/config.h"
+#include "train/step.h"
+#include "train/trainer.h"
+
+#define PYTHON "/usr/bin/python3"
+enum { REPS = 5, WARMUP = 3, POOL = 4, RSS_STEPS = 2, SGEMM_N = 2048 };
+
+typedef struct {
+  json_t *root;
+  trainer_config tc;
+  net_shape in;
+} job;
+
+/* The config as mocod reads it, and the training data's sample shape from the file headers. On
+ * failure nothing is left allocated. */
+static int job_load(job *j, const char *path) {
+  char *report = NULL;
+  j->root = NULL;
+  int rc = config_load_file(&j->root, path);
+  if (!rc && (rc = config_finalize(j->root, &report)) && report) moco_error(rc, "%s", report);
+  free(report);
+  if (!rc) rc = config_to_trainer(j->root, &j->tc);
+  dataset ds;
+  const trainer_config *c = &j->tc;
+  if (!rc && !(rc = dataset_open(&ds, "train", c->train, c->train_labels[0] ? c->train_labels : NULL,
+                                 c->loader.num_classes))) {
+    j->in = (net_shape){ds.shape.c, ds.shape.h, ds.shape.w};
+    dataset_close(&ds);
+  }
+  if (rc) json_decref(j->root);
+  return rc;
+}
+
+/* The model of the configured job with mc's settings, its queue full of random unit keys. */
+static int model_build(moco_model *m, const job *j, const moco_config *mc) {
+  json_t *spec = trainer_encoder_spec(&j->tc);
+  int rc = moco_init(m, mc, spec, j->in, "model");
+  json_decref(spec);
+  if (rc) return rc;
+  int B = mc->batch_size, d = m->dim;
+  float *keys = tensor_alloc((size_t)B * d);
+  if (!keys) {
+    moco_free(m);
+    return moco_error(MOCO_ENOMEM, "queue keys");
+  }
+  rng_t r;
+  rng_init(&r, 2, 1);
+  while (m->queue.keys && m->queue.filled < m->queue.queue_size) {
+    for (size_t i = 0; i < (size_t)B * d; i++) keys[i] = rng_normal(&r);
+    for (int i = 0; i < B; i++) vec_normalize(keys + (size_t)i * d, (size_t)d);
+    queue_enqueue(&m->queue, keys, NULL, NULL, B, 0);
+  }
+  tensor_free(keys);
+  return 0;
+}
+
+/* POOL batches of both views, N(0, 1) like the normalised data (and like torch.randn). */
+static float *views_alloc(size_t floats) {
+  float *x = tensor_alloc(floats);
+  rng_t r;
+  rng_init(&r, 3, 1);
+  for (size_t i = 0; x && i < floats; i++) x[i] = rng_normal(&r);
+  return x;
+}
+
+/* Matrix-product FLOPs of one step of strategy all (scripts/torch_reference.py, step_gflop, counts the
+ * same): query forward + backward (net_train_flops), key forward, and S = Q·queueᵀ with its gradient
+ * dQ = dS·queue, 2·B·d·K each. */
+static double step_flops(const moco_model *m, int B) {
+  return B * (net_train_flops(&m->query) + net_flops_per_sample(&m->key)) +
+         2.0 * 2.0 * B * m->dim * m->cfg.queue_size;
+}
+
+/* Step `it` of the timing loop, on view batch it mod POOL. */
+static int step_at(moco_model *m, const float *views, long it, moco_diag *d) {
+  size_t batch = (size_t)m->cfg.batch_size * m->in_len, v = (size_t)(it % POOL);
+  return moco_step(m, views + 2 * v * batch, views + (2 * v + 1) * batch, NULL, NULL, m->cfg.batch_size,
+                   d);
+}
+
+/* The median over REPS repetitions of the mean step time, after WARMUP steps; the repetition length
+ * fits `budget` seconds in all. `phases` sums the step's own phase times over the timed steps. */
+static int time_steps(moco_model *m, const float *views, double budget, double *seconds, int *steps,
+                      moco_timing *phases) {
+  long it = 0;
+  int rc = 0;
+  moco_diag d;
+  double t0 = clock_now();
+  while (it < WARMUP && !rc) rc = step_at(m, views, it++, &d);
+  double per = (clock_now() - t0) / WARMUP;
+  *steps = (int)(budget / REPS / (per > 1e-4 ? per : 1e-4));
+  if (*steps < 2) *steps = 2;
+  double t[REPS];
+  memset(phases, 0, sizeof *phases);
+  for (int r = 0; r < REPS && !rc; r++) {
+    t0 = clock_now();
+    for (int i = 0; i < *steps && !rc; i++) {
+      rc = step_at(m, views, it++, &d);
+      phases->keys += d.time.keys, phases->queries += d.time.queries;
+      phases->similarity += d.time.similarity, phases->mining += d.time.mining;
+      phases->loss += d.time.loss, phases->backward += d.time.backward;
+      phases->update += d.time.update, phases->total += d.time.total;
+    }
+    t[r] = (clock_now() - t0) / *steps;
+  }
+  if (!rc) *seconds = median_of(t, REPS);
+  return rc;
+}
+
+/* The text after "key=" up to the end of its line in a key=value output, "" when absent. */
+static const char *output_text(const char *out, const char *key, char *buf, size_t cap) {
+  const char *p = strstr(out, key);
+  if (!p) return buf[0] = '\0', buf;
+  p += strlen(key);
+  snprintf(buf, cap, "%.*s", (int)strcspn(p, "\n"), p);
+  return buf;
+}
+
+static double output_value(const char *out, const char *key) {
+  char buf[64];
+  const char *v = output_text(out, key, buf, sizeof buf);
+  return *v ? atof(v) : -1.0;
+}
+
+static void print_step(const char *who, double sec, int reps, int steps, double flops, double gemm) {
+  printf("%-26s %7.1f ms/step %6.2f steps/s  %6.3f GFLOP/step %6.1f GFLOP/s = %.2f of sgemm  (%dx%d)\n",
+         who, 1e3 * sec, 1.0 / sec, flops / 1e9, flops / sec / 1e9, flops / sec / 1e9 / gemm, reps, steps);
+}
+
+/* The PyTorch reference on the same config; 0 with *sec set, 1 when python3-torch is missing (the
+ * comparison is skipped), -1 when the reference failed. */
+static int torch_reference(const char *config, const job *j, double budget, double *sec, double gemm) {
+  static char out[16384];
+  char cmd[2048];
+  snprintf(cmd, sizeof cmd,
+           PYTHON " scripts/torch_reference.py --config '%s' --strategy all --threads %d --shape %d,%d,%d"
+                  " --reps %d --warmup %d --budget %.1f",
+           config, j->tc.threads, j->in.c, j->in.h, j->in.w, REPS, WARMUP, budget);
+  if (access(PYTHON, X_OK) != 0 || run_capture(PYTHON " -c 'import torch'", out, sizeof out) != 0) {
+    printf("pytorch: skipped, %s cannot import torch (install python3-torch)\n", PYTHON);
+    return 1;
+  }
+  int rc = run_capture(cmd, out, sizeof out);
+  double sps = output_value(out, "torch_steps_per_sec=");
+  if (rc != 0 || sps <= 0) {
+    printf("pytorch: the reference failed (exit %d): %s\n%s", rc, cmd, out);
+    return -1;
+  }
+  *sec = 1.0 / sps;
+  char buf[256], who[64];
+  printf("%-26s %s\n", "pytorch job", output_text(out, "torch_job=", buf, sizeof buf));
+  snprintf(who, sizeof who, "pytorch %s step", output_text(out, "torch_version=", buf, sizeof buf));
+  const char *shape = output_text(out, "steps:", buf, sizeof buf);
+  int reps = atoi(shape), steps = strchr(shape, 'x') ? atoi(strchr(shape, 'x') + 1) : 0;
+  print_step(who, *sec, reps, steps, 1e9 * output_value(out, "torch_gflop_per_step="), gemm);
+  printf("%-26s %.0f MB\n", "pytorch peak RSS", output_value(out, "torch_peak_rss_mb="));
+  return 0;
+}
+
+/* The child of the memory figure: the configured job with queue_size K; prints its peak RSS. */
+static int rss_child(const char *config, int K) {
+  job j;
+  int rc = job_load(&j, config);
+  if (rc) return rc;
+  openblas_set_num_threads(j.tc.threads);
+  moco_config mc = j.tc.moco;
+  mc.queue_size = K;
+  moco_model m;
+  float *views = NULL;
+  if (!(rc = model_build(&m, &j, &mc))) {
+    size_t batch = (size_t)mc.batch_size * m.in_len;
+    if (!(views = views_alloc(2 * batch))) rc = moco_error(MOCO_ENOMEM, "views");
+    for (int s = 0; s < RSS_STEPS && !rc; s++)
+      rc = moco_step(&m, views, views + batch, NULL, NULL, mc.batch_size, NULL);
+    size_t slot = (size_t)m.dim * sizeof *m.queue.keys + sizeof *m.queue.ids + sizeof *m.queue.labels +
+                  sizeof *m.queue.steps;
+    if (!rc)
+      printf("rss_kb=%ld queue_bytes=%zu params=%zu\n", proc_status_kb("VmHWM:"), slot * (size_t)K,
+             m.query.n_params);
+    moco_free(&m);
+  }
+  tensor_free(views);
+  json_decref(j.root);
+  return rc;
+}
+
+static void rss_report(const char *self, const char *config, int K) {
+  char cmd[4096], out[4096];
+  snprintf(cmd, sizeof cmd, "'%s' --rss %d '%s'", self, K, config);
+  int rc = run_capture(cmd, out, sizeof out);
+  double kb = output_value(out, "rss_kb="), qb = output_value(out, "queue_bytes=");
+  if (rc != 0 || kb <= 0) {
+    printf("peak RSS, queue %d: the child failed (exit %d): %s", K, rc, out);
+    return;
+  }
+  printf("peak RSS, queue_size %-6d %7.1f MB (the queue itself %.1f MB)\n", K, kb / 1024.0,
+         qb / (1024.0 * 1024.0));
+}
+
+int main(int argc, char **argv) {
+  if (argc == 4 && strcmp(argv[1], "--rss") == 0) {
+    int rc = rss_child(argv[3], atoi(argv[2]));
+    if (rc) fprintf(stderr, "bench_speed --rss: %s\n", moco_errmsg());
+    return rc ? 1 : 0;
+  }
+  const char *config = argc > 1 ? argv[1] : "config/default.json";
+  const char *env = getenv("MOCOD_BENCH_SECONDS");
+  double budget = env && atof(env) > 0 ? atof(env) : 6.0;
+  job j;
+  if (job_load(&j, config)) {
+    fprintf(stderr, "bench_speed: config %s: %s\n", config, moco_errmsg());
+    return 1;
+  }
+  openblas_set_num_threads(j.tc.threads);
+  /* The compared job: every negative of the queue, plain InfoNCE, one direction. */
+  moco_config mc = j.tc.moco;
+  mc.loss.loss = LOSS_INFONCE;
+  mine_config_default(&mc.mine);
+  mc.mine.strategy = MINE_ALL;
+  mc.symmetric = 0;
+  mc.total_steps = 0;
+  moco_model m;
+  float *views = views_alloc((size_t)2 * POOL * mc.batch_size * net_shape_size(j.in));
+  if (!views || model_build(&m, &j, &mc)) {
+    fprintf(stderr, "bench_speed: %s\n", views ? moco_errmsg() : "out of memory");
+    return 1;
+  }
+  char enc[1024];
+  net_describe(&m.query, enc, sizeof enc);
+  printf("config %s, OpenBLAS core %s, %d threads\n", config, openblas_get_corename(), j.tc.threads);
+  /* PyTorch's thread pool loses far more than mocod to cores that other work holds: say how busy the
+   * machine was, so a ratio measured on a shared machine can be read for what it is. */
+  double load = -1;
+  FILE *la = fopen("/proc/loadavg", "r");
+  if (la && fscanf(la, "%lf", &load) != 1) load = -1;
+  if (la) fclose(la);
+  printf("machine: %ld CPUs, load average %.2f before this run\n", sysconf(_SC_NPROCESSORS_ONLN), load);
+  printf("encoder %s, %zu parameters\n", enc, m.query.n_params);
+  printf("job: batch %d, queue %d, dim %d, InfoNCE over the whole queue (strategy all) for the "
+         "comparison; configured: loss %s, strategy %s%s\n",
+         mc.batch_size, mc.queue_size, m.dim, loss_kind_name(j.tc.moco.loss.loss),
+         mine_strategy_name(j.tc.moco.mine.strategy), j.tc.moco.symmetric ? ", symmetric" : "");
+
+  double gemm = sgemm_gflops(SGEMM_N, REPS);
+  printf("%-26s %7.1f GFLOP/s (median of %d)\n", "sgemm 2048^3", gemm, REPS);
+  double sec = 0, flops = step_flops(&m, mc.batch_size), tsec = 0;
+  int steps = 0;
+  moco_timing ph;
+  int rc = time_steps(&m, views, budget, &sec, &steps, &ph);
+  moco_free(&m);
+  tensor_free(views);
+  if (rc) {
+    fprintf(stderr, "bench_speed: step: %s\n", moco_errmsg());
+    return 1;
+  }
+  print_step("mocod step", sec, REPS, steps, flops, gemm);
+  printf("%-26s keys %.0f%%, queries %.0f%%, similarity %.0f%%, mining %.0f%%, loss %.0f%%, backward %.0f%%, "
+         "update %.0f%%\n",
+         "mocod step phases", 100 * ph.keys / ph.total, 100 * ph.queries / ph.total,
+         100 * ph.similarity / ph.total, 100 * ph.mining / ph.total, 100 * ph.loss / ph.total,
+         100 * ph.backward / ph.total, 100 * ph.update / ph.total);
+  int trc = torch_reference(config, &j, budget, &tsec, gemm);
+  if (trc == 0) printf("%-26s %7.2f (mocod steps/s / PyTorch steps/s)\n", "speed ratio", tsec / sec);
+
+  char self[1024];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+  self[n > 0 ? n : 0] = '\0';
+  const int Ks[] = {4096, 65536};
+  for (int i = 0; i < 2 && n > 0; i++) rss_report(self, config, Ks[i]);
+  json_decref(j.root);
+  return trc < 0 ? 1 : 0;
+}
