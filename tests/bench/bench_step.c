@@ -1,4 +1,4 @@
-/* One full MoCo step of the default MLP configuration (batch 256, d = 128; encoder 784 → 1024 → 512 with
+/* One full MoCo step of an MLP configuration (batch 256, d = 128; encoder 784 → 1024 → 512 with
  * BatchNorm and ReLU, head 512 → 512 → 128), queue 4096 and 65536, for the strategies all, hardest
  * (n = 1024) and mixing (MoCHi N = 1024, s = 512, s' = 256). Prints the median ms per step, each phase's
  * share, and mining next to the similarity sgemm it filters (the issue's goal: selection adds at most
