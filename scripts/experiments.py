@@ -13,8 +13,9 @@ Each run is the real daemon in the foreground, from scratch, with its own files 
                     [--set optim.steps=STEPS | --set optim.epochs=EPOCHS] [--set ...]
 which trains until the budget is spent and then exits (a daemon still up FINISH_GRACE seconds after its
 "finished" event is stopped with SIGTERM). A config NAME is the file config/exp-NAME.json,
-else config/NAME.json (with the aliases all = moco, hardest = default, in-batch = simclr), else a path. The figures are read from the progress log: kNN accuracy from the
-last {"event":"eval"} that has knn_acc, linear-probe accuracy from the last that has probe_acc. A run whose
+else config/NAME.json (with the aliases all = moco, hardest = default, in-batch = simclr), else a path.
+The figures are the kNN and linear-probe accuracy of the run's final evaluation (the {"event":"eval"}
+with "reason":"finish", on every sample) in its progress log. A run whose
 directory holds a finished log (`done` marker) is not run again, so an interrupted sweep resumes.
 Standard library only: runs on the machine that runs mocod.
 """
@@ -91,15 +92,14 @@ def as_percent(v):
 
 
 def final_figures(path):
-    """(knn %, probe %, last step) from a progress log; None where it has no such figure."""
+    """(knn %, probe %, step) of the run's final evaluation (reason "finish", on every sample); None where
+    the log has none yet. Periodic evaluations are left out: they use the eval.train_limit / eval.limit
+    subsets, so a run that has not finished is reported missing, not with a subset figure."""
     knn = probe = step = None
     for ev in read_events(path):
-        if ev.get("event") != "eval":
+        if ev.get("event") != "eval" or ev.get("reason") != "finish":
             continue
-        if as_percent(ev.get("knn_acc")) is not None:
-            knn, step = as_percent(ev["knn_acc"]), ev.get("step", step)
-        if as_percent(ev.get("probe_acc")) is not None:
-            probe = as_percent(ev["probe_acc"])
+        knn, probe, step = as_percent(ev.get("knn_acc")), as_percent(ev.get("probe_acc")), ev.get("step")
     return knn, probe, step
 
 
@@ -205,7 +205,7 @@ def run_one(a, name, seed):
         return name, seed, False, "mocod exited with %d after %.0f s (see %s/stdout.log, mocod.log)" % (rc, took, d)
     knn, _, _ = final_figures(log) if os.path.exists(log) else (None, None, None)
     if knn is None:
-        return name, seed, False, "no eval event with knn_acc in %s" % log
+        return name, seed, False, "no final eval event with knn_acc in %s" % log
     with open(done, "w") as f:
         f.write("%.1f s\n" % took)
     return name, seed, True, "done in %.0f s" % took
