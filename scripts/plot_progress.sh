@@ -150,10 +150,10 @@ set xrange [0:$maxstep * 1.03]
 set offsets 0, 0, graph 0.05, graph 0.05
 set format y '%g'
 EOF
-  panel "InfoNCE loss" "loss" prog 2 1 "top right"
+  panel "contrastive loss" "loss" prog 2 1 "top right"
   panel "instance accuracy (positive ranked first)" "accuracy" prog 3 2 "bottom right"
-  panel "kNN accuracy (test set)" "accuracy" eval 2 6 "bottom right" "$probe" kNN
-  panel "suspected false-negative rate" "rate" prog 4 3 "top left"
+  panel "kNN accuracy (periodic: eval.limit subset; last: full test set)" "accuracy" eval 2 6 "top left" "$probe" kNN
+  panel "false-negative rate (share of negatives sharing the query class)" "rate" prog 4 3 "top left"
   panel "hardness (control value; dashed: mean similarity of negatives)" "hardness / cosine" prog 5 4 "top left" "$negsim" hardness
   panel "learning rate" "lr" prog 6 5 "top right"
   echo "unset multiplot"
