@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "core/layers.h"
+#include "core/par.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "testutil.h"
@@ -18,7 +19,7 @@ struct lt {
   void (*backward)(lt *t); /* dx (written), dw, db (added) */
   float *x, *w, *b, *out, *dout, *dx, *dw, *db;
   size_t nx, nw, nb, nout;
-  int B, C, OC, S, chunk;
+  int B, C, OC, S, chunk, parts;
   conv_geom g;
   bn_dims d;
   float *saved, *ws, *rm, *rv;
@@ -304,11 +305,12 @@ END_TEST
 /* ---- conv2d ---- */
 
 static void conv_f(lt *t) {
-  conv2d_forward(t->out, t->ws, t->x, t->w, t->nb ? t->b : NULL, t->B, t->OC, &t->g, t->chunk);
+  conv2d_forward(t->out, t->ws, t->x, t->w, t->nb ? t->b : NULL, t->B, t->OC, &t->g, t->chunk,
+                 t->parts);
 }
 static void conv_b(lt *t) {
   conv2d_backward(t->dx, t->dw, t->nb ? t->db : NULL, t->ws, t->dout, t->x, t->w, t->B, t->OC,
-                  &t->g, t->chunk);
+                  &t->g, t->chunk, t->parts);
 }
 
 /* B, C, H, W, OC, K, stride, pad, chunk, bias */
@@ -318,23 +320,27 @@ static const int conv_cases[][10] = {
     {4, 1, 3, 3, 2, 3, 1, 2, 4, 1},
 };
 
-static void conv_setup(lt *t, const int *c, rng_t *r) {
-  *t = (lt){.forward = conv_f, .backward = conv_b, .B = c[0], .OC = c[4], .chunk = c[8]};
+static void conv_setup(lt *t, const int *c, int parts, rng_t *r) {
+  *t = (lt){.forward = conv_f, .backward = conv_b, .B = c[0], .OC = c[4], .chunk = c[8], .parts = parts};
   ck_assert_int_eq(conv_geom_init(&t->g, c[1], c[2], c[3], c[5], c[6], c[7]), 0);
   size_t nx = (size_t)c[0] * c[1] * c[2] * c[3], nw = (size_t)c[4] * c[1] * c[5] * c[5];
   lt_alloc(t, nx, nw, c[9] ? c[4] : 0, (size_t)c[0] * c[4] * t->g.OH * t->g.OW, r);
-  t->ws = fresh(conv2d_workspace_len(&t->g, t->OC, t->chunk), NULL, 0, 0);
+  t->ws = fresh(conv2d_workspace_len(&t->g, t->OC, t->chunk, t->parts), NULL, 0, 0);
 }
 
+/* Every case on one part, and on three parts shared by a team of two threads. */
 START_TEST(conv2d_gradients_match_finite_differences) {
   rng_t r;
   rng_init(&r, 8, 1);
-  for (size_t k = 0; k < sizeof conv_cases / sizeof conv_cases[0]; k++) {
-    lt t;
-    conv_setup(&t, conv_cases[k], &r);
-    lt_check(&t, 1e-2f, 1e-2);
-    lt_free(&t);
-  }
+  ck_assert_int_eq(par_set_threads(2), 0);
+  for (size_t k = 0; k < sizeof conv_cases / sizeof conv_cases[0]; k++)
+    for (int parts = 1; parts <= 3; parts += 2) {
+      lt t;
+      conv_setup(&t, conv_cases[k], parts, &r);
+      lt_check(&t, 1e-2f, 1e-2);
+      lt_free(&t);
+    }
+  ck_assert_int_eq(par_set_threads(1), 0);
 }
 END_TEST
 
@@ -343,7 +349,7 @@ START_TEST(conv2d_matches_naive_convolution) {
   rng_init(&r, 9, 1);
   for (size_t k = 0; k < sizeof conv_cases / sizeof conv_cases[0]; k++) {
     lt t;
-    conv_setup(&t, conv_cases[k], &r);
+    conv_setup(&t, conv_cases[k], 1, &r);
     conv_f(&t);
     const conv_geom *g = &t.g;
     int K = g->K;
@@ -368,24 +374,39 @@ START_TEST(conv2d_matches_naive_convolution) {
 }
 END_TEST
 
-START_TEST(conv2d_chunk_does_not_change_results) {
+/* The same convolution with chunk 1 on one part, and with (chunk, parts) on a team of `threads`. */
+static void conv_compare(int chunk, int parts, int threads) {
   rng_t r;
   rng_init(&r, 10, 1);
   int c[10] = {7, 3, 6, 6, 4, 3, 1, 1, 1, 1};
   lt a, b;
-  conv_setup(&a, c, &r);
-  c[8] = 3;
-  conv_setup(&b, c, &r);
+  conv_setup(&a, c, 1, &r);
+  c[8] = chunk;
+  conv_setup(&b, c, parts, &r);
   memcpy(b.x, a.x, a.nx * sizeof(float));
   memcpy(b.w, a.w, a.nw * sizeof(float));
   memcpy(b.b, a.b, a.nb * sizeof(float));
   memcpy(b.dout, a.dout, a.nout * sizeof(float));
-  conv_f(&a), conv_b(&a), conv_f(&b), conv_b(&b);
+  conv_f(&a), conv_b(&a);
+  ck_assert_int_eq(par_set_threads(threads), 0);
+  conv_f(&b), conv_b(&b);
+  ck_assert_int_eq(par_set_threads(1), 0);
   for (size_t i = 0; i < a.nout; i++) ck_assert(fabsf(a.out[i] - b.out[i]) < 1e-5f);
   for (size_t i = 0; i < a.nx; i++) ck_assert(fabsf(a.dx[i] - b.dx[i]) < 1e-5f);
   for (size_t i = 0; i < a.nw; i++) ck_assert(fabsf(a.dw[i] - b.dw[i]) < 1e-4f);
+  for (size_t i = 0; i < a.nb; i++) ck_assert(fabsf(a.db[i] - b.db[i]) < 1e-4f);
   lt_free(&a);
   lt_free(&b);
+}
+
+START_TEST(conv2d_chunk_does_not_change_results) { conv_compare(3, 1, 1); }
+END_TEST
+
+/* More parts than threads, and more parts than chunks (an empty part). */
+START_TEST(conv2d_parts_on_threads_do_not_change_results) {
+  conv_compare(2, 2, 2);
+  conv_compare(2, 3, 2);
+  conv_compare(3, 5, 2);
 }
 END_TEST
 
@@ -486,6 +507,7 @@ Suite *layers_suite(void) {
   tcase_add_test(tc, conv2d_gradients_match_finite_differences);
   tcase_add_test(tc, conv2d_matches_naive_convolution);
   tcase_add_test(tc, conv2d_chunk_does_not_change_results);
+  tcase_add_test(tc, conv2d_parts_on_threads_do_not_change_results);
   tcase_add_test(tc, maxpool_matches_naive_and_gradients);
   tcase_add_test(tc, maxpool_ties_send_the_gradient_to_the_first_maximum);
   tcase_add_test(tc, conv_geometry_rejects_kernels_that_do_not_fit);

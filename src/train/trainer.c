@@ -10,6 +10,7 @@
 #include "contrast/momentum.h"
 #include "core/clock.h"
 #include "core/err.h"
+#include "core/par.h"
 #include "core/sched.h"
 #include "data/dataset.h"
 #include "data/views.h"
@@ -117,6 +118,9 @@ int trainer_create(trainer **out, const trainer_config *cfg) {
     goto fail;
   }
   openblas_set_num_threads(cfg->threads);
+  /* The layers' own loops (core/par.h) take the same threads, up to the team's limit. */
+  if ((rc = par_set_threads(cfg->threads < PAR_MAX_THREADS ? cfg->threads : PAR_MAX_THREADS)))
+    goto fail;
   if (cfg->normalize && (rc = train_stats(t))) goto fail;
   if ((rc = open_loader(t))) goto fail;
   if (t->ld.num_samples < (uint64_t)cfg->moco.batch_size) {
