@@ -480,6 +480,63 @@ START_TEST(maxpool_ties_send_the_gradient_to_the_first_maximum) {
 }
 END_TEST
 
+/* ---- the compute team ---- */
+
+static float *copy_of(const float *x, size_t n) {
+  float *c = fresh(n, NULL, 0, 0);
+  if (n) memcpy(c, x, n * sizeof(float));
+  return c;
+}
+
+static void same_bits(const float *a, const float *b, size_t n, const char *what) {
+  ck_assert_msg(n == 0 || memcmp(a, b, n * sizeof(float)) == 0, "%s differs on two threads", what);
+}
+
+/* Forward and backward on a team of one thread, then on two: layers that split by sample, plane or
+ * channel must not change a bit. Running statistics (BatchNorm) are restored in between. */
+static void same_on_two_threads(lt *t) {
+  size_t nc = t->rm ? (size_t)t->d.C : 0;
+  float *rm = copy_of(t->rm, nc), *rv = copy_of(t->rv, nc);
+  t->forward(t), t->backward(t);
+  float *out = copy_of(t->out, t->nout), *dx = copy_of(t->dx, t->nx), *dw = copy_of(t->dw, t->nw),
+        *db = copy_of(t->db, t->nb), *rm1 = copy_of(t->rm, nc), *rv1 = copy_of(t->rv, nc);
+  if (nc) memcpy(t->rm, rm, nc * sizeof(float)), memcpy(t->rv, rv, nc * sizeof(float));
+  memset(t->dw, 0, t->nw * sizeof(float));
+  memset(t->db, 0, t->nb * sizeof(float));
+  ck_assert_int_eq(par_set_threads(2), 0);
+  t->forward(t), t->backward(t);
+  ck_assert_int_eq(par_set_threads(1), 0);
+  same_bits(out, t->out, t->nout, "out");
+  same_bits(dx, t->dx, t->nx, "dx");
+  same_bits(dw, t->dw, t->nw, "dw");
+  same_bits(db, t->db, t->nb, "db");
+  same_bits(rm1, t->rm, nc, "running mean");
+  same_bits(rv1, t->rv, nc, "running var");
+  float *all[] = {rm, rv, out, dx, dw, db, rm1, rv1};
+  for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) tensor_free(all[k]);
+}
+
+/* Sizes well above the smallest part, so that both threads get work. */
+START_TEST(layers_split_across_threads_match_one_thread) {
+  rng_t r;
+  rng_init(&r, 12, 1);
+  lt t = {.forward = relu_f, .backward = relu_b};
+  lt_alloc(&t, 300001, 0, 0, 300001, &r);
+  same_on_two_threads(&t);
+  lt_free(&t);
+  bn_setup(&t, 8, 6, 64 * 64, 3, 1, &r);
+  same_on_two_threads(&t);
+  lt_free(&t);
+  bn_setup(&t, 8, 6, 64 * 64, 1, 0, &r);
+  same_on_two_threads(&t);
+  lt_free(&t);
+  static const int pool[7] = {2, 4, 130, 128, 2, 2, 0};
+  pool_setup(&t, pool, &r);
+  same_on_two_threads(&t);
+  lt_free(&t);
+}
+END_TEST
+
 START_TEST(conv_geometry_rejects_kernels_that_do_not_fit) {
   conv_geom g;
   ck_assert_int_eq(conv_geom_init(&g, 1, 28, 28, 3, 1, 1), 0);
@@ -511,6 +568,7 @@ Suite *layers_suite(void) {
   tcase_add_test(tc, maxpool_matches_naive_and_gradients);
   tcase_add_test(tc, maxpool_ties_send_the_gradient_to_the_first_maximum);
   tcase_add_test(tc, conv_geometry_rejects_kernels_that_do_not_fit);
+  tcase_add_test(tc, layers_split_across_threads_match_one_thread);
   suite_add_tcase(s, tc);
   return s;
 }

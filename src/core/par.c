@@ -14,7 +14,8 @@ static struct {
   pthread_mutex_t busy; /* held for a whole run; a second caller runs alone */
   pthread_t tid[PAR_MAX_THREADS];
   int threads, stop, pending;
-  unsigned long gen;
+  unsigned long gen;  /* runs started */
+  unsigned long born; /* gen when the workers started: runs before are not theirs */
   par_fn fn;
   void *ctx;
   int parts;
@@ -30,8 +31,8 @@ static void run_parts(int self, int threads, par_fn fn, void *ctx, int parts) {
 
 static void *worker(void *arg) {
   int self = (int)(long)arg;
-  unsigned long seen = 0;
   pthread_mutex_lock(&team.mu);
+  unsigned long seen = team.born;
   for (;;) {
     while (team.gen == seen && !team.stop) pthread_cond_wait(&team.wake, &team.mu);
     if (team.stop) break;
@@ -64,6 +65,7 @@ int par_set_threads(int threads) {
                       PAR_MAX_THREADS);
   if (threads == team.threads) return 0;
   stop_workers();
+  team.born = team.gen;
   for (int i = 1; i < threads; i++) {
     /* Workers started before a failure see threads == 1 and stop at stop_workers' broadcast. */
     team.threads = i;
