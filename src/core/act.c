@@ -17,19 +17,25 @@ typedef struct {
   size_t N;
 } relu_call;
 
+/* The pointers are read into locals: a store through a->out could otherwise change *a, and the loop
+ * would reload them every element instead of vectorising. */
 static void relu_forward_part(void *ctx, int part, int parts) {
   const relu_call *a = ctx;
+  float *out = a->out;
+  const float *inp = a->inp;
   long lo, hi;
   par_range((long)a->N, part, parts, &lo, &hi);
-  for (long i = lo; i < hi; i++) a->out[i] = a->inp[i] > 0.0f ? a->inp[i] : 0.0f;
+  for (long i = lo; i < hi; i++) out[i] = inp[i] > 0.0f ? inp[i] : 0.0f;
 }
 
 /* inp is the forward's output here: the gradient passes where it was positive. */
 static void relu_backward_part(void *ctx, int part, int parts) {
   const relu_call *a = ctx;
+  float *dinp = a->out;
+  const float *out = a->inp, *dout = a->dout;
   long lo, hi;
   par_range((long)a->N, part, parts, &lo, &hi);
-  for (long i = lo; i < hi; i++) a->out[i] = a->inp[i] > 0.0f ? a->dout[i] : 0.0f;
+  for (long i = lo; i < hi; i++) dinp[i] = out[i] > 0.0f ? dout[i] : 0.0f;
 }
 
 void relu_forward(float *out, const float *inp, size_t N) {

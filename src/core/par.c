@@ -25,8 +25,13 @@ static struct {
           .busy = PTHREAD_MUTEX_INITIALIZER,
           .threads = 1};
 
+/* Set while this thread does parts of a run: work it starts there is not split again. */
+static _Thread_local int in_run;
+
 static void run_parts(int self, int threads, par_fn fn, void *ctx, int parts) {
+  in_run = 1;
   for (int p = self; p < parts; p += threads) fn(ctx, p, parts);
+  in_run = 0;
 }
 
 static void *worker(void *arg) {
@@ -63,6 +68,9 @@ int par_set_threads(int threads) {
   if (threads < 1 || threads > PAR_MAX_THREADS)
     return moco_error(MOCO_ERANGE, "par_set_threads: %d threads, allowed 1..%d", threads,
                       PAR_MAX_THREADS);
+  /* One threading system: OpenBLAS's own threads would spin between products (sched_yield, measured
+   * at a tenth of the step's CPU time) and compete with the team; mat_mul splits products instead. */
+  openblas_set_num_threads(1);
   if (threads == team.threads) return 0;
   stop_workers();
   team.born = team.gen;
@@ -85,9 +93,6 @@ void par_run(int parts, par_fn fn, void *ctx) {
     run_parts(0, 1, fn, ctx, parts);
     return;
   }
-  /* The parts' gemms are small and already run side by side: OpenBLAS's threads would only compete. */
-  int blas_threads = openblas_get_num_threads();
-  openblas_set_num_threads(1);
   pthread_mutex_lock(&team.mu);
   team.fn = fn, team.ctx = ctx, team.parts = parts;
   team.pending = team.threads - 1;
@@ -98,11 +103,11 @@ void par_run(int parts, par_fn fn, void *ctx) {
   pthread_mutex_lock(&team.mu);
   while (team.pending) pthread_cond_wait(&team.done, &team.mu);
   pthread_mutex_unlock(&team.mu);
-  openblas_set_num_threads(blas_threads);
   pthread_mutex_unlock(&team.busy);
 }
 
 int par_parts(long n, long min_items) {
+  if (in_run) return 1;
   long parts = min_items > 0 ? n / min_items : n;
   if (parts > team.threads) parts = team.threads;
   return parts < 1 ? 1 : (int)parts;

@@ -1,6 +1,5 @@
 #include "train/trainer.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -117,8 +116,7 @@ int trainer_create(trainer **out, const trainer_config *cfg) {
     rc = moco_error(MOCO_ECONFIG, "model.backbone: expected a non-empty layer list");
     goto fail;
   }
-  openblas_set_num_threads(cfg->threads);
-  /* The layers' own loops (core/par.h) take the same threads, up to the team's limit. */
+  /* The compute team (core/par.h) does all threading of the step, matrix products included. */
   if ((rc = par_set_threads(cfg->threads < PAR_MAX_THREADS ? cfg->threads : PAR_MAX_THREADS)))
     goto fail;
   if (cfg->normalize && (rc = train_stats(t))) goto fail;

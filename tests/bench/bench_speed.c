@@ -197,7 +197,6 @@ static int rss_child(const char *config, int K) {
   job j;
   int rc = job_load(&j, config);
   if (rc) return rc;
-  openblas_set_num_threads(j.tc.threads);
   if ((rc = par_set_threads(j.tc.threads))) return rc;
   moco_config mc = j.tc.moco;
   mc.queue_size = K;
@@ -247,7 +246,6 @@ int main(int argc, char **argv) {
     fprintf(stderr, "bench_speed: config %s: %s\n", config, moco_errmsg());
     return 1;
   }
-  openblas_set_num_threads(j.tc.threads);
   if (par_set_threads(j.tc.threads)) {
     fprintf(stderr, "bench_speed: %s\n", moco_errmsg());
     return 1;
