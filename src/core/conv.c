@@ -14,6 +14,12 @@
 
 #include "hot.h"
 
+/* The row copies below must stay inline vector moves: GCC would otherwise turn the block loops and the
+ * zeroing of the padding into calls to memmove and memset of a few dozen bytes, one per row. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
+
 /* Columns per sgemm the chunking aims at, and the workspace it may not exceed (floats): 1 MB keeps
  * col and tmp in a 2 MB L2 between im2col, the gemm and the scatter (measured on the 28x28 CNN:
  * larger chunks were slower, not faster). */
