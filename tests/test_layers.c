@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "core/layers.h"
+#include "core/par.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "testutil.h"
@@ -18,7 +19,7 @@ struct lt {
   void (*backward)(lt *t); /* dx (written), dw, db (added) */
   float *x, *w, *b, *out, *dout, *dx, *dw, *db;
   size_t nx, nw, nb, nout;
-  int B, C, OC, S, chunk;
+  int B, C, OC, S, chunk, parts;
   conv_geom g;
   bn_dims d;
   float *saved, *ws, *rm, *rv;
@@ -304,11 +305,12 @@ END_TEST
 /* ---- conv2d ---- */
 
 static void conv_f(lt *t) {
-  conv2d_forward(t->out, t->ws, t->x, t->w, t->nb ? t->b : NULL, t->B, t->OC, &t->g, t->chunk);
+  conv2d_forward(t->out, t->ws, t->x, t->w, t->nb ? t->b : NULL, t->B, t->OC, &t->g, t->chunk,
+                 t->parts);
 }
 static void conv_b(lt *t) {
   conv2d_backward(t->dx, t->dw, t->nb ? t->db : NULL, t->ws, t->dout, t->x, t->w, t->B, t->OC,
-                  &t->g, t->chunk);
+                  &t->g, t->chunk, t->parts);
 }
 
 /* B, C, H, W, OC, K, stride, pad, chunk, bias */
@@ -318,23 +320,27 @@ static const int conv_cases[][10] = {
     {4, 1, 3, 3, 2, 3, 1, 2, 4, 1},
 };
 
-static void conv_setup(lt *t, const int *c, rng_t *r) {
-  *t = (lt){.forward = conv_f, .backward = conv_b, .B = c[0], .OC = c[4], .chunk = c[8]};
+static void conv_setup(lt *t, const int *c, int parts, rng_t *r) {
+  *t = (lt){.forward = conv_f, .backward = conv_b, .B = c[0], .OC = c[4], .chunk = c[8], .parts = parts};
   ck_assert_int_eq(conv_geom_init(&t->g, c[1], c[2], c[3], c[5], c[6], c[7]), 0);
   size_t nx = (size_t)c[0] * c[1] * c[2] * c[3], nw = (size_t)c[4] * c[1] * c[5] * c[5];
   lt_alloc(t, nx, nw, c[9] ? c[4] : 0, (size_t)c[0] * c[4] * t->g.OH * t->g.OW, r);
-  t->ws = fresh(conv2d_workspace_len(&t->g, t->OC, t->chunk), NULL, 0, 0);
+  t->ws = fresh(conv2d_workspace_len(&t->g, t->OC, t->chunk, t->parts), NULL, 0, 0);
 }
 
+/* Every case on one part, and on three parts shared by a team of two threads. */
 START_TEST(conv2d_gradients_match_finite_differences) {
   rng_t r;
   rng_init(&r, 8, 1);
-  for (size_t k = 0; k < sizeof conv_cases / sizeof conv_cases[0]; k++) {
-    lt t;
-    conv_setup(&t, conv_cases[k], &r);
-    lt_check(&t, 1e-2f, 1e-2);
-    lt_free(&t);
-  }
+  ck_assert_int_eq(par_set_threads(2), 0);
+  for (size_t k = 0; k < sizeof conv_cases / sizeof conv_cases[0]; k++)
+    for (int parts = 1; parts <= 3; parts += 2) {
+      lt t;
+      conv_setup(&t, conv_cases[k], parts, &r);
+      lt_check(&t, 1e-2f, 1e-2);
+      lt_free(&t);
+    }
+  ck_assert_int_eq(par_set_threads(1), 0);
 }
 END_TEST
 
@@ -343,7 +349,7 @@ START_TEST(conv2d_matches_naive_convolution) {
   rng_init(&r, 9, 1);
   for (size_t k = 0; k < sizeof conv_cases / sizeof conv_cases[0]; k++) {
     lt t;
-    conv_setup(&t, conv_cases[k], &r);
+    conv_setup(&t, conv_cases[k], 1, &r);
     conv_f(&t);
     const conv_geom *g = &t.g;
     int K = g->K;
@@ -368,24 +374,39 @@ START_TEST(conv2d_matches_naive_convolution) {
 }
 END_TEST
 
-START_TEST(conv2d_chunk_does_not_change_results) {
+/* The same convolution with chunk 1 on one part, and with (chunk, parts) on a team of `threads`. */
+static void conv_compare(int chunk, int parts, int threads) {
   rng_t r;
   rng_init(&r, 10, 1);
   int c[10] = {7, 3, 6, 6, 4, 3, 1, 1, 1, 1};
   lt a, b;
-  conv_setup(&a, c, &r);
-  c[8] = 3;
-  conv_setup(&b, c, &r);
+  conv_setup(&a, c, 1, &r);
+  c[8] = chunk;
+  conv_setup(&b, c, parts, &r);
   memcpy(b.x, a.x, a.nx * sizeof(float));
   memcpy(b.w, a.w, a.nw * sizeof(float));
   memcpy(b.b, a.b, a.nb * sizeof(float));
   memcpy(b.dout, a.dout, a.nout * sizeof(float));
-  conv_f(&a), conv_b(&a), conv_f(&b), conv_b(&b);
+  conv_f(&a), conv_b(&a);
+  ck_assert_int_eq(par_set_threads(threads), 0);
+  conv_f(&b), conv_b(&b);
+  ck_assert_int_eq(par_set_threads(1), 0);
   for (size_t i = 0; i < a.nout; i++) ck_assert(fabsf(a.out[i] - b.out[i]) < 1e-5f);
   for (size_t i = 0; i < a.nx; i++) ck_assert(fabsf(a.dx[i] - b.dx[i]) < 1e-5f);
   for (size_t i = 0; i < a.nw; i++) ck_assert(fabsf(a.dw[i] - b.dw[i]) < 1e-4f);
+  for (size_t i = 0; i < a.nb; i++) ck_assert(fabsf(a.db[i] - b.db[i]) < 1e-4f);
   lt_free(&a);
   lt_free(&b);
+}
+
+START_TEST(conv2d_chunk_does_not_change_results) { conv_compare(3, 1, 1); }
+END_TEST
+
+/* More parts than threads, and more parts than chunks (an empty part). */
+START_TEST(conv2d_parts_on_threads_do_not_change_results) {
+  conv_compare(2, 2, 2);
+  conv_compare(2, 3, 2);
+  conv_compare(3, 5, 2);
 }
 END_TEST
 
@@ -459,6 +480,63 @@ START_TEST(maxpool_ties_send_the_gradient_to_the_first_maximum) {
 }
 END_TEST
 
+/* ---- the compute team ---- */
+
+static float *copy_of(const float *x, size_t n) {
+  float *c = fresh(n, NULL, 0, 0);
+  if (n) memcpy(c, x, n * sizeof(float));
+  return c;
+}
+
+static void same_bits(const float *a, const float *b, size_t n, const char *what) {
+  ck_assert_msg(n == 0 || memcmp(a, b, n * sizeof(float)) == 0, "%s differs on two threads", what);
+}
+
+/* Forward and backward on a team of one thread, then on two: layers that split by sample, plane or
+ * channel must not change a bit. Running statistics (BatchNorm) are restored in between. */
+static void same_on_two_threads(lt *t) {
+  size_t nc = t->rm ? (size_t)t->d.C : 0;
+  float *rm = copy_of(t->rm, nc), *rv = copy_of(t->rv, nc);
+  t->forward(t), t->backward(t);
+  float *out = copy_of(t->out, t->nout), *dx = copy_of(t->dx, t->nx), *dw = copy_of(t->dw, t->nw),
+        *db = copy_of(t->db, t->nb), *rm1 = copy_of(t->rm, nc), *rv1 = copy_of(t->rv, nc);
+  if (nc) memcpy(t->rm, rm, nc * sizeof(float)), memcpy(t->rv, rv, nc * sizeof(float));
+  memset(t->dw, 0, t->nw * sizeof(float));
+  memset(t->db, 0, t->nb * sizeof(float));
+  ck_assert_int_eq(par_set_threads(2), 0);
+  t->forward(t), t->backward(t);
+  ck_assert_int_eq(par_set_threads(1), 0);
+  same_bits(out, t->out, t->nout, "out");
+  same_bits(dx, t->dx, t->nx, "dx");
+  same_bits(dw, t->dw, t->nw, "dw");
+  same_bits(db, t->db, t->nb, "db");
+  same_bits(rm1, t->rm, nc, "running mean");
+  same_bits(rv1, t->rv, nc, "running var");
+  float *all[] = {rm, rv, out, dx, dw, db, rm1, rv1};
+  for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) tensor_free(all[k]);
+}
+
+/* Sizes well above the smallest part, so that both threads get work. */
+START_TEST(layers_split_across_threads_match_one_thread) {
+  rng_t r;
+  rng_init(&r, 12, 1);
+  lt t = {.forward = relu_f, .backward = relu_b};
+  lt_alloc(&t, 300001, 0, 0, 300001, &r);
+  same_on_two_threads(&t);
+  lt_free(&t);
+  bn_setup(&t, 8, 6, 64 * 64, 3, 1, &r);
+  same_on_two_threads(&t);
+  lt_free(&t);
+  bn_setup(&t, 8, 6, 64 * 64, 1, 0, &r);
+  same_on_two_threads(&t);
+  lt_free(&t);
+  static const int pool[7] = {2, 4, 130, 128, 2, 2, 0};
+  pool_setup(&t, pool, &r);
+  same_on_two_threads(&t);
+  lt_free(&t);
+}
+END_TEST
+
 START_TEST(conv_geometry_rejects_kernels_that_do_not_fit) {
   conv_geom g;
   ck_assert_int_eq(conv_geom_init(&g, 1, 28, 28, 3, 1, 1), 0);
@@ -486,9 +564,11 @@ Suite *layers_suite(void) {
   tcase_add_test(tc, conv2d_gradients_match_finite_differences);
   tcase_add_test(tc, conv2d_matches_naive_convolution);
   tcase_add_test(tc, conv2d_chunk_does_not_change_results);
+  tcase_add_test(tc, conv2d_parts_on_threads_do_not_change_results);
   tcase_add_test(tc, maxpool_matches_naive_and_gradients);
   tcase_add_test(tc, maxpool_ties_send_the_gradient_to_the_first_maximum);
   tcase_add_test(tc, conv_geometry_rejects_kernels_that_do_not_fit);
+  tcase_add_test(tc, layers_split_across_threads_match_one_thread);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -62,15 +62,17 @@ int conv_geom_init(conv_geom *g, int C, int H, int W, int K, int stride, int pad
  * feature maps (7x7 = 49 columns) would otherwise starve the gemm. */
 /* Samples per sgemm for this geometry (aims at a few thousand columns). */
 int conv2d_chunk(const conv_geom *g, int OC, int max_batch);
-/* Workspace floats forward and backward need for that chunk. */
-size_t conv2d_workspace_len(const conv_geom *g, int OC, int chunk);
+/* Workspace floats forward and backward need for that chunk, split into `parts` runs of chunks that
+ * the compute team (core/par.h) does side by side. The output does not depend on `parts`; the weight
+ * gradients differ by float rounding only (each part sums its own chunks). */
+size_t conv2d_workspace_len(const conv_geom *g, int OC, int chunk, int parts);
 /* out [B, OC, OH, OW], inp [B, C, H, W], weight [OC, C, K, K], bias [OC] or NULL */
 void conv2d_forward(float *out, float *ws, const float *inp, const float *weight, const float *bias,
-                    int B, int OC, const conv_geom *g, int chunk);
+                    int B, int OC, const conv_geom *g, int chunk, int parts);
 /* dinp [B, C, H, W] or NULL, dweight [OC, C, K, K] (+=), dbias [OC] or NULL (+=), dout [B, OC, OH, OW] */
 void conv2d_backward(float *dinp, float *dweight, float *dbias, float *ws, const float *dout,
                      const float *inp, const float *weight, int B, int OC, const conv_geom *g,
-                     int chunk);
+                     int chunk, int parts);
 
 /* ---- MaxPool2d (implicit -inf padding, as PyTorch) ----------------------------------------------
  * Comparisons are strict `>`, so the first maximum of a window wins; backward finds it again by comparing

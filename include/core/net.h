@@ -56,6 +56,7 @@ typedef struct {
   size_t w_off, w_len, b_off, b_len;
   size_t buf_off, buf_len;
   int chunk;               /* conv2d: samples per sgemm (see conv2d_chunk) */
+  int parts;               /* conv2d: runs of chunks done side by side, par_threads() at build */
   /* activation storage, sized for max_batch */
   float *out;   /* [B, out] */
   float *saved; /* per-layer state for backward: BN mean/rstd per group, row norms */

@@ -40,7 +40,7 @@ typedef struct {
   eval_probe_config probe;
   trainer_encoder eval_encoder;
   int eval_pairs;           /* augmented pairs for alignment (and rows for uniformity) */
-  int threads;              /* BLAS threads */
+  int threads;              /* compute threads (core/par.h) */
 } trainer_config;
 
 typedef struct trainer trainer;

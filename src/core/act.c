@@ -1,17 +1,51 @@
 /* Parameter-free elementwise and row-wise layers: ReLU, Flatten, L2 normalisation. */
 #include "core/layers.h"
+#include "core/par.h"
 
 #include <math.h>
 #include <string.h>
 
 #include "hot.h"
 
+/* Elementwise layers split into parts of at least this many floats: 256 KB, a few tens of
+ * microseconds of work, well above a run's cost. */
+#define ACT_MIN_PART ((long)1 << 16)
+
+typedef struct {
+  float *out;
+  const float *inp, *dout;
+  size_t N;
+} relu_call;
+
+/* The pointers are read into locals: a store through a->out could otherwise change *a, and the loop
+ * would reload them every element instead of vectorising. */
+static void relu_forward_part(void *ctx, int part, int parts) {
+  const relu_call *a = ctx;
+  float *out = a->out;
+  const float *inp = a->inp;
+  long lo, hi;
+  par_range((long)a->N, part, parts, &lo, &hi);
+  for (long i = lo; i < hi; i++) out[i] = inp[i] > 0.0f ? inp[i] : 0.0f;
+}
+
+/* inp is the forward's output here: the gradient passes where it was positive. */
+static void relu_backward_part(void *ctx, int part, int parts) {
+  const relu_call *a = ctx;
+  float *dinp = a->out;
+  const float *out = a->inp, *dout = a->dout;
+  long lo, hi;
+  par_range((long)a->N, part, parts, &lo, &hi);
+  for (long i = lo; i < hi; i++) dinp[i] = out[i] > 0.0f ? dout[i] : 0.0f;
+}
+
 void relu_forward(float *out, const float *inp, size_t N) {
-  for (size_t i = 0; i < N; i++) out[i] = inp[i] > 0.0f ? inp[i] : 0.0f;
+  relu_call a = {.out = out, .inp = inp, .N = N};
+  par_run(par_parts((long)N, ACT_MIN_PART), relu_forward_part, &a);
 }
 
 void relu_backward(float *dinp, const float *dout, const float *out, size_t N) {
-  for (size_t i = 0; i < N; i++) dinp[i] = out[i] > 0.0f ? dout[i] : 0.0f;
+  relu_call a = {.out = dinp, .inp = out, .dout = dout, .N = N};
+  par_run(par_parts((long)N, ACT_MIN_PART), relu_backward_part, &a);
 }
 
 void flatten_forward(float *out, const float *inp, size_t N) {

@@ -7,11 +7,18 @@
  * Backward gathers dout the same way, recomputes col (cheaper than keeping it for the whole batch), and
  * does  dweight += dtmp · col^T  and  dcol = weight^T · dtmp  followed by col2im. */
 #include "core/layers.h"
+#include "core/par.h"
 #include "core/tensor.h"
 
 #include <string.h>
 
 #include "hot.h"
+
+/* The row copies below must stay inline vector moves: GCC would otherwise turn the block loops and the
+ * zeroing of the padding into calls to memmove and memset of a few dozen bytes, one per row. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
 
 /* Columns per sgemm the chunking aims at, and the workspace it may not exceed (floats): 1 MB keeps
  * col and tmp in a 2 MB L2 between im2col, the gemm and the scatter (measured on the 28x28 CNN:
@@ -20,12 +27,19 @@
 #define CONV_MAX_WS ((size_t)1 << 18)
 
 /* Rows of a feature map are short (28, 14, 7 floats), too short for a vectorised loop, whose scalar
- * tail would do most of the work. These copy (or add) n floats as a few 8-float blocks, the last one
- * overlapping the previous, so a row costs one or two vector moves. */
+ * tail would do most of the work (and a copy loop of a few floats becomes a call to memcpy). These copy
+ * (or add) n floats as a few 8-float blocks, or two 4-float ones below 8, the last block overlapping
+ * the previous, so a row costs one or two vector moves. */
 #define ROW_BLOCK 8
+#define ROW_HALF (ROW_BLOCK / 2)
 static inline void copy_row(float *restrict d, const float *restrict s, int n) {
   if (n < ROW_BLOCK) {
-    for (int i = 0; i < n; i++) d[i] = s[i];
+    if (n < ROW_HALF) {
+      for (int i = 0; i < n; i++) d[i] = s[i];
+      return;
+    }
+    memcpy(d, s, ROW_HALF * sizeof(float));
+    memcpy(d + n - ROW_HALF, s + n - ROW_HALF, ROW_HALF * sizeof(float));
     return;
   }
   int i = 0;
@@ -60,10 +74,15 @@ int conv2d_chunk(const conv_geom *g, int OC, int max_batch) {
   return nb < 1 ? 1 : (int)nb;
 }
 
-/* col [C K K, chunk P] | tmp [OC, chunk P] | one padded sample */
-size_t conv2d_workspace_len(const conv_geom *g, int OC, int chunk) {
-  size_t P = (size_t)g->OH * g->OW;
-  return ((size_t)g->C * g->K * g->K + (size_t)OC) * P * (size_t)chunk + padded_len(g);
+/* One part's workspace: col [C K K, chunk P] | tmp [OC, chunk P] | one padded sample | the part's
+ * weight and bias gradients [OC, C K K] [OC] (parts after the first sum into their own, see backward). */
+static size_t part_len(const conv_geom *g, int OC, int chunk) {
+  size_t P = (size_t)g->OH * g->OW, CKK = (size_t)g->C * g->K * g->K;
+  return (CKK + (size_t)OC) * P * (size_t)chunk + padded_len(g) + ((size_t)OC * CKK + (size_t)OC);
+}
+
+size_t conv2d_workspace_len(const conv_geom *g, int OC, int chunk, int parts) {
+  return (size_t)parts * part_len(g, OC, chunk);
 }
 
 /* xp [C, H + 2 pad, W + 2 pad] = x [C, H, W] inside a zero border. im2col then reads every kernel
@@ -139,64 +158,123 @@ static void im2col_chunk(float *col, float *xp, const float *inp, int nb, const 
   }
 }
 
-void conv2d_forward(float *out, float *ws, const float *inp, const float *weight, const float *bias,
-                    int B, int OC, const conv_geom *g, int chunk) {
-  size_t P = (size_t)g->OH * g->OW, in_len = (size_t)g->C * g->H * g->W, out_len = (size_t)OC * P;
-  int CKK = g->C * g->K * g->K;
-  for (int b = 0; b < B; b += chunk) {
-    int nb = B - b < chunk ? B - b : chunk;
-    size_t ld = (size_t)nb * P;
-    float *col = ws, *tmp = ws + (size_t)CKK * ld, *xp = tmp + (size_t)OC * ld;
-    im2col_chunk(col, xp, inp + b * in_len, nb, g);
-    if (nb == 1) {
-      /* One sample: the gemm writes [OC, P] in place, onto the bias. */
-      float *o = out + b * out_len;
-      for (int oc = 0; oc < OC; oc++) {
-        float v = bias ? bias[oc] : 0.0f;
-        for (size_t p = 0; p < P; p++) o[oc * P + p] = v;
-      }
-      mat_mul(o, weight, col, OC, (int)ld, CKK, 0, 0, 1.0f, 1.0f);
-      continue;
+/* The arguments of one call, shared by its parts. */
+typedef struct {
+  float *out, *ws, *dinp, *dweight, *dbias;
+  const float *inp, *weight, *bias, *dout;
+  int B, OC, chunk;
+  const conv_geom *g;
+} conv_call;
+
+/* Samples [b, b + nb) forward, with the workspace ws. */
+static void forward_chunk(const conv_call *a, float *ws, int b, int nb) {
+  const conv_geom *g = a->g;
+  size_t P = (size_t)g->OH * g->OW, in_len = (size_t)g->C * g->H * g->W, out_len = (size_t)a->OC * P;
+  size_t ld = (size_t)nb * P;
+  int CKK = g->C * g->K * g->K, OC = a->OC;
+  float *col = ws, *tmp = ws + (size_t)CKK * ld, *xp = tmp + (size_t)OC * ld;
+  im2col_chunk(col, xp, a->inp + b * in_len, nb, g);
+  if (nb == 1) {
+    /* One sample: the gemm writes [OC, P] in place, onto the bias. */
+    float *o = a->out + b * out_len;
+    for (int oc = 0; oc < OC; oc++) {
+      float v = a->bias ? a->bias[oc] : 0.0f;
+      for (size_t p = 0; p < P; p++) o[oc * P + p] = v;
     }
-    mat_mul(tmp, weight, col, OC, (int)ld, CKK, 0, 0, 1.0f, 0.0f);
-    for (int s = 0; s < nb; s++)
-      for (int oc = 0; oc < OC; oc++) {
-        const float *restrict t = tmp + (size_t)oc * ld + s * P;
-        float *restrict o = out + (b + s) * out_len + oc * P;
-        float v = bias ? bias[oc] : 0.0f;
-        for (size_t p = 0; p < P; p++) o[p] = t[p] + v;
-      }
+    mat_mul(o, a->weight, col, OC, (int)ld, CKK, 0, 0, 1.0f, 1.0f);
+    return;
   }
+  mat_mul(tmp, a->weight, col, OC, (int)ld, CKK, 0, 0, 1.0f, 0.0f);
+  for (int s = 0; s < nb; s++)
+    for (int oc = 0; oc < OC; oc++) {
+      const float *restrict t = tmp + (size_t)oc * ld + s * P;
+      float *restrict o = a->out + (b + s) * out_len + oc * P;
+      float v = a->bias ? a->bias[oc] : 0.0f;
+      for (size_t p = 0; p < P; p++) o[p] = t[p] + v;
+    }
+}
+
+/* Samples [b, b + nb) backward: dweight and dbias (when not NULL) are this part's accumulators. */
+static void backward_chunk(const conv_call *a, float *ws, float *dweight, float *dbias, int b,
+                           int nb) {
+  const conv_geom *g = a->g;
+  size_t P = (size_t)g->OH * g->OW, in_len = (size_t)g->C * g->H * g->W, out_len = (size_t)a->OC * P;
+  size_t ld = (size_t)nb * P;
+  int CKK = g->C * g->K * g->K, OC = a->OC;
+  float *col = ws, *dtmp = ws + (size_t)CKK * ld, *xp = dtmp + (size_t)OC * ld;
+  const float *dt = a->dout + b * out_len; /* one sample is already [OC, P] */
+  if (nb > 1) {
+    for (int s = 0; s < nb; s++)
+      for (int oc = 0; oc < OC; oc++)
+        memcpy(dtmp + (size_t)oc * ld + s * P, a->dout + (b + s) * out_len + oc * P,
+               P * sizeof(float));
+    dt = dtmp;
+  }
+  if (dbias)
+    for (int oc = 0; oc < OC; oc++) dbias[oc] += hot_sum(dt + (size_t)oc * ld, ld);
+  im2col_chunk(col, xp, a->inp + b * in_len, nb, g);
+  mat_mul(dweight, dt, col, OC, CKK, (int)ld, 0, 1, 1.0f, 1.0f);
+  if (!a->dinp) return;
+  mat_mul(col, a->weight, dt, CKK, (int)ld, OC, 1, 0, 1.0f, 0.0f);
+  for (int s = 0; s < nb; s++) {
+    float *dx = a->dinp + (b + s) * in_len, *dxp = g->pad ? xp : dx;
+    memset(dxp, 0, (g->pad ? padded_len(g) : in_len) * sizeof(float));
+    col2im(dxp, col + s * P, ld, g);
+    if (g->pad) unpad(dx, dxp, g);
+  }
+}
+
+/* Part `part` takes a contiguous run of chunks: [*b0, *b1) in samples. */
+static void part_samples(const conv_call *a, int part, int parts, int *b0, int *b1) {
+  long chunks = (a->B + a->chunk - 1) / a->chunk, lo, hi;
+  par_range(chunks, part, parts, &lo, &hi);
+  *b0 = (int)(lo * a->chunk);
+  *b1 = hi * a->chunk < a->B ? (int)(hi * a->chunk) : a->B;
+}
+
+static void forward_part(void *ctx, int part, int parts) {
+  const conv_call *a = ctx;
+  int b0, b1;
+  part_samples(a, part, parts, &b0, &b1);
+  float *ws = a->ws + (size_t)part * part_len(a->g, a->OC, a->chunk);
+  for (int b = b0; b < b1; b += a->chunk) forward_chunk(a, ws, b, b1 - b < a->chunk ? b1 - b : a->chunk);
+}
+
+/* The first part adds into dweight and dbias; the others into their own slots, which the caller adds
+ * in part order, so the sum does not depend on which thread finishes first. */
+static void backward_part(void *ctx, int part, int parts) {
+  const conv_call *a = ctx;
+  const conv_geom *g = a->g;
+  size_t len = part_len(g, a->OC, a->chunk), nw = (size_t)a->OC * g->C * g->K * g->K;
+  float *ws = a->ws + (size_t)part * len, *dw = a->dweight, *db = a->dbias;
+  if (part > 0) {
+    dw = ws + len - nw - (size_t)a->OC;
+    memset(dw, 0, (nw + (size_t)a->OC) * sizeof(float));
+    db = a->dbias ? dw + nw : NULL;
+  }
+  int b0, b1;
+  part_samples(a, part, parts, &b0, &b1);
+  for (int b = b0; b < b1; b += a->chunk)
+    backward_chunk(a, ws, dw, db, b, b1 - b < a->chunk ? b1 - b : a->chunk);
+}
+
+void conv2d_forward(float *out, float *ws, const float *inp, const float *weight, const float *bias,
+                    int B, int OC, const conv_geom *g, int chunk, int parts) {
+  conv_call a = {.out = out, .ws = ws, .inp = inp, .weight = weight, .bias = bias, .B = B, .OC = OC,
+                 .chunk = chunk, .g = g};
+  par_run(parts, forward_part, &a);
 }
 
 void conv2d_backward(float *dinp, float *dweight, float *dbias, float *ws, const float *dout,
                      const float *inp, const float *weight, int B, int OC, const conv_geom *g,
-                     int chunk) {
-  size_t P = (size_t)g->OH * g->OW, in_len = (size_t)g->C * g->H * g->W, out_len = (size_t)OC * P;
-  int CKK = g->C * g->K * g->K;
-  for (int b = 0; b < B; b += chunk) {
-    int nb = B - b < chunk ? B - b : chunk;
-    size_t ld = (size_t)nb * P;
-    float *col = ws, *dtmp = ws + (size_t)CKK * ld, *xp = dtmp + (size_t)OC * ld;
-    const float *dt = dout + b * out_len; /* one sample is already [OC, P] */
-    if (nb > 1) {
-      for (int s = 0; s < nb; s++)
-        for (int oc = 0; oc < OC; oc++)
-          memcpy(dtmp + (size_t)oc * ld + s * P, dout + (b + s) * out_len + oc * P,
-                 P * sizeof(float));
-      dt = dtmp;
-    }
-    if (dbias)
-      for (int oc = 0; oc < OC; oc++) dbias[oc] += hot_sum(dt + (size_t)oc * ld, ld);
-    im2col_chunk(col, xp, inp + b * in_len, nb, g);
-    mat_mul(dweight, dt, col, OC, CKK, (int)ld, 0, 1, 1.0f, 1.0f);
-    if (!dinp) continue;
-    mat_mul(col, weight, dt, CKK, (int)ld, OC, 1, 0, 1.0f, 0.0f);
-    for (int s = 0; s < nb; s++) {
-      float *dx = dinp + (b + s) * in_len, *dxp = g->pad ? xp : dx;
-      memset(dxp, 0, (g->pad ? padded_len(g) : in_len) * sizeof(float));
-      col2im(dxp, col + s * P, ld, g);
-      if (g->pad) unpad(dx, dxp, g);
-    }
+                     int chunk, int parts) {
+  conv_call a = {.ws = ws, .dinp = dinp, .dweight = dweight, .dbias = dbias, .inp = inp,
+                 .weight = weight, .dout = dout, .B = B, .OC = OC, .chunk = chunk, .g = g};
+  par_run(parts, backward_part, &a);
+  size_t len = part_len(g, OC, chunk), nw = (size_t)OC * g->C * g->K * g->K;
+  for (int p = 1; p < parts; p++) {
+    const float *dw = ws + (size_t)p * len + len - nw - (size_t)OC;
+    vec_axpy(dweight, 1.0f, dw, nw);
+    if (dbias) vec_axpy(dbias, 1.0f, dw + nw, (size_t)OC);
   }
 }

@@ -10,6 +10,7 @@
 
 #include "core/err.h"
 #include "core/layers.h"
+#include "core/par.h"
 #include "core/tensor.h"
 
 /* Bounds that keep every gemm dimension and index inside an int. */
@@ -231,6 +232,7 @@ static int layer_shape(layer *L, const char *path, int i, int max_batch) {
     L->w_len = (size_t)L->out_features * in.c * L->kernel * L->kernel;
     L->b_len = L->bias ? (size_t)L->out_features : 0;
     L->chunk = conv2d_chunk(&g, L->out_features, max_batch);
+    L->parts = par_threads();
     break;
   case LAYER_AVGPOOL: L->out_shape = (net_shape){in.c, 1, 1}; break;
   case LAYER_FLATTEN: L->out_shape = (net_shape){(int)net_shape_size(in), 1, 1}; break;
@@ -247,7 +249,9 @@ static int layer_shape(layer *L, const char *path, int i, int max_batch) {
 static size_t layer_workspace(const layer *L) {
   conv_geom g;
   switch (L->kind) {
-  case LAYER_CONV2D: layer_geom(L, &g); return conv2d_workspace_len(&g, L->out_features, L->chunk);
+  case LAYER_CONV2D:
+    layer_geom(L, &g);
+    return conv2d_workspace_len(&g, L->out_features, L->chunk, L->parts);
   case LAYER_BATCHNORM: return 2 * (size_t)L->in_shape.c;
   default: return 0;
   }
@@ -445,7 +449,7 @@ static void layer_forward(net *n, layer *L, const float *x, int B) {
   case LAYER_RELU: relu_forward(L->out, x, len); break;
   case LAYER_CONV2D:
     layer_geom(L, &g);
-    conv2d_forward(L->out, net_workspace(n), x, w, b, B, L->out_features, &g, L->chunk);
+    conv2d_forward(L->out, net_workspace(n), x, w, b, B, L->out_features, &g, L->chunk, L->parts);
     break;
   case LAYER_MAXPOOL:
     layer_geom(L, &g);
@@ -479,7 +483,7 @@ static void layer_backward(net *n, layer *L, float *dx, const float *dy, const f
   case LAYER_RELU: relu_backward(dx, dy, L->out, len); break;
   case LAYER_CONV2D:
     layer_geom(L, &g);
-    conv2d_backward(dx, dw, db, ws, dy, x, w, B, L->out_features, &g, L->chunk);
+    conv2d_backward(dx, dw, db, ws, dy, x, w, B, L->out_features, &g, L->chunk, L->parts);
     break;
   case LAYER_MAXPOOL:
     layer_geom(L, &g);

@@ -4,6 +4,7 @@
  * xhat = (x - mean) * rstd from the input instead of storing it: the input is kept anyway (it is the
  * previous layer's output) and this halves the memory traffic of the layer. */
 #include "core/layers.h"
+#include "core/par.h"
 
 #include <math.h>
 #include <string.h>
@@ -17,29 +18,34 @@ static int bn_groups(const bn_dims *d) {
   return d->G > d->B ? d->B : d->G;
 }
 
+/* Channels [c0, c1) of one call: images split by channel across the compute team (core/par.h); every
+ * channel's statistics and gradients are computed as a whole, so the split does not change results. */
+typedef struct {
+  int c0, c1;
+} bn_span;
+
 /* Mean and biased variance per channel of samples [b0, b1) into mean[C], var[C]. */
 static void bn_stats(float *restrict mean, float *restrict var, const float *inp, int b0, int b1,
-                     const bn_dims *d) {
+                     bn_span r, const bn_dims *d) {
   int C = d->C, S = d->S;
   float inv_n = 1.0f / (float)((size_t)(b1 - b0) * S);
   if (S == 1) {
     /* Vectors: rows are samples, so accumulate whole rows; the loop over channels vectorises. */
-    memset(mean, 0, (size_t)C * sizeof(float));
-    memset(var, 0, (size_t)C * sizeof(float));
+    for (int c = r.c0; c < r.c1; c++) mean[c] = var[c] = 0.0f;
     for (int b = b0; b < b1; b++) {
       const float *restrict x = inp + (size_t)b * C;
-      for (int c = 0; c < C; c++) mean[c] += x[c];
+      for (int c = r.c0; c < r.c1; c++) mean[c] += x[c];
     }
-    for (int c = 0; c < C; c++) mean[c] *= inv_n;
+    for (int c = r.c0; c < r.c1; c++) mean[c] *= inv_n;
     for (int b = b0; b < b1; b++) {
       const float *restrict x = inp + (size_t)b * C;
-      for (int c = 0; c < C; c++) var[c] += (x[c] - mean[c]) * (x[c] - mean[c]);
+      for (int c = r.c0; c < r.c1; c++) var[c] += (x[c] - mean[c]) * (x[c] - mean[c]);
     }
-    for (int c = 0; c < C; c++) var[c] *= inv_n;
+    for (int c = r.c0; c < r.c1; c++) var[c] *= inv_n;
     return;
   }
   /* Images: each (sample, channel) plane is contiguous; two passes for a variance that does not cancel. */
-  for (int c = 0; c < C; c++) {
+  for (int c = r.c0; c < r.c1; c++) {
     double s = 0.0;
     for (int b = b0; b < b1; b++) s += hot_sum(inp + ((size_t)b * C + c) * S, S);
     float m = (float)(s * inv_n);
@@ -53,18 +59,18 @@ static void bn_stats(float *restrict mean, float *restrict var, const float *inp
 /* y = (x - mean) * rstd * gamma + beta over samples [b0, b1). */
 static void bn_apply(float *out, const float *inp, const float *restrict mean,
                      const float *restrict rstd, const float *restrict gamma,
-                     const float *restrict beta, int b0, int b1, const bn_dims *d) {
+                     const float *restrict beta, int b0, int b1, bn_span r, const bn_dims *d) {
   int C = d->C, S = d->S;
   if (S == 1) {
     for (int b = b0; b < b1; b++) {
       const float *restrict x = inp + (size_t)b * C;
       float *restrict y = out + (size_t)b * C;
-      for (int c = 0; c < C; c++) y[c] = (x[c] - mean[c]) * (rstd[c] * gamma[c]) + beta[c];
+      for (int c = r.c0; c < r.c1; c++) y[c] = (x[c] - mean[c]) * (rstd[c] * gamma[c]) + beta[c];
     }
     return;
   }
   for (int b = b0; b < b1; b++)
-    for (int c = 0; c < C; c++) {
+    for (int c = r.c0; c < r.c1; c++) {
       const float *restrict x = inp + ((size_t)b * C + c) * S;
       float *restrict y = out + ((size_t)b * C + c) * S;
       float k = rstd[c] * gamma[c], sh = beta[c] - mean[c] * k;
@@ -72,50 +78,81 @@ static void bn_apply(float *out, const float *inp, const float *restrict mean,
     }
 }
 
-void batchnorm_forward(float *out, float *saved, float *running_mean, float *running_var,
-                       const float *inp, const float *gamma, const float *beta, const bn_dims *d) {
+/* The arguments of one forward or backward call, shared by its parts. */
+typedef struct {
+  float *out, *saved, *running_mean, *running_var; /* forward */
+  float *dinp, *dgamma, *dbeta, *ws;                /* backward */
+  const float *stats;                               /* backward: what the forward saved */
+  const float *inp, *gamma, *beta, *dout;
+  const bn_dims *d;
+} bn_call;
+
+static bn_span bn_part_span(const bn_call *a, int part, int parts) {
+  long lo, hi;
+  par_range(a->d->C, part, parts, &lo, &hi);
+  return (bn_span){(int)lo, (int)hi};
+}
+
+/* Images split into parts of at least this many floats (see core/par.h); vectors stay whole, their
+ * loops run over channels inside each row. */
+#define BN_MIN_PART ((long)1 << 16)
+
+static int bn_parts(const bn_dims *d) {
+  return d->S == 1 ? 1 : par_parts((long)d->B * d->C * d->S, BN_MIN_PART);
+}
+
+static void bn_forward_part(void *ctx, int part, int parts) {
+  const bn_call *a = ctx;
+  const bn_dims *d = a->d;
+  bn_span r = bn_part_span(a, part, parts);
   int C = d->C, G = bn_groups(d);
   if (!d->training) {
-    for (int c = 0; c < C; c++) {
-      saved[c] = running_mean[c];
-      saved[C + c] = 1.0f / sqrtf(running_var[c] + d->eps);
+    for (int c = r.c0; c < r.c1; c++) {
+      a->saved[c] = a->running_mean[c];
+      a->saved[C + c] = 1.0f / sqrtf(a->running_var[c] + d->eps);
     }
-    bn_apply(out, inp, saved, saved + C, gamma, beta, 0, d->B, d);
+    bn_apply(a->out, a->inp, a->saved, a->saved + C, a->gamma, a->beta, 0, d->B, r, d);
     return;
   }
   for (int g = 0; g < G; g++) {
     int b0 = (int)((long)g * d->B / G), b1 = (int)((long)(g + 1) * d->B / G);
-    float *mean = saved + 2 * (size_t)C * g, *rstd = mean + C;
-    bn_stats(mean, rstd, inp, b0, b1, d); /* rstd holds the variance until the update below */
+    float *mean = a->saved + 2 * (size_t)C * g, *rstd = mean + C;
+    bn_stats(mean, rstd, a->inp, b0, b1, r, d); /* rstd holds the variance until the update below */
     /* Split BN: each group's statistics move the running ones by 1/G of the momentum, so the running
      * statistics follow the average over groups (what averaging per-device buffers gives). */
     size_t n = (size_t)(b1 - b0) * d->S;
     float unbias = n > 1 ? (float)n / (float)(n - 1) : 1.0f;
     float m = d->momentum / (float)G;
-    for (int c = 0; c < C; c++) {
+    for (int c = r.c0; c < r.c1; c++) {
       if (g == 0) {
-        running_mean[c] *= 1.0f - d->momentum;
-        running_var[c] *= 1.0f - d->momentum;
+        a->running_mean[c] *= 1.0f - d->momentum;
+        a->running_var[c] *= 1.0f - d->momentum;
       }
-      running_mean[c] += m * mean[c];
-      running_var[c] += m * rstd[c] * unbias;
+      a->running_mean[c] += m * mean[c];
+      a->running_var[c] += m * rstd[c] * unbias;
       rstd[c] = 1.0f / sqrtf(rstd[c] + d->eps);
     }
-    bn_apply(out, inp, mean, rstd, gamma, beta, b0, b1, d);
+    bn_apply(a->out, a->inp, mean, rstd, a->gamma, a->beta, b0, b1, r, d);
   }
+}
+
+void batchnorm_forward(float *out, float *saved, float *running_mean, float *running_var,
+                       const float *inp, const float *gamma, const float *beta, const bn_dims *d) {
+  bn_call a = {.out = out, .saved = saved, .running_mean = running_mean,
+               .running_var = running_var, .inp = inp, .gamma = gamma, .beta = beta, .d = d};
+  par_run(bn_parts(d), bn_forward_part, &a);
 }
 
 /* sum_dy[c] and sum_dyx[c] = sum dy (x - mean) over samples [b0, b1). */
 static void bn_grad_sums(float *restrict sum_dy, float *restrict sum_dyx, const float *dout,
                          const float *inp, const float *restrict mean, int b0, int b1,
-                         const bn_dims *d) {
+                         bn_span r, const bn_dims *d) {
   int C = d->C, S = d->S;
-  memset(sum_dy, 0, (size_t)C * sizeof(float));
-  memset(sum_dyx, 0, (size_t)C * sizeof(float));
+  for (int c = r.c0; c < r.c1; c++) sum_dy[c] = sum_dyx[c] = 0.0f;
   if (S == 1) {
     for (int b = b0; b < b1; b++) {
       const float *restrict x = inp + (size_t)b * C, *restrict dy = dout + (size_t)b * C;
-      for (int c = 0; c < C; c++) {
+      for (int c = r.c0; c < r.c1; c++) {
         sum_dy[c] += dy[c];
         sum_dyx[c] += dy[c] * (x[c] - mean[c]);
       }
@@ -123,7 +160,7 @@ static void bn_grad_sums(float *restrict sum_dy, float *restrict sum_dyx, const 
     return;
   }
   for (int b = b0; b < b1; b++)
-    for (int c = 0; c < C; c++) {
+    for (int c = r.c0; c < r.c1; c++) {
       size_t off = ((size_t)b * C + c) * S;
       sum_dy[c] += hot_sum(dout + off, S);
       sum_dyx[c] += hot_dotdev(dout + off, inp + off, mean[c], S);
@@ -133,19 +170,19 @@ static void bn_grad_sums(float *restrict sum_dy, float *restrict sum_dyx, const 
 /* dx = gamma rstd (dy - k0 - (x - mean) k1) over samples [b0, b1), with k0, k1 per channel. */
 static void bn_dx(float *dinp, const float *dout, const float *inp, const float *restrict mean,
                   const float *restrict rstd, const float *restrict gamma, const float *restrict k0,
-                  const float *restrict k1, int b0, int b1, const bn_dims *d) {
+                  const float *restrict k1, int b0, int b1, bn_span r, const bn_dims *d) {
   int C = d->C, S = d->S;
   if (S == 1) {
     for (int b = b0; b < b1; b++) {
       const float *restrict x = inp + (size_t)b * C, *restrict dy = dout + (size_t)b * C;
       float *restrict dx = dinp + (size_t)b * C;
-      for (int c = 0; c < C; c++)
+      for (int c = r.c0; c < r.c1; c++)
         dx[c] = gamma[c] * rstd[c] * (dy[c] - k0[c] - (x[c] - mean[c]) * k1[c]);
     }
     return;
   }
   for (int b = b0; b < b1; b++)
-    for (int c = 0; c < C; c++) {
+    for (int c = r.c0; c < r.c1; c++) {
       size_t off = ((size_t)b * C + c) * S;
       const float *restrict x = inp + off, *restrict dy = dout + off;
       float *restrict dx = dinp + off;
@@ -155,28 +192,38 @@ static void bn_dx(float *dinp, const float *dout, const float *inp, const float 
     }
 }
 
-void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, float *ws, const float *dout,
-                        const float *inp, const float *gamma, const float *saved,
-                        const bn_dims *d) {
+static void bn_backward_part(void *ctx, int part, int parts) {
+  const bn_call *a = ctx;
+  const bn_dims *d = a->d;
+  bn_span r = bn_part_span(a, part, parts);
   int C = d->C, G = bn_groups(d);
-  float *sum_dy = ws, *sum_dyx = ws + C;
+  float *sum_dy = a->ws, *sum_dyx = a->ws + C;
   for (int g = 0; g < G; g++) {
     int b0 = d->training ? (int)((long)g * d->B / G) : 0;
     int b1 = d->training ? (int)((long)(g + 1) * d->B / G) : d->B;
-    const float *mean = saved + 2 * (size_t)C * g, *rstd = mean + C;
-    bn_grad_sums(sum_dy, sum_dyx, dout, inp, mean, b0, b1, d);
+    const float *mean = a->stats + 2 * (size_t)C * g, *rstd = mean + C;
+    bn_grad_sums(sum_dy, sum_dyx, a->dout, a->inp, mean, b0, b1, r, d);
     /* Batch statistics depend on x (Ioffe & Szegedy eq. in sec. 3): with xhat = (x - m) rstd,
      *   dx = gamma rstd (dy - mean(dy) - xhat mean(dy xhat)).
      * In eval mode the statistics are constants and dx = gamma rstd dy. The sums are turned in place
      * into: sum_dy -> k0 = mean(dy), sum_dyx -> k1 = rstd^2 mean(dy (x - m)), after the parameter
      * gradients have taken what they need. */
     float inv_n = d->training ? 1.0f / (float)((size_t)(b1 - b0) * d->S) : 0.0f;
-    for (int c = 0; c < C; c++) {
-      dbeta[c] += sum_dy[c];
-      dgamma[c] += sum_dyx[c] * rstd[c];
+    for (int c = r.c0; c < r.c1; c++) {
+      a->dbeta[c] += sum_dy[c];
+      a->dgamma[c] += sum_dyx[c] * rstd[c];
       sum_dy[c] *= inv_n;
       sum_dyx[c] *= inv_n * rstd[c] * rstd[c];
     }
-    if (dinp) bn_dx(dinp, dout, inp, mean, rstd, gamma, sum_dy, sum_dyx, b0, b1, d);
+    if (a->dinp)
+      bn_dx(a->dinp, a->dout, a->inp, mean, rstd, a->gamma, sum_dy, sum_dyx, b0, b1, r, d);
   }
+}
+
+void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, float *ws, const float *dout,
+                        const float *inp, const float *gamma, const float *saved,
+                        const bn_dims *d) {
+  bn_call a = {.dinp = dinp, .dgamma = dgamma, .dbeta = dbeta, .ws = ws, .inp = inp,
+               .gamma = gamma, .dout = dout, .stats = saved, .d = d};
+  par_run(bn_parts(d), bn_backward_part, &a);
 }

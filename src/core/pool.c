@@ -1,5 +1,6 @@
 /* Pooling: MaxPool2d (kernel, stride, implicit -inf padding) and global average pooling. */
 #include "core/layers.h"
+#include "core/par.h"
 
 #include <string.h>
 
@@ -108,27 +109,60 @@ static void maxpool_plane_2x2_backward(float *dinp, const float *dout, const flo
 
 static int is_2x2(const conv_geom *g) { return g->K == 2 && g->stride == 2 && g->pad == 0; }
 
-void maxpool_forward(float *out, const float *inp, int B, const conv_geom *g) {
+/* Planes per part: at least this many input floats per part (see core/par.h). */
+#define POOL_MIN_PART ((long)1 << 16)
+
+typedef struct {
+  float *dinp, *out;
+  const float *inp, *dout, *fwd_out;
+  const conv_geom *g;
+  long planes;
+} pool_call;
+
+static void maxpool_forward_part(void *ctx, int part, int parts) {
+  const pool_call *a = ctx;
+  const conv_geom *g = a->g;
   size_t in_plane = (size_t)g->H * g->W, out_plane = (size_t)g->OH * g->OW;
-  for (size_t p = 0; p < (size_t)B * g->C; p++) {
+  long lo, hi;
+  par_range(a->planes, part, parts, &lo, &hi);
+  for (size_t p = (size_t)lo; p < (size_t)hi; p++) {
     if (is_2x2(g))
-      maxpool_plane_2x2(out + p * out_plane, inp + p * in_plane, g);
+      maxpool_plane_2x2(a->out + p * out_plane, a->inp + p * in_plane, g);
     else
-      maxpool_plane(out + p * out_plane, inp + p * in_plane, g);
+      maxpool_plane(a->out + p * out_plane, a->inp + p * in_plane, g);
   }
+}
+
+static void maxpool_backward_part(void *ctx, int part, int parts) {
+  const pool_call *a = ctx;
+  const conv_geom *g = a->g;
+  size_t in_plane = (size_t)g->H * g->W, out_plane = (size_t)g->OH * g->OW;
+  long lo, hi;
+  par_range(a->planes, part, parts, &lo, &hi);
+  for (size_t p = (size_t)lo; p < (size_t)hi; p++) {
+    if (is_2x2(g))
+      maxpool_plane_2x2_backward(a->dinp + p * in_plane, a->dout + p * out_plane,
+                                 a->inp + p * in_plane, a->fwd_out + p * out_plane, g);
+    else
+      maxpool_plane_backward(a->dinp + p * in_plane, a->dout + p * out_plane,
+                             a->inp + p * in_plane, a->fwd_out + p * out_plane, g);
+  }
+}
+
+static int pool_parts(long planes, const conv_geom *g) {
+  return par_parts(planes * g->H * g->W, POOL_MIN_PART);
+}
+
+void maxpool_forward(float *out, const float *inp, int B, const conv_geom *g) {
+  pool_call a = {.out = out, .inp = inp, .g = g, .planes = (long)B * g->C};
+  par_run(pool_parts(a.planes, g), maxpool_forward_part, &a);
 }
 
 void maxpool_backward(float *dinp, const float *dout, const float *inp, const float *out, int B,
                       const conv_geom *g) {
-  size_t in_plane = (size_t)g->H * g->W, out_plane = (size_t)g->OH * g->OW;
-  for (size_t p = 0; p < (size_t)B * g->C; p++) {
-    if (is_2x2(g))
-      maxpool_plane_2x2_backward(dinp + p * in_plane, dout + p * out_plane, inp + p * in_plane,
-                                 out + p * out_plane, g);
-    else
-      maxpool_plane_backward(dinp + p * in_plane, dout + p * out_plane, inp + p * in_plane,
-                             out + p * out_plane, g);
-  }
+  pool_call a = {.dinp = dinp, .inp = inp, .dout = dout, .fwd_out = out, .g = g,
+                 .planes = (long)B * g->C};
+  par_run(pool_parts(a.planes, g), maxpool_backward_part, &a);
 }
 
 void avgpool_forward(float *out, const float *inp, int B, int C, int S) {

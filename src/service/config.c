@@ -187,7 +187,7 @@ const config_option config_options[] = {
          "exit once training has finished (status 0) or failed (status 1); otherwise keep answering until stopped"),
     /* ---- top level ---- */
     INT("seed", 1, 0, 1e15, 0, "seed of every random stream (initialisation, shuffling, views, sampling)"),
-    INT("threads", 1, 1, 256, 0, "BLAS and data threads; results are reproducible for a fixed value"),
+    INT("threads", 1, 1, 256, 0, "compute threads of the step (layers and matrix products, at most 16); results are reproducible for a fixed value"),
 };
 const size_t config_n_options = sizeof config_options / sizeof config_options[0];
 

@@ -1,6 +1,5 @@
 #include "train/trainer.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -10,6 +9,7 @@
 #include "contrast/momentum.h"
 #include "core/clock.h"
 #include "core/err.h"
+#include "core/par.h"
 #include "core/sched.h"
 #include "data/dataset.h"
 #include "data/views.h"
@@ -116,7 +116,9 @@ int trainer_create(trainer **out, const trainer_config *cfg) {
     rc = moco_error(MOCO_ECONFIG, "model.backbone: expected a non-empty layer list");
     goto fail;
   }
-  openblas_set_num_threads(cfg->threads);
+  /* The compute team (core/par.h) does all threading of the step, matrix products included. */
+  if ((rc = par_set_threads(cfg->threads < PAR_MAX_THREADS ? cfg->threads : PAR_MAX_THREADS)))
+    goto fail;
   if (cfg->normalize && (rc = train_stats(t))) goto fail;
   if ((rc = open_loader(t))) goto fail;
   if (t->ld.num_samples < (uint64_t)cfg->moco.batch_size) {

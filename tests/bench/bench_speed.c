@@ -30,6 +30,7 @@
 #include "../testutil.h"
 #include "core/clock.h"
 #include "core/err.h"
+#include "core/par.h"
 #include "core/tensor.h"
 #include "data/dataset.h"
 #include "service/config.h"
@@ -196,7 +197,7 @@ static int rss_child(const char *config, int K) {
   job j;
   int rc = job_load(&j, config);
   if (rc) return rc;
-  openblas_set_num_threads(j.tc.threads);
+  if ((rc = par_set_threads(j.tc.threads))) return rc;
   moco_config mc = j.tc.moco;
   mc.queue_size = K;
   moco_model m;
@@ -245,7 +246,10 @@ int main(int argc, char **argv) {
     fprintf(stderr, "bench_speed: config %s: %s\n", config, moco_errmsg());
     return 1;
   }
-  openblas_set_num_threads(j.tc.threads);
+  if (par_set_threads(j.tc.threads)) {
+    fprintf(stderr, "bench_speed: %s\n", moco_errmsg());
+    return 1;
+  }
   /* The compared job: every negative of the queue, plain InfoNCE, one direction. */
   moco_config mc = j.tc.moco;
   mc.loss.loss = LOSS_INFONCE;
