@@ -12,6 +12,7 @@
 #include "../testutil.h"
 #include "core/err.h"
 #include "core/net.h"
+#include "core/par.h"
 #include "core/tensor.h"
 
 #define REPS 9
@@ -76,6 +77,13 @@ int main(int argc, char **argv) {
    * (e.g. SkylakeX, Haswell) overrides. The core in use is printed so the figures can be read. */
   printf("OpenBLAS core %s, %d threads\n", openblas_get_corename(), openblas_get_num_threads());
   printf("sgemm 2048^3: %.1f GFLOP/s (median of %d)\n", gemm, REPS);
+  /* The layers run on mocod's compute team, as in the daemon (OpenBLAS single-threaded inside it). */
+  int threads = openblas_get_num_threads();
+  if (par_set_threads(threads)) {
+    fprintf(stderr, "bench_net: %s\n", moco_errmsg());
+    return 1;
+  }
+  printf("compute team: %d threads\n", threads);
   if (argc < 2 || strcmp(argv[1], "mlp") == 0)
     bench_net("mlp", mlp, (net_shape){1, 28, 28}, 256, gemm);
   if (argc < 2 || strcmp(argv[1], "cnn") == 0)

@@ -12,6 +12,7 @@
 
 #include "../testutil.h"
 #include "core/err.h"
+#include "core/par.h"
 #include "core/tensor.h"
 #include "train/step.h"
 
@@ -99,6 +100,11 @@ static int run(int K, mine_strategy strategy, int steps, const float *x1, const 
 
 int main(void) {
   printf("OpenBLAS: %s, %d threads\n", openblas_get_config(), openblas_get_num_threads());
+  /* The step runs on mocod's compute team, as in the daemon (OpenBLAS single-threaded inside it). */
+  if (par_set_threads(openblas_get_num_threads())) {
+    fprintf(stderr, "bench_step: %s\n", moco_errmsg());
+    return 1;
+  }
   float *x1 = tensor_alloc((size_t)B * IN), *x2 = tensor_alloc((size_t)B * IN);
   int64_t ids[B];
   rng_t r;
