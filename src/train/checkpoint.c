@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/file.h"
 
 /* Trailer: tag (4) | length (8) | crc (4) + covered length (8) | section crc (4). */
 enum { TRAILER_PAYLOAD = 12, TRAILER_SIZE = 4 + 8 + TRAILER_PAYLOAD + 4 };
@@ -26,27 +27,6 @@ void checkpoint_begin(blob_writer *w, int64_t step) {
   blob_section_end(w);
 }
 
-static int write_all(int fd, const uint8_t *p, size_t n) {
-  while (n > 0) {
-    ssize_t k = write(fd, p, n);
-    if (k < 0) {
-      if (errno == EINTR) continue;
-      return -1;
-    }
-    p += k;
-    n -= (size_t)k;
-  }
-  return 0;
-}
-
-static int fsync_dir(const char *dir) {
-  int fd = open(dir, O_RDONLY | O_DIRECTORY);
-  if (fd < 0) return -1;
-  int rc = fsync(fd);
-  close(fd);
-  return rc;
-}
-
 int checkpoint_commit(blob_writer *w, const char *dir, int64_t step, char *path, size_t path_len) {
   uint64_t covered = w->len;
   uint32_t crc = blob_crc32(w->data, w->len);
@@ -59,21 +39,9 @@ int checkpoint_commit(blob_writer *w, const char *dir, int64_t step, char *path,
   char tmp[1100], final[1100];
   snprintf(final, sizeof final, "%s/ckpt-%012lld.mcp", dir, (long long)step);
   snprintf(tmp, sizeof tmp, "%s/.ckpt-%012lld.mcp.tmp", dir, (long long)step);
-  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return moco_error(MOCO_EIO, "checkpoint %s: %s", tmp, strerror(errno));
-  if (write_all(fd, w->data, w->len) || fsync(fd)) {
-    int e = errno;
-    close(fd);
-    unlink(tmp);
-    return moco_error(MOCO_EIO, "checkpoint %s: %s", tmp, strerror(e));
-  }
-  if (close(fd) || rename(tmp, final)) {
-    int e = errno;
-    unlink(tmp);
-    return moco_error(MOCO_EIO, "checkpoint %s: %s", final, strerror(e));
-  }
-  /* The rename is durable only once the directory entry is. */
-  if (fsync_dir(dir)) return moco_error(MOCO_EIO, "checkpoint dir %s: fsync: %s", dir, strerror(errno));
+  file_part part = {w->data, w->len};
+  int rc = file_write_atomic(final, tmp, &part, 1, 0600);
+  if (rc) return moco_error_wrap(rc, "checkpoint of step %lld", (long long)step);
   if (path) snprintf(path, path_len, "%s", final);
   return 0;
 }

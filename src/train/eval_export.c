@@ -1,14 +1,11 @@
 /* Embedding export as NumPy .npy files (format 1.0, see train/eval.h), written atomically. */
-#include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "core/err.h"
+#include "core/file.h"
 #include "train/eval.h"
 
 /* NumPy aligns the data of a .npy file to 64 bytes since 1.14 (and requires 16): the whole preamble
@@ -37,58 +34,16 @@ static size_t npy_header(char *buf, size_t cap, const char *descr, int64_t n, in
   return total;
 }
 
-static int write_all(int fd, const void *p, size_t n) {
-  const char *c = p;
-  while (n > 0) {
-    ssize_t w = write(fd, c, n > (1u << 30) ? (1u << 30) : n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return -1;
-    c += w;
-    n -= (size_t)w;
-  }
-  return 0;
-}
-
-/* A rename is durable once the directory entry is: fsync the directory that holds path. */
-static int sync_dir(const char *path) {
-  char dir[4096];
-  const char *slash = strrchr(path, '/');
-  size_t len = slash ? (size_t)(slash - path) : 0;
-  if (len >= sizeof dir) return -1;
-  if (slash && len == 0) len = 1; /* "/file": the root directory */
-  memcpy(dir, slash ? path : ".", slash ? len : 1);
-  dir[slash ? len : 1] = '\0';
-  int fd = open(dir, O_RDONLY | O_DIRECTORY);
-  if (fd < 0) return -1;
-  int rc = fsync(fd);
-  close(fd);
-  return rc;
-}
-
-/* Writes the .npy file atomically: temporary file beside it, fsync, rename, fsync of the directory. */
+/* Writes the .npy file atomically (a temporary file beside it, renamed over it). */
 static int write_npy(const char *path, const char *descr, const void *data, size_t bytes, int64_t n,
                      int dim) {
   char head[256], tmp[4096];
   size_t hlen = npy_header(head, sizeof head, descr, n, dim);
-  if (snprintf(tmp, sizeof tmp, "%s.tmp.XXXXXX", path) >= (int)sizeof tmp)
+  if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
     return moco_error(MOCO_ERANGE, "export: path too long: %s", path);
-  int fd = mkstemp(tmp);
-  if (fd < 0) return moco_error(MOCO_EIO, "export: %s: cannot create a temporary file: %s", path, strerror(errno));
-  const char *failed = NULL;
-  int e = 0;
-  if (fchmod(fd, 0644) || write_all(fd, head, hlen) || write_all(fd, data, bytes))
-    failed = "write", e = errno;
-  else if (fsync(fd))
-    failed = "fsync", e = errno;
-  if (close(fd) && !failed) failed = "close", e = errno;
-  if (!failed && rename(tmp, path)) failed = "rename", e = errno;
-  if (failed) {
-    unlink(tmp);
-    return moco_error(MOCO_EIO, "export: %s: %s failed: %s", path, failed, strerror(e));
-  }
-  if (sync_dir(path) != 0)
-    return moco_error(MOCO_EIO, "export: %s: fsync of its directory failed: %s", path, strerror(errno));
-  return 0;
+  file_part parts[2] = {{head, hlen}, {data, bytes}};
+  int rc = file_write_atomic(path, tmp, parts, 2, 0644);
+  return rc ? moco_error_wrap(rc, "export") : 0;
 }
 
 int eval_export_sibling(const char *path, const char *suffix, char *buf, size_t cap) {

@@ -1,0 +1,62 @@
+#include "core/file.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/err.h"
+
+static int write_all(int fd, const void *p, size_t n) {
+  const char *c = p;
+  while (n > 0) {
+    ssize_t w = write(fd, c, n > (1u << 30) ? (1u << 30) : n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return -1;
+    c += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+/* A rename is durable once the directory entry is: fsync the directory that holds path. */
+static int sync_dir_of(const char *path) {
+  char dir[4096];
+  const char *slash = strrchr(path, '/');
+  size_t len = slash ? (size_t)(slash - path) : 1;
+  if (slash && len == 0) len = 1; /* "/file": the root directory */
+  if (len >= sizeof dir) return -1;
+  memcpy(dir, slash ? path : ".", len);
+  dir[len] = '\0';
+  int fd = open(dir, O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return -1;
+  int rc = fsync(fd);
+  close(fd);
+  return rc;
+}
+
+int file_write_atomic(const char *path, const char *tmp, const file_part *parts, int n, int mode) {
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return moco_error(MOCO_EIO, "%s: cannot create: %s", tmp, strerror(errno));
+  const char *failed = NULL;
+  int e = 0;
+  if (fchmod(fd, (mode_t)mode)) failed = "chmod", e = errno;
+  for (int i = 0; i < n && !failed; i++)
+    if (write_all(fd, parts[i].data, parts[i].len)) failed = "write", e = errno;
+  if (!failed && fsync(fd)) failed = "fsync", e = errno;
+  if (close(fd) && !failed) failed = "close", e = errno;
+  if (failed) {
+    unlink(tmp);
+    return moco_error(MOCO_EIO, "%s: %s failed: %s", tmp, failed, strerror(e));
+  }
+  if (rename(tmp, path)) {
+    e = errno;
+    unlink(tmp);
+    return moco_error(MOCO_EIO, "%s: rename over %s failed: %s", tmp, path, strerror(e));
+  }
+  if (sync_dir_of(path))
+    return moco_error(MOCO_EIO, "%s: fsync of its directory failed: %s", path, strerror(errno));
+  return 0;
+}
