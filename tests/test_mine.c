@@ -12,6 +12,7 @@
 #include "contrast/kselect.h"
 #include "contrast/mine.h"
 #include "core/err.h"
+#include "core/par.h"
 #include "core/tensor.h"
 #include "testutil.h"
 
@@ -827,6 +828,80 @@ static double nce(const nce_ctx *c, float *dS) {
 
 static double nce_fn(void *ctx) { return nce(ctx, NULL); }
 
+/* ---- threads ---------------------------------------------------------------------------------- */
+
+/* One selection of every randomised or ranked strategy on the team, then alone: the masks, the
+ * synthetic columns and recipes and the statistics are bit-identical. */
+START_TEST(selection_does_not_depend_on_the_thread_count) {
+  enum { K = 3000, B = 48, D = 16 }; /* B * cols above two parts' worth of cells */
+  static const mine_strategy strategies[] = {MINE_RANDOM, MINE_HARDEST, MINE_SEMI_HARD, MINE_BAND,
+                                             MINE_MIXING};
+  static float keys[K * D], bkeys[B * D], q[B * D];
+  static int64_t qids[K], ids[B];
+  static int32_t qlab[K], lab[B];
+  rng_t r;
+  rng_init(&r, 21, 1);
+  for (int j = 0; j < K; j++) {
+    random_unit(keys + j * D, D, &r);
+    qids[j] = (int64_t)rng_below(&r, 400);
+    qlab[j] = (int32_t)rng_below(&r, 10);
+  }
+  for (int i = 0; i < B; i++) {
+    random_unit(q + i * D, D, &r);
+    random_unit(bkeys + i * D, D, &r);
+    ids[i] = i % 20; /* some rows share an id */
+    lab[i] = (int32_t)rng_below(&r, 10);
+  }
+  ck_assert_int_eq(par_set_threads(2), 0);
+  for (size_t si = 0; si < sizeof strategies / sizeof *strategies; si++) {
+    mine_config c = cfg_of(strategies[si], 300);
+    c.in_batch_negatives = 1;
+    c.ceiling = MINE_CEILING_RELATIVE;
+    c.ceiling_delta = 0.05f;
+    fix f;
+    fix_open(&f, &c, K, B, D);
+    f.in.q = q;
+    f.in.queue_keys = keys;
+    f.in.batch_keys = bkeys;
+    f.in.queue_ids = qids;
+    f.in.ids = ids;
+    f.in.queue_labels = qlab;
+    f.in.labels = lab;
+    for (int i = 0; i < B; i++) {
+      float *s = f.S + (size_t)i * f.l.cols;
+      for (int j = 0; j < K; j++) s[j] = vec_dot(q + i * D, keys + j * D, D);
+      for (int j = 0; j < B; j++) s[K + j] = vec_dot(q + i * D, bkeys + j * D, D);
+      f.s_pos[i] = 0.6f;
+    }
+    size_t cells = (size_t)B * f.l.cols;
+    float *S2 = malloc(cells * sizeof *S2);
+    uint8_t *mask2 = malloc(cells);
+    mine_synth *syn2 = malloc(((size_t)B * f.l.synth_size + 1) * sizeof *syn2);
+    rng_t keep = f.rng;
+    fix_run(&f);
+    memcpy(S2, f.S, cells * sizeof *S2);
+    memcpy(mask2, f.mask, cells);
+    memcpy(syn2, f.m.synth, (size_t)B * f.l.synth_size * sizeof *syn2);
+    mine_stats st2 = f.st;
+    ck_assert_int_eq(par_set_threads(1), 0);
+    f.rng = keep;
+    fix_run(&f);
+    ck_assert_int_eq(par_set_threads(2), 0);
+    const char *name = mine_strategy_name(c.strategy);
+    ck_assert_msg(!memcmp(mask2, f.mask, cells), "%s: masks differ", name);
+    ck_assert_msg(!memcmp(S2, f.S, cells * sizeof *S2), "%s: synthetic columns differ", name);
+    ck_assert_msg(!memcmp(syn2, f.m.synth, (size_t)B * f.l.synth_size * sizeof *syn2), "%s: recipes differ", name);
+    ck_assert_msg(!memcmp(&st2, &f.st, sizeof st2), "%s: statistics differ", name);
+    ck_assert_msg(f.st.same_id > 0 && f.st.negatives_per_query > 0, "%s: the case exercises nothing", name);
+    free(S2);
+    free(mask2);
+    free(syn2);
+    fix_close(&f);
+  }
+  ck_assert_int_eq(par_set_threads(1), 0);
+}
+END_TEST
+
 START_TEST(adversarial_bank_ascends_its_infonce_loss) {
   enum { B = 6, M = 5, D = 8 };
   advbank_config bc;
@@ -1042,6 +1117,7 @@ Suite *mine_suite(void) {
   tcase_add_test(tc, supervised_mode_and_label_diagnostics);
   tcase_add_test(tc, bad_inputs_are_refused_with_context);
   tcase_add_test(tc, mixing_builds_unit_convex_mixes_of_the_hard_pool);
+  tcase_add_test(tc, selection_does_not_depend_on_the_thread_count);
   tcase_add_test(tc, adversarial_bank_ascends_its_infonce_loss);
   tcase_add_test(tc, adversarial_strategy_uses_the_bank_columns);
   tcase_add_test(tc, curriculum_values_at_chosen_progress);

@@ -137,24 +137,38 @@ typedef struct {
   long label_same;           /* of which share the query's label */
 } mine_stats;
 
+/* One part's workspace. mine_select splits its rows over the compute team (core/par.h), each part
+ * with a workspace of its own; a row's random draws come from a stream of its own, and the statistics
+ * are summed in row order, so the result does not depend on how many threads ran it. */
+typedef struct {
+  float *vals;       /* [max_cols] a row's gathered similarities */
+  float *tmp;        /* [max_cols] scratch copy for k-th element selection */
+  int32_t *idx;      /* [max_cols] a row's gathered or selected columns (mixing: its hard pool) */
+  int32_t *bidx;     /* [max_cols] a row's columns inside a rank bracket */
+} mine_ws;
+
+struct mine_row; /* a row's results, private to mine.c */
+
 typedef struct {
   mine_config cfg;
   int max_batch, max_queue, dim;
   int max_cols;      /* largest layout.cols accepted */
   /* workspaces, sized at init */
-  float *vals;       /* [max_cols] a row's gathered similarities */
-  float *tmp;        /* [max_cols] scratch copy for k-th element selection */
-  int32_t *idx;      /* [max_cols] a row's gathered or selected columns (mixing: its hard pool) */
-  int32_t *bidx;     /* [max_cols] a row's columns inside a rank bracket */
+  mine_ws *ws;       /* [n_ws] one per thread of the team at init */
+  int n_ws;
+  struct mine_row *rows; /* [max_batch] */
   int32_t *n_excl;   /* [max_batch] candidates excluded per row (own column, same id, supervised) */
   int32_t *hash;     /* [hash_cap] sample id -> first batch row holding it, open addressing */
   int32_t *chain;    /* [max_batch] next batch row with the same id, -1 at the end */
+  int32_t *qhead;    /* [max_batch] first queue slot carrying the id of this (first) row, -1 none */
+  int32_t *qnext;    /* [max_queue] next queue slot with the same id, -1 at the end */
   int hash_cap;      /* power of two >= 2 * max_batch */
   mine_synth *synth; /* [max_batch, X] recipes of the last select (mixing) */
 } mine;
 
 /* Allocates workspaces for batches up to max_batch, queues up to max_queue slots and keys of dimension
- * dim (dim only matters for mixing). */
+ * dim (dim only matters for mixing), one per thread of the compute team as it is now: set the team's
+ * size (par_set_threads) first. */
 int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int dim);
 void mine_free(mine *m);
 

@@ -17,9 +17,26 @@
 
 #include "contrast/kselect.h"
 #include "core/err.h"
+#include "core/par.h"
 
 /* Internal mask value of a candidate not yet decided; never left in a mask mine_select returns. */
 enum { CAND = 4 };
+
+/* A row's selected negatives, summed over rows in row order at the end of the step. */
+typedef struct {
+  double sum;
+  long count;
+  float max;
+} rowacc_t;
+
+/* What one row's selection found, kept per row so that the step's sums run in row order whatever
+ * part of the team did the row. */
+struct mine_row {
+  rowacc_t ra;
+  long suspects, positives, same_id, sup_filtered;
+  long label_known, label_same;
+  int knob;
+};
 
 /* SAMPLE: strided sample that places a row's thresholds; BLOCK: columns a gather skips at once when
  * none reaches its threshold; NT: thresholds per cut; BLK: columns per block of a rank pass. */
@@ -143,15 +160,25 @@ int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int
   m->hash_cap = 16;
   while (m->hash_cap < 2 * max_batch) m->hash_cap *= 2;
   size_t cols = (size_t)l.cols + 1;
-  m->vals = malloc(cols * sizeof *m->vals);
-  m->tmp = malloc(cols * sizeof *m->tmp);
-  m->idx = malloc(cols * sizeof *m->idx);
-  m->bidx = malloc(cols * sizeof *m->bidx);
+  m->n_ws = par_threads();
+  m->ws = calloc((size_t)m->n_ws, sizeof *m->ws);
+  m->rows = malloc((size_t)max_batch * sizeof *m->rows);
   m->n_excl = malloc((size_t)max_batch * sizeof *m->n_excl);
   m->hash = malloc((size_t)m->hash_cap * sizeof *m->hash);
   m->chain = malloc((size_t)max_batch * sizeof *m->chain);
+  m->qhead = malloc((size_t)max_batch * sizeof *m->qhead);
+  m->qnext = malloc(((size_t)max_queue + 1) * sizeof *m->qnext);
   m->synth = malloc(((size_t)max_batch * l.synth_size + 1) * sizeof *m->synth);
-  if (!m->vals || !m->tmp || !m->idx || !m->bidx || !m->n_excl || !m->hash || !m->chain || !m->synth) {
+  int ok = m->ws && m->rows && m->n_excl && m->hash && m->chain && m->qhead && m->qnext && m->synth;
+  for (int t = 0; ok && t < m->n_ws; t++) {
+    mine_ws *w = &m->ws[t];
+    w->vals = malloc(cols * sizeof *w->vals);
+    w->tmp = malloc(cols * sizeof *w->tmp);
+    w->idx = malloc(cols * sizeof *w->idx);
+    w->bidx = malloc(cols * sizeof *w->bidx);
+    ok = w->vals && w->tmp && w->idx && w->bidx;
+  }
+  if (!ok) {
     mine_free(m);
     return moco_error(MOCO_ENOMEM, "mine_init: workspaces for %d columns x %d rows", l.cols, max_batch);
   }
@@ -159,13 +186,19 @@ int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int
 }
 
 void mine_free(mine *m) {
-  free(m->vals);
-  free(m->tmp);
-  free(m->idx);
-  free(m->bidx);
+  for (int t = 0; m->ws && t < m->n_ws; t++) {
+    free(m->ws[t].vals);
+    free(m->ws[t].tmp);
+    free(m->ws[t].idx);
+    free(m->ws[t].bidx);
+  }
+  free(m->ws);
+  free(m->rows);
   free(m->n_excl);
   free(m->hash);
   free(m->chain);
+  free(m->qhead);
+  free(m->qnext);
   free(m->synth);
   memset(m, 0, sizeof *m);
 }
@@ -214,7 +247,7 @@ static inline int row_col(const row_t *r, int i) {
 /* Gathers into vals/idx (column order) the candidates with t <= s <= u. Candidates with s > u are
  * suspects: with suspect >= 0 they are marked so and counted, with suspect < 0 they are only skipped.
  * NaN similarities compare false and are never gathered. */
-static int gather(mine *m, row_t *r, float t, float u, int suspect) {
+static int gather(mine_ws *ws, row_t *r, float t, float u, int suspect) {
   const float *s = r->s;
   uint8_t *mk = r->mk;
   int n = 0;
@@ -238,8 +271,8 @@ static int gather(mine *m, row_t *r, float t, float u, int suspect) {
           }
           continue;
         }
-        m->vals[n] = x;
-        m->idx[n] = c;
+        ws->vals[n] = x;
+        ws->idx[n] = c;
         n++;
       }
     }
@@ -295,12 +328,6 @@ typedef struct {
   long label_known, label_same;
 } acc_t;
 
-/* A row's selected negatives, folded into acc_t at the end of the row. */
-typedef struct {
-  double sum;
-  long count;
-  float max;
-} rowacc_t;
 
 static inline void rowacc_add(rowacc_t *ra, float x) {
   ra->sum += x;
@@ -571,15 +598,15 @@ static inline int in_top(boundary *bd, float x) {
 }
 
 /* The exact boundary of cut c among the gathered entries vals[0..g). */
-static boundary cut_boundary(mine *m, const cut *c, int g) {
+static boundary cut_boundary(mine_ws *ws, const cut *c, int g) {
   if (c->need <= 0) return (boundary){INFINITY, 0};
   int n = 0;
   for (int i = 0; i < g; i++) {
-    float x = m->vals[i];
-    m->tmp[n] = x;
+    float x = ws->vals[i];
+    ws->tmp[n] = x;
     n += (x >= c->lo) & (x < c->hi);
   }
-  return find_boundary(m->tmp, n, c->need);
+  return find_boundary(ws->tmp, n, c->need);
 }
 
 static inline int cut_in(const cut *c, boundary *bd, float x) {
@@ -588,13 +615,13 @@ static inline int cut_in(const cut *c, boundary *bd, float x) {
 
 /* Settles the gathered entries (vals, bidx; column order) against the exact boundaries; returns the
  * number of window entries, appended to idx[n_win..] (TOP_POOL) or marked (TOP_MARK). */
-static int settle(mine *m, row_t *r, const cuts *ct, int g, int n_win, rowacc_t *ra) {
+static int settle(mine_ws *ws, row_t *r, const cuts *ct, int g, int n_win, rowacc_t *ra) {
   boundary b[MAX_CUTS];
-  for (int k = 0; k < MAX_CUTS; k++) b[k] = cut_boundary(m, &ct->c[k], g);
+  for (int k = 0; k < MAX_CUTS; k++) b[k] = cut_boundary(ws, &ct->c[k], g);
   int added = 0;
   for (int i = 0; i < g; i++) {
-    float x = m->vals[i];
-    int col = m->bidx[i];
+    float x = ws->vals[i];
+    int col = ws->bidx[i];
     int tE = cut_in(&ct->c[0], &b[0], x), tA = cut_in(&ct->c[1], &b[1], x);
     int tB = cut_in(&ct->c[2], &b[2], x);
     if (tE) {
@@ -606,7 +633,7 @@ static int settle(mine *m, row_t *r, const cuts *ct, int g, int n_win, rowacc_t 
         r->mk[col] = MINE_NEG;
         rowacc_add(ra, x);
       } else {
-        m->idx[n_win++] = col;
+        ws->idx[n_win++] = col;
       }
       added++;
     } else if (ct->mode == TOP_MARK) {
@@ -635,7 +662,7 @@ static int compact(const float *s, int j, int n, const uint8_t *flag, float *val
 
 /* Applies the guards of `w` to the row (ceiling and eps suspects marked) and selects ranks [a, b) of
  * the candidates left, per mode; returns the window's size (TOP_POOL: the pool, in idx[0..n)). */
-static int top(mine *m, row_t *r, const want_t *w, top_mode mode, rowacc_t *ra) {
+static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode mode, rowacc_t *ra) {
   const mine_config *c = &m->cfg;
   cuts ct = {.u = w->u, .suspect = w->suspect, .mode = mode};
   float sample[SAMPLE];
@@ -672,14 +699,14 @@ static int top(mine *m, row_t *r, const want_t *w, top_mode mode, rowacc_t *ra) 
       else
         ns += classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba, 0);
       if (!flags) continue;
-      g = compact(r->s, j, n, bd, m->vals, m->bidx, g);
-      if (mode == TOP_POOL) n_win = compact(NULL, j, n, win, NULL, m->idx, n_win);
+      g = compact(r->s, j, n, bd, ws->vals, ws->bidx, g);
+      if (mode == TOP_POOL) n_win = compact(NULL, j, n, win, NULL, ws->idx, n_win);
     }
   rowacc_merge(ra, &ba);
   r->suspects += ns;
   if (ct.suspect == MINE_POS) r->positives += ns;
   r->n_cand = V - E;
-  int settled = settle(m, r, &ct, g, n_win, ra);
+  int settled = settle(ws, r, &ct, g, n_win, ra);
   return (mode == TOP_MARK ? ba.count : n_win) + settled;
 }
 
@@ -746,7 +773,7 @@ static void shuffle_prefix(int32_t *idx, int g, int n, rng_t *rng) {
 /* n uniform candidates without replacement. Dense rows: rejection draws over the ranges (each
  * accepted draw is uniform over the candidates not yet drawn), or drawing the complement when more
  * than half are wanted; sparse rows: gather and a partial Fisher-Yates shuffle. */
-static void pick_random(mine *m, row_t *r, int n, rng_t *rng, rowacc_t *ra) {
+static void pick_random(mine_ws *ws, row_t *r, int n, rng_t *rng, rowacc_t *ra) {
   if (n >= r->n_cand) {
     finish(r, MINE_NEG, INFINITY, MINE_OFF, ra);
     return;
@@ -765,25 +792,25 @@ static void pick_random(mine *m, row_t *r, int n, rng_t *rng, rowacc_t *ra) {
     finish(r, drop ? MINE_NEG : MINE_OFF, INFINITY, MINE_OFF, ra);
     return;
   }
-  int g = gather(m, r, -INFINITY, INFINITY, -1);
-  shuffle_prefix(m->idx, g, n, rng);
-  mark_list(r, m->idx, n < g ? n : g, ra);
+  int g = gather(ws, r, -INFINITY, INFINITY, -1);
+  shuffle_prefix(ws->idx, g, n, rng);
+  mark_list(r, ws->idx, n < g ? n : g, ra);
   finish(r, MINE_OFF, INFINITY, MINE_OFF, ra);
 }
 
 /* FaceNet's semi-hard negatives (Schroff et al. 2015): s_pos - margin < s < s_pos, n of them at
  * random; when the band holds fewer, the hardest below it fill up to n. */
-static void pick_semi_hard(mine *m, row_t *r, int n, float s_pos, rng_t *rng, rowacc_t *ra) {
+static void pick_semi_hard(const mine *m, mine_ws *ws, row_t *r, int n, float s_pos, rng_t *rng, rowacc_t *ra) {
   float low = s_pos - m->cfg.margin;
-  int g = gather(m, r, nextafterf(low, INFINITY), nextafterf(s_pos, -INFINITY), -1);
+  int g = gather(ws, r, nextafterf(low, INFINITY), nextafterf(s_pos, -INFINITY), -1);
   if (g >= n) {
-    shuffle_prefix(m->idx, g, n, rng);
-    mark_list(r, m->idx, n, ra);
+    shuffle_prefix(ws->idx, g, n, rng);
+    mark_list(r, ws->idx, n, ra);
   } else {
-    mark_list(r, m->idx, g, ra);
+    mark_list(r, ws->idx, g, ra);
     r->n_cand -= g;
     want_t w = {.mode = WANT_FIXED, .n = n - g, .u = low, .suspect = -1};
-    top(m, r, &w, TOP_MARK, ra);
+    top(m, ws, r, &w, TOP_MARK, ra);
   }
   finish(r, MINE_OFF, INFINITY, MINE_OFF, ra);
 }
@@ -832,26 +859,26 @@ enum { PREFETCH_AHEAD = 4 };
  * follows from the real columns' similarities and one key-key dot product, so no point is built.
  * Three passes: the draws (recipes holding the raw weight), the dot products (keys prefetched a few
  * pairs ahead), and the normalisation, over plain arrays so that it vectorises. */
-static void synthesize(mine *m, const mine_layout *l, const mine_input *in, int row, const int32_t *P,
+static void synthesize(const mine *m, mine_ws *ws, const mine_layout *l, const mine_input *in, int row, const int32_t *P,
                        int np, float *srow, uint8_t *mrow, rng_t *rng, rowacc_t *ra) {
   const mine_config *c = &m->cfg;
   const int d = in->dim, X = l->synth_size, pairs = np >= 2 ? c->mix_pairs : 0;
   mine_synth *rec = m->synth + (size_t)row * X;
-  float *w = m->vals, *xy = m->tmp; /* [X] each: raw weight, then the mix's x.y */
+  float *wt = ws->vals, *xy = ws->tmp; /* [X] each: raw weight, then the mix's x.y */
   for (int x = 0; x < X; x++) {
     rec[x] = (mine_synth){-2, -2, 0.0f, 0.0f};
-    w[x] = 0.0f;
+    wt[x] = 0.0f;
     if (x < c->mix_pairs && np >= 2) {
       int i = (int)draw_below(rng, (uint32_t)np);
       int j = (int)draw_below(rng, (uint32_t)(np - 1));
       j += j >= i; /* two distinct pool members */
       rec[x].a = P[i];
       rec[x].b = P[j];
-      w[x] = draw_open01(rng);
+      wt[x] = draw_open01(rng);
     } else if (x >= c->mix_pairs && np >= 1) {
       rec[x].a = -1;
       rec[x].b = P[draw_below(rng, (uint32_t)np)];
-      w[x] = 0.5f * draw_open01(rng);
+      wt[x] = 0.5f * draw_open01(rng);
     }
   }
   for (int x = 0; x < PREFETCH_AHEAD && x < pairs; x++) {
@@ -868,7 +895,7 @@ static void synthesize(mine *m, const mine_layout *l, const mine_input *in, int 
     xy[x] = sy->b < 0 ? 0.0f : sy->a >= 0 ? dot(key_of(l, in, sy->a), key_of(l, in, sy->b), d) : srow[sy->b];
   }
   for (int x = 0; x < X; x++) { /* |w x + (1-w) y|^2 -> 1 / norm, in place of xy */
-    float n2 = w[x] * w[x] + (1 - w[x]) * (1 - w[x]) + 2 * w[x] * (1 - w[x]) * xy[x];
+    float n2 = wt[x] * wt[x] + (1 - wt[x]) * (1 - wt[x]) + 2 * wt[x] * (1 - wt[x]) * xy[x];
     xy[x] = n2 > 1e-12f ? 1.0f / sqrtf(n2) : 0.0f;
   }
   for (int x = 0; x < X; x++) {
@@ -880,8 +907,8 @@ static void synthesize(mine *m, const mine_layout *l, const mine_input *in, int 
       mrow[col] = MINE_OFF;
       continue;
     }
-    sy->wa = w[x] * xy[x];
-    sy->wb = (1 - w[x]) * xy[x];
+    sy->wa = wt[x] * xy[x];
+    sy->wb = (1 - wt[x]) * xy[x];
     srow[col] = sy->wa * (sy->a >= 0 ? srow[sy->a] : 1.0f) + sy->wb * srow[sy->b]; /* q.q = 1 */
     mrow[col] = MINE_NEG;
     rowacc_add(ra, srow[col]);
@@ -947,18 +974,16 @@ static int id_first_row(const mine *m, const int64_t *ids, int64_t id) {
   return -1;
 }
 
-/* Column col of every row with sample id `id` (except skip_row) stops being a candidate. */
-static long exclude_id(mine *m, const mine_input *in, const mine_layout *l, uint8_t *mask, int64_t id,
-                       int col, int skip_row) {
-  long n = 0;
-  for (int r = id_first_row(m, in->ids, id); r >= 0; r = m->chain[r]) {
-    uint8_t *p = mask + (size_t)r * l->cols + col;
-    if (r == skip_row || *p != CAND) continue;
-    *p = MINE_OFF;
-    m->n_excl[r]++;
-    n++;
+/* Links every queue slot whose sample id is in the batch into the list of the first batch row with
+ * that id (qhead/qnext, in slot order), so that a row finds its same-id slots without a scan. */
+static void link_queue_ids(mine *m, const mine_input *in, int B) {
+  for (int r = 0; r < B; r++) m->qhead[r] = -1;
+  for (int j = in->queue_filled - 1; j >= 0; j--) {
+    int f = in->queue_ids[j] >= 0 ? id_first_row(m, in->ids, in->queue_ids[j]) : -1;
+    if (f < 0) continue;
+    m->qnext[j] = m->qhead[f];
+    m->qhead[f] = j;
   }
-  return n;
 }
 
 static int check_input(const mine *m, const mine_layout *l, const mine_input *in) {
@@ -990,68 +1015,6 @@ static int check_input(const mine *m, const mine_layout *l, const mine_input *in
   return 0;
 }
 
-/* Phases 1 and 2 for all rows; returns the same-id exclusions. */
-static long prepare_masks(mine *m, const mine_layout *l, const mine_input *in, uint8_t *mask,
-                          int use_queue, long *supervised_filtered) {
-  const int B = in->batch_size;
-  for (int i = 0; i < B; i++) {
-    uint8_t *mk = mask + (size_t)i * l->cols;
-    memset(mk, MINE_OFF, (size_t)l->cols);
-    if (use_queue) memset(mk, CAND, (size_t)in->queue_filled);
-    m->n_excl[i] = 0;
-    if (l->batch_size) {
-      memset(mk + l->batch_off, CAND, (size_t)B);
-      mk[l->batch_off + i] = MINE_OFF; /* the query's own key is its positive */
-      m->n_excl[i]++;
-    }
-  }
-  long same = 0;
-  if (in->ids) {
-    build_id_hash(m, in->ids, B);
-    if (use_queue && in->queue_ids)
-      for (int j = 0; j < in->queue_filled; j++)
-        if (in->queue_ids[j] >= 0) same += exclude_id(m, in, l, mask, in->queue_ids[j], j, -1);
-    if (l->batch_size)
-      for (int j = 0; j < B; j++)
-        if (in->ids[j] >= 0) same += exclude_id(m, in, l, mask, in->ids[j], l->batch_off + j, j);
-  }
-  *supervised_filtered = 0;
-  if (m->cfg.supervised) {
-    for (int i = 0; i < B; i++) {
-      int32_t y = in->labels[i];
-      if (y < 0) continue;
-      uint8_t *mk = mask + (size_t)i * l->cols;
-      long n = 0;
-      if (use_queue)
-        for (int j = 0; j < in->queue_filled; j++)
-          if (in->queue_labels[j] == y && mk[j] == CAND) mk[j] = MINE_OFF, n++;
-      for (int j = 0; j < l->batch_size; j++)
-        if (in->labels[j] == y && mk[l->batch_off + j] == CAND) mk[l->batch_off + j] = MINE_OFF, n++;
-      m->n_excl[i] += (int32_t)n;
-      *supervised_filtered += n;
-    }
-  }
-  return same;
-}
-
-/* Label diagnostics over a finished row's negatives among the real columns. */
-static void count_labels(const mine_layout *l, const mine_input *in, int i, const uint8_t *mk,
-                         int use_queue, acc_t *acc) {
-  int32_t y = in->labels[i];
-  if (y < 0) return;
-  if (use_queue && in->queue_labels)
-    for (int j = 0; j < in->queue_filled; j++)
-      if (mk[j] == MINE_NEG && in->queue_labels[j] >= 0) {
-        acc->label_known++;
-        acc->label_same += in->queue_labels[j] == y;
-      }
-  for (int j = 0; j < l->batch_size; j++)
-    if (mk[l->batch_off + j] == MINE_NEG && in->labels[j] >= 0) {
-      acc->label_known++;
-      acc->label_same += in->labels[j] == y;
-    }
-}
-
 /* What the whole step does, fixed before the rows. */
 typedef struct {
   mine_strategy strat; /* random during warm-up */
@@ -1059,7 +1022,62 @@ typedef struct {
   int warm, use_queue, guards, suspect;
 } plan_t;
 
-/* The candidate ranges of row i and their count after the exclusions of prepare_masks. */
+/* Phases 1 and 2 for row i: the candidates, then the exclusions that do not depend on similarity. */
+static void prepare_row(mine *m, const mine_layout *l, const mine_input *in, const plan_t *p, uint8_t *mk,
+                        int i, struct mine_row *o) {
+  const int B = in->batch_size;
+  memset(mk, MINE_OFF, (size_t)l->cols);
+  if (p->use_queue) memset(mk, CAND, (size_t)in->queue_filled);
+  int32_t excl = 0;
+  if (l->batch_size) {
+    memset(mk + l->batch_off, CAND, (size_t)B);
+    mk[l->batch_off + i] = MINE_OFF; /* the query's own key is its positive */
+    excl++;
+  }
+  int f = in->ids && in->ids[i] >= 0 ? id_first_row(m, in->ids, in->ids[i]) : -1;
+  if (f >= 0 && p->use_queue && in->queue_ids)
+    for (int j = m->qhead[f]; j >= 0; j = m->qnext[j]) {
+      o->same_id += mk[j] == CAND;
+      mk[j] = MINE_OFF;
+    }
+  if (f >= 0 && l->batch_size)
+    for (int r = f; r >= 0; r = m->chain[r]) {
+      uint8_t *c = mk + l->batch_off + r;
+      o->same_id += r != i && *c == CAND;
+      if (r != i) *c = MINE_OFF;
+    }
+  excl += (int32_t)o->same_id;
+  if (m->cfg.supervised && in->labels[i] >= 0) {
+    int32_t y = in->labels[i];
+    if (p->use_queue)
+      for (int j = 0; j < in->queue_filled; j++)
+        if (in->queue_labels[j] == y && mk[j] == CAND) mk[j] = MINE_OFF, o->sup_filtered++;
+    for (int j = 0; j < l->batch_size; j++)
+      if (in->labels[j] == y && mk[l->batch_off + j] == CAND) mk[l->batch_off + j] = MINE_OFF, o->sup_filtered++;
+    excl += (int32_t)o->sup_filtered;
+  }
+  m->n_excl[i] = excl;
+}
+
+/* Label diagnostics over a finished row's negatives among the real columns. */
+static void count_labels(const mine_layout *l, const mine_input *in, int i, const uint8_t *mk,
+                         int use_queue, struct mine_row *o) {
+  int32_t y = in->labels[i];
+  if (y < 0) return;
+  if (use_queue && in->queue_labels)
+    for (int j = 0; j < in->queue_filled; j++)
+      if (mk[j] == MINE_NEG && in->queue_labels[j] >= 0) {
+        o->label_known++;
+        o->label_same += in->queue_labels[j] == y;
+      }
+  for (int j = 0; j < l->batch_size; j++)
+    if (mk[l->batch_off + j] == MINE_NEG && in->labels[j] >= 0) {
+      o->label_known++;
+      o->label_same += in->labels[j] == y;
+    }
+}
+
+/* The candidate ranges of row i and their count after the exclusions of prepare_row. */
 static row_t row_view(const mine *m, const mine_layout *l, const mine_input *in, const plan_t *p,
                       float *srow, uint8_t *mk, int i) {
   row_t r = {.s = srow, .mk = mk};
@@ -1077,7 +1095,7 @@ static row_t row_view(const mine *m, const mine_layout *l, const mine_input *in,
 }
 
 /* Guards, then the strategy, for one row; returns the count behind the knob (0 when none). */
-static int select_row(mine *m, const mine_layout *l, const mine_input *in, const plan_t *p, int i,
+static int select_row(const mine *m, mine_ws *ws, const mine_layout *l, const mine_input *in, const plan_t *p, int i,
                       row_t *r, rng_t *rng, rowacc_t *ra) {
   const mine_config *c = &m->cfg;
   float u = INFINITY;
@@ -1088,29 +1106,29 @@ static int select_row(mine *m, const mine_layout *l, const mine_input *in, const
   switch (p->strat) {
   case MINE_ALL:
   case MINE_ADVERSARIAL:
-    if (c->skip_hardest > 0.0f) top(m, r, &w, TOP_GUARD, ra);
+    if (c->skip_hardest > 0.0f) top(m, ws, r, &w, TOP_GUARD, ra);
     finish(r, MINE_NEG, u, p->suspect, ra);
     return 0;
   case MINE_RANDOM:
   case MINE_SEMI_HARD:
-    if (p->guards) top(m, r, &w, TOP_GUARD, ra);
+    if (p->guards) top(m, ws, r, &w, TOP_GUARD, ra);
     n = p->warm ? c->num_negatives : knob_n(c, p->h, r->n_cand);
     if (n > r->n_cand) n = r->n_cand;
     if (p->strat == MINE_RANDOM)
-      pick_random(m, r, n, rng, ra);
+      pick_random(ws, r, n, rng, ra);
     else
-      pick_semi_hard(m, r, n, in->s_pos[i], rng, ra);
+      pick_semi_hard(m, ws, r, n, in->s_pos[i], rng, ra);
     return n;
   case MINE_HARDEST:
   case MINE_BAND:
     w.mode = p->strat == MINE_HARDEST ? WANT_KNOB : WANT_BAND;
-    n = top(m, r, &w, TOP_MARK, ra);
+    n = top(m, ws, r, &w, TOP_MARK, ra);
     return p->strat == MINE_HARDEST ? n : 0;
   case MINE_MIXING:
     w.mode = WANT_KNOB;
-    n = top(m, r, &w, TOP_POOL, ra); /* the hard pool stays in idx[0..n) */
+    n = top(m, ws, r, &w, TOP_POOL, ra); /* the hard pool stays in idx[0..n) */
     finish(r, MINE_NEG, u, p->suspect, ra);
-    synthesize(m, l, in, i, m->idx, n, r->s, r->mk, rng, ra);
+    synthesize(m, ws, l, in, i, ws->idx, n, r->s, r->mk, rng, ra);
     return n;
   }
   return 0;
@@ -1118,7 +1136,7 @@ static int select_row(mine *m, const mine_layout *l, const mine_input *in, const
 
 /* Columns after the candidates: synthetic ones unused outside mixing, every bank row a negative (AdCo
  * contrasts each query with the whole bank). */
-static void other_columns(mine *m, const mine_layout *l, const plan_t *p, int i, float *srow,
+static void other_columns(const mine *m, const mine_layout *l, const plan_t *p, int i, float *srow,
                           uint8_t *mk, rowacc_t *ra) {
   if (p->strat != MINE_MIXING)
     for (int x = 0; x < l->synth_size; x++) {
@@ -1159,6 +1177,43 @@ static void fill_stats(mine_stats *st, const mine_config *c, const mine_input *i
   st->label_same = acc->label_same;
 }
 
+/* One part of mine_select's rows. */
+typedef struct {
+  mine *m;
+  const mine_layout *l;
+  const mine_input *in;
+  const plan_t *p;
+  float *S;
+  uint8_t *mask;
+  uint64_t seed; /* row i draws from stream i of this seed */
+} job_t;
+
+static void select_part(void *ctx, int part, int parts) {
+  const job_t *j = ctx;
+  mine *m = j->m;
+  const mine_layout *l = j->l;
+  long lo, hi;
+  par_range(j->in->batch_size, part, parts, &lo, &hi);
+  for (int i = (int)lo; i < (int)hi; i++) {
+    float *srow = j->S + (size_t)i * l->cols;
+    uint8_t *mk = j->mask + (size_t)i * l->cols;
+    struct mine_row *o = &m->rows[i];
+    *o = (struct mine_row){.ra = {0, 0, -INFINITY}};
+    prepare_row(m, l, j->in, j->p, mk, i, o);
+    row_t r = row_view(m, l, j->in, j->p, srow, mk, i);
+    rng_t rng;
+    rng_init(&rng, j->seed, (uint64_t)i);
+    o->knob = select_row(m, &m->ws[part], l, j->in, j->p, i, &r, &rng, &o->ra);
+    other_columns(m, l, j->p, i, srow, mk, &o->ra);
+    o->suspects = r.suspects;
+    o->positives = r.positives;
+    if (j->in->labels) count_labels(l, j->in, i, mk, j->p->use_queue, o);
+  }
+}
+
+/* Rows per part at the least: a row costs microseconds, a run's wake-ups tens of them. */
+enum { MIN_ROW_CELLS = 1 << 16 };
+
 int mine_select(mine *m, const mine_layout *l, const mine_input *in, float *S, uint8_t *mask,
                 rng_t *rng, mine_stats *st) {
   int rc = check_input(m, l, in);
@@ -1171,22 +1226,30 @@ int mine_select(mine *m, const mine_layout *l, const mine_input *in, float *S, u
   p.guards = c->ceiling != MINE_CEILING_NONE || c->skip_hardest > 0.0f;
   p.suspect = c->suspects_as_positives ? MINE_POS : MINE_OFF;
 
-  long sup_filtered;
-  long same = prepare_masks(m, l, in, mask, p.use_queue, &sup_filtered);
+  const int B = in->batch_size;
+  if (in->ids) {
+    build_id_hash(m, in->ids, B);
+    if (p.use_queue && in->queue_ids) link_queue_ids(m, in, B);
+  }
+  job_t job = {m, l, in, &p, S, mask, rng_u64(rng)};
+  int parts = par_parts((long)B * l->cols, MIN_ROW_CELLS);
+  if (parts > B) parts = B;
+  if (parts > m->n_ws) parts = m->n_ws;
+  par_run(parts, select_part, &job);
+
   acc_t acc = {.hardest_max = -INFINITY};
-  long suspects = 0, positives = 0;
+  long suspects = 0, positives = 0, same = 0, sup_filtered = 0;
   int knob = 0;
-  for (int i = 0; i < in->batch_size; i++) {
-    float *srow = S + (size_t)i * l->cols;
-    uint8_t *mk = mask + (size_t)i * l->cols;
-    row_t r = row_view(m, l, in, &p, srow, mk, i);
-    rowacc_t ra = {0, 0, -INFINITY};
-    knob = imax(knob, select_row(m, l, in, &p, i, &r, rng, &ra));
-    other_columns(m, l, &p, i, srow, mk, &ra);
-    suspects += r.suspects;
-    positives += r.positives;
-    row_done(&acc, &ra, in->s_pos[i]);
-    if (in->labels) count_labels(l, in, i, mk, p.use_queue, &acc);
+  for (int i = 0; i < B; i++) { /* in row order: the sums do not depend on the split */
+    const struct mine_row *o = &m->rows[i];
+    knob = imax(knob, o->knob);
+    suspects += o->suspects;
+    positives += o->positives;
+    same += o->same_id;
+    sup_filtered += o->sup_filtered;
+    acc.label_known += o->label_known;
+    acc.label_same += o->label_same;
+    row_done(&acc, &o->ra, in->s_pos[i]);
   }
   if (st) {
     fill_stats(st, c, in, &p, &acc);

@@ -3,8 +3,7 @@
  * and 65536; strategies all, hardest (n = 1024), semi-hard (n = 1024, margin 0.2), mixing (MoCHi
  * N = 1024, s = 512, s' = 256). The embeddings are clustered so that similarities spread like a
  * trained model's (same-cluster ~0.5, positives ~0.9) rather than a random projection's (~0 +- 0.09).
- * Wall times are the fastest of a few runs; CPU times (this thread for selection, the whole process for
- * the multi-threaded sgemm) show the work itself when other jobs share the machine. Prints figures
+ * Wall times are the fastest of a few runs; CPU times (the whole process: both run on the compute team) show the work itself when other jobs share the machine. Prints figures
  * only. */
 #include <math.h>
 #include <stdio.h>
@@ -12,7 +11,11 @@
 #include <string.h>
 #include <time.h>
 
+#include <cblas.h>
+
 #include "contrast/mine.h"
+#include "core/err.h"
+#include "core/par.h"
 #include "core/tensor.h"
 #include "../testutil.h"
 
@@ -40,8 +43,18 @@ static double fastest(const double *t, int n) {
   return m;
 }
 
-int main(void) {
+/* Arguments narrow the run for profiling: `bench_mine [K [strategy]]`. */
+int main(int argc, char **argv) {
   static const int Ks[] = {4096, 65536};
+  int only_k = argc > 1 ? atoi(argv[1]) : 0;
+  mine_strategy only_s = MINE_ADVERSARIAL; /* not benchmarked: means every strategy */
+  if (argc > 2 && mine_strategy_parse(argv[2], &only_s)) return 2;
+  /* Both the product and the selection run on mocod's compute team, as in the daemon. */
+  int threads = openblas_get_num_threads();
+  if (par_set_threads(threads)) {
+    fprintf(stderr, "bench_mine: %s\n", moco_errmsg());
+    return 1;
+  }
   static const mine_strategy strategies[] = {MINE_ALL, MINE_HARDEST, MINE_SEMI_HARD, MINE_MIXING};
   rng_t r;
   rng_init(&r, 1, RNG_STREAM_SAMPLE);
@@ -57,11 +70,13 @@ int main(void) {
     vec_normalize(kpos + i * D, D);
     s_pos[i] = vec_dot(q + i * D, kpos + i * D, D);
   }
-  printf("selection per step, B=%d d=%d (fastest of runs; overhead = select / sgemm)\n", B, D);
+  printf("selection per step, B=%d d=%d, %d threads (fastest of runs; overhead = select / sgemm)\n", B, D,
+         threads);
   printf("%-6s %-10s %9s %9s %8s %10s %10s %8s %9s %9s\n", "K", "strategy", "sgemm ms", "select ms",
          "overhead", "sgemm cpu", "select cpu", "cpu share", "ms/1k K", "neg/query");
   for (size_t ki = 0; ki < sizeof Ks / sizeof *Ks; ki++) {
     int K = Ks[ki], reps = K > 10000 ? 5 : 15;
+    if (only_k && K != only_k) continue;
     float *keys = tensor_alloc((size_t)K * D), *Sq = tensor_alloc((size_t)B * K);
     clustered(keys, K, centers, 1.0f, &r);
     double t[16], c[16];
@@ -73,6 +88,7 @@ int main(void) {
     }
     double sgemm = fastest(t, reps), sgemm_cpu = fastest(c, reps);
     for (size_t si = 0; si < sizeof strategies / sizeof *strategies; si++) {
+      if (only_s != MINE_ADVERSARIAL && strategies[si] != only_s) continue;
       mine_config mc;
       mine_config_default(&mc);
       mc.strategy = strategies[si];
@@ -90,10 +106,10 @@ int main(void) {
       rng_t mr;
       rng_init(&mr, 2, RNG_STREAM_SAMPLE);
       for (int rep = 0; rep < reps; rep++) {
-        double t0 = clock_now(), c0 = cpu_seconds(CLOCK_THREAD_CPUTIME_ID);
+        double t0 = clock_now(), c0 = cpu_seconds(CLOCK_PROCESS_CPUTIME_ID);
         if (mine_select(&m, &l, &in, S, mask, &mr, &st)) return 1;
         t[rep] = clock_now() - t0;
-        c[rep] = cpu_seconds(CLOCK_THREAD_CPUTIME_ID) - c0;
+        c[rep] = cpu_seconds(CLOCK_PROCESS_CPUTIME_ID) - c0;
       }
       double sel = fastest(t, reps), sel_cpu = fastest(c, reps);
       printf("%-6d %-10s %9.2f %9.2f %7.1f%% %10.2f %10.2f %7.1f%% %9.3f %9.1f\n", K,
