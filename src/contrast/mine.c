@@ -11,6 +11,9 @@
 #include "contrast/mine.h"
 
 #include <float.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,12 +42,11 @@ struct mine_row {
 };
 
 /* SAMPLE: strided sample that places a row's thresholds; BLOCK: columns a gather skips at once when
- * none reaches its threshold; NT: thresholds per cut; BLK: columns per block of a rank pass. */
+ * none reaches its threshold; NT: thresholds per cut; BLK: columns per block of the classifying pass
+ * (one test for anything to compact). */
 enum { SAMPLE = 256, BLOCK = 16, NT = 8, BLK = 64 };
 
-/* The per-block loops are called with n == BLK for whole blocks and n < BLK for a range's tail;
- * inlined, the whole-block call has a constant trip count, which is what lets GCC's -O2 vectoriser
- * take it. */
+/* Inlined into each caller, so that a literal flag argument folds its tests away. */
 #define BLOCK_FN static inline __attribute__((always_inline))
 
 void mine_config_default(mine_config *c) {
@@ -335,64 +337,109 @@ static inline void rowacc_add(rowacc_t *ra, float x) {
   if (x > ra->max) ra->max = x;
 }
 
-/* An all-ones / all-zero int mask from a condition. The block loops combine such masks with & | ~
- * rather than ?: on bytes, which GCC can only if-convert with AVX-512's masked stores: this way
- * they vectorise on plain AVX2 (and SSE) too. */
+/* An all-ones / all-zero int mask from a condition, as vector comparisons give per lane. */
 static inline int32_t bmask(int cond) { return -(int32_t)cond; }
 
-/* The block passes count their negatives in integers, which the compiler vectorises without
- * reassociating float sums: similarities in 20-bit fixed point (cosines lie in [-1, 1]; values
- * outside [-8, 8] count as 0, which keeps the conversion defined) and the maximum as the float's
- * bits made order-preserving. */
+/* ---- vector lanes ------------------------------------------------------------------------------
+ * The passes over a row take VL columns at a time in GCC's generic vectors (one AVX-512 register
+ * here, two or four narrower ones elsewhere). Comparisons give all-ones / all-zero int lanes, which
+ * combine with & | ~ since C has no ?: on vectors. Sums, counts and maxima stay in lanes until the
+ * row ends, so a pass has no horizontal reduction in its loop; a row is one thread's work, so the
+ * lane order, and with it every rounding, is fixed. */
+enum { VL = 16 };
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+typedef uint8_t vb __attribute__((vector_size(VL)));
+
+static inline vf vsplat(float x) { return (vf){0} + x; }
+static inline vf vsel(vi c, vf a, vf b) { return (vf)((c & (vi)a) | (~c & (vi)b)); }
+
+/* VL similarities and their mask bytes from column j of a range ending at hi; lanes past hi read
+ * as MINE_OFF, which no pass acts on. */
 typedef struct {
-  int64_t sum; /* 2^-20 units */
-  int32_t key; /* sortable bits of the largest */
-  int32_t count;
-} blockacc;
+  vf x;
+  vi m;
+  int n; /* real lanes */
+} lanes;
 
-/* x where the mask is set and x is a plausible similarity, else 0: what block_stats converts. */
-static inline float stat_value(int32_t mask, float x) {
-  return (mask & bmask(x >= -8.0f) & bmask(x <= 8.0f)) ? x : 0.0f;
+/* Mask bytes as int lanes. GCC 12 scalarises __builtin_convertvector from bytes to ints (sixteen
+ * shifts and inserts), where AVX-512 has one instruction for it. */
+static inline vi widen(const uint8_t *p) {
+#ifdef __AVX512F__
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#else
+  int32_t t[VL];
+  for (int k = 0; k < VL; k++) t[k] = p[k];
+  vi v;
+  memcpy(&v, t, sizeof v);
+  return v;
+#endif
 }
 
-/* The float's bits, read as an integer in the vectorised loops: GCC's may_alias makes the type pun
- * defined where memcpy would stop the vectoriser. */
-typedef int32_t alias_i32 __attribute__((may_alias));
-
-static inline int32_t sortable_bits(int32_t b) { return b ^ ((b >> 31) & 0x7fffffff); }
-
-/* Largest of BLK keys, as a loop of its own so that it vectorises. */
-BLOCK_FN int32_t max_key(const int32_t *keys, int n) {
-  int32_t key = INT32_MIN;
-  for (int k = 0; k < n; k++) key = keys[k] > key ? keys[k] : key;
-  return key;
+static inline lanes load_lanes(const float *s, const uint8_t *mk, int j, int hi) {
+  lanes l = {.n = hi - j < VL ? hi - j : VL};
+  if (l.n == VL) {
+    memcpy(&l.x, s + j, sizeof l.x);
+    l.m = widen(mk + j);
+    return l;
+  }
+  float xs[VL] = {0};
+  uint8_t b[VL] = {0};
+  memcpy(xs, s + j, (size_t)l.n * sizeof *xs);
+  memcpy(b, mk + j, (size_t)l.n);
+  memcpy(&l.x, xs, sizeof l.x);
+  l.m = widen(b);
+  return l;
 }
 
-/* Folds a block's counted similarities (xs, 0 where not counted) and their keys into ba. The
- * float-to-fixed conversion is a loop of its own: fused into the block loop it stops GCC's AVX2
- * vectoriser. */
-BLOCK_FN void block_stats(const float *xs, const int32_t *keys, int n, int count, blockacc *ba) {
-  int32_t sum = 0;
-  for (int k = 0; k < n; k++) sum += (int32_t)(xs[k] * 1048576.0f);
-  int32_t key = max_key(keys, n);
-  ba->sum += sum;
-  ba->count += count;
-  ba->key = key > ba->key ? key : ba->key;
+static inline void store_mask(uint8_t *mk, int j, const lanes *l, vi m) {
+  vb b = __builtin_convertvector(m, vb);
+  if (l->n == VL)
+    memcpy(mk + j, &b, sizeof b);
+  else
+    memcpy(mk + j, &b, (size_t)l->n);
 }
 
-static float unsortable(int32_t k) {
-  int32_t b = k ^ ((k >> 31) & 0x7fffffff);
-  float x;
-  memcpy(&x, &b, sizeof x);
-  return x;
+/* Valid for ranking: a candidate at or below the ceiling with a finite similarity. */
+static inline vi rankable_v(vi cand, vf x, vf u) {
+  return cand & (x <= u) & (x >= vsplat(-FLT_MAX)) & (x <= vsplat(FLT_MAX));
 }
 
-static void rowacc_merge(rowacc_t *ra, const blockacc *ba) {
-  if (ba->count == 0) return;
-  ra->sum += (double)ba->sum * (1.0 / 1048576.0);
-  ra->count += ba->count;
-  float mx = unsortable(ba->key);
-  if (mx > ra->max) ra->max = mx;
+/* A pass's selected negatives, per lane: the sum (finite values), the largest, minus the count. */
+typedef struct {
+  vf sum, max;
+  vi ncount;
+} vstats;
+
+static inline vstats vstats_new(void) { return (vstats){vsplat(0.0f), vsplat(-INFINITY), (vi){0}}; }
+
+/* By value: the lanes then stay in registers across the byte stores of a pass, which may alias
+ * anything in memory. */
+static inline vstats vstats_add(vstats a, vi take, vf x) {
+  vi finite = (x >= vsplat(-FLT_MAX)) & (x <= vsplat(FLT_MAX));
+  a.sum += vsel(take & finite, x, vsplat(0.0f));
+  vf mx = vsel(take, x, vsplat(-INFINITY));
+  a.max = vsel(mx > a.max, mx, a.max);
+  a.ncount += take;
+  return a;
+}
+
+/* Lanes into the row's accumulator; returns the count. */
+static int rowacc_merge(rowacc_t *ra, const vstats *a) {
+  int count = 0;
+  for (int k = 0; k < VL; k++) {
+    ra->sum += a->sum[k];
+    count -= a->ncount[k];
+    if (a->max[k] > ra->max) ra->max = a->max[k];
+  }
+  ra->count += count;
+  return count;
+}
+
+static inline int lanes_sum(vi v) {
+  int n = 0;
+  for (int k = 0; k < VL; k++) n += v[k];
+  return n;
 }
 
 /* ---- rank selection ----------------------------------------------------------------------------
@@ -406,7 +453,7 @@ static void rowacc_merge(rowacc_t *ra, const blockacc *ba) {
  *      bracket; k-th element selection among those settles the exact boundary.
  * A bad sample only widens a bracket (at worst to the whole row), so the result is always exact. */
 
-/* Valid for ranking: a candidate at or below the ceiling with a finite similarity. */
+/* rankable_v for one column. */
 static inline int32_t rankable(int32_t cand, float x, float u) {
   return cand & bmask(x <= u) & bmask(x >= -FLT_MAX) & bmask(x <= FLT_MAX);
 }
@@ -436,36 +483,29 @@ typedef struct {
   int nt;
 } cuts;
 
-/* Pass one over a block: the rankable candidates (returned), and how many are at or above each
- * threshold. */
-BLOCK_FN int count_block(const float *restrict s, const uint8_t *restrict mk, int n, float u,
-                         const float *restrict t, int nt, int32_t *restrict count) {
-  float xv[BLK];
-  int v = 0;
-  for (int k = 0; k < n; k++) {
-    float x = s[k];
-    int32_t ok = rankable(bmask(mk[k] == CAND), x, u);
-    v += ok & 1;
-    xv[k] = ok ? x : -INFINITY; /* below every threshold */
-  }
-  for (int j = 0; j < nt; j++) {
-    int c = 0;
-    for (int k = 0; k < n; k++) c += xv[k] >= t[j];
-    count[j] += c;
-  }
-  return v;
+/* Pass one: the rankable candidates (returned), and how many are at or above each of the nt
+ * thresholds. Inlined with a literal nt (one cut's NT, the usual case), the threshold loop unrolls
+ * and its counts stay in registers. */
+BLOCK_FN int count_thresholds(const row_t *r, cuts *ct, int nt) {
+  vi acc[MAX_CUTS * NT] = {{0}}, valid = {0};
+  vf t[MAX_CUTS * NT];
+  for (int q = 0; q < nt; q++) t[q] = vsplat(ct->t[q]);
+  const vf u = vsplat(ct->u);
+  for (int k = 0; k < r->nr; k++)
+    for (int j = r->lo[k]; j < r->hi[k]; j += VL) {
+      lanes l = load_lanes(r->s, r->mk, j, r->hi[k]);
+      vi ok = rankable_v(l.m == CAND, l.x, u);
+      valid += ok;
+      vf x = vsel(ok, l.x, vsplat(-INFINITY)); /* below every threshold */
+#pragma GCC unroll 8
+      for (int q = 0; q < nt; q++) acc[q] += x >= t[q];
+    }
+  for (int q = 0; q < nt; q++) ct->count[q] = -lanes_sum(acc[q]);
+  return -lanes_sum(valid);
 }
 
 static int count_pass(const row_t *r, cuts *ct) {
-  int v = 0;
-  memset(ct->count, 0, sizeof ct->count);
-  for (int k = 0; k < r->nr; k++)
-    for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
-      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK;
-      v += n == BLK ? count_block(r->s + j, r->mk + j, BLK, ct->u, ct->t, ct->nt, ct->count)
-                    : count_block(r->s + j, r->mk + j, n, ct->u, ct->t, ct->nt, ct->count);
-    }
-  return v;
+  return ct->nt == NT ? count_thresholds(r, ct, NT) : count_thresholds(r, ct, ct->nt);
 }
 
 /* A strided sample of the row's rankable values into sample[]; *cands counts the candidates seen. */
@@ -524,49 +564,38 @@ static void bracket(cuts *ct, cut *c, int V) {
   c->need = c->R - above;
 }
 
-/* Pass two over one block: decides the block's candidates from the brackets; returns the number of
- * new suspects, flags in bd[] the entries inside a bracket and in win[] the window entries (*flags:
- * any entry to compact: a bracketed one, or for TOP_POOL a window one), and counts into ba the
- * window entries it marks MINE_NEG (TOP_MARK). */
-BLOCK_FN int classify(const float *restrict s, uint8_t *restrict mk, int n, const cuts *ct,
-                      uint8_t *restrict bd, uint8_t *restrict win, int *flags, blockacc *ba,
-                      int window_only) {
-  const alias_i32 *bits = (const alias_i32 *)s;
-  const float u = ct->u;
+static inline vi isplat(int32_t k) { return (vi){0} + k; }
+
+/* Pass two over the lanes at column j: decides their candidates from the brackets, writes their
+ * bracket flags to bd and window flags to win, adds the new suspects to *ns and, for TOP_MARK, the
+ * window entries it marks MINE_NEG to st; returns the lanes to compact (bracketed ones, and for
+ * TOP_POOL the window). */
+BLOCK_FN vi classify(const row_t *r, int j, int hi, const cuts *ct, uint8_t *bd, uint8_t *win, vi *ns,
+                     vstats *st, int window_only) {
+  const lanes l = load_lanes(r->s, r->mk, j, hi);
+  const vf x = l.x, u = vsplat(ct->u);
+  const vi m = l.m;
   /* window_only (a literal at the call): cuts E and A are inactive, their tests fold away */
-  const float loE = window_only ? INFINITY : ct->c[0].lo, hiE = window_only ? INFINITY : ct->c[0].hi;
-  const float loA = window_only ? INFINITY : ct->c[1].lo, hiA = window_only ? INFINITY : ct->c[1].hi;
-  const float loB = ct->c[2].lo, hiB = ct->c[2].hi;
-  const int32_t smark = ct->suspect >= 0 ? ct->suspect : CAND;
-  const int32_t mark = bmask(ct->mode == TOP_MARK), flag_susp = bmask(ct->suspect >= 0);
-  const int32_t pool = bmask(ct->mode != TOP_GUARD), list = bmask(ct->mode == TOP_POOL);
-  int32_t keys[BLK];
-  float xs[BLK];
-  int ns = 0, any = 0, cnt = 0;
-  for (int k = 0; k < n; k++) {
-    float x = s[k];
-    int32_t m = mk[k];
-    int32_t cand = bmask(m == CAND), ok = rankable(cand, x, u);
-    int32_t edge = ok & ((bmask(x >= loE) & bmask(x < hiE)) | (bmask(x >= loA) & bmask(x < hiA)) |
-                         (bmask(x >= loB) & bmask(x < hiB)));
-    int32_t sus = (cand & bmask(x > u) & flag_susp) | (ok & bmask(x >= hiE));
-    int32_t w = ok & bmask(x >= hiB) & bmask(x < loA) & ~edge & pool;
-    /* TOP_MARK decides: bracketed stays CAND, window NEG, the rest OFF (0); other modes keep m */
-    int32_t rest = (mark & ((edge & CAND) | (w & MINE_NEG))) | (~mark & m);
-    int32_t nm = (sus & smark) | (~sus & rest);
-    mk[k] = (uint8_t)((cand & nm) | (~cand & m));
-    bd[k] = (uint8_t)(edge & 1);
-    win[k] = (uint8_t)(w & 1);
-    ns += sus & 1;
-    any |= (edge | (w & list)) & 1;
-    int32_t counted = w & mark;
-    cnt += counted & 1;
-    xs[k] = stat_value(counted, x);
-    keys[k] = (counted & sortable_bits(bits[k])) | (~counted & INT32_MIN);
-  }
-  if (ct->mode == TOP_MARK) block_stats(xs, keys, n, cnt, ba);
-  *flags = any;
-  return ns;
+  const vf loE = vsplat(window_only ? INFINITY : ct->c[0].lo), hiE = vsplat(window_only ? INFINITY : ct->c[0].hi);
+  const vf loA = vsplat(window_only ? INFINITY : ct->c[1].lo), hiA = vsplat(window_only ? INFINITY : ct->c[1].hi);
+  const vf loB = vsplat(ct->c[2].lo), hiB = vsplat(ct->c[2].hi);
+  const vi smark = isplat(ct->suspect >= 0 ? ct->suspect : CAND);
+  const vi mark = isplat(bmask(ct->mode == TOP_MARK)), flag_susp = isplat(bmask(ct->suspect >= 0));
+  const vi pool = isplat(bmask(ct->mode != TOP_GUARD)), list = isplat(bmask(ct->mode == TOP_POOL));
+  vi cand = m == CAND, ok = rankable_v(cand, x, u);
+  vi edge = ok & (((x >= loE) & (x < hiE)) | ((x >= loA) & (x < hiA)) | ((x >= loB) & (x < hiB)));
+  vi sus = (cand & (x > u) & flag_susp) | (ok & (x >= hiE));
+  vi w = ok & (x >= hiB) & (x < loA) & ~edge & pool;
+  /* TOP_MARK decides: bracketed stays CAND, window NEG, the rest OFF (0); other modes keep m */
+  vi rest = (mark & ((edge & CAND) | (w & MINE_NEG))) | (~mark & m);
+  vi nm = (sus & smark) | (~sus & rest);
+  store_mask(r->mk, j, &l, (cand & nm) | (~cand & m));
+  vb fb = __builtin_convertvector(edge & 1, vb), fw = __builtin_convertvector(w & 1, vb);
+  memcpy(bd, &fb, VL);
+  memcpy(win, &fw, VL);
+  *ns += sus;
+  if (ct->mode == TOP_MARK) *st = vstats_add(*st, w, x);
+  return edge | (w & list);
 }
 
 /* The value at descending rank R (1-based) of v[0..n) and how many entries equal to it belong to the
@@ -684,30 +713,28 @@ static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode m
     ct.c[k].R = R[k];
     bracket(&ct, &ct.c[k], V);
   }
-  uint8_t bd[BLK] = {0}, win[BLK] = {0}; /* a tail block leaves the rest zero: compact reads 8 at once */
+  uint8_t bd[BLK], win[BLK];
   const int window_only = ct.c[0].R == 0 && ct.c[1].R == 0; /* hardest, mixing's pool: the usual case */
-  blockacc ba = {0, INT32_MIN, 0};
+  vstats st = vstats_new();
+  vi nsv = {0};
   int g = 0, n_win = 0;
-  long ns = 0;
   for (int k = 0; k < r->nr; k++)
     for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
-      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK, flags;
-      if (n < BLK)
-        ns += classify(r->s + j, r->mk + j, n, &ct, bd, win, &flags, &ba, 0);
-      else if (window_only)
-        ns += classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba, 1);
-      else
-        ns += classify(r->s + j, r->mk + j, BLK, &ct, bd, win, &flags, &ba, 0);
-      if (!flags) continue;
+      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK;
+      vi any = {0};
+      for (int v = 0; v < n; v += VL)
+        any |= window_only ? classify(r, j + v, r->hi[k], &ct, bd + v, win + v, &nsv, &st, 1)
+                           : classify(r, j + v, r->hi[k], &ct, bd + v, win + v, &nsv, &st, 0);
+      if (!lanes_sum(any)) continue;
       g = compact(r->s, j, n, bd, ws->vals, ws->bidx, g);
       if (mode == TOP_POOL) n_win = compact(NULL, j, n, win, NULL, ws->idx, n_win);
     }
-  rowacc_merge(ra, &ba);
+  int marked = rowacc_merge(ra, &st), ns = -lanes_sum(nsv);
   r->suspects += ns;
   if (ct.suspect == MINE_POS) r->positives += ns;
   r->n_cand = V - E;
   int settled = settle(ws, r, &ct, g, n_win, ra);
-  return (mode == TOP_MARK ? ba.count : n_win) + settled;
+  return (mode == TOP_MARK ? marked : n_win) + settled;
 }
 
 static void mark_list(row_t *r, const int32_t *cols, int n, rowacc_t *ra) {
@@ -717,47 +744,31 @@ static void mark_list(row_t *r, const int32_t *cols, int n, rowacc_t *ra) {
   }
 }
 
-/* One block of finish(MINE_NEG): candidates above u become suspects, the rest negatives. */
-BLOCK_FN int finish_block(const float *restrict s, uint8_t *restrict mk, int n, float u, int32_t smark,
-                          blockacc *ba) {
-  const alias_i32 *bits = (const alias_i32 *)s;
-  int32_t keys[BLK];
-  float xs[BLK];
-  int ns = 0, cnt = 0;
-  for (int k = 0; k < n; k++) {
-    float x = s[k];
-    int32_t m = mk[k];
-    int32_t cand = bmask(m == CAND), sus = cand & bmask(x > u), neg = cand & ~sus;
-    mk[k] = (uint8_t)((sus & smark) | (neg & MINE_NEG) | (~cand & m));
-    ns += sus & 1;
-    cnt += neg & 1;
-    xs[k] = stat_value(neg, x);
-    keys[k] = (neg & sortable_bits(bits[k])) | (~neg & INT32_MIN);
-  }
-  block_stats(xs, keys, n, cnt, ba);
-  return ns;
-}
-
 /* Final pass: every remaining candidate becomes `to`; when to is MINE_NEG, those above u are
  * suspects instead and the negatives are counted. */
 static void finish(row_t *r, uint8_t to, float u, int suspect, rowacc_t *ra) {
-  blockacc ba = {0, INT32_MIN, 0};
-  int32_t smark = suspect;
-  long ns = 0;
+  vstats st = vstats_new();
+  vi nsv = {0};
+  const vf uv = vsplat(u);
   for (int k = 0; k < r->nr; k++)
-    for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
-      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK;
-      uint8_t *mk = r->mk + j;
-      if (to == MINE_OFF) /* CAND -> OFF (0), written as a mask so that it vectorises */
-        for (int i = 0; i < n; i++) mk[i] = (uint8_t)(mk[i] & (uint8_t)-(mk[i] != CAND));
-      else
-        ns += n == BLK ? finish_block(r->s + j, mk, BLK, u, smark, &ba)
-                       : finish_block(r->s + j, mk, n, u, smark, &ba);
+    for (int j = r->lo[k]; j < r->hi[k]; j += VL) {
+      lanes l = load_lanes(r->s, r->mk, j, r->hi[k]);
+      vi cand = l.m == CAND;
+      if (to == MINE_OFF) {
+        store_mask(r->mk, j, &l, l.m & ~cand);
+        continue;
+      }
+      vi sus = cand & (l.x > uv), neg = cand & ~sus;
+      store_mask(r->mk, j, &l, (sus & suspect) | (neg & MINE_NEG) | (~cand & l.m));
+      nsv += sus;
+      st = vstats_add(st, neg, l.x);
     }
-  rowacc_merge(ra, &ba);
+  if (to == MINE_OFF) return;
+  rowacc_merge(ra, &st);
+  int ns = -lanes_sum(nsv);
   r->suspects += ns;
   r->positives += suspect == MINE_POS ? ns : 0;
-  r->n_cand -= (int)ns;
+  r->n_cand -= ns;
 }
 
 /* Partial Fisher-Yates: idx[0..n) become a uniform sample without replacement of idx[0..g). */
