@@ -1,20 +1,30 @@
-/* The compute team: workers sleep on a condition variable between runs; a run bumps a generation
- * counter, does its own parts, and waits until the workers have done theirs. A run costs two wake-ups
- * (tens of microseconds), against layer loops of a millisecond or more. */
+/* The compute team: a run bumps a generation counter, does its own parts, and waits until the
+ * workers have done theirs. Between runs a worker first spins on the counter for a short while, then
+ * sleeps on a condition variable; the caller waits for the workers the same way. A step's runs follow
+ * each other within microseconds, and a sleeping thread costs a wake-up each time (tens of
+ * microseconds on a virtual machine) and, worse, leaves its core idle for the host to give to someone
+ * else, whose data then fills that core's caches: measured, a product split in two took 2.0 ms with
+ * sleeping workers against 1.45 ms when they spin. Spinning stops after SPIN_SECONDS, so an idle team
+ * (between steps, while the loader works) costs nothing. */
 #include "core/par.h"
 
 #include <cblas.h>
 #include <pthread.h>
+#include <stdatomic.h>
 
+#include "core/clock.h"
 #include "core/err.h"
+
+#define SPIN_SECONDS 100e-6
 
 static struct {
   pthread_mutex_t mu;
   pthread_cond_t wake, done;
   pthread_mutex_t busy; /* held for a whole run; a second caller runs alone */
   pthread_t tid[PAR_MAX_THREADS];
-  int threads, stop, pending;
-  unsigned long gen;  /* runs started */
+  int threads;
+  atomic_int stop, pending; /* written under mu; read without it while spinning */
+  atomic_ulong gen;         /* runs started */
   unsigned long born; /* gen when the workers started: runs before are not theirs */
   par_fn fn;
   void *ctx;
@@ -34,11 +44,35 @@ static void run_parts(int self, int threads, par_fn fn, void *ctx, int parts) {
   in_run = 0;
 }
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+/* Spins while *v == old, for SPIN_SECONDS at most; returns the last value read. */
+static unsigned long spin_while_ulong(atomic_ulong *v, unsigned long old) {
+  double end = clock_now() + SPIN_SECONDS;
+  unsigned long x;
+  while ((x = atomic_load(v)) == old && !atomic_load(&team.stop) && clock_now() < end) cpu_relax();
+  return x;
+}
+
+static void spin_while_pending(void) {
+  double end = clock_now() + SPIN_SECONDS;
+  while (atomic_load(&team.pending) && clock_now() < end) cpu_relax();
+}
+
 static void *worker(void *arg) {
   int self = (int)(long)arg;
   pthread_mutex_lock(&team.mu);
   unsigned long seen = team.born;
   for (;;) {
+    if (team.gen == seen && !team.stop) {
+      pthread_mutex_unlock(&team.mu);
+      spin_while_ulong(&team.gen, seen);
+      pthread_mutex_lock(&team.mu);
+    }
     while (team.gen == seen && !team.stop) pthread_cond_wait(&team.wake, &team.mu);
     if (team.stop) break;
     seen = team.gen;
@@ -100,6 +134,7 @@ void par_run(int parts, par_fn fn, void *ctx) {
   pthread_cond_broadcast(&team.wake);
   pthread_mutex_unlock(&team.mu);
   run_parts(0, team.threads, fn, ctx, parts);
+  spin_while_pending();
   pthread_mutex_lock(&team.mu);
   while (team.pending) pthread_cond_wait(&team.done, &team.mu);
   pthread_mutex_unlock(&team.mu);
