@@ -534,7 +534,15 @@ int net_backward(net *n, const float *dout, float *dx, int B) {
   return 0;
 }
 
-void net_zero_grad(net *n) { memset(n->grads, 0, n->n_params * sizeof(float)); }
+static void zero_grad_part(void *ctx, int part, int parts) {
+  net *n = ctx;
+  long lo, hi;
+  par_range((long)n->n_params, part, parts, &lo, &hi);
+  memset(n->grads + lo, 0, (size_t)(hi - lo) * sizeof(float));
+}
+
+/* Split over the team: megabytes every step, and a store stream per core goes about twice as fast. */
+void net_zero_grad(net *n) { par_run(par_parts((long)n->n_params, 1L << 18), zero_grad_part, n); }
 
 size_t net_num_params(const net *n) { return n->n_params; }
 
