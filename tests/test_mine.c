@@ -707,31 +707,62 @@ static void random_unit(float *x, int d, rng_t *r) {
   vec_normalize(x, (size_t)d);
 }
 
+/* A MoCHi miner over random unit vectors: K queue keys, B queries and in-batch keys, pool N,
+ * 5 pair mixes and 4 query mixes per row, S filled from the vectors. */
+enum { MIX_K = 40, MIX_B = 3, MIX_D = 16, MIX_N = 6 };
+static float mix_keys[MIX_K * MIX_D], mix_bkeys[MIX_B * MIX_D], mix_q[MIX_B * MIX_D];
+
+static void mixing_open(mine_config *c, rng_t *r) {
+  enum { K = MIX_K, B = MIX_B, D = MIX_D };
+  *c = cfg_of(MINE_MIXING, MIX_N);
+  c->mix_pairs = 5;
+  c->mix_query = 4;
+  c->in_batch_negatives = 1;
+  rng_init(r, 8, 1);
+  for (int j = 0; j < K; j++) random_unit(mix_keys + j * D, D, r);
+  for (int i = 0; i < B; i++) {
+    random_unit(mix_q + i * D, D, r);
+    random_unit(mix_bkeys + i * D, D, r);
+  }
+}
+
+static void mixing_fill(fix *f) {
+  enum { K = MIX_K, B = MIX_B, D = MIX_D };
+  f->in.q = mix_q;
+  f->in.queue_keys = mix_keys;
+  f->in.batch_keys = mix_bkeys;
+  for (int i = 0; i < B; i++) {
+    float *s = f->S + (size_t)i * f->l.cols;
+    for (int j = 0; j < K; j++) s[j] = vec_dot(mix_q + i * D, mix_keys + j * D, D);
+    for (int j = 0; j < B; j++) s[K + j] = vec_dot(mix_q + i * D, mix_bkeys + j * D, D);
+    f->s_pos[i] = 0.9f;
+  }
+}
+
+/* Whether every synthetic recipe of row i mixes members of the n hardest of rk (and the query). */
+static int recipes_from_pool(const fix *f, int i, const ranked *rk, int n) {
+  for (int x = 0; x < f->l.synth_size; x++) {
+    const mine_synth *sy = f->m.synth + (size_t)i * f->l.synth_size + x;
+    int in_a = sy->a == -1, in_b = 0;
+    for (int k = 0; k < n; k++) {
+      in_a |= rk[k].col == sy->a;
+      in_b |= rk[k].col == sy->b;
+    }
+    if (!in_a || !in_b) return 0;
+  }
+  return 1;
+}
+
 START_TEST(mixing_builds_unit_convex_mixes_of_the_hard_pool) {
-  enum { K = 40, B = 3, D = 16, N = 6 };
-  mine_config c = cfg_of(MINE_MIXING, N);
-  c.mix_pairs = 5;
-  c.mix_query = 4;
-  c.in_batch_negatives = 1;
+  enum { K = MIX_K, B = MIX_B, D = MIX_D, N = MIX_N };
+  mine_config c;
+  rng_t r;
+  mixing_open(&c, &r);
   fix f;
   fix_open(&f, &c, K, B, D);
-  static float keys[K * D], bkeys[B * D], q[B * D], point[D];
-  rng_t r;
-  rng_init(&r, 8, 1);
-  for (int j = 0; j < K; j++) random_unit(keys + j * D, D, &r);
-  for (int i = 0; i < B; i++) {
-    random_unit(q + i * D, D, &r);
-    random_unit(bkeys + i * D, D, &r);
-  }
-  f.in.q = q;
-  f.in.queue_keys = keys;
-  f.in.batch_keys = bkeys;
-  for (int i = 0; i < B; i++) {
-    float *s = f.S + (size_t)i * f.l.cols;
-    for (int j = 0; j < K; j++) s[j] = vec_dot(q + i * D, keys + j * D, D);
-    for (int j = 0; j < B; j++) s[K + j] = vec_dot(q + i * D, bkeys + j * D, D);
-    f.s_pos[i] = 0.9f;
-  }
+  mixing_fill(&f);
+  const float *keys = mix_keys, *bkeys = mix_bkeys, *q = mix_q;
+  static float point[D];
   fix_run(&f);
   ck_assert_int_eq(f.l.synth_size, 9);
   for (int i = 0; i < B; i++) {
@@ -743,15 +774,10 @@ START_TEST(mixing_builds_unit_convex_mixes_of_the_hard_pool) {
       if (j != K + i) rk[nr++] = (ranked){s[j], j};
     qsort(rk, (size_t)nr, sizeof *rk, cmp_ranked);
     ck_assert_int_eq(count_mask(&f, i, 0, K + B, MINE_NEG), K + B - 1); /* all real ones stay */
+    ck_assert(recipes_from_pool(&f, i, rk, N));
     for (int x = 0; x < 9; x++) {
       const mine_synth *sy = f.m.synth + (size_t)i * 9 + x;
       ck_assert_int_eq(mk(&f, i, f.l.synth_off + x), MINE_NEG);
-      int in_pool_b = 0, in_pool_a = sy->a == -1;
-      for (int k = 0; k < N; k++) {
-        in_pool_b |= rk[k].col == sy->b;
-        in_pool_a |= rk[k].col == sy->a;
-      }
-      ck_assert(in_pool_a && in_pool_b);
       float w = sy->wa / (sy->wa + sy->wb); /* the convex weight before normalisation */
       ck_assert(sy->wa > 0 && sy->wb > 0);
       if (x < 5) {
@@ -795,6 +821,39 @@ START_TEST(mixing_builds_unit_convex_mixes_of_the_hard_pool) {
     ck_assert_int_eq(count_mask(&f, i, f.l.synth_off, f.l.cols, MINE_NEG), 0);
   }
   ck_assert_float_eq(f.st.hardness, 0.0f);
+  fix_close(&f);
+}
+END_TEST
+
+/* Under a ceiling the suspects leave the row and the pool: every candidate at or below it is a
+ * negative, the ones above are dropped, and the mixes come from the N hardest of those left. */
+START_TEST(mixing_under_a_ceiling_pools_only_what_the_guard_leaves) {
+  enum { K = MIX_K, B = MIX_B };
+  mine_config c;
+  rng_t r;
+  mixing_open(&c, &r);
+  c.ceiling = MINE_CEILING_ABSOLUTE;
+  c.ceiling_value = 0.2f;
+  fix f;
+  fix_open(&f, &c, K, B, MIX_D);
+  mixing_fill(&f);
+  fix_run(&f);
+  long above = 0;
+  for (int i = 0; i < B; i++) {
+    const float *s = f.S + (size_t)i * f.l.cols;
+    ranked rk[K + B];
+    int nr = 0;
+    for (int j = 0; j < K + B; j++) {
+      if (j == K + i) continue;
+      ck_assert_int_eq(mk(&f, i, j), s[j] > 0.2f ? MINE_OFF : MINE_NEG);
+      above += s[j] > 0.2f;
+      if (s[j] <= 0.2f) rk[nr++] = (ranked){s[j], j};
+    }
+    qsort(rk, (size_t)nr, sizeof *rk, cmp_ranked);
+    ck_assert(recipes_from_pool(&f, i, rk, MIX_N));
+  }
+  ck_assert_msg(above > 0 && f.st.filtered == above, "%ld above the ceiling, %ld filtered", above,
+                f.st.filtered);
   fix_close(&f);
 }
 END_TEST
@@ -1117,6 +1176,7 @@ Suite *mine_suite(void) {
   tcase_add_test(tc, supervised_mode_and_label_diagnostics);
   tcase_add_test(tc, bad_inputs_are_refused_with_context);
   tcase_add_test(tc, mixing_builds_unit_convex_mixes_of_the_hard_pool);
+  tcase_add_test(tc, mixing_under_a_ceiling_pools_only_what_the_guard_leaves);
   tcase_add_test(tc, selection_does_not_depend_on_the_thread_count);
   tcase_add_test(tc, adversarial_bank_ascends_its_infonce_loss);
   tcase_add_test(tc, adversarial_strategy_uses_the_bank_columns);

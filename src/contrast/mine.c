@@ -468,8 +468,12 @@ typedef struct {
 enum { MAX_CUTS = 3 };
 
 /* What top() does with the window of ranks: mark it NEG and the rest OFF (hardest, band), list it
- * in idx and leave every candidate CAND (mixing's pool), or nothing (guards only). */
-typedef enum { TOP_MARK, TOP_POOL, TOP_GUARD } top_mode;
+ * in idx and leave every candidate CAND (mixing's pool under guards), list it and mark every
+ * candidate NEG in the same pass (mixing's pool without guards: no finish pass), or nothing (guards
+ * only). */
+typedef enum { TOP_MARK, TOP_POOL, TOP_POOL_ALL, TOP_GUARD } top_mode;
+
+static int lists_pool(top_mode m) { return m == TOP_POOL || m == TOP_POOL_ALL; }
 
 /* A row's cuts: suspects are the top E (cut 0), the window is top(E + b) (cut 2) minus top(E + a)
  * (cut 1). */
@@ -569,7 +573,7 @@ static inline vi isplat(int32_t k) { return (vi){0} + k; }
 /* Pass two over the lanes at column j: decides their candidates from the brackets, writes their
  * bracket flags to bd and window flags to win, adds the new suspects to *ns and, for TOP_MARK, the
  * window entries it marks MINE_NEG to st; returns the lanes to compact (bracketed ones, and for
- * TOP_POOL the window). */
+ * the pool modes the window). */
 BLOCK_FN vi classify(const row_t *r, int j, int hi, const cuts *ct, uint8_t *bd, uint8_t *win, vi *ns,
                      vstats *st, int window_only) {
   const lanes l = load_lanes(r->s, r->mk, j, hi);
@@ -581,13 +585,15 @@ BLOCK_FN vi classify(const row_t *r, int j, int hi, const cuts *ct, uint8_t *bd,
   const vf loB = vsplat(ct->c[2].lo), hiB = vsplat(ct->c[2].hi);
   const vi smark = isplat(ct->suspect >= 0 ? ct->suspect : CAND);
   const vi mark = isplat(bmask(ct->mode == TOP_MARK)), flag_susp = isplat(bmask(ct->suspect >= 0));
-  const vi pool = isplat(bmask(ct->mode != TOP_GUARD)), list = isplat(bmask(ct->mode == TOP_POOL));
+  const vi all = isplat(bmask(ct->mode == TOP_POOL_ALL));
+  const vi pool = isplat(bmask(ct->mode != TOP_GUARD)), list = isplat(bmask(lists_pool(ct->mode)));
   vi cand = m == CAND, ok = rankable_v(cand, x, u);
   vi edge = ok & (((x >= loE) & (x < hiE)) | ((x >= loA) & (x < hiA)) | ((x >= loB) & (x < hiB)));
   vi sus = (cand & (x > u) & flag_susp) | (ok & (x >= hiE));
   vi w = ok & (x >= hiB) & (x < loA) & ~edge & pool;
-  /* TOP_MARK decides: bracketed stays CAND, window NEG, the rest OFF (0); other modes keep m */
-  vi rest = (mark & ((edge & CAND) | (w & MINE_NEG))) | (~mark & m);
+  /* TOP_MARK decides: bracketed stays CAND, window NEG, the rest OFF (0); TOP_POOL_ALL makes every
+   * candidate NEG; other modes keep m */
+  vi rest = (mark & ((edge & CAND) | (w & MINE_NEG))) | (all & MINE_NEG) | (~mark & ~all & m);
   vi nm = (sus & smark) | (~sus & rest);
   store_mask(r->mk, j, &l, (cand & nm) | (~cand & m));
   vb fb = __builtin_convertvector(edge & 1, vb), fw = __builtin_convertvector(w & 1, vb);
@@ -595,6 +601,7 @@ BLOCK_FN vi classify(const row_t *r, int j, int hi, const cuts *ct, uint8_t *bd,
   memcpy(win, &fw, VL);
   *ns += sus;
   if (ct->mode == TOP_MARK) *st = vstats_add(*st, w, x);
+  if (ct->mode == TOP_POOL_ALL) *st = vstats_add(*st, cand, x);
   return edge | (w & list);
 }
 
@@ -643,7 +650,7 @@ static inline int cut_in(const cut *c, boundary *bd, float x) {
 }
 
 /* Settles the gathered entries (vals, bidx; column order) against the exact boundaries; returns the
- * number of window entries, appended to idx[n_win..] (TOP_POOL) or marked (TOP_MARK). */
+ * number of window entries, appended to idx[n_win..] (pool modes) or marked (TOP_MARK). */
 static int settle(mine_ws *ws, row_t *r, const cuts *ct, int g, int n_win, rowacc_t *ra) {
   boundary b[MAX_CUTS];
   for (int k = 0; k < MAX_CUTS; k++) b[k] = cut_boundary(ws, &ct->c[k], g);
@@ -690,7 +697,7 @@ static int compact(const float *s, int j, int n, const uint8_t *flag, float *val
 }
 
 /* Applies the guards of `w` to the row (ceiling and eps suspects marked) and selects ranks [a, b) of
- * the candidates left, per mode; returns the window's size (TOP_POOL: the pool, in idx[0..n)). */
+ * the candidates left, per mode; returns the window's size (pool modes: the pool, in idx[0..n)). */
 static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode mode, rowacc_t *ra) {
   const mine_config *c = &m->cfg;
   cuts ct = {.u = w->u, .suspect = w->suspect, .mode = mode};
@@ -727,7 +734,7 @@ static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode m
                            : classify(r, j + v, r->hi[k], &ct, bd + v, win + v, &nsv, &st, 0);
       if (!lanes_sum(any)) continue;
       g = compact(r->s, j, n, bd, ws->vals, ws->bidx, g);
-      if (mode == TOP_POOL) n_win = compact(NULL, j, n, win, NULL, ws->idx, n_win);
+      if (lists_pool(mode)) n_win = compact(NULL, j, n, win, NULL, ws->idx, n_win);
     }
   int marked = rowacc_merge(ra, &st), ns = -lanes_sum(nsv);
   r->suspects += ns;
@@ -1137,8 +1144,13 @@ static int select_row(const mine *m, mine_ws *ws, const mine_layout *l, const mi
     return p->strat == MINE_HARDEST ? n : 0;
   case MINE_MIXING:
     w.mode = WANT_KNOB;
-    n = top(m, ws, r, &w, TOP_POOL, ra); /* the hard pool stays in idx[0..n) */
-    finish(r, MINE_NEG, u, p->suspect, ra);
+    /* the hard pool stays in idx[0..n) */
+    if (p->guards) {
+      n = top(m, ws, r, &w, TOP_POOL, ra);
+      finish(r, MINE_NEG, u, p->suspect, ra);
+    } else {
+      n = top(m, ws, r, &w, TOP_POOL_ALL, ra);
+    }
     synthesize(m, ws, l, in, i, ws->idx, n, r->s, r->mk, rng, ra);
     return n;
   }
