@@ -341,12 +341,19 @@ static inline void rowacc_add(rowacc_t *ra, float x) {
 static inline int32_t bmask(int cond) { return -(int32_t)cond; }
 
 /* ---- vector lanes ------------------------------------------------------------------------------
- * The passes over a row take VL columns at a time in GCC's generic vectors (one AVX-512 register
- * here, two or four narrower ones elsewhere). Comparisons give all-ones / all-zero int lanes, which
+ * The passes over a row take VL columns at a time in GCC's generic vectors, as wide as the target's
+ * registers (a wider vector than the ISA has would be passed in memory, and GCC warns that the ABI
+ * changes). Comparisons give all-ones / all-zero int lanes, which
  * combine with & | ~ since C has no ?: on vectors. Sums, counts and maxima stay in lanes until the
  * row ends, so a pass has no horizontal reduction in its loop; a row is one thread's work, so the
  * lane order, and with it every rounding, is fixed. */
+#if defined(__AVX512F__)
 enum { VL = 16 };
+#elif defined(__AVX__)
+enum { VL = 8 };
+#else
+enum { VL = 4 };
+#endif
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 typedef uint8_t vb __attribute__((vector_size(VL)));
