@@ -301,7 +301,7 @@ static int cmp_ranked(const void *pa, const void *pb) {
 }
 
 static void check_ranks(const fix *f, int row, int width, int a, int b, const char *what) {
-  static ranked rk[8192];
+  static ranked rk[32768];
   const float *s = f->S + (size_t)row * f->l.cols;
   for (int j = 0; j < width; j++) rk[j] = (ranked){s[j], j};
   qsort(rk, (size_t)width, sizeof *rk, cmp_ranked);
@@ -312,14 +312,16 @@ static void check_ranks(const fix *f, int row, int width, int a, int b, const ch
   }
 }
 
+/* Rows of 6,000 and 20,000 columns: the same masks as a full sort. */
 START_TEST(hardest_and_band_match_a_full_sort_on_long_rows) {
-  enum { K = 6000, B = 6 };
+  enum { B = 6 };
   rng_t r;
   rng_init(&r, 3, 4);
-  for (int strat = 0; strat < 2; strat++) {
+  for (int pass = 0; pass < 4; pass++) {
+    int strat = pass & 1, K = pass < 2 ? 6000 : 20000;
     mine_config c = cfg_of(strat ? MINE_BAND : MINE_HARDEST, 0);
     for (int t = 0; t < 4; t++) {
-      c.num_negatives = (int[]){1, 37, 700, 5999}[t];
+      c.num_negatives = (int[]){1, 37, 700, K - 1}[t];
       c.band_lo = (float[]){0.0f, 0.01f, 0.2f, 0.5f}[t];
       c.band_hi = (float[]){0.001f, 0.05f, 0.6f, 1.0f}[t];
       fix f;
@@ -349,16 +351,17 @@ END_TEST
 
 START_TEST(hardest_is_exact_when_the_sample_misleads) {
   /* the strided sample sees only the 256 planted high values, so its threshold admits too few for
-   * n = 300 and the row must be gathered again without one */
-  enum { K = 4096 };
-  mine_config c = cfg_of(MINE_HARDEST, 300);
-  fix f;
-  fix_open(&f, &c, K, 1, 0);
-  int step = K / 256;
-  for (int j = 0; j < K; j++) f.S[j] = (j % step == step / 2) ? 0.9f : 0.5f - 1e-5f * j;
-  fix_run(&f);
-  check_ranks(&f, 0, K, 0, 300, "misled");
-  fix_close(&f);
+   * n = 300 and the row must be gathered again without one; on a short and on a long row */
+  for (int K = 4096; K <= 16384 + 4096; K += 16384) {
+    mine_config c = cfg_of(MINE_HARDEST, 300);
+    fix f;
+    fix_open(&f, &c, K, 1, 0);
+    int step = K / 256;
+    for (int j = 0; j < K; j++) f.S[j] = (j % step == step / 2) ? 0.9f : 0.5f - 1e-5f * j;
+    fix_run(&f);
+    check_ranks(&f, 0, K, 0, 300, "misled");
+    fix_close(&f);
+  }
 }
 END_TEST
 
@@ -825,6 +828,40 @@ START_TEST(mixing_builds_unit_convex_mixes_of_the_hard_pool) {
 }
 END_TEST
 
+/* On a long row, with a pool of three, every pair mixes two of the three most similar columns and
+ * every query mix one of them. */
+START_TEST(mixing_pool_is_exact_on_long_rows) {
+  enum { K = 20000, B = 2, D = 8, N = 3 };
+  mine_config c = cfg_of(MINE_MIXING, N);
+  c.mix_pairs = 16;
+  c.mix_query = 8;
+  fix f;
+  fix_open(&f, &c, K, B, D);
+  static float keys[K * D], q[B * D];
+  rng_t r;
+  rng_init(&r, 9, 1);
+  for (int j = 0; j < K; j++) random_unit(keys + j * D, D, &r);
+  for (int i = 0; i < B; i++) random_unit(q + i * D, D, &r);
+  f.in.q = q;
+  f.in.queue_keys = keys;
+  static ranked rk[K];
+  for (int i = 0; i < B; i++) {
+    float *s = f.S + (size_t)i * f.l.cols;
+    for (int j = 0; j < K; j++) s[j] = vec_dot(q + i * D, keys + j * D, D);
+  }
+  fix_run(&f);
+  for (int i = 0; i < B; i++) {
+    const float *s = f.S + (size_t)i * f.l.cols;
+    for (int j = 0; j < K; j++) rk[j] = (ranked){s[j], j};
+    qsort(rk, K, sizeof *rk, cmp_ranked);
+    ck_assert_int_eq(count_mask(&f, i, 0, K, MINE_NEG), K);
+    ck_assert(recipes_from_pool(&f, i, rk, N));
+    ck_assert(!recipes_from_pool(&f, i, rk, N - 1)); /* and the third is used: the pool is not smaller */
+  }
+  fix_close(&f);
+}
+END_TEST
+
 /* Under a ceiling the suspects leave the row and the pool: every candidate at or below it is a
  * negative, the ones above are dropped, and the mixes come from the N hardest of those left. */
 START_TEST(mixing_under_a_ceiling_pools_only_what_the_guard_leaves) {
@@ -1177,6 +1214,7 @@ Suite *mine_suite(void) {
   tcase_add_test(tc, bad_inputs_are_refused_with_context);
   tcase_add_test(tc, mixing_builds_unit_convex_mixes_of_the_hard_pool);
   tcase_add_test(tc, mixing_under_a_ceiling_pools_only_what_the_guard_leaves);
+  tcase_add_test(tc, mixing_pool_is_exact_on_long_rows);
   tcase_add_test(tc, selection_does_not_depend_on_the_thread_count);
   tcase_add_test(tc, adversarial_bank_ascends_its_infonce_loss);
   tcase_add_test(tc, adversarial_strategy_uses_the_bank_columns);
