@@ -587,8 +587,10 @@ BLOCK_FN vi classify(const row_t *r, int j, int hi, const cuts *ct, uint8_t *bd,
   const vf x = l.x, u = vsplat(ct->u);
   const vi m = l.m;
   /* window_only (a literal at the call): cuts E and A are inactive, their tests fold away */
-  const vf loE = vsplat(window_only ? INFINITY : ct->c[0].lo), hiE = vsplat(window_only ? INFINITY : ct->c[0].hi);
-  const vf loA = vsplat(window_only ? INFINITY : ct->c[1].lo), hiA = vsplat(window_only ? INFINITY : ct->c[1].hi);
+  const vf loE = vsplat(window_only ? INFINITY : ct->c[0].lo);
+  const vf hiE = vsplat(window_only ? INFINITY : ct->c[0].hi);
+  const vf loA = vsplat(window_only ? INFINITY : ct->c[1].lo);
+  const vf hiA = vsplat(window_only ? INFINITY : ct->c[1].hi);
   const vf loB = vsplat(ct->c[2].lo), hiB = vsplat(ct->c[2].hi);
   const vi smark = isplat(ct->suspect >= 0 ? ct->suspect : CAND);
   const vi mark = isplat(bmask(ct->mode == TOP_MARK)), flag_susp = isplat(bmask(ct->suspect >= 0));
@@ -825,7 +827,8 @@ static void pick_random(mine_ws *ws, row_t *r, int n, rng_t *rng, rowacc_t *ra) 
 
 /* FaceNet's semi-hard negatives (Schroff et al. 2015): s_pos - margin < s < s_pos, n of them at
  * random; when the band holds fewer, the hardest below it fill up to n. */
-static void pick_semi_hard(const mine *m, mine_ws *ws, row_t *r, int n, float s_pos, rng_t *rng, rowacc_t *ra) {
+static void pick_semi_hard(const mine *m, mine_ws *ws, row_t *r, int n, float s_pos, rng_t *rng,
+                           rowacc_t *ra) {
   float low = s_pos - m->cfg.margin;
   int g = gather(ws, r, nextafterf(low, INFINITY), nextafterf(s_pos, -INFINITY), -1);
   if (g >= n) {
@@ -884,8 +887,9 @@ enum { PREFETCH_AHEAD = 4 };
  * follows from the real columns' similarities and one key-key dot product, so no point is built.
  * Three passes: the draws (recipes holding the raw weight), the dot products (keys prefetched a few
  * pairs ahead), and the normalisation, over plain arrays so that it vectorises. */
-static void synthesize(const mine *m, mine_ws *ws, const mine_layout *l, const mine_input *in, int row, const int32_t *P,
-                       int np, float *srow, uint8_t *mrow, rng_t *rng, rowacc_t *ra) {
+static void synthesize(const mine *m, mine_ws *ws, const mine_layout *l, const mine_input *in,
+                       int row, const int32_t *P, int np, float *srow, uint8_t *mrow, rng_t *rng,
+                       rowacc_t *ra) {
   const mine_config *c = &m->cfg;
   const int d = in->dim, X = l->synth_size, pairs = np >= 2 ? c->mix_pairs : 0;
   mine_synth *rec = m->synth + (size_t)row * X;
@@ -1120,8 +1124,8 @@ static row_t row_view(const mine *m, const mine_layout *l, const mine_input *in,
 }
 
 /* Guards, then the strategy, for one row; returns the count behind the knob (0 when none). */
-static int select_row(const mine *m, mine_ws *ws, const mine_layout *l, const mine_input *in, const plan_t *p, int i,
-                      row_t *r, rng_t *rng, rowacc_t *ra) {
+static int select_row(const mine *m, mine_ws *ws, const mine_layout *l, const mine_input *in,
+                      const plan_t *p, int i, row_t *r, rng_t *rng, rowacc_t *ra) {
   const mine_config *c = &m->cfg;
   float u = INFINITY;
   if (c->ceiling == MINE_CEILING_ABSOLUTE) u = c->ceiling_value;

@@ -11,8 +11,8 @@
 #define BIAS_MIN_PART ((long)1 << 16)
 
 typedef struct {
-  float *out;        /* forward: [B, OC]; backward: dbias [OC] */
-  const float *bias; /* forward: [OC]; backward: dout [B, OC] */
+  float *dst;       /* forward: out [B, OC]; backward: dbias [OC] */
+  const float *src; /* forward: bias [OC]; backward: dout [B, OC] */
   int B, OC;
 } bias_call;
 
@@ -20,16 +20,17 @@ static void bias_fill_part(void *ctx, int part, int parts) {
   const bias_call *a = ctx;
   long lo, hi;
   par_range(a->B, part, parts, &lo, &hi);
-  for (long b = lo; b < hi; b++) memcpy(a->out + (size_t)b * a->OC, a->bias, (size_t)a->OC * sizeof(float));
+  for (long b = lo; b < hi; b++)
+    memcpy(a->dst + (size_t)b * a->OC, a->src, (size_t)a->OC * sizeof(float));
 }
 
 static void bias_grad_part(void *ctx, int part, int parts) {
   const bias_call *a = ctx;
   long lo, hi;
   par_range(a->OC, part, parts, &lo, &hi);
-  float *restrict db = a->out;
+  float *restrict db = a->dst;
   for (int b = 0; b < a->B; b++) {
-    const float *restrict d = a->bias + (size_t)b * a->OC;
+    const float *restrict d = a->src + (size_t)b * a->OC;
     for (long o = lo; o < hi; o++) db[o] += d[o];
   }
 }

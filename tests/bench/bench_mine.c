@@ -95,7 +95,8 @@ int main(int argc, char **argv) {
       double tg[REPS_MAX], ts[REPS_MAX], ratio[REPS_MAX];
       for (int rep = -WARMUP; rep < reps; rep++) {
         double t0 = clock_now();
-        mat_mul_ld(S, l.cols, q, D, keys, D, B, K, D, 0, 1, 1.0f, 0.0f); /* S = Q . K^T into S's queue columns */
+        /* S = Q . K^T into S's queue columns */
+        mat_mul_ld(S, l.cols, q, D, keys, D, B, K, D, 0, 1, 1.0f, 0.0f);
         double t1 = clock_now();
         if (mine_select(&m, &l, &in, S, mask, &mr, &st)) return 1;
         double t2 = clock_now();
