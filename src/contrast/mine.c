@@ -343,10 +343,10 @@ static inline int32_t bmask(int cond) { return -(int32_t)cond; }
 /* ---- vector lanes ------------------------------------------------------------------------------
  * The passes over a row take VL columns at a time in GCC's generic vectors, as wide as the target's
  * registers (a wider vector than the ISA has would be passed in memory, and GCC warns that the ABI
- * changes). Comparisons give all-ones / all-zero int lanes, which
- * combine with & | ~ since C has no ?: on vectors. Sums, counts and maxima stay in lanes until the
- * row ends, so a pass has no horizontal reduction in its loop; a row is one thread's work, so the
- * lane order, and with it every rounding, is fixed. */
+ * changes). Comparisons give all-ones / all-zero int lanes, which combine with & | ~ since C has no ?:
+ * on vectors. Sums, counts and maxima stay in lanes until the row ends, so a pass has no horizontal
+ * reduction in its loop; a row is one thread's work, so the lane order, and with it every rounding, is
+ * fixed. */
 #if defined(__AVX512F__)
 enum { VL = 16 };
 #elif defined(__AVX__)
