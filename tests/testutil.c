@@ -96,6 +96,12 @@ double median_of(double *t, int n) {
   return t[n / 2];
 }
 
+double best_of(const double *t, int n) {
+  double m = t[0];
+  for (int i = 1; i < n; i++) m = t[i] < m ? t[i] : m;
+  return m;
+}
+
 double sgemm_gflops(int n, int reps) {
   size_t len = (size_t)n * n;
   float *a = tensor_alloc(len), *b = tensor_alloc(len), *c = tensor_alloc(len);

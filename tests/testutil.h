@@ -40,6 +40,9 @@ int run_capture(const char *cmd, char *out, size_t n);
 /* The median of t[0..n) (sorts t in place). */
 double median_of(double *t, int n);
 
+/* The smallest of t[0..n): a timing taken when the shared machine was quietest. */
+double best_of(const double *t, int n);
+
 /* GFLOP/s of an n x n x n sgemm through mat_mul, the median of `reps` timed runs after one untimed:
  * the machine's practical peak, against which a step's GFLOP/s is read. */
 double sgemm_gflops(int n, int reps);

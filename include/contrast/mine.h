@@ -157,7 +157,6 @@ typedef struct {
   mine_ws *ws;       /* [n_ws] one per thread of the team at init */
   int n_ws;
   struct mine_row *rows; /* [max_batch] */
-  int32_t *n_excl;   /* [max_batch] candidates excluded per row (own column, same id, supervised) */
   int32_t *hash;     /* [hash_cap] sample id -> first batch row holding it, open addressing */
   int32_t *chain;    /* [max_batch] next batch row with the same id, -1 at the end */
   int32_t *qhead;    /* [max_batch] first queue slot carrying the id of this (first) row, -1 none */

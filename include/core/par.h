@@ -18,8 +18,8 @@
 typedef void (*par_fn)(void *ctx, int part, int parts);
 
 /* Sets the team size (1 = the caller alone, the default), starting or stopping workers, and makes
- * OpenBLAS single-threaded. Not to be called while a run is in progress. Returns 0, MOCO_ERANGE or MOCO_ENOMEM (threads not started; the
- * team is then the caller alone). */
+ * OpenBLAS single-threaded. Not to be called while a run is in progress. Returns 0, MOCO_ERANGE or
+ * MOCO_ENOMEM (threads not started; the team is then the caller alone). */
 int par_set_threads(int threads);
 int par_threads(void);
 

@@ -1,10 +1,11 @@
-/* Negative selection. One mine_select runs in three phases:
- *   1. every row's mask is reset: candidate columns (valid queue slots, in-batch keys) to CAND, the
- *      rest to MINE_OFF;
+/* Negative selection. Once per step, the batch's sample ids are hashed and every queue slot carrying
+ * one of them is linked to its batch row (O(K + B), not O(B K)). Then each row, on some thread of the
+ * compute team, goes through three phases:
+ *   1. its mask is reset: candidate columns (valid queue slots, in-batch keys) to CAND, the rest to
+ *      MINE_OFF;
  *   2. exclusions that do not depend on similarity: the query's own in-batch column, entries carrying
- *      the query's sample id (found through a hash of the batch ids, O(K + B) per step rather than
- *      O(B K)), and in supervised mode entries with the query's label;
- *   3. per row: the false-negative guards, then the strategy, then CAND -> MINE_OFF.
+ *      the query's sample id, and in supervised mode entries with the query's label;
+ *   3. the false-negative guards, then the strategy, then CAND -> MINE_OFF.
  * Selection by rank never sorts a row (see "rank selection" below): two vectorised passes over the
  * row and k-th element selection on the few entries near each boundary. Ties at a boundary go to the
  * lower column, so the result is exactly specified. Everything is O(columns) per row. */
@@ -165,13 +166,12 @@ int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int
   m->n_ws = par_threads();
   m->ws = calloc((size_t)m->n_ws, sizeof *m->ws);
   m->rows = malloc((size_t)max_batch * sizeof *m->rows);
-  m->n_excl = malloc((size_t)max_batch * sizeof *m->n_excl);
   m->hash = malloc((size_t)m->hash_cap * sizeof *m->hash);
   m->chain = malloc((size_t)max_batch * sizeof *m->chain);
   m->qhead = malloc((size_t)max_batch * sizeof *m->qhead);
   m->qnext = malloc(((size_t)max_queue + 1) * sizeof *m->qnext);
   m->synth = malloc(((size_t)max_batch * l.synth_size + 1) * sizeof *m->synth);
-  int ok = m->ws && m->rows && m->n_excl && m->hash && m->chain && m->qhead && m->qnext && m->synth;
+  int ok = m->ws && m->rows && m->hash && m->chain && m->qhead && m->qnext && m->synth;
   for (int t = 0; ok && t < m->n_ws; t++) {
     mine_ws *w = &m->ws[t];
     w->vals = malloc(cols * sizeof *w->vals);
@@ -196,7 +196,6 @@ void mine_free(mine *m) {
   }
   free(m->ws);
   free(m->rows);
-  free(m->n_excl);
   free(m->hash);
   free(m->chain);
   free(m->qhead);
@@ -1051,9 +1050,10 @@ typedef struct {
   int warm, use_queue, guards, suspect;
 } plan_t;
 
-/* Phases 1 and 2 for row i: the candidates, then the exclusions that do not depend on similarity. */
-static void prepare_row(mine *m, const mine_layout *l, const mine_input *in, const plan_t *p, uint8_t *mk,
-                        int i, struct mine_row *o) {
+/* Phases 1 and 2 for row i: the candidates, then the exclusions that do not depend on similarity.
+ * Returns how many candidates the exclusions removed. */
+static int prepare_row(const mine *m, const mine_layout *l, const mine_input *in, const plan_t *p,
+                       uint8_t *mk, int i, struct mine_row *o) {
   const int B = in->batch_size;
   memset(mk, MINE_OFF, (size_t)l->cols);
   if (p->use_queue) memset(mk, CAND, (size_t)in->queue_filled);
@@ -1085,7 +1085,7 @@ static void prepare_row(mine *m, const mine_layout *l, const mine_input *in, con
       if (in->labels[j] == y && mk[l->batch_off + j] == CAND) mk[l->batch_off + j] = MINE_OFF, o->sup_filtered++;
     excl += (int32_t)o->sup_filtered;
   }
-  m->n_excl[i] = excl;
+  return excl;
 }
 
 /* Label diagnostics over a finished row's negatives among the real columns. */
@@ -1106,9 +1106,9 @@ static void count_labels(const mine_layout *l, const mine_input *in, int i, cons
     }
 }
 
-/* The candidate ranges of row i and their count after the exclusions of prepare_row. */
-static row_t row_view(const mine *m, const mine_layout *l, const mine_input *in, const plan_t *p,
-                      float *srow, uint8_t *mk, int i) {
+/* The candidate ranges of a row and their count after the `excluded` of prepare_row. */
+static row_t row_view(const mine_layout *l, const mine_input *in, const plan_t *p, float *srow,
+                      uint8_t *mk, int excluded) {
   row_t r = {.s = srow, .mk = mk};
   if (p->use_queue && in->queue_filled > 0) {
     r.lo[r.nr] = 0;
@@ -1119,7 +1119,7 @@ static row_t row_view(const mine *m, const mine_layout *l, const mine_input *in,
     r.hi[r.nr++] = l->batch_off + in->batch_size;
   }
   for (int k = 0; k < r.nr; k++) r.width += r.hi[k] - r.lo[k];
-  r.n_cand = r.width - m->n_excl[i];
+  r.n_cand = r.width - excluded;
   return r;
 }
 
@@ -1233,8 +1233,8 @@ static void select_part(void *ctx, int part, int parts) {
     uint8_t *mk = j->mask + (size_t)i * l->cols;
     struct mine_row *o = &m->rows[i];
     *o = (struct mine_row){.ra = {0, 0, -INFINITY}};
-    prepare_row(m, l, j->in, j->p, mk, i, o);
-    row_t r = row_view(m, l, j->in, j->p, srow, mk, i);
+    int excluded = prepare_row(m, l, j->in, j->p, mk, i, o);
+    row_t r = row_view(l, j->in, j->p, srow, mk, excluded);
     rng_t rng;
     rng_init(&rng, j->seed, (uint64_t)i);
     o->knob = select_row(m, &m->ws[part], l, j->in, j->p, i, &r, &rng, &o->ra);

@@ -85,6 +85,12 @@ size_t conv2d_workspace_len(const conv_geom *g, int OC, int chunk, int parts) {
   return (size_t)parts * part_len(g, OC, chunk);
 }
 
+/* Part p's own weight and bias gradient slots: [OC, C K K] then [OC], at the end of its workspace. */
+static float *part_grads(float *ws, const conv_geom *g, int OC, int chunk, int p) {
+  size_t len = part_len(g, OC, chunk), nw = (size_t)OC * g->C * g->K * g->K;
+  return ws + (size_t)p * len + len - nw - (size_t)OC;
+}
+
 /* xp [C, H + 2 pad, W + 2 pad] = x [C, H, W] inside a zero border. im2col then reads every kernel
  * offset without bounds checks; for small maps (7x7) the checks and short copies otherwise cost more
  * than the gemm. */
@@ -245,10 +251,10 @@ static void forward_part(void *ctx, int part, int parts) {
 static void backward_part(void *ctx, int part, int parts) {
   const conv_call *a = ctx;
   const conv_geom *g = a->g;
-  size_t len = part_len(g, a->OC, a->chunk), nw = (size_t)a->OC * g->C * g->K * g->K;
-  float *ws = a->ws + (size_t)part * len, *dw = a->dweight, *db = a->dbias;
+  size_t nw = (size_t)a->OC * g->C * g->K * g->K;
+  float *ws = a->ws + (size_t)part * part_len(g, a->OC, a->chunk), *dw = a->dweight, *db = a->dbias;
   if (part > 0) {
-    dw = ws + len - nw - (size_t)a->OC;
+    dw = part_grads(a->ws, g, a->OC, a->chunk, part);
     memset(dw, 0, (nw + (size_t)a->OC) * sizeof(float));
     db = a->dbias ? dw + nw : NULL;
   }
@@ -271,9 +277,9 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, float *ws, const
   conv_call a = {.ws = ws, .dinp = dinp, .dweight = dweight, .dbias = dbias, .inp = inp,
                  .weight = weight, .dout = dout, .B = B, .OC = OC, .chunk = chunk, .g = g};
   par_run(parts, backward_part, &a);
-  size_t len = part_len(g, OC, chunk), nw = (size_t)OC * g->C * g->K * g->K;
+  size_t nw = (size_t)OC * g->C * g->K * g->K;
   for (int p = 1; p < parts; p++) {
-    const float *dw = ws + (size_t)p * len + len - nw - (size_t)OC;
+    const float *dw = part_grads(ws, g, OC, chunk, p);
     vec_axpy(dweight, 1.0f, dw, nw);
     if (dbias) vec_axpy(dbias, 1.0f, dw + nw, (size_t)OC);
   }

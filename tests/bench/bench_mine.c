@@ -32,13 +32,6 @@ static void clustered(float *x, int n, const float *centers, float noise, rng_t 
   }
 }
 
-/* The fastest of a few timings: on a shared machine every other figure includes someone else's work. */
-static double fastest(const double *t, int n) {
-  double m = t[0];
-  for (int i = 1; i < n; i++) m = t[i] < m ? t[i] : m;
-  return m;
-}
-
 int main(int argc, char **argv) {
   static const int Ks[] = {4096, 65536};
   int only_k = argc > 1 ? atoi(argv[1]) : 0;
@@ -103,7 +96,7 @@ int main(int argc, char **argv) {
         if (rep < 0) continue;
         tg[rep] = t1 - t0, ts[rep] = t2 - t1, ratio[rep] = ts[rep] / tg[rep];
       }
-      double sgemm = fastest(tg, reps), sel = fastest(ts, reps);
+      double sgemm = best_of(tg, reps), sel = best_of(ts, reps);
       printf("%-6d %-10s %9.2f %9.2f %8.1f%% %8.1f%% %9.3f %9.1f\n", K, mine_strategy_name(mc.strategy),
              sgemm * 1e3, sel * 1e3, 100.0 * sel / sgemm, 100.0 * median_of(ratio, reps), sel * 1e6 / K,
              st.negatives_per_query);

@@ -36,12 +36,6 @@ static double gemm_seconds(const gemm_ref *g) {
   return clock_now() - t0;
 }
 
-static double best_of(const double *t, int n) {
-  double m = t[0];
-  for (int i = 1; i < n; i++) m = t[i] < m ? t[i] : m;
-  return m;
-}
-
 /* Passes of the network alternate with the reference product, so that both see the same machine:
  * on a shared machine other jobs come and go within seconds, and figures taken a second apart are
  * not comparable. Reported: the best of each (the machine at its quietest) and the median of the

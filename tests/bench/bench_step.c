@@ -24,11 +24,6 @@ static const char *MLP =
 
 enum { B = 256, IN = 784 };
 
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
 /* Median of each phase over the timed steps. */
 typedef struct {
   double v[8];
@@ -80,10 +75,7 @@ static int run(int K, mine_strategy strategy, int steps, const float *x1, const 
   }
   if (!rc) {
     double med[8];
-    for (int k = 0; k < 8; k++) {
-      qsort(samples + k * steps, steps, sizeof *samples, cmp_double);
-      med[k] = samples[k * steps + steps / 2];
-    }
+    for (int k = 0; k < 8; k++) med[k] = median_of(samples + k * steps, steps);
     double tot = med[7];
     printf("K=%-6d %-8s %7.1f ms/step  keys %4.1f%% queries %4.1f%% sim %4.1f%% mining %4.1f%% "
            "loss %4.1f%% backward %4.1f%% update %4.1f%%  mining/sim-sgemm %.2f  negatives/query %.0f\n",
