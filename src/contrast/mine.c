@@ -12,7 +12,7 @@
 #include "contrast/mine.h"
 
 #include <float.h>
-#ifdef __AVX512F__
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 #include <math.h>
@@ -43,9 +43,17 @@ struct mine_row {
 };
 
 /* SAMPLE: strided sample that places a row's thresholds; BLOCK: columns a gather skips at once when
- * none reaches its threshold; NT: thresholds per cut; BLK: columns per block of the classifying pass
- * (one test for anything to compact). */
-enum { SAMPLE = 256, BLOCK = 16, NT = 8, BLK = 64 };
+ * none reaches its threshold; NT: thresholds per cut. */
+enum { SAMPLE = 256, BLOCK = 16, NT = 8 };
+
+/* Lanes of the vector passes (see "vector lanes" below). */
+#if defined(__AVX512F__)
+enum { VL = 16 };
+#elif defined(__AVX__)
+enum { VL = 8 };
+#else
+enum { VL = 4 };
+#endif
 
 /* Inlined into each caller, so that a literal flag argument folds its tests away. */
 #define BLOCK_FN static inline __attribute__((always_inline))
@@ -162,7 +170,7 @@ int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int
   m->max_cols = l.cols;
   m->hash_cap = 16;
   while (m->hash_cap < 2 * max_batch) m->hash_cap *= 2;
-  size_t cols = (size_t)l.cols + 1;
+  size_t cols = (size_t)l.cols + VL; /* + VL: append_lanes stores whole vectors */
   m->n_ws = par_threads();
   m->ws = calloc((size_t)m->n_ws, sizeof *m->ws);
   m->rows = malloc((size_t)max_batch * sizeof *m->rows);
@@ -346,18 +354,12 @@ static inline int32_t bmask(int cond) { return -(int32_t)cond; }
  * on vectors. Sums, counts and maxima stay in lanes until the row ends, so a pass has no horizontal
  * reduction in its loop; a row is one thread's work, so the lane order, and with it every rounding, is
  * fixed. */
-#if defined(__AVX512F__)
-enum { VL = 16 };
-#elif defined(__AVX__)
-enum { VL = 8 };
-#else
-enum { VL = 4 };
-#endif
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 typedef uint8_t vb __attribute__((vector_size(VL)));
 
 static inline vf vsplat(float x) { return (vf){0} + x; }
+static inline vi isplat(int32_t k) { return (vi){0} + k; }
 static inline vf vsel(vi c, vf a, vf b) { return (vf)((c & (vi)a) | (~c & (vi)b)); }
 
 /* VL similarities and their mask bytes from column j of a range ending at hi; lanes past hi read
@@ -406,9 +408,27 @@ static inline void store_mask(uint8_t *mk, int j, const lanes *l, vi m) {
     memcpy(mk + j, &b, (size_t)l->n);
 }
 
+/* Finite lanes: |x| <= FLT_MAX, which NaN fails. */
+static inline vi finite_v(vf x) {
+  return (vf)((vi)x & isplat(INT32_MAX)) <= vsplat(FLT_MAX);
+}
+
 /* Valid for ranking: a candidate at or below the ceiling with a finite similarity. */
-static inline vi rankable_v(vi cand, vf x, vf u) {
-  return cand & (x <= u) & (x >= vsplat(-FLT_MAX)) & (x <= vsplat(FLT_MAX));
+static inline vi rankable_v(vi cand, vf x, vf u) { return cand & (x <= u) & finite_v(x); }
+
+/* The set lanes of a comparison result as bits, lane k at bit k. */
+static inline uint32_t lane_bits(vi m) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask((__m512i)m, (__m512i)m);
+#elif defined(__AVX__)
+  return (uint32_t)_mm256_movemask_ps((__m256)m);
+#elif defined(__SSE2__)
+  return (uint32_t)_mm_movemask_ps((__m128)m);
+#else
+  uint32_t b = 0;
+  for (int k = 0; k < VL; k++) b |= (uint32_t)(m[k] != 0) << k;
+  return b;
+#endif
 }
 
 /* A pass's selected negatives, per lane: the sum (finite values), the largest, minus the count. */
@@ -422,7 +442,7 @@ static inline vstats vstats_new(void) { return (vstats){vsplat(0.0f), vsplat(-IN
 /* By value: the lanes then stay in registers across the byte stores of a pass, which may alias
  * anything in memory. */
 static inline vstats vstats_add(vstats a, vi take, vf x) {
-  vi finite = (x >= vsplat(-FLT_MAX)) & (x <= vsplat(FLT_MAX));
+  vi finite = finite_v(x);
   a.sum += vsel(take & finite, x, vsplat(0.0f));
   vf mx = vsel(take, x, vsplat(-INFINITY));
   a.max = vsel(mx > a.max, mx, a.max);
@@ -493,29 +513,43 @@ typedef struct {
   int nt;
 } cuts;
 
-/* Pass one: the rankable candidates (returned), and how many are at or above each of the nt
- * thresholds. Inlined with a literal nt (one cut's NT, the usual case), the threshold loop unrolls
- * and its counts stay in registers. */
-BLOCK_FN int count_thresholds(const row_t *r, cuts *ct, int nt) {
-  vi acc[MAX_CUTS * NT] = {{0}}, valid = {0};
-  vf t[MAX_CUTS * NT];
-  for (int q = 0; q < nt; q++) t[q] = vsplat(ct->t[q]);
-  const vf u = vsplat(ct->u);
+/* Pass one for NT thresholds t[]: how many rankable candidates are at or above each, into count[];
+ * returns the rankable count. The counters are named, not an array: GCC keeps an array of vectors
+ * in memory and stores every counter on every block. */
+_Static_assert(NT == 8, "count_group has eight counters");
+static int count_group(const row_t *r, float u, const float *t, int32_t *count) {
+  const float *s = r->s;
+  const uint8_t *mk = r->mk;
+  vi c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, c4 = {0}, c5 = {0}, c6 = {0}, c7 = {0}, valid = {0};
+  const vf t0 = vsplat(t[0]), t1 = vsplat(t[1]), t2 = vsplat(t[2]), t3 = vsplat(t[3]);
+  const vf t4 = vsplat(t[4]), t5 = vsplat(t[5]), t6 = vsplat(t[6]), t7 = vsplat(t[7]);
+  const vf uv = vsplat(u);
   for (int k = 0; k < r->nr; k++)
-    for (int j = r->lo[k]; j < r->hi[k]; j += VL) {
-      lanes l = load_lanes(r->s, r->mk, j, r->hi[k]);
-      vi ok = rankable_v(l.m == CAND, l.x, u);
+    for (int j = r->lo[k], hi = r->hi[k]; j < hi; j += VL) {
+      lanes l = load_lanes(s, mk, j, hi);
+      vi ok = rankable_v(l.m == CAND, l.x, uv);
       valid += ok;
       vf x = vsel(ok, l.x, vsplat(-INFINITY)); /* below every threshold */
-#pragma GCC unroll 8
-      for (int q = 0; q < nt; q++) acc[q] += x >= t[q];
+      c0 += x >= t0, c1 += x >= t1, c2 += x >= t2, c3 += x >= t3;
+      c4 += x >= t4, c5 += x >= t5, c6 += x >= t6, c7 += x >= t7;
     }
-  for (int q = 0; q < nt; q++) ct->count[q] = -lanes_sum(acc[q]);
+  const vi c[NT] = {c0, c1, c2, c3, c4, c5, c6, c7};
+  for (int q = 0; q < NT; q++) count[q] = -lanes_sum(c[q]);
   return -lanes_sum(valid);
 }
 
+/* Pass one over every cut's thresholds, a group of NT per cut that has them (a row whose cuts have
+ * none still gets its rankable count). */
 static int count_pass(const row_t *r, cuts *ct) {
-  return ct->nt == NT ? count_thresholds(r, ct, NT) : count_thresholds(r, ct, ct->nt);
+  if (ct->nt == 0) {
+    float t[NT];
+    int32_t count[NT];
+    for (int q = 0; q < NT; q++) t[q] = INFINITY;
+    return count_group(r, ct->u, t, count);
+  }
+  int V = 0;
+  for (int t0 = 0; t0 < ct->nt; t0 += NT) V = count_group(r, ct->u, ct->t + t0, ct->count + t0);
+  return V;
 }
 
 /* A strided sample of the row's rankable values into sample[]; *cands counts the candidates seen. */
@@ -574,43 +608,53 @@ static void bracket(cuts *ct, cut *c, int V) {
   c->need = c->R - above;
 }
 
-static inline vi isplat(int32_t k) { return (vi){0} + k; }
+/* Pass two's constants, as lanes: built once per row, held in registers through the loop (the mask
+ * stores may alias anything in memory, so values read through pointers would be reloaded). */
+typedef struct {
+  vf u, loE, hiE, loA, hiA, loB, hiB;
+  vi smark;
+  int suspect;
+} pass2;
 
-/* Pass two over the lanes at column j: decides their candidates from the brackets, writes their
- * bracket flags to bd and window flags to win, adds the new suspects to *ns and, for TOP_MARK, the
- * window entries it marks MINE_NEG to st; returns the lanes to compact (bracketed ones, and for
- * the pool modes the window). */
-BLOCK_FN vi classify(const row_t *r, int j, int hi, const cuts *ct, uint8_t *bd, uint8_t *win, vi *ns,
-                     vstats *st, int window_only) {
-  const lanes l = load_lanes(r->s, r->mk, j, hi);
-  const vf x = l.x, u = vsplat(ct->u);
-  const vi m = l.m;
-  /* window_only (a literal at the call): cuts E and A are inactive, their tests fold away */
-  const vf loE = vsplat(window_only ? INFINITY : ct->c[0].lo);
-  const vf hiE = vsplat(window_only ? INFINITY : ct->c[0].hi);
-  const vf loA = vsplat(window_only ? INFINITY : ct->c[1].lo);
-  const vf hiA = vsplat(window_only ? INFINITY : ct->c[1].hi);
-  const vf loB = vsplat(ct->c[2].lo), hiB = vsplat(ct->c[2].hi);
-  const vi smark = isplat(ct->suspect >= 0 ? ct->suspect : CAND);
-  const vi mark = isplat(bmask(ct->mode == TOP_MARK)), flag_susp = isplat(bmask(ct->suspect >= 0));
-  const vi all = isplat(bmask(ct->mode == TOP_POOL_ALL));
-  const vi pool = isplat(bmask(ct->mode != TOP_GUARD)), list = isplat(bmask(lists_pool(ct->mode)));
-  vi cand = m == CAND, ok = rankable_v(cand, x, u);
-  vi edge = ok & (((x >= loE) & (x < hiE)) | ((x >= loA) & (x < hiA)) | ((x >= loB) & (x < hiB)));
-  vi sus = (cand & (x > u) & flag_susp) | (ok & (x >= hiE));
-  vi w = ok & (x >= hiB) & (x < loA) & ~edge & pool;
+static pass2 pass2_of(const cuts *ct) {
+  return (pass2){vsplat(ct->u),       vsplat(ct->c[0].lo), vsplat(ct->c[0].hi), vsplat(ct->c[1].lo),
+                 vsplat(ct->c[1].hi), vsplat(ct->c[2].lo), vsplat(ct->c[2].hi),
+                 isplat(ct->suspect >= 0 ? ct->suspect : CAND), ct->suspect};
+}
+
+/* Pass two over the lanes at column j: decides their candidates from the brackets, adds the new
+ * suspects to *ns and, for TOP_MARK, the window entries it marks MINE_NEG to st (TOP_POOL_ALL: every
+ * candidate); returns the bracketed lanes and, for the pool modes, the window's. The flags are
+ * literals at each call, so that each shape of row gets a loop without the tests it cannot need:
+ * window_only: cuts E and A are inactive; guarded: the row has a ceiling or suspects. */
+typedef struct {
+  vf x;
+  vi edge, list;
+} classified;
+
+BLOCK_FN classified classify(const float *s, uint8_t *mk, int j, int hi, const pass2 *c, vi *ns,
+                             vstats *st, int window_only, int guarded, top_mode mode) {
+  const lanes l = load_lanes(s, mk, j, hi);
+  const vf x = l.x;
+  const vi m = l.m, cand = m == CAND;
+  const vi ok = guarded ? rankable_v(cand, x, c->u) : cand & finite_v(x);
+  vi edge = ok & (x >= c->loB) & (x < c->hiB), w = ok & (x >= c->hiB), sus = {0};
+  if (!window_only) {
+    edge |= ok & (((x >= c->loE) & (x < c->hiE)) | ((x >= c->loA) & (x < c->hiA)));
+    w &= (x < c->loA) & ~edge;
+    sus = ok & (x >= c->hiE);
+  }
+  if (guarded && c->suspect >= 0) sus |= cand & (x > c->u);
+  if (mode == TOP_GUARD) w = (vi){0};
   /* TOP_MARK decides: bracketed stays CAND, window NEG, the rest OFF (0); TOP_POOL_ALL makes every
-   * candidate NEG; other modes keep m */
-  vi rest = (mark & ((edge & CAND) | (w & MINE_NEG))) | (all & MINE_NEG) | (~mark & ~all & m);
-  vi nm = (sus & smark) | (~sus & rest);
-  store_mask(r->mk, j, &l, (cand & nm) | (~cand & m));
-  vb fb = __builtin_convertvector(edge & 1, vb), fw = __builtin_convertvector(w & 1, vb);
-  memcpy(bd, &fb, VL);
-  memcpy(win, &fw, VL);
-  *ns += sus;
-  if (ct->mode == TOP_MARK) *st = vstats_add(*st, w, x);
-  if (ct->mode == TOP_POOL_ALL) *st = vstats_add(*st, cand, x);
-  return edge | (w & list);
+   * candidate NEG; the other modes keep CAND */
+  vi rest = mode == TOP_MARK ? (edge & CAND) | (w & MINE_NEG) : isplat(mode == TOP_POOL_ALL ? MINE_NEG : CAND);
+  if (guarded) rest = (sus & c->smark) | (~sus & rest);
+  store_mask(mk, j, &l, (cand & rest) | (~cand & m));
+  if (guarded) *ns += sus;
+  if (mode == TOP_MARK) *st = vstats_add(*st, w, x);
+  if (mode == TOP_POOL_ALL) *st = vstats_add(*st, cand, x);
+  return (classified){x, edge, lists_pool(mode) ? w : (vi){0}};
 }
 
 /* The value at descending rank R (1-based) of v[0..n) and how many entries equal to it belong to the
@@ -687,21 +731,54 @@ static int settle(mine_ws *ws, row_t *r, const cuts *ct, int g, int n_win, rowac
   return added;
 }
 
-/* Appends the columns j + i with flag[i] set (and their similarities, when vals is not NULL) at
- * position g; returns the new count. Eight flags are tested at once, and only groups holding one are
- * compacted, branch-free: a block typically holds a handful of bracketed columns. */
-static int compact(const float *s, int j, int n, const uint8_t *flag, float *vals, int32_t *cols, int g) {
-  for (int i0 = 0; i0 < n; i0 += 8) {
-    uint64_t word = 0;
-    memcpy(&word, flag + i0, 8);
-    if (!word) continue;
-    for (int i = i0; i < i0 + 8 && i < n; i++) {
-      if (vals) vals[g] = s[j + i];
-      cols[g] = j + i;
-      g += flag[i];
-    }
+/* Appends the columns j + i of the lanes set in sel (and their similarities x, when vals is not NULL)
+ * at position g; returns the new count. With AVX-512 it compresses the lanes and stores all VL of
+ * them, without a branch: a row's bracket is scattered thinly, so a branch on "any lane set" would
+ * mispredict on most of its entries. The arrays have VL entries of slack for it. */
+static inline int append_lanes(vf x, int j, vi sel, float *restrict vals, int32_t *restrict cols, int g) {
+#if defined(__AVX512F__)
+  const __mmask16 k = _mm512_test_epi32_mask((__m512i)sel, (__m512i)sel);
+  const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(j), _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+  if (vals) _mm512_storeu_ps(vals + g, _mm512_maskz_compress_ps(k, (__m512)x));
+  _mm512_storeu_si512(cols + g, _mm512_maskz_compress_epi32(k, col));
+  return g + __builtin_popcount(k);
+#else
+  for (uint32_t bits = lane_bits(sel); bits; bits &= bits - 1) {
+    int i = __builtin_ctz(bits);
+    if (vals) vals[g] = x[i];
+    cols[g++] = j + i;
   }
   return g;
+#endif
+}
+
+/* What the classifying pass leaves for the settling step. */
+typedef struct {
+  vstats st;
+  vi ns;
+  int g;     /* bracketed entries in vals, bidx */
+  int n_win; /* pool modes: window entries in idx */
+} pass2_out;
+
+/* The classifying pass over a row with the literal flags of classify. Its state is in locals, so
+ * that it stays in registers. */
+BLOCK_FN pass2_out classify_row(const row_t *r, const cuts *ct, mine_ws *ws, int window_only,
+                                int guarded, top_mode mode) {
+  const pass2 c = pass2_of(ct);
+  const float *s = r->s;
+  uint8_t *mk = r->mk;
+  float *vals = ws->vals;
+  int32_t *bidx = ws->bidx, *idx = ws->idx;
+  vstats st = vstats_new();
+  vi ns = {0};
+  int g = 0, n_win = 0;
+  for (int k = 0; k < r->nr; k++)
+    for (int j = r->lo[k], hi = r->hi[k]; j < hi; j += VL) {
+      classified cl = classify(s, mk, j, hi, &c, &ns, &st, window_only, guarded, mode);
+      g = append_lanes(cl.x, j, cl.edge, vals, bidx, g);
+      if (lists_pool(mode)) n_win = append_lanes(cl.x, j, cl.list, NULL, idx, n_win);
+    }
+  return (pass2_out){st, ns, g, n_win};
 }
 
 /* Applies the guards of `w` to the row (ceiling and eps suspects marked) and selects ranks [a, b) of
@@ -728,23 +805,16 @@ static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode m
     ct.c[k].R = R[k];
     bracket(&ct, &ct.c[k], V);
   }
-  uint8_t bd[BLK], win[BLK];
-  const int window_only = ct.c[0].R == 0 && ct.c[1].R == 0; /* hardest, mixing's pool: the usual case */
-  vstats st = vstats_new();
-  vi nsv = {0};
-  int g = 0, n_win = 0;
-  for (int k = 0; k < r->nr; k++)
-    for (int j = r->lo[k]; j < r->hi[k]; j += BLK) {
-      int n = r->hi[k] - j < BLK ? r->hi[k] - j : BLK;
-      vi any = {0};
-      for (int v = 0; v < n; v += VL)
-        any |= window_only ? classify(r, j + v, r->hi[k], &ct, bd + v, win + v, &nsv, &st, 1)
-                           : classify(r, j + v, r->hi[k], &ct, bd + v, win + v, &nsv, &st, 0);
-      if (!lanes_sum(any)) continue;
-      g = compact(r->s, j, n, bd, ws->vals, ws->bidx, g);
-      if (lists_pool(mode)) n_win = compact(NULL, j, n, win, NULL, ws->idx, n_win);
-    }
-  int marked = rowacc_merge(ra, &st), ns = -lanes_sum(nsv);
+  /* hardest and mixing's pool without guards, the usual rows, get loops of their own */
+  const int fast = ct.c[0].R == 0 && ct.c[1].R == 0 && !(w->u < INFINITY);
+  pass2_out o;
+  if (fast && mode == TOP_MARK)
+    o = classify_row(r, &ct, ws, 1, 0, TOP_MARK);
+  else if (fast && mode == TOP_POOL_ALL)
+    o = classify_row(r, &ct, ws, 1, 0, TOP_POOL_ALL);
+  else
+    o = classify_row(r, &ct, ws, 0, 1, mode);
+  int marked = rowacc_merge(ra, &o.st), ns = -lanes_sum(o.ns), g = o.g, n_win = o.n_win;
   r->suspects += ns;
   if (ct.suspect == MINE_POS) r->positives += ns;
   r->n_cand = V - E;
