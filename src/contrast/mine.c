@@ -239,6 +239,7 @@ static float draw_open01(rng_t *r) { return ((float)(rng_u32(r) >> 8) + 0.5f) * 
 /* A query row: its similarities, its mask, and the column ranges that hold candidates. */
 typedef struct {
   float *s; /* the synthetic columns of mixing are written through it */
+  const float *next; /* the similarities of the row this thread does next, or NULL */
   uint8_t *mk;
   int nr;
   int lo[2], hi[2];
@@ -479,11 +480,6 @@ static inline int lanes_sum(vi v) {
  *      bracket; k-th element selection among those settles the exact boundary.
  * A bad sample only widens a bracket (at worst to the whole row), so the result is always exact. */
 
-/* rankable_v for one column. */
-static inline int32_t rankable(int32_t cand, float x, float u) {
-  return cand & bmask(x <= u) & bmask(x >= -FLT_MAX) & bmask(x <= FLT_MAX);
-}
-
 typedef struct {
   int R;        /* rank: the top R; 0 = inactive */
   float lo, hi; /* in: x >= hi; bracket: lo <= x < hi; out: x < lo */
@@ -552,14 +548,21 @@ static int count_pass(const row_t *r, cuts *ct) {
   return V;
 }
 
-/* A strided sample of the row's rankable values into sample[]; *cands counts the candidates seen. */
+/* A strided sample of the row's rankable values into sample[]; *cands counts the candidates seen.
+ * Branch-free: it is a row's first touch, and waits on memory enough as it is. */
 static int take_sample(const row_t *r, float u, float *sample, int *cands) {
-  int n = 0, seen = 0;
-  int step = r->width / SAMPLE;
-  for (int it = 0; step > 0 && it < SAMPLE; it++) {
-    int c = row_col(r, step / 2 + it * step);
-    seen += r->mk[c] == CAND;
-    if (rankable(bmask(r->mk[c] == CAND), r->s[c], u)) sample[n++] = r->s[c];
+  int n = 0, seen = 0, taken = 0, step = r->width / SAMPLE;
+  for (int k = 0, i = step / 2, base = 0; step > 0 && k < r->nr; k++) {
+    const int len = r->hi[k] - r->lo[k];
+    for (; i - base < len && taken < SAMPLE; i += step, taken++) {
+      const int c = r->lo[k] + i - base;
+      const float x = r->s[c];
+      const int cand = r->mk[c] == CAND;
+      seen += cand;
+      sample[n] = x;
+      n += cand & (x <= u) & (x >= -FLT_MAX) & (x <= FLT_MAX); /* rankable */
+    }
+    base += len;
   }
   *cands = seen;
   return n;
@@ -731,6 +734,31 @@ static int settle(mine_ws *ws, row_t *r, const cuts *ct, int g, int n_win, rowac
   return added;
 }
 
+/* settle for a row whose only active cut is the window's (c): the bracketed entries within its
+ * exact top become MINE_NEG (TOP_MARK, the rest MINE_OFF) or join the pool (TOP_POOL_ALL).
+ * Branch-free: about half of a bracket is in, in no order a predictor could learn. */
+static int settle_window(mine_ws *ws, row_t *r, const cut *c, int g, int n_win, top_mode mode,
+                         rowacc_t *ra) {
+  memcpy(ws->tmp, ws->vals, (size_t)g * sizeof *ws->tmp);
+  boundary b = find_boundary(ws->tmp, g, c->need);
+  int added = 0;
+  for (int i = 0; i < g; i++) {
+    const float x = ws->vals[i];
+    const int col = ws->bidx[i], tie = (x == b.v) & (b.ties > 0), in = (x > b.v) | tie;
+    b.ties -= tie;
+    if (mode == TOP_MARK) {
+      r->mk[col] = (uint8_t)(in * MINE_NEG);
+      ra->sum += in ? x : 0.0f;
+      ra->count += in;
+      ra->max = in && x > ra->max ? x : ra->max;
+    } else {
+      ws->idx[n_win + added] = col;
+    }
+    added += in;
+  }
+  return added;
+}
+
 /* Appends the columns j + i of the lanes set in sel (and their similarities x, when vals is not NULL)
  * at position g; returns the new count. With AVX-512 it compresses the lanes and stores all VL of
  * them, without a branch: a row's bracket is scattered thinly, so a branch on "any lane set" would
@@ -774,6 +802,7 @@ BLOCK_FN pass2_out classify_row(const row_t *r, const cuts *ct, mine_ws *ws, int
   int g = 0, n_win = 0;
   for (int k = 0; k < r->nr; k++)
     for (int j = r->lo[k], hi = r->hi[k]; j < hi; j += VL) {
+      if (r->next) __builtin_prefetch(r->next + j);
       classified cl = classify(s, mk, j, hi, &c, &ns, &st, window_only, guarded, mode);
       g = append_lanes(cl.x, j, cl.edge, vals, bidx, g);
       if (lists_pool(mode)) n_win = append_lanes(cl.x, j, cl.list, NULL, idx, n_win);
@@ -818,7 +847,7 @@ static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode m
   r->suspects += ns;
   if (ct.suspect == MINE_POS) r->positives += ns;
   r->n_cand = V - E;
-  int settled = settle(ws, r, &ct, g, n_win, ra);
+  int settled = fast ? settle_window(ws, r, &ct.c[2], g, n_win, mode, ra) : settle(ws, r, &ct, g, n_win, ra);
   return (mode == TOP_MARK ? marked : n_win) + settled;
 }
 
@@ -1305,6 +1334,7 @@ static void select_part(void *ctx, int part, int parts) {
     *o = (struct mine_row){.ra = {0, 0, -INFINITY}};
     int excluded = prepare_row(m, l, j->in, j->p, mk, i, o);
     row_t r = row_view(l, j->in, j->p, srow, mk, excluded);
+    r.next = i + 1 < (int)hi ? srow + l->cols : NULL;
     rng_t rng;
     rng_init(&rng, j->seed, (uint64_t)i);
     o->knob = select_row(m, &m->ws[part], l, j->in, j->p, i, &r, &rng, &o->ra);
