@@ -513,6 +513,18 @@ typedef struct {
  * returns the rankable count. The counters are named, not an array: GCC keeps an array of vectors
  * in memory and stores every counter on every block. */
 _Static_assert(NT == 8, "count_group has eight counters");
+
+/* c + 1 in the lanes where x >= t: one masked subtraction with AVX-512, where GCC would first turn
+ * the comparison's mask into a vector and then add it. */
+static inline vi count_ge(vi c, vf x, vf t) {
+#if defined(__AVX512F__)
+  const __mmask16 ge = _mm512_cmp_ps_mask((__m512)x, (__m512)t, _CMP_GE_OQ);
+  return (vi)_mm512_mask_sub_epi32((__m512i)c, ge, (__m512i)c, _mm512_set1_epi32(-1));
+#else
+  return c - (x >= t);
+#endif
+}
+
 static int count_group(const row_t *r, float u, const float *t, int32_t *count) {
   const float *s = r->s;
   const uint8_t *mk = r->mk;
@@ -526,11 +538,11 @@ static int count_group(const row_t *r, float u, const float *t, int32_t *count) 
       vi ok = rankable_v(l.m == CAND, l.x, uv);
       valid += ok;
       vf x = vsel(ok, l.x, vsplat(-INFINITY)); /* below every threshold */
-      c0 += x >= t0, c1 += x >= t1, c2 += x >= t2, c3 += x >= t3;
-      c4 += x >= t4, c5 += x >= t5, c6 += x >= t6, c7 += x >= t7;
+      c0 = count_ge(c0, x, t0), c1 = count_ge(c1, x, t1), c2 = count_ge(c2, x, t2), c3 = count_ge(c3, x, t3);
+      c4 = count_ge(c4, x, t4), c5 = count_ge(c5, x, t5), c6 = count_ge(c6, x, t6), c7 = count_ge(c7, x, t7);
     }
   const vi c[NT] = {c0, c1, c2, c3, c4, c5, c6, c7};
-  for (int q = 0; q < NT; q++) count[q] = -lanes_sum(c[q]);
+  for (int q = 0; q < NT; q++) count[q] = lanes_sum(c[q]);
   return -lanes_sum(valid);
 }
 
