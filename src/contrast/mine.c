@@ -753,20 +753,29 @@ static int settle_window(mine_ws *ws, row_t *r, const cut *c, int g, int n_win, 
                          rowacc_t *ra) {
   memcpy(ws->tmp, ws->vals, (size_t)g * sizeof *ws->tmp);
   boundary b = find_boundary(ws->tmp, g, c->need);
+  const float *vals = ws->vals;
+  const int32_t *bidx = ws->bidx;
+  int32_t *pool = ws->idx + n_win;
+  uint8_t *mk = r->mk;
+  float sum = 0.0f, max = ra->max; /* locals: the mask stores would force them through memory */
   int added = 0;
   for (int i = 0; i < g; i++) {
-    const float x = ws->vals[i];
-    const int col = ws->bidx[i], tie = (x == b.v) & (b.ties > 0), in = (x > b.v) | tie;
+    const float x = vals[i];
+    const int col = bidx[i], tie = (x == b.v) & (b.ties > 0), in = (x > b.v) | tie;
     b.ties -= tie;
     if (mode == TOP_MARK) {
-      r->mk[col] = (uint8_t)(in * MINE_NEG);
-      ra->sum += in ? x : 0.0f;
-      ra->count += in;
-      ra->max = in && x > ra->max ? x : ra->max;
+      mk[col] = (uint8_t)(in * MINE_NEG);
+      sum += in ? x : 0.0f;
+      max = in && x > max ? x : max;
     } else {
-      ws->idx[n_win + added] = col;
+      pool[added] = col;
     }
     added += in;
+  }
+  if (mode == TOP_MARK) {
+    ra->sum += sum;
+    ra->count += added;
+    ra->max = max;
   }
   return added;
 }
