@@ -746,6 +746,16 @@ static int settle(mine_ws *ws, row_t *r, const cuts *ct, int g, int n_win, rowac
   return added;
 }
 
+/* in ? a : b without a branch, which GCC would otherwise emit for floats. */
+static inline float select_f(int in, float a, float b) {
+  uint32_t ua, ub, m = -(uint32_t)(in != 0);
+  memcpy(&ua, &a, sizeof ua);
+  memcpy(&ub, &b, sizeof ub);
+  ua = (ua & m) | (ub & ~m);
+  memcpy(&a, &ua, sizeof a);
+  return a;
+}
+
 /* settle for a row whose only active cut is the window's (c): the bracketed entries within its
  * exact top become MINE_NEG (TOP_MARK, the rest MINE_OFF) or join the pool (TOP_POOL_ALL).
  * Branch-free: about half of a bracket is in, in no order a predictor could learn. */
@@ -765,8 +775,8 @@ static int settle_window(mine_ws *ws, row_t *r, const cut *c, int g, int n_win, 
     b.ties -= tie;
     if (mode == TOP_MARK) {
       mk[col] = (uint8_t)(in * MINE_NEG);
-      sum += in ? x : 0.0f;
-      max = in && x > max ? x : max;
+      sum += x * (float)in; /* gathered entries are finite */
+      max = fmaxf(max, select_f(in, x, -INFINITY));
     } else {
       pool[added] = col;
     }
@@ -1175,8 +1185,10 @@ typedef struct {
 static int prepare_row(const mine *m, const mine_layout *l, const mine_input *in, const plan_t *p,
                        uint8_t *mk, int i, struct mine_row *o) {
   const int B = in->batch_size;
-  memset(mk, MINE_OFF, (size_t)l->cols);
-  if (p->use_queue) memset(mk, CAND, (size_t)in->queue_filled);
+  /* each byte set once: at K = 65536 a row's mask is 64 KB */
+  const int filled = p->use_queue ? in->queue_filled : 0;
+  memset(mk, CAND, (size_t)filled);
+  memset(mk + filled, MINE_OFF, (size_t)(l->cols - filled));
   int32_t excl = 0;
   if (l->batch_size) {
     memset(mk + l->batch_off, CAND, (size_t)B);
