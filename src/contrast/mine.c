@@ -345,9 +345,6 @@ static inline void rowacc_add(rowacc_t *ra, float x) {
   if (x > ra->max) ra->max = x;
 }
 
-/* An all-ones / all-zero int mask from a condition, as vector comparisons give per lane. */
-static inline int32_t bmask(int cond) { return -(int32_t)cond; }
-
 /* ---- vector lanes ------------------------------------------------------------------------------
  * The passes over a row take VL columns at a time in GCC's generic vectors, as wide as the target's
  * registers (a wider vector than the ISA has would be passed in memory, and GCC warns that the ABI
@@ -509,11 +506,6 @@ typedef struct {
   int nt;
 } cuts;
 
-/* Pass one for NT thresholds t[]: how many rankable candidates are at or above each, into count[];
- * returns the rankable count. The counters are named, not an array: GCC keeps an array of vectors
- * in memory and stores every counter on every block. */
-_Static_assert(NT == 8, "count_group has eight counters");
-
 /* c + 1 in the lanes where x >= t: one masked subtraction with AVX-512, where GCC would first turn
  * the comparison's mask into a vector and then add it. */
 static inline vi count_ge(vi c, vf x, vf t) {
@@ -524,6 +516,11 @@ static inline vi count_ge(vi c, vf x, vf t) {
   return c - (x >= t);
 #endif
 }
+
+/* Pass one for NT thresholds t[]: how many rankable candidates are at or above each, into count[];
+ * returns the rankable count. The counters are named, not an array: GCC keeps an array of vectors
+ * in memory and stores every counter on every block. */
+_Static_assert(NT == 8, "count_group has eight counters");
 
 static int count_group(const row_t *r, float u, const float *t, int32_t *count) {
   const float *s = r->s;
