@@ -139,7 +139,8 @@ typedef struct {
 
 /* One part's workspace. mine_select splits its rows over the compute team (core/par.h), each part
  * with a workspace of its own; a row's random draws come from a stream of its own, and the statistics
- * are summed in row order, so the result does not depend on how many threads ran it. */
+ * are summed in row order, so the result does not depend on how many threads ran it. Each array has
+ * a vector's worth of slack past max_cols: the gathers store whole vectors. */
 typedef struct {
   float *vals;       /* [max_cols] a row's gathered similarities */
   float *tmp;        /* [max_cols] scratch copy for k-th element selection */

@@ -558,7 +558,7 @@ static int count_pass(const row_t *r, cuts *ct) {
 }
 
 /* A strided sample of the row's rankable values into sample[]; *cands counts the candidates seen.
- * Branch-free: it is a row's first touch, and waits on memory enough as it is. */
+ * No branch per point: this is the row's first touch, and waits on memory enough as it is. */
 static int take_sample(const row_t *r, float u, float *sample, int *cands) {
   int n = 0, seen = 0, taken = 0, step = r->width / SAMPLE;
   for (int k = 0, i = step / 2, base = 0; step > 0 && k < r->nr; k++) {
@@ -758,8 +758,7 @@ static inline float select_f(int in, float a, float b) {
  * Branch-free: about half of a bracket is in, in no order a predictor could learn. */
 static int settle_window(mine_ws *ws, row_t *r, const cut *c, int g, int n_win, top_mode mode,
                          rowacc_t *ra) {
-  memcpy(ws->tmp, ws->vals, (size_t)g * sizeof *ws->tmp);
-  boundary b = find_boundary(ws->tmp, g, c->need);
+  boundary b = cut_boundary(ws, c, g);
   const float *vals = ws->vals;
   const int32_t *bidx = ws->bidx;
   int32_t *pool = ws->idx + n_win;
@@ -793,7 +792,7 @@ static int settle_window(mine_ws *ws, row_t *r, const cut *c, int g, int n_win, 
  * mispredict on most of its entries. The arrays have VL entries of slack for it. */
 static inline int append_lanes(vf x, int j, vi sel, float *restrict vals, int32_t *restrict cols, int g) {
 #if defined(__AVX512F__)
-  const __mmask16 k = _mm512_test_epi32_mask((__m512i)sel, (__m512i)sel);
+  const __mmask16 k = (__mmask16)lane_bits(sel);
   const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(j), _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
   if (vals) _mm512_storeu_ps(vals + g, _mm512_maskz_compress_ps(k, (__m512)x));
   _mm512_storeu_si512(cols + g, _mm512_maskz_compress_epi32(k, col));
