@@ -109,6 +109,68 @@ START_TEST(step_gradient_symmetric_hcl_hardest) {
 }
 END_TEST
 
+/* The step's dense formulas, for one half of rows [row0, row0 + B): the configured loss on the full
+ * (S, mask) and dq = (dS·candidates + dpos·k) / halves, summed over every column. */
+static double dense_half(const moco_model *m, const mine_layout *l, int row0, int B, int halves,
+                         float *dq) {
+  int C = l->cols, d = m->dim;
+  float *dS = calloc((size_t)B * C, sizeof *dS), dpos[2 * TB];
+  double loss = loss_backward(&m->cfg.loss, 1.0f, dS, dpos, m->S + (size_t)row0 * C,
+                              m->mask + (size_t)row0 * C, m->s_pos + row0, B, C);
+  for (int i = 0; i < B; i++) {
+    const float *kpos = m->k + (size_t)(row0 + i) * d;
+    for (int t = 0; t < d; t++) dq[(size_t)i * d + t] = dpos[i] * kpos[t] / halves;
+    for (int c = 0; c < C; c++) {
+      const float *key = c < l->queue_size ? m->queue.keys + (size_t)c * d
+                                           : m->k + (size_t)(row0 + c - l->batch_off) * d;
+      for (int t = 0; t < d; t++) dq[(size_t)i * d + t] += dS[(size_t)i * C + c] * key[t] / halves;
+    }
+  }
+  free(dS);
+  return loss;
+}
+
+/* A strategy that selects few columns runs its loss and gradient on packed rows: same loss, same dq as
+ * the dense formulas, with in-batch negatives, suspects kept as extra positives and both halves. */
+START_TEST(packed_rows_give_the_dense_loss_and_gradient) {
+  moco_config c;
+  tiny_config(&c);
+  c.symmetric = 1;
+  c.mine.strategy = MINE_HARDEST;
+  c.mine.num_negatives = 3;
+  c.mine.in_batch_negatives = 1;
+  c.mine.ceiling = MINE_CEILING_RELATIVE;
+  c.mine.ceiling_delta = 0.3f;
+  c.mine.suspects_as_positives = 1;
+  tiny_t *t = calloc(1, sizeof *t);
+  ck_assert_int_eq(build(&t->m, &c, TINY, TIN), 0);
+  moco_model *m = &t->m;
+  mine_layout l;
+  mine_layout_init(&l, &c.mine, c.queue_size, TB);
+  rng_t r;
+  rng_init(&r, 4, 1);
+  for (int s = 0; s < 3; s++) {
+    tiny_batch(t, &r, 100 * s);
+    ck_assert_int_eq(moco_step(m, t->x1, t->x2, t->ids, t->labels, TB, NULL), 0);
+  }
+  tiny_batch(t, &r, 1000);
+  ck_assert_int_eq(moco_keys(m, t->x1, t->x2, TB, NULL), 0);
+  moco_diag d;
+  ck_assert_int_eq(moco_loss(m, t->x1, t->x2, t->ids, t->labels, TB, 1, &d), 0);
+  ck_assert_int_eq(m->packs[0].R, TB);
+  ck_assert_int_eq(m->packs[1].R, TB);
+  ck_assert(d.extra_positives > 0);
+  int dim = m->dim;
+  float *dq = malloc(2 * TB * dim * sizeof *dq);
+  double loss = 0.5 * (dense_half(m, &l, 0, TB, 2, dq) + dense_half(m, &l, TB, TB, 2, dq + TB * dim));
+  ck_assert_double_eq_tol(d.loss, loss, 1e-6 * fabs(loss));
+  for (int i = 0; i < 2 * TB * dim; i++) ck_assert_float_eq_tol(m->dq[i], dq[i], 1e-6f);
+  free(dq);
+  moco_free(m);
+  free(t);
+}
+END_TEST
+
 START_TEST(step_gradient_mixing_and_triplet_mean) {
   /* MoCHi mixes of two keys only: a mix with the query would move with the parameters, which the
    * method's stop-gradient deliberately ignores and finite differences would not. */
@@ -340,6 +402,7 @@ Suite *step_suite(void) {
   tcase_set_timeout(tc, 60);
   tcase_add_test(tc, step_gradient_infonce_all_with_in_batch);
   tcase_add_test(tc, step_gradient_symmetric_hcl_hardest);
+  tcase_add_test(tc, packed_rows_give_the_dense_loss_and_gradient);
   tcase_add_test(tc, step_gradient_mixing_and_triplet_mean);
   tcase_add_test(tc, step_gradient_ntxent_with_queue_and_adversarial);
   tcase_add_test(tc, step_rejects_bad_configs_and_batches);

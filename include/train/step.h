@@ -6,8 +6,10 @@
  *   similar.  s_pos = q·k row-wise; S = q·[queue | in-batch keys | adversarial bank]ᵀ, one sgemm per
  *             block into its columns of S
  *   mining    mask = mine_select(S, ...)       (include/contrast/mine.h)
- *   loss      the configured loss and its dS, dpos (include/contrast/loss.h)
- *   backward  dq = dS·candidates + dpos·k (+ MoCHi's folded synthetic part), through f_q
+ *   loss      the configured loss and its dS, dpos (include/contrast/loss.h), on the rows packed to
+ *             their used columns when the strategy selects few of them (include/contrast/packed.h)
+ *   backward  dq = dS·candidates + dpos·k (+ MoCHi's folded synthetic part), through f_q; from packed
+ *             rows, a sum over each row's used keys instead of the product with every candidate
  *   update    optimizer step at the scheduled lr, θk ← m·θk + (1−m)·θq, enqueue k, adversarial bank
  *             ascent, hardness controller
  *
@@ -32,6 +34,7 @@
 #include "contrast/hardness.h"
 #include "contrast/loss.h"
 #include "contrast/mine.h"
+#include "contrast/packed.h"
 #include "contrast/momentum.h"
 #include "contrast/queue.h"
 #include "core/blob.h"
@@ -90,7 +93,6 @@ typedef struct {
   optim opt;
   queue queue;             /* queue_size 0 when the strategy is adversarial */
   mine mine;
-  mine_layout layout;
   hardness_ctl hard;
   advbank bank;            /* adversarial strategy only */
   rng_t rng;               /* shuffle-BN permutations and mining draws */
@@ -104,6 +106,8 @@ typedef struct {
   float *s_pos, *dpos, *dself; /* [R] */
   float *S, *dS;           /* [R, cols] */
   uint8_t *mask;           /* [R, cols] */
+  packed pack;             /* rows 0 when the strategy never selects few columns (all, mixing, AdCo) */
+  packed_rows packs[2];    /* each half's packed block of the last loss; R = 0: that half ran dense */
   float *dq;               /* [R, d] */
   float *ntxent_work;      /* loss_ntxent_work_len(B, K), ntxent only */
 } moco_model;

@@ -70,6 +70,13 @@ static void layout_for(const moco_model *m, int B, mine_layout *l) {
   mine_layout_init(l, &m->cfg.mine, K, B);
 }
 
+/* Strategies that use n columns of a row whatever its width, so that the loss and the gradient can
+ * run on the rows packed to those columns (mixing and AdCo use every candidate, or all of a bank). */
+static int selects_few(const moco_config *c) {
+  mine_strategy s = c->mine.strategy;
+  return s == MINE_RANDOM || s == MINE_HARDEST || s == MINE_SEMI_HARD || s == MINE_BAND;
+}
+
 void moco_free(moco_model *m) {
   net_free(&m->query);
   net_free(&m->key);
@@ -87,6 +94,7 @@ void moco_free(moco_model *m) {
   tensor_free(m->S);
   tensor_free(m->dS);
   free(m->mask);
+  packed_free(&m->pack);
   tensor_free(m->dq);
   tensor_free(m->ntxent_work);
   memset(m, 0, sizeof *m);
@@ -116,7 +124,8 @@ static int alloc_buffers(moco_model *m) {
   m->S = tensor_calloc(cells);
   m->dS = tensor_calloc(cells);
   m->mask = calloc(cells ? cells : 1, 1);
-  return m->S && m->dS && m->mask ? 0 : MOCO_ENOMEM;
+  if (!m->S || !m->dS || !m->mask) return MOCO_ENOMEM;
+  return selects_few(c) ? packed_init(&m->pack, R, packed_cap_for(l.cols)) : 0;
 }
 
 int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_shape in,
@@ -231,20 +240,29 @@ static void similarities(moco_model *m, const mine_layout *l, const float *q, in
 }
 
 /* dq = dS·candidates + dpos·k + dself·q: the transpose of `similarities`, plus the positive and
- * MoCHi's query-mix terms. Synthetic columns were folded into the real ones by mine_synth_fold. */
+ * MoCHi's query-mix terms, half by half (each half's in-batch keys, and its rows packed or not).
+ * Synthetic columns were folded into the real ones by mine_synth_fold. A symmetric step's loss is the
+ * mean of its halves, so each half's gradient counts 1/halves. */
 static void query_gradient(moco_model *m, const mine_layout *l, const float *q, int B, int halves) {
-  int R = B * halves, C = l->cols, d = m->dim;
+  int R = B * halves, C = l->cols, d = m->dim, K = l->queue_size > 0 ? m->queue.filled : 0;
+  float a = 1.0f / (float)halves;
   vec_fill(m->dq, 0.0f, (size_t)R * d);
-  if (l->queue_size > 0 && m->queue.filled > 0)
-    mat_mul_ld(m->dq, d, m->dS, C, m->queue.keys, d, R, d, m->queue.filled, 0, 0, 1.0f, 1.0f);
-  for (int h = 0; h < halves && l->batch_size > 0; h++)
-    mat_mul_ld(m->dq + (size_t)h * B * d, d, m->dS + (size_t)h * B * C + l->batch_off, C,
-               m->k + (size_t)h * B * d, d, B, d, B, 0, 0, 1.0f, 1.0f);
-  if (l->bank_size > 0)
-    mat_mul_ld(m->dq, d, m->dS + l->bank_off, C, m->bank.w, d, R, d, l->bank_size, 0, 0, 1.0f, 1.0f);
+  for (int h = 0; h < halves; h++) {
+    size_t row0 = (size_t)h * B;
+    float *dq = m->dq + row0 * d;
+    const float *dS = m->dS + row0 * C, *k = m->k + row0 * d;
+    if (m->packs[h].R) {
+      packed_dq(&m->packs[h], a, m->queue.keys, K, k, l->batch_off, d, dq);
+      continue;
+    }
+    if (K > 0) mat_mul_ld(dq, d, dS, C, m->queue.keys, d, B, d, K, 0, 0, a, 1.0f);
+    if (l->batch_size > 0) mat_mul_ld(dq, d, dS + l->batch_off, C, k, d, B, d, B, 0, 0, a, 1.0f);
+    if (l->bank_size > 0)
+      mat_mul_ld(dq, d, dS + l->bank_off, C, m->bank.w, d, B, d, l->bank_size, 0, 0, a, 1.0f);
+  }
   for (int r = 0; r < R; r++) {
-    vec_axpy(m->dq + (size_t)r * d, m->dpos[r], m->k + (size_t)r * d, (size_t)d);
-    vec_axpy(m->dq + (size_t)r * d, m->dself[r], q + (size_t)r * d, (size_t)d);
+    vec_axpy(m->dq + (size_t)r * d, a * m->dpos[r], m->k + (size_t)r * d, (size_t)d);
+    vec_axpy(m->dq + (size_t)r * d, a * m->dself[r], q + (size_t)r * d, (size_t)d);
   }
 }
 
@@ -281,14 +299,21 @@ static int mine_and_loss(moco_model *m, const mine_layout *l, const float *q, co
     if (rc) return moco_error_wrap(rc, "mining");
     double t1 = clock_now();
     float beta = st.hcl_beta;
+    packed_rows *pr = &m->packs[h];
+    if (!m->pack.rows || packed_gather(&m->pack, S, mask, (int)row0, B, C, pr))
+      *pr = (packed_rows){0}; /* dense: some row uses more columns than packing pays for */
+    const float *Sl = pr->R ? pr->S : S;
+    const uint8_t *ml = pr->R ? pr->mask : mask;
+    float *dSl = pr->R ? pr->dS : dS;
+    int Cl = pr->R ? pr->W : C;
     if (backward) {
-      *loss += loss_backward(&m->cfg.loss, beta, dS, m->dpos + row0, S, mask, in.s_pos, B, C);
+      *loss += loss_backward(&m->cfg.loss, beta, dSl, m->dpos + row0, Sl, ml, in.s_pos, B, Cl);
       if (l->synth_size > 0)
         mine_synth_fold(&m->mine, l, B, dS, m->dself + row0);
       else
         vec_fill(m->dself + row0, 0.0f, (size_t)B);
     } else {
-      *loss += loss_forward(&m->cfg.loss, beta, S, mask, in.s_pos, B, C);
+      *loss += loss_forward(&m->cfg.loss, beta, Sl, ml, in.s_pos, B, Cl);
     }
     lp->t_mining += t1 - t0;
     lp->t_loss += clock_now() - t1;
@@ -298,11 +323,6 @@ static int mine_and_loss(moco_model *m, const mine_layout *l, const float *q, co
       merge_stats(&lp->st, &st);
   }
   *loss /= halves;
-  if (backward && halves > 1) { /* the mean over 2B rows: each half's gradient counts half */
-    vec_scale(m->dS, 1.0f / halves, (size_t)halves * B * C);
-    vec_scale(m->dpos, 1.0f / halves, (size_t)halves * B);
-    vec_scale(m->dself, 1.0f / halves, (size_t)halves * B);
-  }
   return 0;
 }
 
