@@ -5,6 +5,7 @@
 
 #include "contrast/mine.h"
 #include "core/err.h"
+#include "core/par.h"
 #include "core/tensor.h"
 
 /* The contract's mask values, short names for the inner loops. */
@@ -220,25 +221,6 @@ static double infonce_row(float *ds, float *dpos, const float *s, const uint8_t 
   return log(z_all) - log(z_pos);
 }
 
-double loss_infonce_forward(const float *S, const uint8_t *mask, const float *s_pos, int B, int C,
-                            float tau) {
-  double total = 0.0;
-  for (int i = 0; i < B; i++)
-    total += infonce_row(NULL, NULL, S + (size_t)i * C, mask + (size_t)i * C, C, s_pos[i],
-                         1.0f / tau, 0.0f);
-  return B > 0 ? total / B : 0.0;
-}
-
-double loss_infonce_backward(float *dS, float *dpos, const float *S, const uint8_t *mask,
-                             const float *s_pos, int B, int C, float tau) {
-  double total = 0.0;
-  float g = 1.0f / (tau * (float)B);
-  for (int i = 0; i < B; i++)
-    total += infonce_row(dS + (size_t)i * C, dpos + i, S + (size_t)i * C, mask + (size_t)i * C, C,
-                         s_pos[i], 1.0f / tau, g);
-  return B > 0 ? total / B : 0.0;
-}
-
 /* o[j] ← k1·o[j] − k2·w_j on negatives (0 elsewhere), w_j = exp(aw·(S_j − sn)): o holds w_j e_j from
  * the forward sums and w_j is recomputed rather than stored. */
 static void block_hcl_grad(float *restrict o, const float *restrict s, const uint8_t *restrict m,
@@ -316,25 +298,6 @@ static double hcl_row(float *ds, float *dpos, const float *s, const uint8_t *m, 
   return loss;
 }
 
-double loss_hcl_forward(const float *S, const uint8_t *mask, const float *s_pos, int B, int C,
-                        float tau, float beta, float tau_plus) {
-  double total = 0.0;
-  for (int i = 0; i < B; i++)
-    total += hcl_row(NULL, NULL, S + (size_t)i * C, mask + (size_t)i * C, C, s_pos[i], 1.0f / tau,
-                     beta, tau_plus, 0.0f);
-  return B > 0 ? total / B : 0.0;
-}
-
-double loss_hcl_backward(float *dS, float *dpos, const float *S, const uint8_t *mask,
-                         const float *s_pos, int B, int C, float tau, float beta, float tau_plus) {
-  double total = 0.0;
-  float g = 1.0f / (tau * (float)B);
-  for (int i = 0; i < B; i++)
-    total += hcl_row(dS + (size_t)i * C, dpos + i, S + (size_t)i * C, mask + (size_t)i * C, C,
-                     s_pos[i], 1.0f / tau, beta, tau_plus, g);
-  return B > 0 ? total / B : 0.0;
-}
-
 /* One triplet row; with ds, writes g·∂L/∂s (g = 1/B). */
 static double triplet_row(float *ds, float *dpos, const float *s, const uint8_t *m, int C,
                           float s_pos, float margin, triplet_negative mode, float g) {
@@ -369,44 +332,111 @@ static double triplet_row(float *ds, float *dpos, const float *s, const uint8_t 
   return sum / n;
 }
 
-double loss_triplet_forward(const float *S, const uint8_t *mask, const float *s_pos, int B, int C,
-                            float margin, triplet_negative mode) {
-  double total = 0.0;
-  for (int i = 0; i < B; i++)
-    total += triplet_row(NULL, NULL, S + (size_t)i * C, mask + (size_t)i * C, C, s_pos[i], margin,
-                         mode, 0.0f);
-  return B > 0 ? total / B : 0.0;
+/* ---- the (S, mask) losses over a batch ----------------------------------------------------------- */
+
+/* A loss over B rows. Rows are independent, so they run in parts across the compute team; each part
+ * sums its rows' losses and the parts are added in order. The number of parts depends only on the
+ * problem's size, never on the team's, so the total is the same on any number of threads. */
+typedef struct {
+  loss_config c;
+  float beta;
+  float *dS, *dpos; /* NULL: forward only */
+  const float *S, *s_pos;
+  const uint8_t *mask;
+  int B, C;
+  double part_loss[PAR_MAX_THREADS];
+} rows_call;
+
+enum { ROW_PART_MIN = 1 << 16 }; /* entries below which one part does the whole batch */
+
+static double one_row(const rows_call *r, int i) {
+  size_t at = (size_t)i * r->C;
+  float *ds = r->dS ? r->dS + at : NULL, *dpos = r->dS ? r->dpos + i : NULL;
+  const float *s = r->S + at;
+  const uint8_t *m = r->mask + at;
+  float inv_tau = 1.0f / r->c.temperature;
+  switch (r->c.loss) {
+  case LOSS_HCL: /* g = 1/(τB): the gradient of the batch mean w.r.t. s */
+    return hcl_row(ds, dpos, s, m, r->C, r->s_pos[i], inv_tau, r->beta, r->c.tau_plus,
+                   inv_tau / (float)r->B);
+  case LOSS_TRIPLET:
+    return triplet_row(ds, dpos, s, m, r->C, r->s_pos[i], r->c.margin, r->c.triplet_negative,
+                       1.0f / (float)r->B);
+  default: return infonce_row(ds, dpos, s, m, r->C, r->s_pos[i], inv_tau, inv_tau / (float)r->B);
+  }
 }
 
-double loss_triplet_backward(float *dS, float *dpos, const float *S, const uint8_t *mask,
-                             const float *s_pos, int B, int C, float margin, triplet_negative mode) {
+static void rows_part(void *ctx, int part, int parts) {
+  rows_call *r = ctx;
+  long lo, hi;
+  par_range(r->B, part, parts, &lo, &hi);
   double total = 0.0;
-  float g = 1.0f / (float)B;
-  for (int i = 0; i < B; i++)
-    total += triplet_row(dS + (size_t)i * C, dpos + i, S + (size_t)i * C, mask + (size_t)i * C, C,
-                         s_pos[i], margin, mode, g);
-  return B > 0 ? total / B : 0.0;
+  for (long i = lo; i < hi; i++) total += one_row(r, (int)i);
+  r->part_loss[part] = total;
+}
+
+static double run_rows(rows_call *r) {
+  if (r->B <= 0) return 0.0;
+  int parts = (long)r->B * r->C < ROW_PART_MIN ? 1 : r->B < PAR_MAX_THREADS ? r->B : PAR_MAX_THREADS;
+  par_run(parts, rows_part, r);
+  double total = 0.0;
+  for (int k = 0; k < parts; k++) total += r->part_loss[k];
+  return total / r->B;
 }
 
 double loss_forward(const loss_config *c, float beta, const float *S, const uint8_t *mask,
                     const float *s_pos, int B, int C) {
-  switch (c->loss) {
-  case LOSS_HCL: return loss_hcl_forward(S, mask, s_pos, B, C, c->temperature, beta, c->tau_plus);
-  case LOSS_TRIPLET:
-    return loss_triplet_forward(S, mask, s_pos, B, C, c->margin, c->triplet_negative);
-  default: return loss_infonce_forward(S, mask, s_pos, B, C, c->temperature);
-  }
+  rows_call r = {.c = *c, .beta = beta, .S = S, .mask = mask, .s_pos = s_pos, .B = B, .C = C};
+  return run_rows(&r);
 }
 
 double loss_backward(const loss_config *c, float beta, float *dS, float *dpos, const float *S,
                      const uint8_t *mask, const float *s_pos, int B, int C) {
-  switch (c->loss) {
-  case LOSS_HCL:
-    return loss_hcl_backward(dS, dpos, S, mask, s_pos, B, C, c->temperature, beta, c->tau_plus);
-  case LOSS_TRIPLET:
-    return loss_triplet_backward(dS, dpos, S, mask, s_pos, B, C, c->margin, c->triplet_negative);
-  default: return loss_infonce_backward(dS, dpos, S, mask, s_pos, B, C, c->temperature);
-  }
+  rows_call r = {.c = *c, .beta = beta, .dS = dS, .dpos = dpos, .S = S, .mask = mask,
+                 .s_pos = s_pos, .B = B, .C = C};
+  return run_rows(&r);
+}
+
+static loss_config config_of(loss_kind kind, float tau, float tau_plus, float margin,
+                             triplet_negative mode) {
+  return (loss_config){.loss = kind, .temperature = tau, .tau_plus = tau_plus, .margin = margin,
+                       .triplet_negative = mode};
+}
+
+double loss_infonce_forward(const float *S, const uint8_t *mask, const float *s_pos, int B, int C,
+                            float tau) {
+  loss_config c = config_of(LOSS_INFONCE, tau, 0.0f, 0.0f, TRIPLET_HARDEST);
+  return loss_forward(&c, 0.0f, S, mask, s_pos, B, C);
+}
+
+double loss_infonce_backward(float *dS, float *dpos, const float *S, const uint8_t *mask,
+                             const float *s_pos, int B, int C, float tau) {
+  loss_config c = config_of(LOSS_INFONCE, tau, 0.0f, 0.0f, TRIPLET_HARDEST);
+  return loss_backward(&c, 0.0f, dS, dpos, S, mask, s_pos, B, C);
+}
+
+double loss_hcl_forward(const float *S, const uint8_t *mask, const float *s_pos, int B, int C,
+                        float tau, float beta, float tau_plus) {
+  loss_config c = config_of(LOSS_HCL, tau, tau_plus, 0.0f, TRIPLET_HARDEST);
+  return loss_forward(&c, beta, S, mask, s_pos, B, C);
+}
+
+double loss_hcl_backward(float *dS, float *dpos, const float *S, const uint8_t *mask,
+                         const float *s_pos, int B, int C, float tau, float beta, float tau_plus) {
+  loss_config c = config_of(LOSS_HCL, tau, tau_plus, 0.0f, TRIPLET_HARDEST);
+  return loss_backward(&c, beta, dS, dpos, S, mask, s_pos, B, C);
+}
+
+double loss_triplet_forward(const float *S, const uint8_t *mask, const float *s_pos, int B, int C,
+                            float margin, triplet_negative mode) {
+  loss_config c = config_of(LOSS_TRIPLET, 1.0f, 0.0f, margin, mode);
+  return loss_forward(&c, 0.0f, S, mask, s_pos, B, C);
+}
+
+double loss_triplet_backward(float *dS, float *dpos, const float *S, const uint8_t *mask,
+                             const float *s_pos, int B, int C, float margin, triplet_negative mode) {
+  loss_config c = config_of(LOSS_TRIPLET, 1.0f, 0.0f, margin, mode);
+  return loss_backward(&c, 0.0f, dS, dpos, S, mask, s_pos, B, C);
 }
 
 /* ---- NT-Xent ------------------------------------------------------------------------------------ */
