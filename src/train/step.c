@@ -300,8 +300,10 @@ static int mine_and_loss(moco_model *m, const mine_layout *l, const float *q, co
     double t1 = clock_now();
     float beta = st.hcl_beta;
     packed_rows *pr = &m->packs[h];
-    if (!m->pack.rows || packed_gather(&m->pack, S, mask, (int)row0, B, C, pr))
-      *pr = (packed_rows){0}; /* dense: some row uses more columns than packing pays for */
+    /* Dense when some row uses more columns than packing pays for (surely so when the mean does). */
+    if (!m->pack.rows || st.negatives_per_query + st.extra_positives / (double)B > m->pack.cap ||
+        packed_gather(&m->pack, S, mask, (int)row0, B, C, pr))
+      *pr = (packed_rows){0};
     const float *Sl = pr->R ? pr->S : S;
     const uint8_t *ml = pr->R ? pr->mask : mask;
     float *dSl = pr->R ? pr->dS : dS;
