@@ -55,6 +55,13 @@ enum { VL = 8 };
 enum { VL = 4 };
 #endif
 
+/* AVX-512 with its byte and mask instructions: the hottest loops keep their comparisons in mask
+ * registers (fpclass classes for NONFINITE: QNaN, +inf, -inf, SNaN). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define MINE_AVX512 1
+enum { NONFINITE = 0x01 | 0x08 | 0x10 | 0x80 };
+#endif
+
 /* Inlined into each caller, so that a literal flag argument folds its tests away. */
 #define BLOCK_FN static inline __attribute__((always_inline))
 
@@ -517,6 +524,13 @@ static inline vi count_ge(vi c, vf x, vf t) {
 #endif
 }
 
+#ifdef MINE_AVX512
+/* c + step in the lanes of k. */
+static inline vi count_masked(vi c, __mmask16 k, int step) {
+  return (vi)_mm512_mask_add_epi32((__m512i)c, k, (__m512i)c, _mm512_set1_epi32(step));
+}
+#endif
+
 /* Pass one for NT thresholds t[]: how many rankable candidates are at or above each, into count[];
  * returns the rankable count. The counters are named, not an array: GCC keeps an array of vectors
  * in memory and stores every counter on every block. */
@@ -529,8 +543,30 @@ static int count_group(const row_t *r, float u, const float *t, int32_t *count) 
   const vf t0 = vsplat(t[0]), t1 = vsplat(t[1]), t2 = vsplat(t[2]), t3 = vsplat(t[3]);
   const vf t4 = vsplat(t[4]), t5 = vsplat(t[5]), t6 = vsplat(t[6]), t7 = vsplat(t[7]);
   const vf uv = vsplat(u);
-  for (int k = 0; k < r->nr; k++)
-    for (int j = r->lo[k], hi = r->hi[k]; j < hi; j += VL) {
+  for (int k = 0; k < r->nr; k++) {
+    int j = r->lo[k];
+    const int hi = r->hi[k];
+#ifdef MINE_AVX512
+    /* Full vectors in mask registers: the candidate test on the mask bytes themselves, and every
+     * count masked by the rankable lanes instead of first blending x with -inf. */
+    for (; j + VL <= hi; j += VL) {
+      const __m512 x = _mm512_loadu_ps(s + j);
+      const __mmask16 ok = _mm512_mask_cmp_ps_mask(
+          _mm_cmpeq_epi8_mask(_mm_loadu_si128((const __m128i *)(mk + j)), _mm_set1_epi8(CAND)) &
+              ~_mm512_fpclass_ps_mask(x, NONFINITE),
+          x, (__m512)uv, _CMP_LE_OQ);
+      valid = count_masked(valid, ok, -1); /* as valid += ok */
+      c0 = count_masked(c0, _mm512_mask_cmp_ps_mask(ok, x, (__m512)t0, _CMP_GE_OQ), 1);
+      c1 = count_masked(c1, _mm512_mask_cmp_ps_mask(ok, x, (__m512)t1, _CMP_GE_OQ), 1);
+      c2 = count_masked(c2, _mm512_mask_cmp_ps_mask(ok, x, (__m512)t2, _CMP_GE_OQ), 1);
+      c3 = count_masked(c3, _mm512_mask_cmp_ps_mask(ok, x, (__m512)t3, _CMP_GE_OQ), 1);
+      c4 = count_masked(c4, _mm512_mask_cmp_ps_mask(ok, x, (__m512)t4, _CMP_GE_OQ), 1);
+      c5 = count_masked(c5, _mm512_mask_cmp_ps_mask(ok, x, (__m512)t5, _CMP_GE_OQ), 1);
+      c6 = count_masked(c6, _mm512_mask_cmp_ps_mask(ok, x, (__m512)t6, _CMP_GE_OQ), 1);
+      c7 = count_masked(c7, _mm512_mask_cmp_ps_mask(ok, x, (__m512)t7, _CMP_GE_OQ), 1);
+    }
+#endif
+    for (; j < hi; j += VL) {
       lanes l = load_lanes(s, mk, j, hi);
       vi ok = rankable_v(l.m == CAND, l.x, uv);
       valid += ok;
@@ -538,6 +574,7 @@ static int count_group(const row_t *r, float u, const float *t, int32_t *count) 
       c0 = count_ge(c0, x, t0), c1 = count_ge(c1, x, t1), c2 = count_ge(c2, x, t2), c3 = count_ge(c3, x, t3);
       c4 = count_ge(c4, x, t4), c5 = count_ge(c5, x, t5), c6 = count_ge(c6, x, t6), c7 = count_ge(c7, x, t7);
     }
+  }
   const vi c[NT] = {c0, c1, c2, c3, c4, c5, c6, c7};
   for (int q = 0; q < NT; q++) count[q] = lanes_sum(c[q]);
   return -lanes_sum(valid);
@@ -837,6 +874,54 @@ BLOCK_FN pass2_out classify_row(const row_t *r, const cuts *ct, mine_ws *ws, int
   return (pass2_out){st, ns, g, n_win};
 }
 
+#ifdef MINE_AVX512
+/* classify_row(r, ct, ws, 1, 0, TOP_MARK), the usual hardest row, with its comparisons in mask
+ * registers and the mask bytes blended as bytes. GCC's generic vectors turn each comparison into a
+ * vector of all-ones lanes and back, and widen and narrow the mask bytes: twice this loop's
+ * instructions, and at K 65,536 this pass (from L2) is compute-bound. Same decisions, the same lane
+ * sums in the same order; a range's last partial vector goes through classify. */
+BLOCK_FN pass2_out mark_row_avx512(const row_t *r, const cuts *ct, mine_ws *ws) {
+  const pass2 c = pass2_of(ct);
+  const __m512 loB = (__m512)c.loB, hiB = (__m512)c.hiB;
+  const __m128i cand8 = _mm_set1_epi8(CAND), neg8 = _mm_set1_epi8(MINE_NEG);
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  vstats st = vstats_new();
+  vi ns = {0};
+  float *vals = ws->vals;
+  int32_t *bidx = ws->bidx;
+  int g = 0;
+  for (int k = 0; k < r->nr; k++) {
+    int j = r->lo[k];
+    const int hi = r->hi[k];
+    for (; j + VL <= hi; j += VL) {
+      if (r->next) __builtin_prefetch(r->next + j);
+      const __m512 x = _mm512_loadu_ps(r->s + j);
+      const __m128i m = _mm_loadu_si128((const __m128i *)(r->mk + j));
+      const __mmask16 cand = _mm_cmpeq_epi8_mask(m, cand8);
+      const __mmask16 ok = cand & ~_mm512_fpclass_ps_mask(x, NONFINITE);
+      const __mmask16 w = _mm512_mask_cmp_ps_mask(ok, x, hiB, _CMP_GE_OQ);
+      const __mmask16 edge = _mm512_mask_cmp_ps_mask(ok & ~w, x, loB, _CMP_GE_OQ);
+      __m128i out = _mm_mask_mov_epi8(m, cand, _mm_setzero_si128()); /* decided: OFF ... */
+      out = _mm_mask_mov_epi8(out, edge, cand8);                     /* ... bracketed: CAND */
+      _mm_storeu_si128((__m128i *)(r->mk + j), _mm_mask_mov_epi8(out, w, neg8)); /* in: NEG */
+      st.sum = (vf)_mm512_mask_add_ps((__m512)st.sum, w, (__m512)st.sum, x);
+      st.max = (vf)_mm512_mask_max_ps((__m512)st.max, w, x, (__m512)st.max); /* x > max ? x : max */
+      st.ncount = (vi)_mm512_mask_sub_epi32((__m512i)st.ncount, w, (__m512i)st.ncount,
+                                            _mm512_set1_epi32(1));
+      _mm512_storeu_ps(vals + g, _mm512_maskz_compress_ps(edge, x));
+      _mm512_storeu_si512(bidx + g, _mm512_maskz_compress_epi32(
+                                        edge, _mm512_add_epi32(_mm512_set1_epi32(j), iota)));
+      g += __builtin_popcount(edge);
+    }
+    for (; j < hi; j += VL) {
+      classified cl = classify(r->s, r->mk, j, hi, &c, &ns, &st, 1, 0, TOP_MARK);
+      g = append_lanes(cl.x, j, cl.edge, vals, bidx, g);
+    }
+  }
+  return (pass2_out){st, ns, g, 0};
+}
+#endif
+
 /* Applies the guards of `w` to the row (ceiling and eps suspects marked) and selects ranks [a, b) of
  * the candidates left, per mode; returns the window's size (pool modes: the pool, in idx[0..n)). */
 static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode mode, rowacc_t *ra) {
@@ -865,7 +950,11 @@ static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode m
   const int fast = ct.c[0].R == 0 && ct.c[1].R == 0 && !(w->u < INFINITY);
   pass2_out o;
   if (fast && mode == TOP_MARK)
+#ifdef MINE_AVX512
+    o = mark_row_avx512(r, &ct, ws);
+#else
     o = classify_row(r, &ct, ws, 1, 0, TOP_MARK);
+#endif
   else if (fast && mode == TOP_POOL_ALL)
     o = classify_row(r, &ct, ws, 1, 0, TOP_POOL_ALL);
   else
