@@ -100,7 +100,7 @@ static int cmp_desc(const void *a, const void *b) {
 
 START_TEST(kselect_agrees_with_sorting_on_awkward_inputs) {
   enum { N = 1500 };
-  static float v[N], sorted[N], work[N];
+  static float v[N], sorted[N], work[N], part[N + KSELECT_SLACK];
   rng_t r;
   rng_init(&r, 1, 2);
   for (int pattern = 0; pattern < 6; pattern++) {
@@ -118,7 +118,7 @@ START_TEST(kselect_agrees_with_sorting_on_awkward_inputs) {
     qsort(sorted, N, sizeof *sorted, cmp_desc);
     for (int k = 1; k <= N; k += 37) {
       memcpy(work, v, sizeof v);
-      float got = kselect_largest(work, N, k);
+      float got = kselect_largest(work, N, k, part);
       ck_assert_msg(got == sorted[k - 1], "pattern %d k %d: %g vs %g", pattern, k, got, sorted[k - 1]);
       for (int i = 0; i < k; i++) EXPECT(work[i] >= got, "pattern %d k %d: top part holds %g", pattern, k, work[i]);
       for (int i = k; i < N; i++) EXPECT(work[i] <= got, "pattern %d k %d: rest holds %g", pattern, k, work[i]);

@@ -5,8 +5,12 @@
 #ifndef MOCO_CONTRAST_KSELECT_H
 #define MOCO_CONTRAST_KSELECT_H
 
+/* Floats of scratch past n that kselect_largest may write. */
+enum { KSELECT_SLACK = 16 };
+
 /* Reorders v[0..n) so that v[0..k) hold the k largest values (in no particular order) and returns the
- * k-th largest, v[k-1]. 1 <= k <= n. */
-float kselect_largest(float *v, int n, int k);
+ * k-th largest, v[k-1]. 1 <= k <= n. scratch: n + KSELECT_SLACK floats, not overlapping v, for the
+ * partitions (AVX-512 partitions out of place, sixteen values at a time). */
+float kselect_largest(float *v, int n, int k, float *scratch);
 
 #endif

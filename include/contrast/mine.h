@@ -144,6 +144,7 @@ typedef struct {
 typedef struct {
   float *vals;       /* [max_cols] a row's gathered similarities */
   float *tmp;        /* [max_cols] scratch copy for k-th element selection */
+  float *part;       /* [max_cols + KSELECT_SLACK] the selection's partition scratch */
   int32_t *idx;      /* [max_cols] a row's gathered or selected columns (mixing: its hard pool) */
   int32_t *bidx;     /* [max_cols] a row's columns inside a rank bracket */
 } mine_ws;

@@ -191,9 +191,10 @@ int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int
     mine_ws *w = &m->ws[t];
     w->vals = malloc(cols * sizeof *w->vals);
     w->tmp = malloc(cols * sizeof *w->tmp);
+    w->part = malloc(((size_t)l.cols + KSELECT_SLACK) * sizeof *w->part);
     w->idx = malloc(cols * sizeof *w->idx);
     w->bidx = malloc(cols * sizeof *w->bidx);
-    ok = w->vals && w->tmp && w->idx && w->bidx;
+    ok = w->vals && w->tmp && w->part && w->idx && w->bidx;
   }
   if (!ok) {
     mine_free(m);
@@ -206,6 +207,7 @@ void mine_free(mine *m) {
   for (int t = 0; m->ws && t < m->n_ws; t++) {
     free(m->ws[t].vals);
     free(m->ws[t].tmp);
+    free(m->ws[t].part);
     free(m->ws[t].idx);
     free(m->ws[t].bidx);
   }
@@ -625,8 +627,9 @@ static void place_thresholds(cuts *ct, cut *c, float *sample, int m, double R_es
   int r_hi = (int)floor(mid - 3.0 * sd - 2.0), r_lo = (int)ceil(mid + 3.0 * sd + 2.0);
   r_hi = r_hi < 0 ? 0 : r_hi;
   r_lo = r_lo > m - 1 ? m - 1 : r_lo;
-  float lo = kselect_largest(sample, m, r_lo + 1);
-  float hi = kselect_largest(sample, r_lo + 1, r_hi + 1); /* within the top r_lo + 1 */
+  float part[SAMPLE + KSELECT_SLACK];
+  float lo = kselect_largest(sample, m, r_lo + 1, part);
+  float hi = kselect_largest(sample, r_lo + 1, r_hi + 1, part); /* within the top r_lo + 1 */
   for (int j = 0; j < NT; j++) ct->t[ct->nt++] = hi - (hi - lo) * (float)j / (NT - 1);
 }
 
@@ -713,11 +716,11 @@ typedef struct {
   int ties;
 } boundary;
 
-static boundary find_boundary(float *v, int n, int R) {
+static boundary find_boundary(float *v, int n, int R, float *part) {
   boundary bd = {INFINITY, 0};
   if (R <= 0 || n <= 0) return bd;
   if (R > n) R = n;
-  bd.v = kselect_largest(v, n, R);
+  bd.v = kselect_largest(v, n, R, part);
   int above = 0;
   for (int i = 0; i < R; i++) above += v[i] > bd.v; /* v[0..R) holds the top R */
   bd.ties = R - above;
@@ -743,7 +746,7 @@ static boundary cut_boundary(mine_ws *ws, const cut *c, int g) {
     ws->tmp[n] = x;
     n += (x >= c->lo) & (x < c->hi);
   }
-  return find_boundary(ws->tmp, n, c->need);
+  return find_boundary(ws->tmp, n, c->need, ws->part);
 }
 
 static inline int cut_in(const cut *c, boundary *bd, float x) {
@@ -809,7 +812,7 @@ static int settle_window(mine_ws *ws, row_t *r, const cut *c, int g, int n_win, 
     if (mode == TOP_MARK) {
       mk[col] = (uint8_t)(in * MINE_NEG);
       sum += x * (float)in; /* gathered entries are finite */
-      max = fmaxf(max, select_f(in, x, -INFINITY));
+      max = select_f(in & (x > max), x, max);
     } else {
       pool[added] = col;
     }
