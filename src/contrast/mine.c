@@ -878,12 +878,13 @@ BLOCK_FN pass2_out classify_row(const row_t *r, const cuts *ct, mine_ws *ws, int
 }
 
 #ifdef MINE_AVX512
-/* classify_row(r, ct, ws, 1, 0, TOP_MARK), the usual hardest row, with its comparisons in mask
- * registers and the mask bytes blended as bytes. GCC's generic vectors turn each comparison into a
- * vector of all-ones lanes and back, and widen and narrow the mask bytes: twice this loop's
- * instructions, and at K 65,536 this pass (from L2) is compute-bound. Same decisions, the same lane
- * sums in the same order; a range's last partial vector goes through classify. */
-BLOCK_FN pass2_out mark_row_avx512(const row_t *r, const cuts *ct, mine_ws *ws) {
+/* classify_row(r, ct, ws, 1, 0, mode) for the usual rows of hardest (TOP_MARK) and of mixing's pool
+ * (TOP_POOL_ALL), with the comparisons in mask registers and the mask bytes blended as bytes. GCC's
+ * generic vectors turn each comparison into a vector of all-ones lanes and back, and widen and
+ * narrow the mask bytes: twice this loop's instructions, and at K 65,536 this pass (from L2) is
+ * compute-bound. Same decisions, the same lane sums in the same order; a range's last partial
+ * vector goes through classify. */
+BLOCK_FN pass2_out fast_row_avx512(const row_t *r, const cuts *ct, mine_ws *ws, top_mode mode) {
   const pass2 c = pass2_of(ct);
   const __m512 loB = (__m512)c.loB, hiB = (__m512)c.hiB;
   const __m128i cand8 = _mm_set1_epi8(CAND), neg8 = _mm_set1_epi8(MINE_NEG);
@@ -891,8 +892,8 @@ BLOCK_FN pass2_out mark_row_avx512(const row_t *r, const cuts *ct, mine_ws *ws) 
   vstats st = vstats_new();
   vi ns = {0};
   float *vals = ws->vals;
-  int32_t *bidx = ws->bidx;
-  int g = 0;
+  int32_t *bidx = ws->bidx, *idx = ws->idx;
+  int g = 0, n_win = 0;
   for (int k = 0; k < r->nr; k++) {
     int j = r->lo[k];
     const int hi = r->hi[k];
@@ -900,28 +901,37 @@ BLOCK_FN pass2_out mark_row_avx512(const row_t *r, const cuts *ct, mine_ws *ws) 
       if (r->next) __builtin_prefetch(r->next + j);
       const __m512 x = _mm512_loadu_ps(r->s + j);
       const __m128i m = _mm_loadu_si128((const __m128i *)(r->mk + j));
+      const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(j), iota);
       const __mmask16 cand = _mm_cmpeq_epi8_mask(m, cand8);
       const __mmask16 ok = cand & ~_mm512_fpclass_ps_mask(x, NONFINITE);
       const __mmask16 w = _mm512_mask_cmp_ps_mask(ok, x, hiB, _CMP_GE_OQ);
       const __mmask16 edge = _mm512_mask_cmp_ps_mask(ok & ~w, x, loB, _CMP_GE_OQ);
-      __m128i out = _mm_mask_mov_epi8(m, cand, _mm_setzero_si128()); /* decided: OFF ... */
-      out = _mm_mask_mov_epi8(out, edge, cand8);                     /* ... bracketed: CAND */
-      _mm_storeu_si128((__m128i *)(r->mk + j), _mm_mask_mov_epi8(out, w, neg8)); /* in: NEG */
-      st.sum = (vf)_mm512_mask_add_ps((__m512)st.sum, w, (__m512)st.sum, x);
-      st.max = (vf)_mm512_mask_max_ps((__m512)st.max, w, x, (__m512)st.max); /* x > max ? x : max */
-      st.ncount = (vi)_mm512_mask_sub_epi32((__m512i)st.ncount, w, (__m512i)st.ncount,
+      /* TOP_MARK: decided OFF, bracketed CAND, in NEG, with the stats of those in; TOP_POOL_ALL:
+       * every candidate NEG and in the stats, the window listed in idx */
+      const __mmask16 take = mode == TOP_MARK ? w : cand;
+      __m128i out = _mm_mask_mov_epi8(m, cand, mode == TOP_MARK ? _mm_setzero_si128() : neg8);
+      if (mode == TOP_MARK) out = _mm_mask_mov_epi8(_mm_mask_mov_epi8(out, edge, cand8), w, neg8);
+      _mm_storeu_si128((__m128i *)(r->mk + j), out);
+      /* vstats_add: the sum over the finite lanes taken, the largest (x > max ? x : max), the count */
+      st.sum = (vf)_mm512_mask_add_ps((__m512)st.sum, take & ok, (__m512)st.sum, x);
+      st.max = (vf)_mm512_mask_max_ps((__m512)st.max, take, x, (__m512)st.max);
+      st.ncount = (vi)_mm512_mask_sub_epi32((__m512i)st.ncount, take, (__m512i)st.ncount,
                                             _mm512_set1_epi32(1));
       _mm512_storeu_ps(vals + g, _mm512_maskz_compress_ps(edge, x));
-      _mm512_storeu_si512(bidx + g, _mm512_maskz_compress_epi32(
-                                        edge, _mm512_add_epi32(_mm512_set1_epi32(j), iota)));
+      _mm512_storeu_si512(bidx + g, _mm512_maskz_compress_epi32(edge, col));
       g += __builtin_popcount(edge);
+      if (mode == TOP_POOL_ALL) {
+        _mm512_storeu_si512(idx + n_win, _mm512_maskz_compress_epi32(w, col));
+        n_win += __builtin_popcount(w);
+      }
     }
     for (; j < hi; j += VL) {
-      classified cl = classify(r->s, r->mk, j, hi, &c, &ns, &st, 1, 0, TOP_MARK);
+      classified cl = classify(r->s, r->mk, j, hi, &c, &ns, &st, 1, 0, mode);
       g = append_lanes(cl.x, j, cl.edge, vals, bidx, g);
+      if (mode == TOP_POOL_ALL) n_win = append_lanes(cl.x, j, cl.list, NULL, idx, n_win);
     }
   }
-  return (pass2_out){st, ns, g, 0};
+  return (pass2_out){st, ns, g, n_win};
 }
 #endif
 
@@ -952,14 +962,17 @@ static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode m
   /* hardest and mixing's pool without guards, the usual rows, get loops of their own */
   const int fast = ct.c[0].R == 0 && ct.c[1].R == 0 && !(w->u < INFINITY);
   pass2_out o;
-  if (fast && mode == TOP_MARK)
 #ifdef MINE_AVX512
-    o = mark_row_avx512(r, &ct, ws);
+  if (fast && mode == TOP_MARK)
+    o = fast_row_avx512(r, &ct, ws, TOP_MARK);
+  else if (fast && mode == TOP_POOL_ALL)
+    o = fast_row_avx512(r, &ct, ws, TOP_POOL_ALL);
 #else
+  if (fast && mode == TOP_MARK)
     o = classify_row(r, &ct, ws, 1, 0, TOP_MARK);
-#endif
   else if (fast && mode == TOP_POOL_ALL)
     o = classify_row(r, &ct, ws, 1, 0, TOP_POOL_ALL);
+#endif
   else
     o = classify_row(r, &ct, ws, 0, 1, mode);
   int marked = rowacc_merge(ra, &o.st), ns = -lanes_sum(o.ns), g = o.g, n_win = o.n_win;
