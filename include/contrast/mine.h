@@ -87,6 +87,11 @@ typedef struct {
 
 void mine_layout_init(mine_layout *l, const mine_config *c, int queue_size, int batch_size);
 
+/* Whether the strategy uses n columns of a row whatever its width (random, hardest, semi-hard,
+ * band), so that a step can run its loss on each row's used columns (contrast/packed.h); mixing and
+ * AdCo use every candidate, or all of a bank. */
+int mine_selects_few(const mine_config *c);
+
 /* A synthetic negative as a recipe over real columns, so it costs 16 bytes instead of d floats:
  * point = wa * key(a) + wb * key(b), unit norm, where key(c) is the key of column c and a == -1 means
  * the query itself (a query mix). wa, wb include the normalisation. MoCHi stops the gradient at the

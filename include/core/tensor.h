@@ -21,11 +21,17 @@ void mat_vec(float *y, const float *A, const float *x, int M, int N, int ta, flo
 
 void vec_fill(float *x, float v, size_t n);
 void vec_scale(float *x, float a, size_t n);
-/* y += a * x */
-void vec_axpy(float *y, float a, const float *x, size_t n);
+/* y += a * x; y and x do not overlap. */
+void vec_axpy(float *restrict y, float a, const float *restrict x, size_t n);
 float vec_dot(const float *x, const float *y, size_t n);
 /* Rescales x to unit L2 norm (a zero vector stays zero); returns the norm before scaling. */
 float vec_normalize(float *x, size_t n);
+
+/* Starts loading the cache lines of x[0..n) ahead of a use: for rows read at scattered addresses
+ * (queue keys picked by mining), which the hardware prefetchers cannot guess. */
+static inline void prefetch_floats(const float *x, size_t n) {
+  for (const float *p = x, *end = x + n; p < end; p += 16) __builtin_prefetch(p);
+}
 
 /* 64-byte aligned allocation so vector loops and BLAS see aligned rows; free with tensor_free. */
 float *tensor_alloc(size_t n);

@@ -22,6 +22,7 @@
 #include "contrast/kselect.h"
 #include "core/err.h"
 #include "core/par.h"
+#include "core/tensor.h"
 
 /* Internal mask value of a candidate not yet decided; never left in a mask mine_select returns. */
 enum { CAND = 4 };
@@ -157,6 +158,11 @@ void mine_layout_init(mine_layout *l, const mine_config *c, int queue_size, int 
   l->cols = l->synth_off + l->synth_size;
 }
 
+int mine_selects_few(const mine_config *c) {
+  mine_strategy s = c->strategy;
+  return s == MINE_RANDOM || s == MINE_HARDEST || s == MINE_SEMI_HARD || s == MINE_BAND;
+}
+
 float mine_hcl_beta(const mine_config *c, float hardness) { return hardness * c->hcl_beta; }
 
 int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int dim) {
@@ -263,12 +269,11 @@ static inline int row_col(const row_t *r, int i) {
   return i < first ? r->lo[0] + i : r->lo[1] + (i - first);
 }
 
-/* Gathers into vals/idx (column order) the candidates with t <= s <= u. Candidates with s > u are
- * suspects: with suspect >= 0 they are marked so and counted, with suspect < 0 they are only skipped.
- * NaN similarities compare false and are never gathered. */
-static int gather(mine_ws *ws, row_t *r, float t, float u, int suspect) {
+/* Gathers into vals/idx (column order) the candidates with t <= s <= u. NaN similarities compare
+ * false and are never gathered. */
+static int gather(mine_ws *ws, const row_t *r, float t, float u) {
   const float *s = r->s;
-  uint8_t *mk = r->mk;
+  const uint8_t *mk = r->mk;
   int n = 0;
   for (int k = 0; k < r->nr; k++) {
     for (int j = r->lo[k]; j < r->hi[k]; j += BLOCK) {
@@ -280,16 +285,7 @@ static int gather(mine_ws *ws, row_t *r, float t, float u, int suspect) {
       }
       for (int c = j; c < end; c++) {
         float x = s[c];
-        if (!(x >= t) || mk[c] != CAND) continue;
-        if (x > u) {
-          if (suspect >= 0) {
-            mk[c] = (uint8_t)suspect;
-            r->suspects++;
-            r->positives += suspect == MINE_POS;
-            r->n_cand--;
-          }
-          continue;
-        }
+        if (!(x >= t) || x > u || mk[c] != CAND) continue;
         ws->vals[n] = x;
         ws->idx[n] = c;
         n++;
@@ -515,23 +511,22 @@ typedef struct {
   int nt;
 } cuts;
 
-/* c + 1 in the lanes where x >= t: one masked subtraction with AVX-512, where GCC would first turn
- * the comparison's mask into a vector and then add it. */
-static inline vi count_ge(vi c, vf x, vf t) {
 #if defined(__AVX512F__)
-  const __mmask16 ge = _mm512_cmp_ps_mask((__m512)x, (__m512)t, _CMP_GE_OQ);
-  return (vi)_mm512_mask_sub_epi32((__m512i)c, ge, (__m512i)c, _mm512_set1_epi32(-1));
-#else
-  return c - (x >= t);
-#endif
-}
-
-#ifdef MINE_AVX512
 /* c + step in the lanes of k. */
 static inline vi count_masked(vi c, __mmask16 k, int step) {
   return (vi)_mm512_mask_add_epi32((__m512i)c, k, (__m512i)c, _mm512_set1_epi32(step));
 }
 #endif
+
+/* c + 1 in the lanes where x >= t: one masked addition with AVX-512, where GCC would first turn the
+ * comparison's mask into a vector and then add it. */
+static inline vi count_ge(vi c, vf x, vf t) {
+#if defined(__AVX512F__)
+  return count_masked(c, _mm512_cmp_ps_mask((__m512)x, (__m512)t, _CMP_GE_OQ), 1);
+#else
+  return c - (x >= t);
+#endif
+}
 
 /* Pass one for NT thresholds t[]: how many rankable candidates are at or above each, into count[];
  * returns the rankable count. The counters are named, not an array: GCC keeps an array of vectors
@@ -855,6 +850,57 @@ typedef struct {
   int n_win; /* pool modes: window entries in idx */
 } pass2_out;
 
+#ifdef MINE_AVX512
+/* classify over the full vectors of [j, hi) for the usual rows of hardest (TOP_MARK) and of mixing's
+ * pool (TOP_POOL_ALL), with the comparisons in mask registers and the mask bytes blended as bytes;
+ * returns the column where it stopped. GCC's generic vectors turn each comparison into a vector of
+ * all-ones lanes and back, and widen and narrow the mask bytes: twice this loop's instructions, and at
+ * K 65,536 this pass (from L2) is compute-bound. Same decisions, the same lane sums in the same
+ * order. */
+BLOCK_FN int classify_avx512(const row_t *r, const pass2 *c, int j, int hi, top_mode mode,
+                             vstats *st, float *vals, int32_t *bidx, int *g, int32_t *idx,
+                             int *n_win) {
+  const __m512 loB = (__m512)c->loB, hiB = (__m512)c->hiB;
+  const __m128i cand8 = _mm_set1_epi8(CAND), neg8 = _mm_set1_epi8(MINE_NEG);
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  /* the state in locals: the vector stores below may alias anything, so state behind the pointers
+   * would be reloaded after each of them */
+  vstats t = *st;
+  int ng = *g, nw = *n_win;
+  for (; j + VL <= hi; j += VL) {
+    if (r->next) __builtin_prefetch(r->next + j);
+    const __m512 x = _mm512_loadu_ps(r->s + j);
+    const __m128i m = _mm_loadu_si128((const __m128i *)(r->mk + j));
+    const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(j), iota);
+    const __mmask16 cand = _mm_cmpeq_epi8_mask(m, cand8);
+    const __mmask16 ok = cand & ~_mm512_fpclass_ps_mask(x, NONFINITE);
+    const __mmask16 w = _mm512_mask_cmp_ps_mask(ok, x, hiB, _CMP_GE_OQ);
+    const __mmask16 edge = _mm512_mask_cmp_ps_mask(ok & ~w, x, loB, _CMP_GE_OQ);
+    /* TOP_MARK: decided OFF, bracketed CAND, in NEG, with the stats of those in; TOP_POOL_ALL: every
+     * candidate NEG and in the stats, the window listed in idx */
+    const __mmask16 take = mode == TOP_MARK ? w : cand;
+    __m128i out = _mm_mask_mov_epi8(m, cand, mode == TOP_MARK ? _mm_setzero_si128() : neg8);
+    if (mode == TOP_MARK) out = _mm_mask_mov_epi8(_mm_mask_mov_epi8(out, edge, cand8), w, neg8);
+    _mm_storeu_si128((__m128i *)(r->mk + j), out);
+    /* vstats_add: the sum over the finite lanes taken, the largest (x > max ? x : max), the count */
+    t.sum = (vf)_mm512_mask_add_ps((__m512)t.sum, take & ok, (__m512)t.sum, x);
+    t.max = (vf)_mm512_mask_max_ps((__m512)t.max, take, x, (__m512)t.max);
+    t.ncount = count_masked(t.ncount, take, -1);
+    _mm512_storeu_ps(vals + ng, _mm512_maskz_compress_ps(edge, x));
+    _mm512_storeu_si512(bidx + ng, _mm512_maskz_compress_epi32(edge, col));
+    ng += __builtin_popcount(edge);
+    if (mode == TOP_POOL_ALL) {
+      _mm512_storeu_si512(idx + nw, _mm512_maskz_compress_epi32(w, col));
+      nw += __builtin_popcount(w);
+    }
+  }
+  *st = t;
+  *g = ng;
+  *n_win = nw;
+  return j;
+}
+#endif
+
 /* The classifying pass over a row with the literal flags of classify. Its state is in locals, so
  * that it stays in registers. */
 BLOCK_FN pass2_out classify_row(const row_t *r, const cuts *ct, mine_ws *ws, int window_only,
@@ -867,73 +913,22 @@ BLOCK_FN pass2_out classify_row(const row_t *r, const cuts *ct, mine_ws *ws, int
   vstats st = vstats_new();
   vi ns = {0};
   int g = 0, n_win = 0;
-  for (int k = 0; k < r->nr; k++)
-    for (int j = r->lo[k], hi = r->hi[k]; j < hi; j += VL) {
+  for (int k = 0; k < r->nr; k++) {
+    int j = r->lo[k];
+    const int hi = r->hi[k];
+#ifdef MINE_AVX512
+    if (window_only && !guarded && (mode == TOP_MARK || mode == TOP_POOL_ALL))
+      j = classify_avx512(r, &c, j, hi, mode, &st, vals, bidx, &g, idx, &n_win);
+#endif
+    for (; j < hi; j += VL) {
       if (r->next) __builtin_prefetch(r->next + j);
       classified cl = classify(s, mk, j, hi, &c, &ns, &st, window_only, guarded, mode);
       g = append_lanes(cl.x, j, cl.edge, vals, bidx, g);
       if (lists_pool(mode)) n_win = append_lanes(cl.x, j, cl.list, NULL, idx, n_win);
     }
-  return (pass2_out){st, ns, g, n_win};
-}
-
-#ifdef MINE_AVX512
-/* classify_row(r, ct, ws, 1, 0, mode) for the usual rows of hardest (TOP_MARK) and of mixing's pool
- * (TOP_POOL_ALL), with the comparisons in mask registers and the mask bytes blended as bytes. GCC's
- * generic vectors turn each comparison into a vector of all-ones lanes and back, and widen and
- * narrow the mask bytes: twice this loop's instructions, and at K 65,536 this pass (from L2) is
- * compute-bound. Same decisions, the same lane sums in the same order; a range's last partial
- * vector goes through classify. */
-BLOCK_FN pass2_out fast_row_avx512(const row_t *r, const cuts *ct, mine_ws *ws, top_mode mode) {
-  const pass2 c = pass2_of(ct);
-  const __m512 loB = (__m512)c.loB, hiB = (__m512)c.hiB;
-  const __m128i cand8 = _mm_set1_epi8(CAND), neg8 = _mm_set1_epi8(MINE_NEG);
-  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  vstats st = vstats_new();
-  vi ns = {0};
-  float *vals = ws->vals;
-  int32_t *bidx = ws->bidx, *idx = ws->idx;
-  int g = 0, n_win = 0;
-  for (int k = 0; k < r->nr; k++) {
-    int j = r->lo[k];
-    const int hi = r->hi[k];
-    for (; j + VL <= hi; j += VL) {
-      if (r->next) __builtin_prefetch(r->next + j);
-      const __m512 x = _mm512_loadu_ps(r->s + j);
-      const __m128i m = _mm_loadu_si128((const __m128i *)(r->mk + j));
-      const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(j), iota);
-      const __mmask16 cand = _mm_cmpeq_epi8_mask(m, cand8);
-      const __mmask16 ok = cand & ~_mm512_fpclass_ps_mask(x, NONFINITE);
-      const __mmask16 w = _mm512_mask_cmp_ps_mask(ok, x, hiB, _CMP_GE_OQ);
-      const __mmask16 edge = _mm512_mask_cmp_ps_mask(ok & ~w, x, loB, _CMP_GE_OQ);
-      /* TOP_MARK: decided OFF, bracketed CAND, in NEG, with the stats of those in; TOP_POOL_ALL:
-       * every candidate NEG and in the stats, the window listed in idx */
-      const __mmask16 take = mode == TOP_MARK ? w : cand;
-      __m128i out = _mm_mask_mov_epi8(m, cand, mode == TOP_MARK ? _mm_setzero_si128() : neg8);
-      if (mode == TOP_MARK) out = _mm_mask_mov_epi8(_mm_mask_mov_epi8(out, edge, cand8), w, neg8);
-      _mm_storeu_si128((__m128i *)(r->mk + j), out);
-      /* vstats_add: the sum over the finite lanes taken, the largest (x > max ? x : max), the count */
-      st.sum = (vf)_mm512_mask_add_ps((__m512)st.sum, take & ok, (__m512)st.sum, x);
-      st.max = (vf)_mm512_mask_max_ps((__m512)st.max, take, x, (__m512)st.max);
-      st.ncount = (vi)_mm512_mask_sub_epi32((__m512i)st.ncount, take, (__m512i)st.ncount,
-                                            _mm512_set1_epi32(1));
-      _mm512_storeu_ps(vals + g, _mm512_maskz_compress_ps(edge, x));
-      _mm512_storeu_si512(bidx + g, _mm512_maskz_compress_epi32(edge, col));
-      g += __builtin_popcount(edge);
-      if (mode == TOP_POOL_ALL) {
-        _mm512_storeu_si512(idx + n_win, _mm512_maskz_compress_epi32(w, col));
-        n_win += __builtin_popcount(w);
-      }
-    }
-    for (; j < hi; j += VL) {
-      classified cl = classify(r->s, r->mk, j, hi, &c, &ns, &st, 1, 0, mode);
-      g = append_lanes(cl.x, j, cl.edge, vals, bidx, g);
-      if (mode == TOP_POOL_ALL) n_win = append_lanes(cl.x, j, cl.list, NULL, idx, n_win);
-    }
   }
   return (pass2_out){st, ns, g, n_win};
 }
-#endif
 
 /* Applies the guards of `w` to the row (ceiling and eps suspects marked) and selects ranks [a, b) of
  * the candidates left, per mode; returns the window's size (pool modes: the pool, in idx[0..n)). */
@@ -962,17 +957,10 @@ static int top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode m
   /* hardest and mixing's pool without guards, the usual rows, get loops of their own */
   const int fast = ct.c[0].R == 0 && ct.c[1].R == 0 && !(w->u < INFINITY);
   pass2_out o;
-#ifdef MINE_AVX512
-  if (fast && mode == TOP_MARK)
-    o = fast_row_avx512(r, &ct, ws, TOP_MARK);
-  else if (fast && mode == TOP_POOL_ALL)
-    o = fast_row_avx512(r, &ct, ws, TOP_POOL_ALL);
-#else
   if (fast && mode == TOP_MARK)
     o = classify_row(r, &ct, ws, 1, 0, TOP_MARK);
   else if (fast && mode == TOP_POOL_ALL)
     o = classify_row(r, &ct, ws, 1, 0, TOP_POOL_ALL);
-#endif
   else
     o = classify_row(r, &ct, ws, 0, 1, mode);
   int marked = rowacc_merge(ra, &o.st), ns = -lanes_sum(o.ns), g = o.g, n_win = o.n_win;
@@ -1049,7 +1037,7 @@ static void pick_random(mine_ws *ws, row_t *r, int n, rng_t *rng, rowacc_t *ra) 
     finish(r, drop ? MINE_NEG : MINE_OFF, INFINITY, MINE_OFF, ra);
     return;
   }
-  int g = gather(ws, r, -INFINITY, INFINITY, -1);
+  int g = gather(ws, r, -INFINITY, INFINITY);
   shuffle_prefix(ws->idx, g, n, rng);
   mark_list(r, ws->idx, n < g ? n : g, ra);
   finish(r, MINE_OFF, INFINITY, MINE_OFF, ra);
@@ -1060,7 +1048,7 @@ static void pick_random(mine_ws *ws, row_t *r, int n, rng_t *rng, rowacc_t *ra) 
 static void pick_semi_hard(const mine *m, mine_ws *ws, row_t *r, int n, float s_pos, rng_t *rng,
                            rowacc_t *ra) {
   float low = s_pos - m->cfg.margin;
-  int g = gather(ws, r, nextafterf(low, INFINITY), nextafterf(s_pos, -INFINITY), -1);
+  int g = gather(ws, r, nextafterf(low, INFINITY), nextafterf(s_pos, -INFINITY));
   if (g >= n) {
     shuffle_prefix(ws->idx, g, n, rng);
     mark_list(r, ws->idx, n, ra);
@@ -1103,12 +1091,8 @@ static float dot(const float *restrict x, const float *restrict y, int n) {
   return s;
 }
 
-/* Issues prefetches for a key's cache lines: the pair mixes read two random keys each, and with the
- * keys of the next few pairs on their way the dot products stop waiting on memory. */
-static inline void prefetch_key(const float *k, int d) {
-  for (int i = 0; i < d; i += 16) __builtin_prefetch(k + i);
-}
-
+/* The pair mixes read two random keys each: with the keys of the next few pairs on their way
+ * (prefetch_floats), the dot products stop waiting on memory. */
 enum { PREFETCH_AHEAD = 4 };
 
 /* MoCHi (Kalantidis et al. 2020, eqs. 3-4): from the hard pool P of a row, h = normalise(a n_i +
@@ -1141,13 +1125,13 @@ static void synthesize(const mine *m, mine_ws *ws, const mine_layout *l, const m
     }
   }
   for (int x = 0; x < PREFETCH_AHEAD && x < pairs; x++) {
-    prefetch_key(key_of(l, in, rec[x].a), d);
-    prefetch_key(key_of(l, in, rec[x].b), d);
+    prefetch_floats(key_of(l, in, rec[x].a), (size_t)d);
+    prefetch_floats(key_of(l, in, rec[x].b), (size_t)d);
   }
   for (int x = 0; x < X; x++) {
     if (x + PREFETCH_AHEAD < pairs) {
-      prefetch_key(key_of(l, in, rec[x + PREFETCH_AHEAD].a), d);
-      prefetch_key(key_of(l, in, rec[x + PREFETCH_AHEAD].b), d);
+      prefetch_floats(key_of(l, in, rec[x + PREFETCH_AHEAD].a), (size_t)d);
+      prefetch_floats(key_of(l, in, rec[x + PREFETCH_AHEAD].b), (size_t)d);
     }
     /* x.y: the two keys' dot product, or for a query mix the query's similarity to its key */
     const mine_synth *sy = &rec[x];

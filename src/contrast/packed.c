@@ -150,19 +150,6 @@ static const float *key_at(const dq_call *c, int col) {
   return c->batch_keys + (size_t)(col - c->batch_off) * c->d;
 }
 
-static void prefetch_key(const dq_call *c, int col) {
-  const float *k = key_at(c, col);
-  for (int t = 0; t < c->d; t += 16) __builtin_prefetch(k + t);
-}
-
-/* out += a·k in blocks of 16 with a constant trip count, which -O2 vectorises, then the tail. */
-static void axpy(float *restrict out, float a, const float *restrict k, int d) {
-  int t = 0;
-  for (; t + 16 <= d; t += 16)
-    for (int u = 0; u < 16; u++) out[t + u] += a * k[t + u];
-  for (; t < d; t++) out[t] += a * k[t];
-}
-
 static void dq_part(void *ctx, int part, int parts) {
   const dq_call *c = ctx;
   const packed_rows *pr = c->pr;
@@ -172,10 +159,11 @@ static void dq_part(void *ctx, int part, int parts) {
     const float *g = pr->dS + (size_t)i * pr->W;
     const int32_t *col = pr->col + (size_t)i * pr->W;
     int n = pr->used[i];
-    for (int j = 0; j < n && j < KEY_AHEAD; j++) prefetch_key(c, col[j]);
+    float *out = c->dq + (size_t)i * c->d;
+    for (int j = 0; j < n && j < KEY_AHEAD; j++) prefetch_floats(key_at(c, col[j]), (size_t)c->d);
     for (int j = 0; j < n; j++) {
-      if (j + KEY_AHEAD < n) prefetch_key(c, col[j + KEY_AHEAD]);
-      if (g[j] != 0.0f) axpy(c->dq + (size_t)i * c->d, c->alpha * g[j], key_at(c, col[j]), c->d);
+      if (j + KEY_AHEAD < n) prefetch_floats(key_at(c, col[j + KEY_AHEAD]), (size_t)c->d);
+      if (g[j] != 0.0f) vec_axpy(out, c->alpha * g[j], key_at(c, col[j]), (size_t)c->d);
     }
   }
 }

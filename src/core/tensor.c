@@ -69,8 +69,13 @@ void vec_scale(float *x, float a, size_t n) {
   for (size_t i = 0; i < n; i++) x[i] *= a;
 }
 
-void vec_axpy(float *y, float a, const float *x, size_t n) {
-  for (size_t i = 0; i < n; i++) y[i] += a * x[i];
+/* Blocks of 16 with a constant trip count, which -O2 vectorises (packed_dq calls this per used entry
+ * of a row), then the tail. */
+void vec_axpy(float *restrict y, float a, const float *restrict x, size_t n) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int u = 0; u < 16; u++) y[i + u] += a * x[i + u];
+  for (; i < n; i++) y[i] += a * x[i];
 }
 
 float vec_dot(const float *x, const float *y, size_t n) {

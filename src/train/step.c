@@ -70,13 +70,6 @@ static void layout_for(const moco_model *m, int B, mine_layout *l) {
   mine_layout_init(l, &m->cfg.mine, K, B);
 }
 
-/* Strategies that use n columns of a row whatever its width, so that the loss and the gradient can
- * run on the rows packed to those columns (mixing and AdCo use every candidate, or all of a bank). */
-static int selects_few(const moco_config *c) {
-  mine_strategy s = c->mine.strategy;
-  return s == MINE_RANDOM || s == MINE_HARDEST || s == MINE_SEMI_HARD || s == MINE_BAND;
-}
-
 void moco_free(moco_model *m) {
   net_free(&m->query);
   net_free(&m->key);
@@ -125,7 +118,7 @@ static int alloc_buffers(moco_model *m) {
   m->dS = tensor_calloc(cells);
   m->mask = calloc(cells ? cells : 1, 1);
   if (!m->S || !m->dS || !m->mask) return MOCO_ENOMEM;
-  return selects_few(c) ? packed_init(&m->pack, R, packed_cap_for(l.cols)) : 0;
+  return mine_selects_few(&c->mine) ? packed_init(&m->pack, R, packed_cap_for(l.cols)) : 0;
 }
 
 int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_shape in,
@@ -300,10 +293,8 @@ static int mine_and_loss(moco_model *m, const mine_layout *l, const float *q, co
     double t1 = clock_now();
     float beta = st.hcl_beta;
     packed_rows *pr = &m->packs[h];
-    /* Dense when some row uses more columns than packing pays for (surely so when the mean does). */
-    if (!m->pack.rows || st.negatives_per_query + st.extra_positives / (double)B > m->pack.cap ||
-        packed_gather(&m->pack, S, mask, (int)row0, B, C, pr))
-      *pr = (packed_rows){0};
+    if (!m->pack.rows || packed_gather(&m->pack, S, mask, (int)row0, B, C, pr))
+      *pr = (packed_rows){0}; /* dense: some row uses more columns than packing pays for */
     const float *Sl = pr->R ? pr->S : S;
     const uint8_t *ml = pr->R ? pr->mask : mask;
     float *dSl = pr->R ? pr->dS : dS;
