@@ -347,8 +347,6 @@ typedef struct {
   double part_loss[PAR_MAX_THREADS];
 } rows_call;
 
-enum { ROW_PART_MIN = 1 << 16 }; /* entries below which one part does the whole batch */
-
 static double one_row(const rows_call *r, int i) {
   size_t at = (size_t)i * r->C;
   float *ds = r->dS ? r->dS + at : NULL, *dpos = r->dS ? r->dpos + i : NULL;
@@ -377,7 +375,7 @@ static void rows_part(void *ctx, int part, int parts) {
 
 static double run_rows(rows_call *r) {
   if (r->B <= 0) return 0.0;
-  int parts = (long)r->B * r->C < ROW_PART_MIN ? 1 : r->B < PAR_MAX_THREADS ? r->B : PAR_MAX_THREADS;
+  int parts = (long)r->B * r->C < PAR_MIN_FLOATS ? 1 : r->B < PAR_MAX_THREADS ? r->B : PAR_MAX_THREADS;
   par_run(parts, rows_part, r);
   double total = 0.0;
   for (int k = 0; k < parts; k++) total += r->part_loss[k];

@@ -343,7 +343,6 @@ typedef struct {
   long label_known, label_same;
 } acc_t;
 
-
 static inline void rowacc_add(rowacc_t *ra, float x) {
   ra->sum += x;
   ra->count++;
@@ -1463,9 +1462,6 @@ static void select_part(void *ctx, int part, int parts) {
   }
 }
 
-/* Rows per part at the least: a row costs microseconds, a run's wake-ups tens of them. */
-enum { MIN_ROW_CELLS = 1 << 16 };
-
 int mine_select(mine *m, const mine_layout *l, const mine_input *in, float *S, uint8_t *mask,
                 rng_t *rng, mine_stats *st) {
   int rc = check_input(m, l, in);
@@ -1484,7 +1480,7 @@ int mine_select(mine *m, const mine_layout *l, const mine_input *in, float *S, u
     if (p.use_queue && in->queue_ids) link_queue_ids(m, in, B);
   }
   job_t job = {m, l, in, &p, S, mask, rng_u64(rng)};
-  int parts = par_parts((long)B * l->cols, MIN_ROW_CELLS);
+  int parts = par_parts((long)B * l->cols, PAR_MIN_FLOATS);
   if (parts > B) parts = B;
   if (parts > m->n_ws) parts = m->n_ws;
   par_run(parts, select_part, &job);

@@ -120,7 +120,7 @@ int packed_gather(packed *p, const float *S, const uint8_t *mask, int r0, int R,
     return moco_error(MOCO_EINVAL, "packed_gather: rows [%d, %d) outside the %d allocated", r0, r0 + R,
                       p->rows);
   gather_call g = {.p = p, .S = S, .mask = mask, .r0 = r0, .R = R, .C = C};
-  int parts = par_parts((long)R * C, 1L << 16);
+  int parts = par_parts((long)R * C, PAR_MIN_FLOATS);
   par_run(parts, gather_part, &g);
   int most = 0;
   for (int k = 0; k < parts; k++) {

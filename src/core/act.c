@@ -7,10 +7,6 @@
 
 #include "hot.h"
 
-/* Elementwise layers split into parts of at least this many floats: 256 KB, a few tens of
- * microseconds of work, well above a run's cost. */
-#define ACT_MIN_PART ((long)1 << 16)
-
 typedef struct {
   float *out;
   const float *inp, *dout;
@@ -40,12 +36,12 @@ static void relu_backward_part(void *ctx, int part, int parts) {
 
 void relu_forward(float *out, const float *inp, size_t N) {
   relu_call a = {.out = out, .inp = inp, .N = N};
-  par_run(par_parts((long)N, ACT_MIN_PART), relu_forward_part, &a);
+  par_run(par_parts((long)N, PAR_MIN_FLOATS), relu_forward_part, &a);
 }
 
 void relu_backward(float *dinp, const float *dout, const float *out, size_t N) {
   relu_call a = {.out = dinp, .inp = out, .dout = dout, .N = N};
-  par_run(par_parts((long)N, ACT_MIN_PART), relu_backward_part, &a);
+  par_run(par_parts((long)N, PAR_MIN_FLOATS), relu_backward_part, &a);
 }
 
 void flatten_forward(float *out, const float *inp, size_t N) {

@@ -8,8 +8,6 @@
 
 /* The bias loops split over the team like the products around them; by output feature in backward,
  * so that every feature's sum over the batch runs in the same order whatever the split. */
-#define BIAS_MIN_PART ((long)1 << 16)
-
 typedef struct {
   float *dst;       /* forward: out [B, OC]; backward: dbias [OC] */
   const float *src; /* forward: bias [OC]; backward: dout [B, OC] */
@@ -40,7 +38,7 @@ void linear_forward(float *out, const float *inp, const float *weight, const flo
   /* The bias goes in first and the gemm accumulates onto it (beta = 1): one pass over out, not two. */
   if (bias) {
     bias_call a = {out, bias, B, OC};
-    par_run(par_parts((long)B * OC, BIAS_MIN_PART), bias_fill_part, &a);
+    par_run(par_parts((long)B * OC, PAR_MIN_FLOATS), bias_fill_part, &a);
   }
   mat_mul(out, inp, weight, B, OC, C, 0, 1, 1.0f, bias ? 1.0f : 0.0f);
 }
@@ -51,6 +49,6 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
   mat_mul(dweight, dout, inp, OC, C, B, 1, 0, 1.0f, 1.0f);
   if (dbias) {
     bias_call a = {dbias, dout, B, OC};
-    par_run(par_parts((long)B * OC, BIAS_MIN_PART), bias_grad_part, &a);
+    par_run(par_parts((long)B * OC, PAR_MIN_FLOATS), bias_grad_part, &a);
   }
 }

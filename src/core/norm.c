@@ -93,11 +93,8 @@ static bn_span bn_part_span(const bn_call *a, int part, int parts) {
   return (bn_span){(int)lo, (int)hi};
 }
 
-/* Parts of at least this many floats (see core/par.h). Vectors split by channel too: each part then
- * runs its loops over a slice of every row. */
-#define BN_MIN_PART ((long)1 << 16)
-
-static int bn_parts(const bn_dims *d) { return par_parts((long)d->B * d->C * d->S, BN_MIN_PART); }
+/* Vectors split by channel too: each part then runs its loops over a slice of every row. */
+static int bn_parts(const bn_dims *d) { return par_parts((long)d->B * d->C * d->S, PAR_MIN_FLOATS); }
 
 static void bn_forward_part(void *ctx, int part, int parts) {
   const bn_call *a = ctx;

@@ -109,9 +109,6 @@ static void maxpool_plane_2x2_backward(float *dinp, const float *dout, const flo
 
 static int is_2x2(const conv_geom *g) { return g->K == 2 && g->stride == 2 && g->pad == 0; }
 
-/* Planes per part: at least this many input floats per part (see core/par.h). */
-#define POOL_MIN_PART ((long)1 << 16)
-
 typedef struct {
   float *dinp, *out;
   const float *inp, *dout, *fwd_out;
@@ -150,7 +147,7 @@ static void maxpool_backward_part(void *ctx, int part, int parts) {
 }
 
 static int pool_parts(long planes, const conv_geom *g) {
-  return par_parts(planes * g->H * g->W, POOL_MIN_PART);
+  return par_parts(planes * g->H * g->W, PAR_MIN_FLOATS); /* counted in input floats */
 }
 
 void maxpool_forward(float *out, const float *inp, int B, const conv_geom *g) {
