@@ -9,6 +9,55 @@
 
 #include "core/tensor.h"
 
+/* Central difference along coordinate i, divided by the step x_i really took in float. */
+static double gc_diff(gc_loss_fn f, void *ctx, float *x, size_t i, double h) {
+  float keep = x[i];
+  float xp = (float)(keep + h), xm = (float)(keep - h);
+  x[i] = xp;
+  double lp = f(ctx);
+  x[i] = xm;
+  double lm = f(ctx);
+  x[i] = keep;
+  return (lp - lm) / ((double)xp - (double)xm);
+}
+
+double gc_max_abs(const float *g, size_t n) {
+  double m = 0.0;
+  for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)g[i]));
+  return m;
+}
+
+double gc_atol(double h, double c_eval, double scale, double m3, double c_grad, double gmax) {
+  const double u = 0x1p-24;
+  return c_eval * u * scale / h + h * h / 6.0 * m3 + c_grad * u * gmax;
+}
+
+gc_result gc_check(gc_loss_fn f, void *ctx, float *x, const float *grad, size_t n, const gc_spec *s) {
+  gc_result r = {0};
+  size_t big = 0;
+  for (size_t i = 1; i < n; i++)
+    if (fabsf(grad[i]) > fabsf(grad[big])) big = i;
+  size_t stride = n > s->max_checks ? n / s->max_checks : 1;
+  /* the strided coordinates, then the largest entry when the stride stepped over it */
+  int extra = big % stride != 0;
+  for (size_t i = 0; i < n || extra; i += stride) {
+    if (i >= n) i = big, extra = 0;
+    double fd = gc_diff(f, ctx, x, i, s->h), a = grad[i];
+    double tol = s->atol + s->rtol * fabs(fd), ratio = fabs(a - fd) / tol;
+    if (r.checked++ == 0 || ratio > r.ratio) r.ratio = ratio, r.worst_i = i, r.a = a, r.f = fd, r.tol = tol;
+    if (i == big) r.plant_ratio = fabs(1.01 * a - fd) / tol;
+    if (i == big && big % stride != 0) break;
+  }
+  const char *v = getenv("MOCOD_GC_VERBOSE");
+  if (v && *v == '1')
+    fprintf(stderr,
+            "gradcheck %s: n=%zu checked %zu worst |a-f|/tol %.3g (margin %.1fx) at %zu (a %.7g, f %.7g, "
+            "tol %.3g); 1%% planted at %zu: %.3g\n",
+            s->name ? s->name : "?", n, r.checked, r.ratio, 1.0 / r.ratio, r.worst_i, r.a, r.f, r.tol,
+            big, r.plant_ratio);
+  return r;
+}
+
 double gradcheck(gc_loss_fn f, void *ctx, float *x, const float *grad, size_t n, float h,
                  size_t max_checks, double floor) {
   size_t stride = n > max_checks ? n / max_checks : 1;

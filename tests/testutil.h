@@ -8,13 +8,70 @@
 #include "core/net.h"
 #include "core/rng.h"
 
+/* ---- gradient checks --------------------------------------------------------------------------------
+ *
+ * One protocol for every finite-difference check in tests/. Coordinate i passes when
+ *
+ *     |a_i - f_i| <= atol + rtol·|f_i|
+ *
+ * a_i the analytic gradient (float, computed by the code under test), f_i the central difference
+ * (L(x⁺) - L(x⁻)) / (x_i⁺ - x_i⁻), x_i± = x_i ± h rounded to float, taken in double on whatever L the
+ * test supplies. Dividing by the step the float coordinate really took removes the step's own
+ * rounding (u·|x_i|/h relative) from the error.
+ *
+ * Where the error comes from (u = 2^-24 ≈ 6e-8, float's unit roundoff):
+ *   - truncation of the central difference: h²/6·M3, M3 a bound on the third derivative along e_i
+ *     (e.g. about 1/τ³ for a softmax at temperature τ; 0 for a piecewise-linear function away from its
+ *     kinks);
+ *   - rounding in L: when L is evaluated in float, each evaluation carries an absolute error δ and the
+ *     difference divides it by h: (|δ⁺| + |δ⁻|)/(2h) ≤ δ/h, with δ = c·u·S, S the magnitudes the
+ *     evaluation accumulates and c the roundings a term goes through. Where the test evaluates L in
+ *     double (a double reference of the same function), δ ≈ 1e-16·S and this term vanishes;
+ *   - rounding in a: the analytic gradient is float arithmetic too: relative error c·u per entry, and
+ *     an absolute error c·u·gmax from the sums that build it (gmax its largest entry).
+ * atol collects the absolute terms (gc_atol composes them), rtol the relative one. Each test states
+ * its c, S and M3 where it sets them; no tolerance is fitted to a machine. */
+
 /* Loss as a function of whatever the test perturbs; evaluated in double where the test can. */
 typedef double (*gc_loss_fn)(void *ctx);
 
-/* Central finite differences on up to max_checks entries of x (spread over the whole vector), compared
- * with the analytic gradient `grad` (computed beforehand at the unperturbed x). Returns the largest
- * error |a - f| / max(|a| + |f|, floor) over the entries checked; x is restored. Prints the worst entry
- * when verbose is set in the environment (MOCOD_GC_VERBOSE=1). */
+typedef struct {
+  const char *name;  /* printed with the margin when MOCOD_GC_VERBOSE=1 */
+  double h;          /* central-difference step */
+  double atol, rtol;
+  size_t max_checks; /* coordinates checked, spread over x; the largest |a_i| is always among them */
+} gc_spec;
+
+typedef struct {
+  double ratio;       /* worst |a_i - f_i| / tol_i over the coordinates checked: passes below 1 */
+  size_t worst_i;     /* where, with a, f and tol there */
+  double a, f, tol;
+  size_t checked;
+  double plant_ratio; /* |1.01·a_k - f_k| / tol_k at the largest |a_k|: a 1% error planted in that
+                       * entry is reported when this is >= 1 */
+} gc_result;
+
+/* Runs the check; x is restored. Prints name, ratio and planted ratio when MOCOD_GC_VERBOSE=1. */
+gc_result gc_check(gc_loss_fn f, void *ctx, float *x, const float *grad, size_t n, const gc_spec *s);
+
+/* atol = c_eval·u·scale/h + h²/6·m3 + c_grad·u·gmax: one float evaluation's rounding over the step,
+ * the truncation bound and the analytic gradient's summation error (see above). */
+double gc_atol(double h, double c_eval, double scale, double m3, double c_grad, double gmax);
+
+/* Largest |g_i| over g[0..n). */
+double gc_max_abs(const float *g, size_t n);
+
+/* Check assertions: the result passed, and a 1% error planted in the largest entry would not have. */
+#define gc_assert(res, what)                                                                       \
+  do {                                                                                             \
+    gc_result r_ = (res);                                                                          \
+    ck_assert_msg(r_.ratio < 1.0, "%s: |a-f| %.3g > tol %.3g at %zu (a %.7g, f %.7g)", (what),      \
+                  r_.ratio * r_.tol, r_.tol, r_.worst_i, r_.a, r_.f);                              \
+    ck_assert_msg(r_.plant_ratio >= 1.0, "%s: a 1%% error would pass (ratio %.3g)", (what),        \
+                  r_.plant_ratio);                                                                 \
+  } while (0)
+
+/* The older check, relative error |a - f| / max(|a| + |f|, floor) (being replaced by gc_check). */
 double gradcheck(gc_loss_fn f, void *ctx, float *x, const float *grad, size_t n, float h,
                  size_t max_checks, double floor);
 
