@@ -176,10 +176,11 @@ START_TEST(bad_magic_is_refused_at_offset_0) {
   uint8_t bad[4] = {0, 0, 0x42, 3};
   ck_assert_int_eq(fx_write(path_buf[0], 0, bad, 4), 0);
   expect_open_error(path_buf[0], MOCO_EFORMAT, "x-images-idx3-ubyte: offset 0", "bad magic 0x00004203");
-  FILE *f = fopen(tmp(1, "junk.bin"), "wb");
+  /* not .bin: that name is taken as a CIFAR batch (data/cifar.h) */
+  FILE *f = fopen(tmp(1, "junk.dat"), "wb");
   fputs("PK\x03\x04 not a data file", f);
   fclose(f);
-  expect_open_error(path_buf[1], MOCO_EFORMAT, "junk.bin", "unknown format");
+  expect_open_error(path_buf[1], MOCO_EFORMAT, "junk.dat", "unknown format");
 }
 END_TEST
 

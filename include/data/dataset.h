@@ -1,4 +1,5 @@
-/* A data set: a list of files (IDX or shards, told apart by their magic) given as comma-separated paths
+/* A data set: a list of files (IDX, NumPy .npy, CIFAR binary batches or shards, told apart by their magic,
+ * CIFAR by its .bin name) given as comma-separated paths
  * or globs, checked at open from the headers alone, then read record by record, file by file.
  *
  * Opening reads only headers and file sizes, so it is cheap for any size; it refuses, naming the file:
@@ -12,20 +13,24 @@
 
 #include <stdint.h>
 
+#include "data/cifar.h"
 #include "data/idx.h"
+#include "data/npy.h"
 #include "data/record.h"
 #include "data/shard.h"
 
-typedef enum { DATA_IDX = 1, DATA_SHARD = 2 } data_format;
+typedef enum { DATA_IDX = 1, DATA_SHARD = 2, DATA_NPY = 3, DATA_CIFAR = 4 } data_format;
 
 typedef struct {
   char *path;
-  char *labels_path;    /* IDX: the labels file (given, or found by name), NULL when none */
+  char *labels_path;    /* IDX, NPY: the labels file (given, or found by name), NULL when none */
   data_format format;
   uint64_t count;
   uint64_t first;       /* global index of the file's first record */
   idx_info idx;         /* DATA_IDX */
   shard_header shard;   /* DATA_SHARD */
+  npy_info npy;         /* DATA_NPY */
+  cifar_info cifar;     /* DATA_CIFAR */
 } dataset_file;
 
 typedef struct {
@@ -43,10 +48,12 @@ typedef struct {
   size_t sample_bytes;  /* one stored sample */
 } dataset;
 
-/* spec: "a.shard,dir/train-*.shard" or an IDX images file. An IDX file's labels come from `labels`
- * (only with a single IDX file) or from the file named like it with "images-idx3" -> "labels-idx1"
- * ("images" -> "labels") when that exists; a 1-dimensional IDX file matched by a glob is taken as such a
- * labels file. num_classes > 0 overrides what shard headers state. */
+/* spec: "a.shard,dir/train-*.shard", an IDX images file, .npy files, CIFAR batches. An IDX or .npy file's
+ * labels come from `labels` (only with a single such file) or from the file named like it with
+ * "images-idx3" -> "labels-idx1" ("images" -> "labels"; "x.npy" -> "x.labels.npy", the name mocod's own
+ * exports use) when that exists; a 1-dimensional IDX or .npy file matched by a glob is taken as such a
+ * labels file. IDX samples take IDX labels, .npy samples .npy labels. num_classes > 0 overrides what
+ * shard headers and CIFAR state. */
 int dataset_open(dataset *ds, const char *name, const char *spec, const char *labels, int num_classes);
 void dataset_close(dataset *ds);
 
@@ -55,12 +62,14 @@ typedef struct {
   int file;
   idx_reader idx;
   shard_reader shard;
+  npy_reader npy;
+  cifar_reader cifar;
   uint64_t bad; /* records the last error covers */
 } dataset_reader;
 
 /* Reads file `file` of ds from record `start` (an index within that file). */
 int dataset_reader_open(dataset_reader *r, const dataset *ds, int file, uint64_t start);
-/* 1: a record (ids of IDX records are global indices: file.first + index); 0: end of the file;
+/* 1: a record (ids of IDX, .npy and CIFAR records are global indices: file.first + index); 0: end of the file;
  * < 0: bad data covering r->bad records, after which reading may go on. */
 int dataset_reader_next(dataset_reader *r, data_record *rec);
 void dataset_reader_close(dataset_reader *r);

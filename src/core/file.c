@@ -37,6 +37,30 @@ static int sync_dir_of(const char *path) {
   return rc;
 }
 
+static int commit(const char *tmp, const char *path) {
+  if (rename(tmp, path)) {
+    int e = errno;
+    unlink(tmp);
+    return moco_error(MOCO_EIO, "%s: rename over %s failed: %s", tmp, path, strerror(e));
+  }
+  if (sync_dir_of(path))
+    return moco_error(MOCO_EIO, "%s: fsync of its directory failed: %s", path, strerror(errno));
+  return 0;
+}
+
+int file_commit_stream(FILE *f, const char *tmp, const char *path) {
+  const char *failed = NULL;
+  int e = 0;
+  if (fflush(f)) failed = "write", e = errno;
+  if (!failed && fsync(fileno(f))) failed = "fsync", e = errno;
+  if (fclose(f) && !failed) failed = "close", e = errno;
+  if (failed) {
+    unlink(tmp);
+    return moco_error(MOCO_EIO, "%s: %s failed: %s", tmp, failed, strerror(e));
+  }
+  return commit(tmp, path);
+}
+
 int file_write_atomic(const char *path, const char *tmp, const file_part *parts, int n, int mode) {
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return moco_error(MOCO_EIO, "%s: cannot create: %s", tmp, strerror(errno));
@@ -51,12 +75,5 @@ int file_write_atomic(const char *path, const char *tmp, const file_part *parts,
     unlink(tmp);
     return moco_error(MOCO_EIO, "%s: %s failed: %s", tmp, failed, strerror(e));
   }
-  if (rename(tmp, path)) {
-    e = errno;
-    unlink(tmp);
-    return moco_error(MOCO_EIO, "%s: rename over %s failed: %s", tmp, path, strerror(e));
-  }
-  if (sync_dir_of(path))
-    return moco_error(MOCO_EIO, "%s: fsync of its directory failed: %s", path, strerror(errno));
-  return 0;
+  return commit(tmp, path);
 }

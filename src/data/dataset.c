@@ -79,19 +79,43 @@ static int sniff(const char *path, data_format *fmt) {
     *fmt = DATA_SHARD;
     return 0;
   }
+  if (n >= 6 && !memcmp(b, "\x93NUMPY", 6)) {
+    *fmt = DATA_NPY;
+    return 0;
+  }
+  /* CIFAR batches have no magic (their first byte is a label): the name tells them, before IDX's 00 00. */
+  if (cifar_is_candidate(path)) {
+    *fmt = DATA_CIFAR;
+    return 0;
+  }
   if (n >= 2 && ((b[0] == 0x1f && b[1] == 0x8b) || (b[0] == 0 && b[1] == 0))) {
     *fmt = DATA_IDX;
     return 0;
   }
   if (n < 4) return moco_error(MOCO_EEOF, "%s: offset %zu: file too short for any magic", path, n);
   return moco_error(MOCO_EFORMAT, "%s: offset 0: unknown format: magic %02x %02x %02x %02x is neither IDX "
-                    "(00 00 type ndim), gzip (1f 8b) nor a shard (\"" SHARD_MAGIC "\")", path, b[0], b[1],
+                    "(00 00 type ndim), gzip (1f 8b), NumPy (93 'NUMPY') nor a shard (\"" SHARD_MAGIC "\"); "
+                    "CIFAR batches are named *.bin", path, b[0], b[1],
                     b[2], b[3]);
+}
+
+/* "x.npy" -> "x.labels.npy" (the name eval_export gives labels), when that exists. */
+static char *npy_sibling_labels(const char *path) {
+  size_t n = strlen(path);
+  if (n < 4 || strcmp(path + n - 4, ".npy")) return NULL;
+  char *c = malloc(n + 8);
+  if (!c) return NULL;
+  snprintf(c, n + 8, "%.*s.labels.npy", (int)(n - 4), path);
+  if (access(c, R_OK) == 0) return c;
+  free(c);
+  return NULL;
 }
 
 /* "dir/train-images-idx3-ubyte.gz" -> "dir/train-labels-idx1-ubyte.gz" (also plain "images" ->
  * "labels"), when such a file exists. */
 static char *companion_labels(const char *path) {
+  char *npy = npy_sibling_labels(path);
+  if (npy) return npy;
   static const char *pats[][2] = {{"images-idx3", "labels-idx1"}, {"images", "labels"}};
   const char *base = strrchr(path, '/');
   base = base ? base + 1 : path;
@@ -119,19 +143,31 @@ static data_shape idx_shape(const idx_info *in) {
   }
 }
 
-/* The labels of an IDX file are read once at open (a byte per record): their count must match, and their
- * largest value tells the number of classes, which IDX does not state. */
+/* The labels of an IDX or .npy file are read once at open (a few bytes per record): their count must
+ * match, and their largest value tells the number of classes, which neither format states. */
 static int attach_labels(dataset_file *f, const char *labels, int *classes) {
-  idx_info li;
   int32_t top;
-  int rc = idx_probe(labels, &li);
-  if (rc) return rc;
-  if (li.ndim != 1)
-    return moco_error(MOCO_EFORMAT, "%s: labels for %s: %d dimensions, expected 1", labels, f->path, li.ndim);
-  if (li.count != f->count)
+  uint64_t count;
+  int rc;
+  if (f->format == DATA_NPY) {
+    npy_info li;
+    if ((rc = npy_probe(labels, &li))) return rc;
+    if (!li.labels)
+      return moco_error(MOCO_EFORMAT, "%s: labels for %s: header field 'shape' has %d dimensions, expected (N,)",
+                        labels, f->path, li.ndim);
+    count = li.count;
+    if (count == f->count && (rc = npy_max_label(labels, &li, &top))) return rc;
+  } else {
+    idx_info li;
+    if ((rc = idx_probe(labels, &li))) return rc;
+    if (li.ndim != 1)
+      return moco_error(MOCO_EFORMAT, "%s: labels for %s: %d dimensions, expected 1", labels, f->path, li.ndim);
+    count = li.count;
+    if (count == f->count && (rc = idx_max_label(labels, &li, &top))) return rc;
+  }
+  if (count != f->count)
     return moco_error(MOCO_ESHAPE, "%s: %llu labels, but %s holds %llu records", labels,
-                      (unsigned long long)li.count, f->path, (unsigned long long)f->count);
-  if ((rc = idx_max_label(labels, &li, &top))) return rc;
+                      (unsigned long long)count, f->path, (unsigned long long)f->count);
   if (top >= *classes) *classes = top + 1;
   if (!(f->labels_path = strdup(labels))) return moco_error(MOCO_ENOMEM, "%s", labels);
   return 0;
@@ -148,6 +184,13 @@ static int probe_file(dataset *ds, const char *path, path_list *label_files) {
   if (fmt == DATA_SHARD) {
     if ((rc = shard_probe(path, &f->shard))) return rc;
     f->count = f->shard.count;
+  } else if (fmt == DATA_NPY) {
+    if ((rc = npy_probe(path, &f->npy))) return rc;
+    if (f->npy.labels) return list_add(label_files, path);
+    f->count = f->npy.count;
+  } else if (fmt == DATA_CIFAR) {
+    if ((rc = cifar_probe(path, &f->cifar))) return rc;
+    f->count = f->cifar.count;
   } else {
     if ((rc = idx_probe(path, &f->idx))) return rc;
     if (f->idx.ndim == 1) return list_add(label_files, path);
@@ -164,9 +207,14 @@ static void file_traits(const dataset_file *f, data_shape *s, data_dtype *t, int
     *t = f->shard.dtype;
     *pair = !!(f->shard.flags & SHARD_PAIR);
     *labels = !!(f->shard.flags & SHARD_LABELS);
+  } else if (f->format == DATA_CIFAR) {
+    *s = cifar_shape();
+    *t = DATA_U8;
+    *pair = 0;
+    *labels = 1;
   } else {
-    *s = idx_shape(&f->idx);
-    *t = f->idx.type == IDX_U8 ? DATA_U8 : DATA_F32;
+    *s = f->format == DATA_NPY ? npy_shape(&f->npy) : idx_shape(&f->idx);
+    *t = f->format == DATA_NPY ? f->npy.dtype : f->idx.type == IDX_U8 ? DATA_U8 : DATA_F32;
     *pair = 0;
     *labels = f->labels_path != NULL;
   }
@@ -193,6 +241,8 @@ static int check_agreement(dataset *ds) {
     ds->has_labels |= labels;
     if (ds->files[i].format == DATA_SHARD && (int)ds->files[i].shard.num_classes > ds->num_classes)
       ds->num_classes = (int)ds->files[i].shard.num_classes;
+    if (ds->files[i].format == DATA_CIFAR && ds->files[i].cifar.classes > ds->num_classes)
+      ds->num_classes = ds->files[i].cifar.classes;
   }
   if (ds->idx_classes > ds->num_classes) ds->num_classes = ds->idx_classes;
   return 0;
@@ -200,13 +250,14 @@ static int check_agreement(dataset *ds) {
 
 static int pair_labels(dataset *ds, const char *labels, path_list *label_files) {
   int n_idx = 0, rc;
-  for (int i = 0; i < ds->n_files; i++) n_idx += ds->files[i].format == DATA_IDX;
+  for (int i = 0; i < ds->n_files; i++) n_idx += ds->files[i].format == DATA_IDX || ds->files[i].format == DATA_NPY;
   if (labels && n_idx != 1)
-    return moco_error(MOCO_ECONFIG, "%s: a labels file (%s) goes with exactly one IDX images file, found %d; "
-                      "name them <x>-images-idx3... / <x>-labels-idx1... instead", ds->name, labels, n_idx);
+    return moco_error(MOCO_ECONFIG, "%s: a labels file (%s) goes with exactly one IDX or .npy samples file, found "
+                      "%d; name them <x>-images-idx3... / <x>-labels-idx1... (<x>.npy / <x>.labels.npy) instead",
+                      ds->name, labels, n_idx);
   for (int i = 0; i < ds->n_files; i++) {
     dataset_file *f = &ds->files[i];
-    if (f->format != DATA_IDX) continue;
+    if (f->format != DATA_IDX && f->format != DATA_NPY) continue;
     char *found = labels ? NULL : companion_labels(f->path);
     rc = labels || found ? attach_labels(f, labels ? labels : found, &ds->idx_classes) : 0;
     free(found);
@@ -217,7 +268,7 @@ static int pair_labels(dataset *ds, const char *labels, path_list *label_files) 
     for (int i = 0; i < ds->n_files; i++)
       used |= ds->files[i].labels_path && !strcmp(ds->files[i].labels_path, label_files->v[k]);
     if (!used)
-      return moco_error(MOCO_EINVAL, "%s: %s is an IDX labels file (1 dimension) but no images file in the "
+      return moco_error(MOCO_EINVAL, "%s: %s is a labels file (1 dimension) but no samples file in the "
                         "set is named like it", ds->name, label_files->v[k]);
   }
   return 0;
@@ -274,17 +325,47 @@ int dataset_reader_open(dataset_reader *r, const dataset *ds, int file, uint64_t
   r->file = file;
   r->shard.fd = -1;
   const dataset_file *f = &ds->files[file];
-  if (f->format == DATA_SHARD) return shard_reader_open(&r->shard, f->path, &f->shard, start);
-  return idx_reader_open(&r->idx, f->path, f->labels_path, start);
+  switch (f->format) {
+  case DATA_SHARD: return shard_reader_open(&r->shard, f->path, &f->shard, start);
+  case DATA_NPY: return npy_reader_open(&r->npy, f->path, f->labels_path, start);
+  case DATA_CIFAR: return cifar_reader_open(&r->cifar, f->path, &f->cifar, start);
+  default: return idx_reader_open(&r->idx, f->path, f->labels_path, start);
+  }
 }
 
 void dataset_reader_close(dataset_reader *r) {
   if (!r->ds) return;
-  if (r->ds->files[r->file].format == DATA_SHARD)
-    shard_reader_close(&r->shard);
-  else
-    idx_reader_close(&r->idx);
+  switch (r->ds->files[r->file].format) {
+  case DATA_SHARD: shard_reader_close(&r->shard); break;
+  case DATA_NPY: npy_reader_close(&r->npy); break;
+  case DATA_CIFAR: cifar_reader_close(&r->cifar); break;
+  default: idx_reader_close(&r->idx);
+  }
   r->ds = NULL;
+}
+
+/* The format's reader: a record (1), the end (0) or an error covering *bad records; *index is the
+ * record's index in its file. */
+static int format_next(dataset_reader *r, data_format fmt, data_record *rec, uint64_t *index) {
+  int rc;
+  switch (fmt) {
+  case DATA_SHARD:
+    rc = shard_reader_next(&r->shard, rec);
+    r->bad = r->shard.bad, *index = r->shard.next - 1;
+    break;
+  case DATA_NPY:
+    rc = npy_reader_next(&r->npy, rec);
+    r->bad = r->npy.bad, *index = r->npy.next - 1;
+    break;
+  case DATA_CIFAR:
+    rc = cifar_reader_next(&r->cifar, rec);
+    r->bad = r->cifar.bad, *index = r->cifar.next - 1;
+    break;
+  default:
+    rc = idx_reader_next(&r->idx, rec);
+    r->bad = r->idx.bad, *index = r->idx.next - 1;
+  }
+  return rc;
 }
 
 static int check_finite(const dataset_reader *r, const uint8_t *s, uint64_t index) {
@@ -300,12 +381,10 @@ static int check_finite(const dataset_reader *r, const uint8_t *s, uint64_t inde
 
 int dataset_reader_next(dataset_reader *r, data_record *rec) {
   const dataset_file *f = &r->ds->files[r->file];
-  int shard = f->format == DATA_SHARD;
-  int rc = shard ? shard_reader_next(&r->shard, rec) : idx_reader_next(&r->idx, rec);
-  if (rc < 0) r->bad = shard ? r->shard.bad : r->idx.bad;
+  uint64_t index;
+  int rc = format_next(r, f->format, rec, &index);
   if (rc <= 0) return rc;
-  uint64_t index = (shard ? r->shard.next : r->idx.next) - 1;
-  if (!shard) rec->id += (int64_t)f->first;
+  if (f->format != DATA_SHARD) rec->id += (int64_t)f->first;
   int k = r->ds->num_classes;
   r->bad = 1;
   if (rec->label < -1 || (k > 0 && rec->label >= k))

@@ -1,4 +1,4 @@
-/* mocopack: writes mocod shards (data/shard.h) from IDX files, raw little-endian arrays or CSV, and
+/* mocopack: writes mocod shards (data/shard.h) from IDX, NumPy or CIFAR files, raw little-endian arrays or CSV, and
  * describes or verifies a data set. `mocopack --help` for the usage. */
 #include <errno.h>
 #include <getopt.h>
@@ -15,6 +15,8 @@
 
 static const char usage[] =
     "usage: mocopack idx  [pack options] -o PREFIX IMAGES[,MORE] [LABELS]\n"
+    "       mocopack npy  [pack options] -o PREFIX SAMPLES.npy[,MORE] [LABELS.npy]\n"
+    "       mocopack cifar [pack options] -o PREFIX data_batch_1.bin[,MORE]\n"
     "       mocopack raw  [pack options] -o PREFIX --shape C,H,W --dtype u8|f32 [--labels FILE]\n"
     "                     [--labels-dtype i32|u8] [--pair FILE] DATA\n"
     "       mocopack csv  [pack options] -o PREFIX [--label COL] [--header|--no-header]\n"
@@ -24,6 +26,9 @@ static const char usage[] =
     "Writes PREFIX-00000.shard, PREFIX-00001.shard, ... (a data set the loader takes as \"PREFIX-*.shard\").\n"
     "  idx    IDX images (plain or .gz) with their labels (named like the images, or given), or any data set\n"
     "         mocod reads (shards too: re-splits them)\n"
+    "  npy    NumPy arrays: u1 or f4, (N,D), (N,H,W) or (N,C,H,W), C order; labels: an integer (N,) array\n"
+    "         given, or named X.labels.npy beside X.npy (or images -> labels)\n"
+    "  cifar  CIFAR-10 (data_batch_N.bin, test_batch.bin) or CIFAR-100 (train.bin, test.bin) binary batches\n"
     "  raw    DATA holds N samples of --shape as little-endian u8 or f32; --labels holds N labels (i32 or u8),\n"
     "         --pair N second samples (pair records, for view_mode pair)\n"
     "  csv    numeric columns are the features of a vector sample; --label names the label column (index\n"
@@ -576,6 +581,11 @@ static int cmd_info(const opts *o, int argc, char **argv) {
              (unsigned long long)f->count, f->shard.block_records,
              f->shard.flags & SHARD_LABELS ? "labels" : "no labels", f->shard.flags & SHARD_PAIR ? ", pairs" : "",
              f->shard.num_classes);
+    else if (f->format == DATA_NPY)
+      printf("%s: NumPy v%d '%s', %llu records, labels: %s\n", f->path, f->npy.major, f->npy.descr,
+             (unsigned long long)f->count, f->labels_path ? f->labels_path : "none");
+    else if (f->format == DATA_CIFAR)
+      printf("%s: CIFAR-%d binary batch, %llu records\n", f->path, f->cifar.classes, (unsigned long long)f->count);
     else
       printf("%s: IDX%s type 0x%02x, %llu records, labels: %s\n", f->path, f->idx.gz ? " (gzip)" : "",
              f->idx.type, (unsigned long long)f->count, f->labels_path ? f->labels_path : "none");
@@ -663,7 +673,7 @@ int main(int argc, char **argv) {
   if (!rc) {
     int n = argc - optind;
     char **rest = argv + optind;
-    if (!strcmp(cmd, "idx")) rc = cmd_idx(&o, n, rest);
+    if (!strcmp(cmd, "idx") || !strcmp(cmd, "npy") || !strcmp(cmd, "cifar")) rc = cmd_idx(&o, n, rest);
     else if (!strcmp(cmd, "raw")) rc = cmd_raw(&o, n, rest);
     else if (!strcmp(cmd, "csv")) rc = cmd_csv(&o, n, rest);
     else if (!strcmp(cmd, "info")) rc = cmd_info(&o, n, rest);
