@@ -29,7 +29,8 @@ LIB     := $(BUILD)/libmocod.a
 PROGS   := $(foreach m,$(wildcard $(MAINS)),$(BIN)/$(basename $(notdir $(m))))
 
 TEST_SRC := $(wildcard tests/test_*.c)
-TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/%.o) $(BUILD)/tests/runner.o $(BUILD)/tests/testutil.o
+TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/%.o) $(BUILD)/tests/runner.o $(BUILD)/tests/testutil.o \
+            $(BUILD)/tests/daemon_harness.o
 SUITES   := $(patsubst tests/test_%.c,%,$(TEST_SRC))
 BENCH_SRC := $(wildcard tests/bench/bench_*.c)
 BENCHES  := $(patsubst tests/bench/%.c,$(BIN)/%,$(BENCH_SRC))
@@ -77,7 +78,7 @@ $(BIN)/$(basename $(notdir $(1))): $(BUILD)/$(1:.c=.o) $(LIB)
 endef
 $(foreach m,$(MAINS),$(eval $(call PROGRAM_RULE,$(m))))
 
-$(BIN)/bench_%: $(BUILD)/tests/bench/bench_%.o $(BUILD)/tests/testutil.o $(LIB)
+$(BIN)/bench_%: $(BUILD)/tests/bench/bench_%.o $(BUILD)/tests/testutil.o $(BUILD)/tests/daemon_harness.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $^ $(LDLIBS) -o $@
 

@@ -19,7 +19,7 @@ static void write_ckpt(const char *dir, int64_t step, uint32_t value, char *path
   blob_put_u32(&w, value);
   for (int i = 0; i < 1000; i++) blob_put_f32(&w, (float)i);
   blob_section_end(&w);
-  ck_assert_int_eq(checkpoint_commit(&w, dir, step, path, n), 0);
+  ck_assert_int_eq(checkpoint_commit(&w, dir, step, path, n, NULL), 0);
   blob_writer_free(&w);
 }
 
@@ -131,7 +131,7 @@ START_TEST(missing_directory_is_an_io_error_on_write) {
   blob_writer w;
   blob_writer_init(&w);
   checkpoint_begin(&w, 1);
-  ck_assert_int_eq(checkpoint_commit(&w, "/nonexistent/mocod", 1, NULL, 0), MOCO_EIO);
+  ck_assert_int_eq(checkpoint_commit(&w, "/nonexistent/mocod", 1, NULL, 0, NULL), MOCO_EIO);
   ck_assert_ptr_nonnull(strstr(moco_errmsg(), "/nonexistent/mocod/.ckpt-000000000001.mcp.tmp"));
   blob_writer_free(&w);
 }

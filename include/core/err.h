@@ -15,7 +15,8 @@
   X(EEOF,      -9, "unexpected end of data")                 \
   X(ENOENT,   -10, "not found")                              \
   X(EBUSY,    -11, "resource busy")                          \
-  X(ECONFIG,  -12, "invalid configuration")
+  X(ECONFIG,  -12, "invalid configuration")                  \
+  X(ENOSPC,   -13, "no space left on device")
 
 enum {
   MOCO_OK = 0,

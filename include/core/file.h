@@ -5,6 +5,15 @@
 #include <stddef.h>
 #include <stdio.h>
 
+/* The longest path mocod opens or builds a name from: Linux's PATH_MAX. Paths from the config and the
+ * protocol are checked against it (file_path_check) where they are accepted, so that no buffer below
+ * ever cuts one: a cut path would write somewhere else than asked. */
+#define FILE_PATH_MAX 4096
+
+/* 0 when `path` plus `extra` bytes that will be appended (a file name under a directory) fits in
+ * FILE_PATH_MAX with its NUL, else MOCO_ERANGE "what: path of N bytes, at most M allowed". */
+int file_path_check(const char *what, const char *path, size_t extra);
+
 /* One piece of a file's content (a header, then the data, ...). */
 typedef struct {
   const void *data;
@@ -14,7 +23,8 @@ typedef struct {
 /* Writes the parts in order to `tmp` with permissions `mode` (exactly, whatever the umask), fsyncs it,
  * renames it over `path` and fsyncs the directory holding `path`, Redis style: a crash leaves the old
  * file or the new one under `path`, never half of one. `tmp` must be in the same directory and is
- * removed on failure. Returns 0 or MOCO_EIO naming the file, the step that failed and why. */
+ * removed on failure. Returns 0, MOCO_ENOSPC when the file system (or quota) is full, or MOCO_EIO,
+ * each naming the file, the step that failed and why. */
 int file_write_atomic(const char *path, const char *tmp, const file_part *parts, int n, int mode);
 
 /* The same commit for a file written through stdio as a stream: flushes and fsyncs f, closes it, renames

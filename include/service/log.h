@@ -27,6 +27,8 @@ int log_level_parse(const char *name, log_level *out);
 
 /* Opens the human log for appending; path "" (or NULL) writes to standard error. */
 int log_open(const char *path, log_level level);
+/* Reopens the file by its name (after logrotate moved it). When that fails (its directory is gone or
+ * unwritable), the file opened before stays in use and the error is returned. */
 int log_reopen(void);
 void log_close(void);
 void log_set_level(log_level level);
@@ -38,11 +40,14 @@ void log_msg(log_level level, const char *fmt, ...) __attribute__((format(printf
 /* The progress log. */
 typedef struct {
   FILE *f;
-  char *path; /* NULL when disabled */
+  char *path;    /* NULL when disabled */
+  long repaired; /* bytes of a torn last line removed by progress_open (a kill mid-write) */
 } progress_log;
 
-/* path "" disables the log (writes become no-ops). Appends to an existing file. */
+/* path "" disables the log (writes become no-ops). Appends to an existing file, after cutting off a
+ * last line left without its newline. */
 int progress_open(progress_log *p, const char *path);
+/* Like log_reopen: the old file stays in use when the name cannot be opened. */
 int progress_reopen(progress_log *p);
 void progress_close(progress_log *p);
 

@@ -23,6 +23,10 @@ typedef struct {
 /* mkdir -p (mode 0700) of a directory, or of a file's directory when is_dir is 0. */
 int server_make_dirs(const char *path, int is_dir);
 
+/* Refuses (MOCO_ERANGE, naming the key) a path option too long for FILE_PATH_MAX with what mocod
+ * appends to it: no path is ever cut to fit a buffer. */
+int server_check_paths(const json_t *config);
+
 /* Opens the human log named by the config (log.file, log.level), creating its directory. The process
  * does this first, so that everything after it, the pid file included, is logged. */
 int server_open_log(const json_t *config);

@@ -16,17 +16,25 @@
 #include <stdint.h>
 
 #include "core/blob.h"
+#include "core/file.h"
 
 #define CHECKPOINT_VERSION 1u
+/* Bytes a checkpoint's name adds to checkpoint.dir: "/.ckpt-<12 digits>.mcp.tmp" and its NUL, rounded up. */
+#define CHECKPOINT_NAME_ROOM 64
 
 /* Starts a checkpoint in w (initialised by the caller): writes the header section. */
 void checkpoint_begin(blob_writer *w, int64_t step);
 /* Appends the trailer and writes w->data atomically to <dir>/ckpt-<step>.mcp; the directory must exist.
- * The file's path goes to path (when not NULL). MOCO_EIO with the file and errno text on failure. */
-int checkpoint_commit(blob_writer *w, const char *dir, int64_t step, char *path, size_t path_len);
+ * The file's path goes to path (when not NULL). When the disk is full, deletes every checkpoint but
+ * the newest and tries once more; *pruned (when not NULL) says how many were deleted for that.
+ * MOCO_ERANGE when dir is too long (naming checkpoint.dir), MOCO_ENOSPC, MOCO_EIO with the file and
+ * errno text on failure. */
+int checkpoint_commit(blob_writer *w, const char *dir, int64_t step, char *path, size_t path_len,
+                      int *pruned);
 
-/* Deletes all but the `keep` newest checkpoints, and stray temporary files. Returns how many files
- * were deleted or a negative code. */
+/* Deletes all but the `keep` newest checkpoints, and stray temporary files; files under a checkpoint's
+ * name that are not regular files are left alone. Returns how many files were deleted or a negative
+ * code. */
 int checkpoint_prune(const char *dir, int keep);
 
 /* A checkpoint read into memory and verified (header and whole-file checksum). `body` is positioned
@@ -36,7 +44,7 @@ typedef struct {
   size_t len;
   int64_t step;
   double time;
-  char path[1024];
+  char path[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM];
   blob_reader body;
 } checkpoint_file;
 
@@ -48,7 +56,8 @@ void checkpoint_file_free(checkpoint_file *f);
 /* Called for each damaged checkpoint skipped by checkpoint_read_latest. */
 typedef void (*checkpoint_skip_fn)(void *ctx, const char *path, const char *why);
 
-/* The newest checkpoint of dir that verifies; newer damaged ones are reported through skip (may be
+/* The newest checkpoint of dir that verifies; newer damaged ones, and anything under a checkpoint's
+ * name that is not a regular file (a FIFO would block the reader), are reported through skip (may be
  * NULL) and passed over. MOCO_ENOENT when the directory holds no checkpoint (or does not exist),
  * MOCO_ECHECKSUM when it holds some and every one is damaged. */
 int checkpoint_read_latest(checkpoint_file *f, const char *dir, checkpoint_skip_fn skip, void *ctx);

@@ -9,6 +9,13 @@
 
 #include "core/err.h"
 
+int file_path_check(const char *what, const char *path, size_t extra) {
+  size_t n = strlen(path);
+  if (n + extra < FILE_PATH_MAX) return 0;
+  return moco_error(MOCO_ERANGE, "%s: path of %zu bytes, at most %zu allowed", what, n,
+                    (size_t)FILE_PATH_MAX - 1 - extra);
+}
+
 static int write_all(int fd, const void *p, size_t n) {
   const char *c = p;
   while (n > 0) {
@@ -23,7 +30,7 @@ static int write_all(int fd, const void *p, size_t n) {
 
 /* A rename is durable once the directory entry is: fsync the directory that holds path. */
 static int sync_dir_of(const char *path) {
-  char dir[4096];
+  char dir[FILE_PATH_MAX];
   const char *slash = strrchr(path, '/');
   size_t len = slash ? (size_t)(slash - path) : 1;
   if (slash && len == 0) len = 1; /* "/file": the root directory */
@@ -63,7 +70,9 @@ int file_commit_stream(FILE *f, const char *tmp, const char *path) {
 
 int file_write_atomic(const char *path, const char *tmp, const file_part *parts, int n, int mode) {
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return moco_error(MOCO_EIO, "%s: cannot create: %s", tmp, strerror(errno));
+  if (fd < 0)
+    return moco_error(errno == ENOSPC || errno == EDQUOT ? MOCO_ENOSPC : MOCO_EIO,
+                      "%s: cannot create: %s", tmp, strerror(errno));
   const char *failed = NULL;
   int e = 0;
   if (fchmod(fd, (mode_t)mode)) failed = "chmod", e = errno;
@@ -73,7 +82,9 @@ int file_write_atomic(const char *path, const char *tmp, const file_part *parts,
   if (close(fd) && !failed) failed = "close", e = errno;
   if (failed) {
     unlink(tmp);
-    return moco_error(MOCO_EIO, "%s: %s failed: %s", tmp, failed, strerror(e));
+    /* Full is its own code: the caller can make room (old checkpoints) and try again. */
+    return moco_error(e == ENOSPC || e == EDQUOT ? MOCO_ENOSPC : MOCO_EIO, "%s: %s failed: %s", tmp,
+                      failed, strerror(e));
   }
   return commit(tmp, path);
 }

@@ -32,11 +32,13 @@ int log_level_parse(const char *name, log_level *out) {
   return moco_error(MOCO_EINVAL, "log level '%s': expected debug, verbose, notice or warning", name);
 }
 
+/* Opens L.path; on failure L.f is left as it was (still the file opened before, if any). */
 static int open_locked(void) {
   if (!L.path) return 0;
   FILE *f = fopen(L.path, "a");
   if (!f) return moco_error(MOCO_EIO, "log file %s: %s", L.path, strerror(errno));
   setvbuf(f, NULL, _IOLBF, 0);
+  if (L.f) fclose(L.f);
   L.f = f;
   return 0;
 }
@@ -47,6 +49,7 @@ int log_open(const char *path, log_level level) {
   L.f = NULL;
   free(L.path);
   L.path = path && *path ? strdup(path) : NULL;
+  /* open_locked keeps the old file on failure; at the first open there is none to keep */
   L.level = level;
   int rc = path && *path && !L.path ? MOCO_ENOMEM : open_locked();
   pthread_mutex_unlock(&L.mu);
@@ -55,8 +58,6 @@ int log_open(const char *path, log_level level) {
 
 int log_reopen(void) {
   pthread_mutex_lock(&L.mu);
-  if (L.f) fclose(L.f);
-  L.f = NULL;
   int rc = open_locked();
   pthread_mutex_unlock(&L.mu);
   return rc;
@@ -112,19 +113,44 @@ double log_unix_time(void) {
 
 /* ---- progress log ---- */
 
+/* A process killed inside a write can leave the last line without its newline; the next event would
+ * then extend it into one line that parses as neither. Cut the file back to its last newline. */
+static long repair_torn_tail(FILE *f) {
+  int fd = fileno(f);
+  off_t end = lseek(fd, 0, SEEK_END), pos = end;
+  char buf[4096];
+  while (pos > 0) {
+    size_t n = pos > (off_t)sizeof buf ? sizeof buf : (size_t)pos;
+    if (pread(fd, buf, n, pos - (off_t)n) != (ssize_t)n) return 0;
+    size_t i = n;
+    while (i > 0 && buf[i - 1] != '\n') i--;
+    if (i > 0) {
+      pos -= (off_t)(n - i);
+      break;
+    }
+    pos -= (off_t)n;
+  }
+  if (pos == end || ftruncate(fd, pos) != 0) return 0;
+  return (long)(end - pos);
+}
+
 int progress_open(progress_log *p, const char *path) {
   p->f = NULL;
   p->path = NULL;
+  p->repaired = 0;
   if (!path || !*path) return 0;
   if (!(p->path = strdup(path))) return MOCO_ENOMEM;
-  return progress_reopen(p);
+  int rc = progress_reopen(p);
+  if (!rc) p->repaired = repair_torn_tail(p->f);
+  return rc;
 }
 
 int progress_reopen(progress_log *p) {
   if (!p->path) return 0;
+  FILE *f = fopen(p->path, "a");
+  if (!f) return moco_error(MOCO_EIO, "progress log %s: %s", p->path, strerror(errno));
   if (p->f) fclose(p->f);
-  p->f = fopen(p->path, "a");
-  if (!p->f) return moco_error(MOCO_EIO, "progress log %s: %s", p->path, strerror(errno));
+  p->f = f;
   return 0;
 }
 
@@ -169,9 +195,17 @@ int progress_write(progress_log *p, const json_t *event) {
   if (!p->f) return 0;
   char *line = progress_line(event);
   if (!line) return MOCO_ENOMEM;
-  size_t n = strlen(line);
-  int ok = fwrite(line, 1, n, p->f) == n && fflush(p->f) == 0;
+  /* One write(2) of the whole line to an O_APPEND file: a kill leaves the line or nothing, short of a
+   * full disk, and lines never interleave. No stdio buffer, which could split it. */
+  size_t n = strlen(line), done = 0;
+  while (done < n) {
+    ssize_t k = write(fileno(p->f), line + done, n - done);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) break;
+    done += (size_t)k;
+  }
+  int e = errno;
   free(line);
-  if (!ok) return moco_error(MOCO_EIO, "progress log %s: %s", p->path, strerror(errno));
+  if (done < n) return moco_error(MOCO_EIO, "progress log %s: %s", p->path, strerror(e));
   return 0;
 }

@@ -13,12 +13,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/file.h"
 #include "service/config.h"
+#include "service/ctl.h"
 #include "service/log.h"
 #include "service/server.h"
 #include "train/trainer.h"
@@ -44,7 +47,7 @@ static void usage(FILE *f) {
 /* ---- pid file: an exclusive flock held for the life of the process ---- */
 
 static int pid_fd = -1;
-static char pid_path[1024];
+static char pid_path[FILE_PATH_MAX]; /* checked by server_check_paths */
 
 static int read_pid(int fd) {
   char buf[32] = {0};
@@ -155,6 +158,16 @@ static void say_not_ready(const char *fmt, const char *a) {
   on_ready(NULL, MOCO_EINVAL, msg);
 }
 
+/* Room for CTL_MAX_CLIENTS connections besides the logs, checkpoints and data files, up to the hard
+ * limit (Redis does the same for maxclients): the soft default of 1024 would refuse clients early. */
+static void raise_fd_limit(void) {
+  struct rlimit rl;
+  rlim_t want = CTL_MAX_CLIENTS + 256;
+  if (getrlimit(RLIMIT_NOFILE, &rl) || rl.rlim_cur >= want) return;
+  rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? want : rl.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &rl)) log_msg(LL_WARNING, "raising the open file limit: %s", strerror(errno));
+}
+
 enum { OPT_SET = 256, OPT_CHECK, OPT_PRINT, OPT_DOC, OPT_RESUME, OPT_NO_RESUME };
 
 int main(int argc, char **argv) {
@@ -219,6 +232,12 @@ int main(int argc, char **argv) {
     json_decref(config);
     return 2;
   }
+  if (server_check_paths(config)) {
+    fprintf(stderr, "mocod: config %s is invalid:\n  %s\n", config_path ? config_path : "(defaults)",
+            moco_errmsg());
+    json_decref(config);
+    return 2;
+  }
   if (print) {
     json_dumpf(config, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(15));
     fputc('\n', stdout);
@@ -241,6 +260,9 @@ int main(int argc, char **argv) {
   }
 
   if (daemon_mode && daemonise()) return 1;
+  /* A file-size limit (ulimit -f) must fail the write with EFBIG, reported like a full disk, not
+   * kill the daemon in the middle of a checkpoint. */
+  signal(SIGXFSZ, SIG_IGN);
 
   /* From here on, failures reach the parent through on_ready when daemonised. */
   const char *pidf = config_str(config, "service.pid_file");
@@ -253,6 +275,7 @@ int main(int argc, char **argv) {
     say_not_ready("pid file: %s", moco_errmsg());
     return 1;
   }
+  raise_fd_limit();
   if (pidfile_acquire(pidf, err, sizeof err)) {
     on_ready(NULL, MOCO_EBUSY, err);
     json_decref(config);

@@ -12,6 +12,7 @@
 #include <uv.h>
 
 #include "core/err.h"
+#include "core/file.h"
 #include "service/config.h"
 #include "service/ctl.h"
 #include "service/log.h"
@@ -54,11 +55,12 @@ typedef struct {
   trainer_eval_result eres;
   /* checkpoint */
   char *config_text; /* the effective config, serialised into the checkpoint */
-  char dir[1024];
+  char dir[FILE_PATH_MAX];
   int keep;
+  int pruned; /* older checkpoints deleted to make room on a full disk */
   int64_t bytes;
-  /* checkpoint and export */
-  char path[1024];
+  /* checkpoint and export (both checked against FILE_PATH_MAX where they were accepted) */
+  char path[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM];
   /* export */
   char split[16];
   trainer_encoder enc;
@@ -77,6 +79,7 @@ typedef struct {
   trainer_config tcfg;
   trainer *tr;
   progress_log plog;
+  int plog_failing; /* the last progress_write failed */
   run_state state;
   char error[1024];
   double started; /* Unix time */
@@ -99,6 +102,9 @@ typedef struct {
   int have_last;
   json_t *last_eval;       /* the last eval event's figures */
   json_t *last_checkpoint; /* {"path","step","time"} */
+  json_t *ckpt_error;      /* the last failed checkpoint {"step","time","message"}, until one succeeds */
+  int64_t ckpt_failures;   /* failed checkpoints since start */
+  int stop_ckpt_failed;    /* the checkpoint on stop failed: stop answers an error */
   int64_t ckpt_step;       /* step of the newest checkpoint on disk, -1 none */
   double ckpt_time;        /* monotonic seconds of the last checkpoint (or start) */
   /* progress window: means over the steps since the last progress event */
@@ -121,7 +127,15 @@ static double mono_now(void) { return uv_hrtime() * 1e-9; }
 
 static void emit(server *s, json_t *ev) {
   if (!ev) return;
-  if (progress_write(&s->plog, ev)) log_msg(LL_WARNING, "%s", moco_errmsg());
+  /* A progress log that cannot be written (disk full, file system gone) is said once, not per event,
+   * and again when it works again; training goes on either way. */
+  if (progress_write(&s->plog, ev)) {
+    if (!s->plog_failing) log_msg(LL_WARNING, "%s (training goes on; said once)", moco_errmsg());
+    s->plog_failing = 1;
+  } else if (s->plog_failing) {
+    s->plog_failing = 0;
+    log_msg(LL_NOTICE, "progress log %s is written again", s->plog.path);
+  }
   if (s->ctl_open && s->ctl.subscribers > 0) {
     char *line = progress_line(ev);
     if (line) ctl_broadcast(&s->ctl, line);
@@ -191,7 +205,7 @@ static void job_work(uv_work_t *req) {
     blob_section_begin(&w, "CONF");
     blob_put_str(&w, j->config_text);
     blob_section_end(&w);
-    j->rc = checkpoint_commit(&w, j->dir, step, j->path, sizeof j->path);
+    j->rc = checkpoint_commit(&w, j->dir, step, j->path, sizeof j->path, &j->pruned);
     j->bytes = (int64_t)w.len;
     blob_writer_free(&w);
     if (j->rc == 0) {
@@ -372,13 +386,41 @@ static void after_eval(server *s, job *j) {
   if (j->call) ctl_reply(j->call, json_deep_copy(fig));
 }
 
+/* A checkpoint that could not be written: training goes on (the next one is tried as usual), and the
+ * operator learns it from every channel, not only the human log: an error event, status, and the
+ * answer to whoever asked (the stop command included). */
+static void checkpoint_failed(server *s, job *j) {
+  int64_t step = s->snap.step;
+  log_msg(LL_WARNING, "checkpoint failed at step %lld (%s): %s", (long long)step, reason_names[j->reason],
+          j->err);
+  s->ckpt_failures++;
+  json_decref(s->ckpt_error);
+  s->ckpt_error = json_pack("{s:I, s:f, s:s, s:s}", "step", (json_int_t)step, "time",
+                            round(log_unix_time() * 1000) / 1000, "reason", reason_names[j->reason],
+                            "message", j->err);
+  json_t *ev = progress_event("error");
+  json_object_set_new(ev, "step", json_integer(step));
+  json_object_set_new(ev, "what", json_string("checkpoint"));
+  json_object_set_new(ev, "reason", json_string(reason_names[j->reason]));
+  json_object_set_new(ev, "message", json_string(j->err));
+  emit(s, ev);
+  if (j->reason == WHY_STOP) {
+    s->exit_code = 1; /* the steps since the last checkpoint are lost */
+    s->stop_ckpt_failed = 1;
+  }
+  if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "checkpoint failed: %s", j->err);
+}
+
 static void after_checkpoint(server *s, job *j) {
   if (j->rc) {
-    log_msg(LL_WARNING, "checkpoint failed: %s", j->err);
-    if (j->reason == WHY_STOP) s->exit_code = 1; /* the steps since the last checkpoint are lost */
-    if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "checkpoint failed: %s", j->err);
+    checkpoint_failed(s, j);
     return;
   }
+  if (j->pruned)
+    log_msg(LL_WARNING, "disk full: deleted %d older checkpoint%s of %s to write this one", j->pruned,
+            j->pruned == 1 ? "" : "s", j->dir);
+  json_decref(s->ckpt_error);
+  s->ckpt_error = NULL;
   int64_t step = s->snap.step;
   s->ckpt_step = step;
   s->ckpt_time = mono_now();
@@ -600,8 +642,12 @@ static int export_prepare(server *s, op *o) {
   if (strcmp(what, "features") && strcmp(what, "embeddings"))
     return moco_error(MOCO_EINVAL, "args.what: \"%s\" not allowed, expected \"features\" or \"embeddings\"",
                       what);
+  const char *path = json_string_value(json_object_get(a, "path"));
+  /* room for the sibling files' suffix, ".labels.npy.tmp" */
+  int rc = file_path_check("args.path", path, 16);
+  if (rc) return rc;
   snprintf(j->split, sizeof j->split, "%s", split);
-  snprintf(j->path, sizeof j->path, "%s", json_string_value(json_object_get(a, "path")));
+  snprintf(j->path, sizeof j->path, "%s", path);
   j->enc = strcmp(enc, "key") ? TRAINER_QUERY : TRAINER_KEY;
   j->embeddings = !strcmp(what, "embeddings");
   return 0;
@@ -723,14 +769,25 @@ static void shutdown_server(server *s) {
                                   : s->stoppers                                 ? "command"
                                                                                 : "finished"));
   if (s->last_checkpoint) json_object_set(ev, "checkpoint", json_object_get(s->last_checkpoint, "path"));
+  if (s->stop_ckpt_failed) json_object_set(ev, "checkpoint_error", json_object_get(s->ckpt_error, "message"));
   emit(s, ev);
   while (s->stoppers) {
     op *o = s->stoppers;
     s->stoppers = o->next;
-    json_t *r = state_reply(s);
-    json_object_set_new(r, "state", json_string("stopped"));
-    if (s->last_checkpoint) json_object_set(r, "checkpoint", json_object_get(s->last_checkpoint, "path"));
-    ctl_reply(o->call, r);
+    if (s->stop_ckpt_failed) {
+      /* Success naming an older checkpoint would hide that the steps since it are lost. */
+      json_t *older = s->last_checkpoint ? json_object_get(s->last_checkpoint, "path") : NULL;
+      ctl_reply_error(o->call, "internal",
+                      "stopped at step %lld, but its checkpoint failed: %s; steps since %s are lost",
+                      (long long)step, json_string_value(json_object_get(s->ckpt_error, "message")),
+                      older ? json_string_value(older) : "the start");
+    } else {
+      json_t *r = state_reply(s);
+      json_object_set_new(r, "state", json_string("stopped"));
+      if (s->last_checkpoint)
+        json_object_set(r, "checkpoint", json_object_get(s->last_checkpoint, "path"));
+      ctl_reply(o->call, r);
+    }
     op_free(o);
   }
   log_msg(LL_NOTICE, "mocod stopped at step %lld", (long long)step);
@@ -762,12 +819,22 @@ static void on_stop_signal(uv_signal_t *h, int signum) {
   pump(s);
 }
 
+/* logrotate moved the files away, or someone removed their directory: recreate the directory, reopen
+ * by name. What cannot be reopened keeps going to the file opened before, and the log says so. */
 static void on_hup(uv_signal_t *h, int signum) {
   (void)signum;
   server *s = h->loop->data;
-  if (log_reopen()) log_msg(LL_WARNING, "SIGHUP: %s", moco_errmsg());
-  if (progress_reopen(&s->plog)) log_msg(LL_WARNING, "SIGHUP: %s", moco_errmsg());
-  log_msg(LL_NOTICE, "SIGHUP: log files reopened");
+  const char *lf = config_str(s->config, "log.file"), *pf = config_str(s->config, "log.progress");
+  int failed = 0;
+  if (*lf && (server_make_dirs(lf, 0) || log_reopen())) {
+    log_msg(LL_WARNING, "SIGHUP: %s; still writing to the log file opened before", moco_errmsg());
+    failed = 1;
+  }
+  if (*pf && (server_make_dirs(pf, 0) || progress_reopen(&s->plog))) {
+    log_msg(LL_WARNING, "SIGHUP: %s; still writing to the progress log opened before", moco_errmsg());
+    failed = 1;
+  }
+  if (!failed) log_msg(LL_NOTICE, "SIGHUP: log files reopened");
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -810,6 +877,8 @@ static json_t *status_json(server *s) {
                                             d->queue_size));
   json_object_set_new(r, "batch_size", json_integer(d->batch_size));
   json_object_set(r, "last_checkpoint", s->last_checkpoint ? s->last_checkpoint : json_null());
+  json_object_set(r, "last_checkpoint_error", s->ckpt_error ? s->ckpt_error : json_null());
+  json_object_set_new(r, "checkpoint_failures", json_integer(s->ckpt_failures));
   json_object_set(r, "last_eval", s->last_eval ? s->last_eval : json_null());
   json_object_set_new(r, "error", s->error[0] ? json_string(s->error) : json_null());
   json_object_set_new(r, "pid", json_integer(getpid()));
@@ -948,7 +1017,9 @@ static const ctl_command commands[] = {
 
 /* mkdir -p for the directory part of a file path (or the whole path when is_dir). */
 int server_make_dirs(const char *path, int is_dir) {
-  char buf[1024];
+  char buf[FILE_PATH_MAX];
+  int rc = file_path_check(path, path, 0);
+  if (rc) return rc;
   snprintf(buf, sizeof buf, "%s", path);
   if (!is_dir) {
     char *slash = strrchr(buf, '/');
@@ -1027,6 +1098,22 @@ static int fail(const server_options *opt, int rc, const char *what) {
   return 1;
 }
 
+/* Every path option mocod opens or builds names under, with the bytes it appends. */
+static const struct {
+  const char *key;
+  size_t extra;
+} path_options[] = {{"checkpoint.dir", CHECKPOINT_NAME_ROOM}, {"log.file", 0}, {"log.progress", 0},
+                    {"service.pid_file", 0}};
+
+int server_check_paths(const json_t *config) {
+  for (size_t i = 0; i < sizeof path_options / sizeof path_options[0]; i++) {
+    int rc = file_path_check(path_options[i].key, config_str(config, path_options[i].key),
+                             path_options[i].extra);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 int server_open_log(const json_t *config) {
   log_level lvl = LL_NOTICE;
   int rc = log_level_parse(config_str(config, "log.level"), &lvl);
@@ -1055,13 +1142,20 @@ int server_run(json_t *config, const server_options *opt) {
   s->started = log_unix_time();
   s->ckpt_time = mono_now();
   log_set_main_thread();
-  int rc, code = 1;
-  char from[1100] = "";
+  int rc = server_check_paths(config), code = 1;
+  char from[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM] = "";
 
+  if (rc) {
+    code = fail(opt, rc, "config");
+    goto out;
+  }
   if ((rc = open_progress(s))) {
     code = fail(opt, rc, "progress log");
     goto out;
   }
+  if (s->plog.repaired)
+    log_msg(LL_WARNING, "progress log %s: removed a torn last line of %ld bytes (killed mid-write)",
+            s->plog.path, s->plog.repaired);
   if ((rc = server_make_dirs(config_str(s->config, "checkpoint.dir"), 1))) {
     code = fail(opt, rc, "checkpoint.dir");
     goto out;
@@ -1123,6 +1217,7 @@ out:
   free(s->job.config_text);
   json_decref(s->last_eval);
   json_decref(s->last_checkpoint);
+  json_decref(s->ckpt_error);
   json_decref(s->config);
   progress_close(&s->plog);
   if (uv_loop_close(&loop)) log_msg(LL_WARNING, "event loop closed with handles still open");

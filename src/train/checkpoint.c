@@ -27,16 +27,9 @@ void checkpoint_begin(blob_writer *w, int64_t step) {
   blob_section_end(w);
 }
 
-int checkpoint_commit(blob_writer *w, const char *dir, int64_t step, char *path, size_t path_len) {
-  uint64_t covered = w->len;
-  uint32_t crc = blob_crc32(w->data, w->len);
-  blob_section_begin(w, "CSUM");
-  blob_put_u32(w, crc);
-  blob_put_u64(w, covered);
-  blob_section_end(w);
-  if (w->err) return moco_error(w->err, "checkpoint of step %lld: out of memory", (long long)step);
-
-  char tmp[1100], final[1100];
+/* Writes the finished blob under its final name. */
+static int write_file(const blob_writer *w, const char *dir, int64_t step, char *path, size_t path_len) {
+  char tmp[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM], final[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM];
   snprintf(final, sizeof final, "%s/ckpt-%012lld.mcp", dir, (long long)step);
   snprintf(tmp, sizeof tmp, "%s/.ckpt-%012lld.mcp.tmp", dir, (long long)step);
   file_part part = {w->data, w->len};
@@ -46,10 +39,33 @@ int checkpoint_commit(blob_writer *w, const char *dir, int64_t step, char *path,
   return 0;
 }
 
+int checkpoint_commit(blob_writer *w, const char *dir, int64_t step, char *path, size_t path_len,
+                      int *pruned) {
+  if (pruned) *pruned = 0;
+  int rc = file_path_check("checkpoint.dir", dir, CHECKPOINT_NAME_ROOM);
+  if (rc) return rc;
+  uint64_t covered = w->len;
+  uint32_t crc = blob_crc32(w->data, w->len);
+  blob_section_begin(w, "CSUM");
+  blob_put_u32(w, crc);
+  blob_put_u64(w, covered);
+  blob_section_end(w);
+  if (w->err) return moco_error(w->err, "checkpoint of step %lld: out of memory", (long long)step);
+  rc = write_file(w, dir, step, path, path_len);
+  if (rc != MOCO_ENOSPC) return rc;
+  /* Full: pruning after a successful write would never run again. The older checkpoints are what
+   * fills the disk; keep the newest (the one a restart would use) and try once more. */
+  int n = checkpoint_prune(dir, 1);
+  if (n <= 0) return moco_error(MOCO_ENOSPC, "%s; no older checkpoint to delete", moco_errmsg());
+  if (pruned) *pruned = n;
+  return write_file(w, dir, step, path, path_len);
+}
+
 /* ---- listing ---- */
 
 typedef struct {
   long long step;
+  int regular; /* a FIFO or a directory under a checkpoint's name is reported, never opened */
   char name[64];
 } entry;
 
@@ -76,9 +92,7 @@ static int list_dir(const char *dir, entry **out, int clean_tmp) {
     size_t len = strlen(de->d_name);
     if (clean_tmp && len > 4 && !strncmp(de->d_name, ".ckpt-", 6) &&
         !strcmp(de->d_name + len - 4, ".tmp")) {
-      char p[1100];
-      snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
-      unlink(p);
+      unlinkat(dirfd(d), de->d_name, 0);
       continue;
     }
     if (len >= sizeof v->name || sscanf(de->d_name, "ckpt-%lld.%4s", &step, tail) != 2 ||
@@ -94,7 +108,9 @@ static int list_dir(const char *dir, entry **out, int clean_tmp) {
       }
       v = nv;
     }
+    struct stat st;
     v[n].step = step;
+    v[n].regular = fstatat(dirfd(d), de->d_name, &st, 0) == 0 && S_ISREG(st.st_mode);
     memcpy(v[n].name, de->d_name, len + 1);
     n++;
   }
@@ -108,9 +124,14 @@ int checkpoint_prune(const char *dir, int keep) {
   entry *v;
   int n = list_dir(dir, &v, 1);
   if (n < 0) return n;
-  int deleted = 0;
-  for (int i = keep; i < n; i++) {
-    char p[1100];
+  int deleted = 0, kept = 0;
+  for (int i = 0; i < n; i++) {
+    if (!v[i].regular) continue; /* not ours to delete, and no checkpoint to count */
+    if (kept < keep) {
+      kept++;
+      continue;
+    }
+    char p[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM];
     snprintf(p, sizeof p, "%s/%s", dir, v[i].name);
     if (unlink(p) == 0) deleted++;
   }
@@ -123,13 +144,18 @@ int checkpoint_prune(const char *dir, int keep) {
 static int read_whole(const char *path, uint8_t **data, size_t *len) {
   *data = NULL;
   *len = 0;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  /* O_NONBLOCK: opening a FIFO for reading would wait for a writer forever. */
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0)
     return moco_error(errno == ENOENT ? MOCO_ENOENT : MOCO_EIO, "%s: %s", path, strerror(errno));
   struct stat st;
   if (fstat(fd, &st)) {
     close(fd);
     return moco_error(MOCO_EIO, "%s: %s", path, strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    close(fd);
+    return moco_error(MOCO_EFORMAT, "%s: not a regular file", path);
   }
   size_t n = (size_t)st.st_size;
   uint8_t *p = malloc(n ? n : 1);
@@ -152,8 +178,10 @@ static int read_whole(const char *path, uint8_t **data, size_t *len) {
 
 int checkpoint_read(checkpoint_file *f, const char *path) {
   memset(f, 0, sizeof *f);
+  int rc = file_path_check("checkpoint", path, 0);
+  if (rc) return rc;
   snprintf(f->path, sizeof f->path, "%s", path);
-  int rc = read_whole(path, &f->data, &f->len);
+  rc = read_whole(path, &f->data, &f->len);
   if (rc) return rc;
   if (f->len < TRAILER_SIZE)
     return moco_error(MOCO_EEOF, "%s: %zu bytes, too short for a checkpoint (truncated?)", path, f->len);
@@ -195,14 +223,20 @@ void checkpoint_file_free(checkpoint_file *f) {
 
 int checkpoint_read_latest(checkpoint_file *f, const char *dir, checkpoint_skip_fn skip, void *ctx) {
   memset(f, 0, sizeof *f);
+  int rc = file_path_check("checkpoint.dir", dir, CHECKPOINT_NAME_ROOM);
+  if (rc) return rc;
   entry *v;
-  int n = list_dir(dir, &v, 0);
+  int n = list_dir(dir, &v, 0), tried = 0;
   if (n < 0) return n;
-  if (n == 0) return moco_error(MOCO_ENOENT, "%s: no checkpoint", dir);
   for (int i = 0; i < n; i++) {
-    char p[1100];
+    char p[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM];
     snprintf(p, sizeof p, "%s/%s", dir, v[i].name);
-    int rc = checkpoint_read(f, p);
+    if (!v[i].regular) {
+      if (skip) skip(ctx, p, "not a regular file");
+      continue;
+    }
+    tried++;
+    rc = checkpoint_read(f, p);
     if (rc == 0) {
       free(v);
       return 0;
@@ -216,5 +250,6 @@ int checkpoint_read_latest(checkpoint_file *f, const char *dir, checkpoint_skip_
     checkpoint_file_free(f);
   }
   free(v);
-  return moco_error(MOCO_ECHECKSUM, "%s: all %d checkpoints are damaged", dir, n);
+  if (tried == 0) return moco_error(MOCO_ENOENT, "%s: no checkpoint", dir);
+  return moco_error(MOCO_ECHECKSUM, "%s: all %d checkpoints are damaged", dir, tried);
 }
