@@ -31,9 +31,21 @@ for line in open(sys.argv[1]):
 if last is None:
     print("no evaluation in", sys.argv[1]); sys.exit(1)
 print("\nFashion-MNIST test set, step %d (%s encoder):" % (last["step"], last.get("encoder", "query")))
-print("  kNN accuracy (k=%s, T=%s): %.2f%%" % (last.get("knn_k"), last.get("knn_t"), 100 * last["knn_acc"]))
+pct = lambda v: "%.2f%%" % (100 * v) if isinstance(v, (int, float)) else "-"
+print("  kNN accuracy (k=%s, T=%s):   %s" % (last.get("knn_k"), last.get("knn_t"), pct(last["knn_acc"])))
+if "knn_acc_small" in last:
+    print("  kNN accuracy (k=%s, T=%s):   %s" % (last.get("knn_k_small"), last.get("knn_t_small"),
+                                               pct(last["knn_acc_small"])))
+if last.get("group_acc") is not None:
+    print("  confusable group kNN:       %s (k=%s), %s (k=%s)" % (pct(last["group_acc"]), last.get("knn_k"),
+                                                              pct(last.get("group_acc_small")),
+                                                              last.get("knn_k_small")))
 if last.get("probe_acc") is not None:
-    print("  linear probe accuracy:   %.2f%%" % (100 * last["probe_acc"]))
+    print("  linear probe accuracy:      %s" % pct(last["probe_acc"]))
+if last.get("recall1") is not None:
+    print("  instance retrieval (%d augmented queries, %d originals): recall@1 %s, @10 %s; on embeddings %s, %s"
+          % (last["retrieval_queries"], last["retrieval_gallery"], pct(last["recall1"]), pct(last["recall10"]),
+             pct(last["recall1_emb"]), pct(last["recall10_emb"])))
 PY
 echo "  progress log: $progress_file"
 echo "  human log:    $log_file"

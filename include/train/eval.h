@@ -4,6 +4,7 @@
  * share one implementation.
  *
  *   eval_knn          weighted kNN monitor (Wu et al. 2018 InstDisc; He et al. 2020 MoCo)
+ *   eval_retrieval    instance retrieval: recall@k of finding each query's own gallery row
  *   eval_alignment    E‖f(x) − f(y)‖^α over positive pairs   (Wang & Isola 2020, lower is better)
  *   eval_uniformity   log E exp(−t‖f(x) − f(y)‖²) over pairs (Wang & Isola 2020, lower is better)
  *   eval_probe_*      linear probe: multinomial logistic regression on frozen features
@@ -44,6 +45,34 @@ void eval_knn_config_default(eval_knn_config *c);
 int eval_knn(const eval_knn_config *c, const float *train, const int32_t *train_labels, int64_t n_train,
              const float *test, const int32_t *test_labels, int64_t n_test, int dim, int num_classes,
              double *accuracy, double *class_acc, int32_t *pred);
+
+/* Several protocols (k, T) voted over one similarity pass: the train matrix is multiplied once and the
+ * candidates of a row are gathered once for the largest k. c [n_protocols] (block_rows read from c[0]);
+ * out [n_protocols]: each protocol's accuracy and, where not NULL, its class_acc [num_classes] and
+ * pred [n_test], as eval_knn. */
+typedef struct {
+  double accuracy;
+  double *class_acc;
+  int32_t *pred;
+} eval_knn_out;
+
+int eval_knn_protocols(const eval_knn_config *c, int n_protocols, const float *train,
+                       const int32_t *train_labels, int64_t n_train, const float *test,
+                       const int32_t *test_labels, int64_t n_test, int dim, int num_classes, eval_knn_out *out);
+
+/* ---- instance retrieval ------------------------------------------------------------------------ */
+
+/* Each query row i has one true match, gallery row target[i] (for instance an augmented view of a
+ * test image against the originals of the test split); the gallery is ranked by cosine similarity to
+ * the query and recall[j] is the share of queries whose match is among the first ks[j]. Tied
+ * similarities (equal within the rounding of sgemm, 8·sqrt(dim)·FLT_EPSILON) count at their expected
+ * value over a random order of the tied rows, so an encoder that maps everything to one point scores
+ * k / n_gallery rather than 1. query [n_query, dim], target
+ * [n_query] in [0, n_gallery), gallery [n_gallery, dim]; rows need not be normalised (zero rows have
+ * similarity 0). Workspace, per call: 256 × (n_gallery + dim) floats. MOCO_ERANGE for a target out of
+ * range or a row whose norm is not finite. */
+int eval_retrieval(const float *query, const int64_t *target, int64_t n_query, const float *gallery,
+                   int64_t n_gallery, int dim, const int *ks, int n_ks, double *recall);
 
 /* ---- alignment and uniformity ------------------------------------------------------------------ */
 

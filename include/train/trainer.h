@@ -18,6 +18,9 @@
 
 typedef enum { TRAINER_QUERY = 0, TRAINER_KEY = 1 } trainer_encoder;
 
+/* Classes whose accuracy an evaluation reports one by one (and the largest confusable group). */
+#define TRAINER_MAX_CLASSES 64
+
 /* The run's settings as the modules' config structs; the service fills it from the JSON config
  * (service/config.h, config_to_trainer). Fields marked runtime may change between steps through
  * trainer_apply_runtime. */
@@ -36,7 +39,11 @@ typedef struct {
   int64_t steps; /* 0: epochs x full batches per epoch */
   int epochs;
   /* evaluation (runtime) */
-  eval_knn_config knn;
+  eval_knn_config knn;       /* the monitor's protocol (k 200, T 0.1) */
+  eval_knn_config knn_small; /* the small-k protocol (k 20, T 0.07), voted in the same pass */
+  int groups[TRAINER_MAX_CLASSES]; /* the confusable group: classes whose joint accuracy is reported */
+  int n_groups;              /* classes in groups; 0: no group figure */
+  int retrieval_queries;     /* instance retrieval queries (augmented test images); 0: none */
   eval_probe_config probe;
   trainer_encoder eval_encoder;
   int eval_pairs;           /* augmented pairs for alignment (and rows for uniformity) */
@@ -72,12 +79,26 @@ typedef struct {
   int64_t eval_limit;      /* evaluation samples; 0 all */
 } trainer_eval_request;
 
+/* The kNN figures of one protocol. */
+typedef struct {
+  float acc;              /* weighted kNN top-1 accuracy on the evaluation split */
+  int k;
+  float t;
+  float group_acc;        /* accuracy over the evaluation samples of the confusable group's classes */
+  float class_acc[TRAINER_MAX_CLASSES]; /* per true class, -1 for a class absent from the split */
+} trainer_knn_figures;
+
 typedef struct {
   int64_t step;
   int has_knn;
-  float knn_acc;          /* weighted kNN top-1 accuracy on the evaluation split */
-  int k;
-  float t;
+  trainer_knn_figures knn, knn_small; /* the monitor's protocol and the small-k one */
+  int num_classes;        /* classes of class_acc: min(the data's classes, TRAINER_MAX_CLASSES) */
+  int has_group;
+  int has_retrieval;
+  int retrieval_queries;  /* queries whose original was in the gallery */
+  int64_t retrieval_gallery;
+  float recall1, recall10;         /* instance retrieval on backbone features */
+  float recall1_emb, recall10_emb; /* on the embeddings */
   float alignment;        /* Wang & Isola 2020 (alpha 2) on augmented pairs; lower is better */
   float uniformity;       /* Wang & Isola 2020 (t 2) on evaluation embeddings; lower is better */
   int has_probe;

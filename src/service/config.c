@@ -162,6 +162,14 @@ const config_option config_options[] = {
     INT("eval.every_steps", 0, 0, 1e12, R, "kNN monitor every N steps; 0: only at the end and on `eval`"),
     INT("eval.k", 200, 1, 10000, R, "neighbours of the weighted kNN monitor"),
     NUM("eval.temperature", 0.1, 0.001, 10, R, "kNN weight temperature T: weight exp(s/T)"),
+    INT("eval.small_k", 20, 1, 10000, R, "neighbours of the second, small-k kNN protocol (same pass)"),
+    NUM("eval.small_temperature", 0.07, 0.001, 10, R, "weight temperature of the small-k kNN protocol"),
+    INTS("eval.groups", "[0, 2, 4, 6]", 0, 63, R,
+         "confusable group: classes whose joint kNN accuracy is reported (Fashion-MNIST T-shirt/top, "
+         "Pullover, Coat, Shirt); [] for none"),
+    INT("eval.retrieval_queries", 2000, 0, 1 << 20, R,
+        "instance retrieval: augmented copies of the first N evaluation samples, searched among the "
+        "originals; 0: none"),
     ENUM("eval.encoder", "query", "query|key", R, "encoder whose backbone features are evaluated"),
     BOOL("eval.probe_at_end", true, R, "train a linear probe on frozen features when training ends"),
     INT("eval.probe_max_iter", 100, 1, 100000, R, "linear probe: L-BFGS iterations"),
@@ -480,6 +488,16 @@ static int rule_milestones(const json_t *root, char *why, size_t n) {
   return 0;
 }
 
+static int rule_groups(const json_t *root, char *why, size_t n) {
+  json_t *g = config_get(root, "eval.groups");
+  for (size_t i = 0; i < json_array_size(g); i++)
+    for (size_t j = 0; j < i; j++)
+      if (json_integer_value(json_array_get(g, i)) == json_integer_value(json_array_get(g, j)))
+        return snprintf(why, n, "eval.groups: element %zu repeats class %lld: name each class once", i,
+                        (long long)json_integer_value(json_array_get(g, i))), 1;
+  return 0;
+}
+
 static int rule_band(const json_t *root, char *why, size_t n) {
   double lo = config_num(root, "contrast.negatives.band_lo"), hi = config_num(root, "contrast.negatives.band_hi");
   if (!(lo < hi))
@@ -495,7 +513,7 @@ static int rule_bn_groups(const json_t *root, char *why, size_t n) {
 }
 
 static const config_rule config_rules[] = {rule_length, rule_queue_batch, rule_ranges, rule_milestones,
-                                           rule_band, rule_bn_groups};
+                                           rule_band, rule_bn_groups, rule_groups};
 
 static void check_rules(const json_t *root, report_buf *rep) {
   char why[512];
@@ -983,6 +1001,13 @@ int config_to_trainer(const json_t *root, trainer_config *tc) {
   tc->epochs = I("optim.epochs");
   tc->knn.k = I("eval.k");
   tc->knn.temperature = F("eval.temperature");
+  tc->knn_small.k = I("eval.small_k");
+  tc->knn_small.temperature = F("eval.small_temperature");
+  json_t *groups = config_get(root, "eval.groups");
+  tc->n_groups = 0;
+  for (size_t i = 0; i < json_array_size(groups) && i < TRAINER_MAX_CLASSES; i++)
+    tc->groups[tc->n_groups++] = (int)json_integer_value(json_array_get(groups, i));
+  tc->retrieval_queries = I("eval.retrieval_queries");
   tc->probe.max_iter = I("eval.probe_max_iter");
   tc->probe.weight_decay = F("eval.probe_weight_decay");
   tc->eval_encoder = enum_index(root, "eval.encoder") ? TRAINER_KEY : TRAINER_QUERY;

@@ -146,15 +146,40 @@ static void emit(server *s, json_t *ev) {
 
 static json_t *f32_or_null(float x, int known) { return known ? progress_f32(x) : json_null(); }
 
+/* One kNN protocol's fields, named knn_acc, knn_k, knn_t, group_acc, class_acc plus suffix. */
+static void knn_fields(json_t *o, const char *suffix, const trainer_knn_figures *f, const trainer_eval_result *r) {
+  char key[32];
+  snprintf(key, sizeof key, "knn_acc%s", suffix);
+  json_object_set_new(o, key, progress_f32(f->acc));
+  snprintf(key, sizeof key, "knn_k%s", suffix);
+  json_object_set_new(o, key, json_integer(f->k));
+  snprintf(key, sizeof key, "knn_t%s", suffix);
+  json_object_set_new(o, key, progress_f32(f->t));
+  snprintf(key, sizeof key, "group_acc%s", suffix);
+  json_object_set_new(o, key, f32_or_null(f->group_acc, r->has_group));
+  json_t *per = json_array();
+  for (int y = 0; y < r->num_classes; y++)
+    json_array_append_new(per, f32_or_null(f->class_acc[y], f->class_acc[y] >= 0));
+  snprintf(key, sizeof key, "class_acc%s", suffix);
+  json_object_set_new(o, key, per);
+}
+
 static json_t *eval_figures(const trainer_eval_result *r) {
   json_t *o = json_object();
   json_object_set_new(o, "step", json_integer(r->step));
   if (r->has_knn) {
-    json_object_set_new(o, "knn_acc", progress_f32(r->knn_acc));
-    json_object_set_new(o, "knn_k", json_integer(r->k));
-    json_object_set_new(o, "knn_t", progress_f32(r->t));
+    knn_fields(o, "", &r->knn, r);
+    knn_fields(o, "_small", &r->knn_small, r);
     json_object_set_new(o, "alignment", progress_f32(r->alignment));
     json_object_set_new(o, "uniformity", progress_f32(r->uniformity));
+  }
+  if (r->has_retrieval) {
+    json_object_set_new(o, "recall1", progress_f32(r->recall1));
+    json_object_set_new(o, "recall10", progress_f32(r->recall10));
+    json_object_set_new(o, "recall1_emb", progress_f32(r->recall1_emb));
+    json_object_set_new(o, "recall10_emb", progress_f32(r->recall10_emb));
+    json_object_set_new(o, "retrieval_queries", json_integer(r->retrieval_queries));
+    json_object_set_new(o, "retrieval_gallery", json_integer(r->retrieval_gallery));
   }
   if (r->has_probe) {
     json_object_set_new(o, "probe_acc", progress_f32(r->probe_acc));
@@ -377,9 +402,18 @@ static void after_eval(server *s, job *j) {
   json_object_set_new(ev, "reason", json_string(reason_names[j->reason]));
   json_object_set_new(ev, "encoder", json_string(j->ereq.encoder == TRAINER_KEY ? "key" : "query"));
   emit(s, ev);
-  log_msg(LL_NOTICE, "eval at step %lld: kNN %.2f%% (k=%d, T=%g)%s alignment %.4f uniformity %.4f",
-          (long long)j->eres.step, 100.0 * j->eres.knn_acc, j->eres.k, j->eres.t,
-          j->eres.has_probe ? "" : ",", j->eres.alignment, j->eres.uniformity);
+  const trainer_eval_result *r = &j->eres;
+  char group[64] = "", recall[128] = "";
+  if (r->has_group)
+    snprintf(group, sizeof group, ", group %.2f%% / %.2f%%", 100.0 * r->knn.group_acc,
+             100.0 * r->knn_small.group_acc);
+  if (r->has_retrieval)
+    snprintf(recall, sizeof recall, ", recall@1 %.2f%% @10 %.2f%% (embeddings %.2f%%, %.2f%%)",
+             100.0 * r->recall1, 100.0 * r->recall10, 100.0 * r->recall1_emb, 100.0 * r->recall10_emb);
+  log_msg(LL_NOTICE, "eval at step %lld: kNN %.2f%% (k=%d, T=%g) / %.2f%% (k=%d, T=%g)%s%s, alignment %.4f "
+          "uniformity %.4f",
+          (long long)r->step, 100.0 * r->knn.acc, r->knn.k, r->knn.t, 100.0 * r->knn_small.acc, r->knn_small.k,
+          r->knn_small.t, group, recall, r->alignment, r->uniformity);
   if (j->eres.has_probe) log_msg(LL_NOTICE, "linear probe: %.2f%%", 100.0 * j->eres.probe_acc);
   json_decref(s->last_eval);
   s->last_eval = fig;

@@ -1,5 +1,6 @@
-/* Weighted kNN monitor and the alignment / uniformity figures: everything in train/eval.h that is built
- * on cosine similarities. */
+/* Weighted kNN monitor, instance retrieval and the alignment / uniformity figures: everything in
+ * train/eval.h that is built on cosine similarities. */
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
@@ -115,13 +116,11 @@ static int64_t knn_candidates(const float *raw, const float *inv, int64_t n, int
   return c >= k ? c : knn_gather(raw, inv, n, -INFINITY, w);
 }
 
-/* Vote of one test row: raw [n] dot products with the train rows, inv [n] the train inverse norms.
- * The k largest similarities win; those equal to the k-th value are taken in train-row order so the
- * outcome does not depend on the selection's reordering. Weights exp((s − s_max)/T) rank the classes as
- * exp(s/T) does but cannot overflow for small T. */
-static int32_t knn_vote(const float *raw, const float *inv, int64_t n, const int32_t *labels, int k, float T,
-                        knn_row_work *w, int num_classes) {
-  int64_t nc = knn_candidates(raw, inv, n, k, w);
+/* Vote of one test row among its nc candidates (cand_s, cand_i, at least k of them): the k largest
+ * similarities win; those equal to the k-th value are taken in train-row order so the outcome does not
+ * depend on the selection's reordering. Weights exp((s − s_max)/T) rank the classes as exp(s/T) does
+ * but cannot overflow for small T. */
+static int32_t knn_vote(int64_t nc, const int32_t *labels, int k, float T, knn_row_work *w, int num_classes) {
   memcpy(w->scratch, w->cand_s, nc * sizeof(float));
   float thr = select_desc(w->scratch, nc, k - 1), smax = thr;
   int64_t above = 0;
@@ -143,14 +142,17 @@ static int32_t knn_vote(const float *raw, const float *inv, int64_t n, const int
   return best;
 }
 
-static int check_knn_args(const eval_knn_config *c, int64_t n_train, int64_t n_test, int dim,
-                          int num_classes) {
+static int check_knn_args(const eval_knn_config *c, int n_protocols, int64_t n_train, int64_t n_test,
+                          int dim, int num_classes) {
   int rc;
   if ((rc = check_shape("knn train", n_train, dim)) || (rc = check_shape("knn test", n_test, dim)))
     return rc;
-  if (c->k < 1) return moco_error(MOCO_EINVAL, "knn: k %d, allowed >= 1", c->k);
-  if (!(c->temperature > 0.0f && isfinite(c->temperature)))
-    return moco_error(MOCO_EINVAL, "knn: temperature %g, allowed > 0", c->temperature);
+  if (n_protocols < 1) return moco_error(MOCO_EINVAL, "knn: %d protocols, need >= 1", n_protocols);
+  for (int p = 0; p < n_protocols; p++) {
+    if (c[p].k < 1) return moco_error(MOCO_EINVAL, "knn protocol %d: k %d, allowed >= 1", p, c[p].k);
+    if (!(c[p].temperature > 0.0f && isfinite(c[p].temperature)))
+      return moco_error(MOCO_EINVAL, "knn protocol %d: temperature %g, allowed > 0", p, c[p].temperature);
+  }
   if (c->block_rows < 1) return moco_error(MOCO_EINVAL, "knn: block_rows %d, allowed >= 1", c->block_rows);
   if (num_classes < 1) return moco_error(MOCO_EINVAL, "knn: num_classes %d, allowed >= 1", num_classes);
   return 0;
@@ -190,22 +192,38 @@ static int knn_work_alloc(knn_work *w, int64_t n_train, int rows, int dim, int n
 int eval_knn(const eval_knn_config *c, const float *train, const int32_t *train_labels, int64_t n_train,
              const float *test, const int32_t *test_labels, int64_t n_test, int dim, int num_classes,
              double *accuracy, double *class_acc, int32_t *pred) {
-  int rc = check_knn_args(c, n_train, n_test, dim, num_classes);
+  eval_knn_out out = {.class_acc = class_acc, .pred = pred};
+  int rc = eval_knn_protocols(c, 1, train, train_labels, n_train, test, test_labels, n_test, dim, num_classes,
+                              &out);
+  if (!rc) *accuracy = out.accuracy;
+  return rc;
+}
+
+/* Largest k of the protocols, capped at the train rows: the candidates every protocol votes from. */
+static int knn_k_max(const eval_knn_config *c, int n_protocols, int64_t n_train) {
+  int k = 1;
+  for (int p = 0; p < n_protocols; p++) k = c[p].k > k ? c[p].k : k;
+  return k < n_train ? k : (int)n_train;
+}
+
+int eval_knn_protocols(const eval_knn_config *c, int n_protocols, const float *train,
+                       const int32_t *train_labels, int64_t n_train, const float *test,
+                       const int32_t *test_labels, int64_t n_test, int dim, int num_classes, eval_knn_out *out) {
+  int rc = check_knn_args(c, n_protocols, n_train, n_test, dim, num_classes);
   if (!rc) rc = check_labels("knn train", train_labels, n_train, num_classes);
   if (!rc) rc = check_labels("knn test", test_labels, n_test, num_classes);
   if (rc) return rc;
   int rows = c->block_rows < n_test ? c->block_rows : (int)n_test;
-  int k = c->k < n_train ? c->k : (int)n_train;
+  int k_max = knn_k_max(c, n_protocols, n_train);
   knn_work w;
   if ((rc = knn_work_alloc(&w, n_train, rows, dim, num_classes))) return rc;
-  if ((rc = inverse_norms("knn train", train, n_train, dim, w.train_inv))) goto out;
-
-  int64_t correct = 0;
-  int64_t *hits = class_acc ? calloc(2 * (size_t)num_classes, sizeof *hits) : NULL;
-  if (class_acc && !hits) {
+  /* hits[(p·classes + y)·2 + 0/1]: correct / all test rows of class y under protocol p */
+  int64_t *hits = calloc(2 * (size_t)num_classes * n_protocols, sizeof *hits);
+  if (!hits) {
     rc = moco_error(MOCO_ENOMEM, "knn: per-class counts");
     goto out;
   }
+  if ((rc = inverse_norms("knn train", train, n_train, dim, w.train_inv))) goto out;
   for (int64_t b0 = 0; b0 < n_test && !rc; b0 += rows) {
     int m = n_test - b0 < rows ? (int)(n_test - b0) : rows;
     /* Normalising the few test rows of the block costs nothing; the train side is scaled afterwards. */
@@ -214,22 +232,103 @@ int eval_knn(const eval_knn_config *c, const float *train, const int32_t *train_
     for (int r = 0; r < m; r++) vec_scale(w.test_block + (size_t)r * dim, w.row.scratch[r], dim);
     mat_mul(w.sims, w.test_block, train, m, (int)n_train, dim, 0, 1, 1.0f, 0.0f);
     for (int r = 0; r < m; r++) {
-      int32_t p = knn_vote(w.sims + (size_t)r * n_train, w.train_inv, n_train, train_labels, k,
-                           c->temperature, &w.row, num_classes);
+      int64_t nc = knn_candidates(w.sims + (size_t)r * n_train, w.train_inv, n_train, k_max, &w.row);
       int32_t y = test_labels[b0 + r];
-      correct += p == y;
-      if (pred) pred[b0 + r] = p;
-      if (hits) hits[2 * y] += p == y, hits[2 * y + 1]++;
+      for (int p = 0; p < n_protocols; p++) {
+        int k = c[p].k < n_train ? c[p].k : (int)n_train;
+        int32_t pr = knn_vote(nc, train_labels, k, c[p].temperature, &w.row, num_classes);
+        if (out[p].pred) out[p].pred[b0 + r] = pr;
+        int64_t *h = hits + 2 * ((size_t)p * num_classes + y);
+        h[0] += pr == y, h[1]++;
+      }
     }
   }
-  if (!rc) {
-    *accuracy = (double)correct / (double)n_test;
-    for (int y = 0; hits && y < num_classes; y++)
-      class_acc[y] = hits[2 * y + 1] ? (double)hits[2 * y] / (double)hits[2 * y + 1] : -1.0;
+  for (int p = 0; p < n_protocols && !rc; p++) {
+    int64_t correct = 0;
+    for (int y = 0; y < num_classes; y++) {
+      const int64_t *h = hits + 2 * ((size_t)p * num_classes + y);
+      correct += h[0];
+      if (out[p].class_acc) out[p].class_acc[y] = h[1] ? (double)h[0] / (double)h[1] : -1.0;
+    }
+    out[p].accuracy = (double)correct / (double)n_test;
   }
-  free(hits);
 out:
+  free(hits);
   knn_work_free(&w);
+  return rc;
+}
+
+/* ---- instance retrieval ------------------------------------------------------------------------ */
+
+/* Query rows per similarity block of eval_retrieval. */
+#define RETRIEVAL_BLOCK 256
+
+static int check_retrieval_args(const int64_t *target, int64_t n_query, int64_t n_gallery, int dim,
+                                const int *ks, int n_ks) {
+  int rc;
+  if ((rc = check_shape("retrieval queries", n_query, dim)) ||
+      (rc = check_shape("retrieval gallery", n_gallery, dim)))
+    return rc;
+  for (int i = 0; i < n_ks; i++)
+    if (ks[i] < 1) return moco_error(MOCO_EINVAL, "retrieval: ks[%d] %d, allowed >= 1", i, ks[i]);
+  for (int64_t i = 0; i < n_query; i++)
+    if (target[i] < 0 || target[i] >= n_gallery)
+      return moco_error(MOCO_ERANGE, "retrieval: target[%lld] %lld, allowed 0..%lld", (long long)i,
+                        (long long)target[i], (long long)n_gallery - 1);
+  return 0;
+}
+
+/* Adds one query's recall@k for every k: `above` gallery rows beat its match, `tied` (the match
+ * included) equal it; the match's rank among the tied rows is uniform, so recall@k is the chance that
+ * it falls within the first k − above of them. */
+static void retrieval_count(int64_t above, int64_t tied, const int *ks, int n_ks, double *sum) {
+  for (int i = 0; i < n_ks; i++) {
+    int64_t room = ks[i] - above;
+    sum[i] += room <= 0 ? 0.0 : room >= tied ? 1.0 : (double)room / (double)tied;
+  }
+}
+
+int eval_retrieval(const float *query, const int64_t *target, int64_t n_query, const float *gallery,
+                   int64_t n_gallery, int dim, const int *ks, int n_ks, double *recall) {
+  int rc = check_retrieval_args(target, n_query, n_gallery, dim, ks, n_ks);
+  if (rc) return rc;
+  int rows = n_query < RETRIEVAL_BLOCK ? (int)n_query : RETRIEVAL_BLOCK;
+  float *ginv = tensor_alloc(n_gallery), *qb = tensor_alloc((size_t)rows * dim);
+  float *sims = tensor_alloc((size_t)rows * n_gallery), *qinv = tensor_alloc(rows);
+  if (!ginv || !qb || !sims || !qinv) {
+    rc = moco_error(MOCO_ENOMEM, "retrieval: %d x %lld similarities", rows, (long long)n_gallery);
+    goto out;
+  }
+  for (int i = 0; i < n_ks; i++) recall[i] = 0.0;
+  /* Cosines of equal rows can differ by the rounding of sgemm, whose kernels sum a column in an order
+   * that depends on where it lies in the block: a dot product of unit vectors carries an error of
+   * about sqrt(dim) roundings, so differences within a few times that are ties. */
+  const float tie = 8.0f * sqrtf((float)dim) * FLT_EPSILON;
+  if ((rc = inverse_norms("retrieval gallery", gallery, n_gallery, dim, ginv))) goto out;
+  for (int64_t b0 = 0; b0 < n_query && !rc; b0 += rows) {
+    int m = n_query - b0 < rows ? (int)(n_query - b0) : rows;
+    memcpy(qb, query + b0 * dim, (size_t)m * dim * sizeof(float));
+    if ((rc = inverse_norms("retrieval queries", qb, m, dim, qinv))) break;
+    for (int r = 0; r < m; r++) vec_scale(qb + (size_t)r * dim, qinv[r], dim);
+    mat_mul(sims, qb, gallery, m, (int)n_gallery, dim, 0, 1, 1.0f, 0.0f);
+    for (int r = 0; r < m; r++) {
+      const float *s = sims + (size_t)r * n_gallery;
+      int64_t t = target[b0 + r], above = 0, tied = 0;
+      float st = s[t] * ginv[t];
+      for (int64_t j = 0; j < n_gallery; j++) {
+        float d = s[j] * ginv[j] - st;
+        above += d > tie;
+        tied += fabsf(d) <= tie;
+      }
+      retrieval_count(above, tied, ks, n_ks, recall);
+    }
+  }
+  for (int i = 0; i < n_ks && !rc; i++) recall[i] /= (double)n_query;
+out:
+  tensor_free(ginv);
+  tensor_free(qb);
+  tensor_free(sims);
+  tensor_free(qinv);
   return rc;
 }
 

@@ -37,6 +37,13 @@ void trainer_config_default(trainer_config *c) {
   loader_config_default(&c->loader);
   moco_config_default(&c->moco);
   eval_knn_config_default(&c->knn);
+  eval_knn_config_default(&c->knn_small);
+  c->knn_small.k = 20;
+  c->knn_small.temperature = 0.07f;
+  static const int fashion_tops[] = {0, 2, 4, 6}; /* Fashion-MNIST T-shirt/top, Pullover, Coat, Shirt */
+  memcpy(c->groups, fashion_tops, sizeof fashion_tops);
+  c->n_groups = 4;
+  c->retrieval_queries = 2000;
   eval_probe_config_default(&c->probe);
   c->normalize = 1;
   c->embed_dim = 128;
@@ -106,6 +113,15 @@ static int open_loader(trainer *t) {
   return 0;
 }
 
+/* The confusable group names classes of the data (when the data has labels). */
+static int check_groups(const trainer *t, const trainer_config *cfg) {
+  for (int g = 0; g < cfg->n_groups && t->num_classes > 0; g++)
+    if (cfg->groups[g] < 0 || cfg->groups[g] >= t->num_classes)
+      return moco_error(MOCO_ECONFIG, "eval.groups[%d]: class %d, the data has classes 0..%d", g,
+                        cfg->groups[g], t->num_classes - 1);
+  return 0;
+}
+
 int trainer_create(trainer **out, const trainer_config *cfg) {
   *out = NULL;
   trainer *t = calloc(1, sizeof *t);
@@ -129,6 +145,7 @@ int trainer_create(trainer **out, const trainer_config *cfg) {
   int64_t per_epoch = (int64_t)(t->ld.num_samples / (uint64_t)cfg->moco.batch_size);
   t->total_steps = cfg->steps > 0 ? cfg->steps : per_epoch * cfg->epochs;
   t->num_classes = t->ld.has_labels ? t->ld.num_classes : 0;
+  if ((rc = check_groups(t, cfg))) goto fail;
 
   moco_config mc = cfg->moco;
   mc.total_steps = t->total_steps;
@@ -249,7 +266,8 @@ int trainer_check_runtime(const trainer *t, const trainer_config *cfg) {
                       mine_strategy_name(next->mine.strategy), mine_strategy_name(now->mine.strategy));
   if (next->loss.loss != now->loss.loss)
     return moco_error(MOCO_ESTATE, "contrast.loss: cannot change while training");
-  int rc = mine_config_check(&next->mine);
+  int rc = check_groups(t, cfg);
+  if (!rc) rc = mine_config_check(&next->mine);
   if (!rc) rc = loss_config_check(&next->loss);
   if (!rc) rc = hardness_config_check(&next->hardness);
   if (!rc) rc = sched_validate(&next->sched);
@@ -277,6 +295,10 @@ int trainer_apply_runtime(trainer *t, const trainer_config *cfg) {
   t->m.hard.cfg = next->hardness; /* the controller keeps its state, follows the new settings */
   now->sched = next->sched;
   t->cfg.knn = cfg->knn;
+  t->cfg.knn_small = cfg->knn_small;
+  memcpy(t->cfg.groups, cfg->groups, sizeof t->cfg.groups);
+  t->cfg.n_groups = cfg->n_groups;
+  t->cfg.retrieval_queries = cfg->retrieval_queries;
   t->cfg.probe = cfg->probe;
   t->cfg.eval_encoder = cfg->eval_encoder;
   t->cfg.eval_pairs = cfg->eval_pairs;
@@ -354,80 +376,182 @@ static int extract(trainer *t, loader_split split, net *n, int want_feat, int wa
   return rc;
 }
 
-/* Alignment (Wang & Isola 2020, alpha = 2) over pairs of views of the first evaluation samples,
- * made with the training augmentations from a fixed seed so that the figure is comparable between
- * evaluations and draws nothing from the training streams. */
-static int alignment(trainer *t, net *n, double *out) {
-  dataset ds;
-  const char *spec = t->cfg.eval[0] ? t->cfg.eval : t->cfg.train;
-  const char *lab = t->cfg.eval[0] ? t->cfg.eval_labels : t->cfg.train_labels;
-  int rc = dataset_open(&ds, "alignment", spec, lab[0] ? lab : NULL, t->cfg.loader.num_classes);
-  if (rc) return rc;
-  int P = t->cfg.eval_pairs < chunk_of(t) ? t->cfg.eval_pairs : chunk_of(t);
-  if ((uint64_t)P > ds.count) P = (int)ds.count;
-  size_t stride = ds.sample_bytes * (ds.has_pair ? 2 : 1);
-  uint8_t *raw = malloc((size_t)P * stride);
-  int64_t *ids = malloc((size_t)P * sizeof *ids);
-  float *v1 = malloc((size_t)P * t->in_len * sizeof(float)), *v2 = malloc((size_t)P * t->in_len * sizeof(float));
-  float *e1 = NULL;
-  view_pipeline vp;
-  view_scratch sc;
-  int vp_open = 0, sc_open = 0, got = 0;
-  if (!raw || !ids || !v1 || !v2) {
-    rc = moco_error(MOCO_ENOMEM, "alignment: %d pairs", P);
-    goto out;
-  }
-  /* Read the first P records as stored. */
-  for (int fi = 0; fi < ds.n_files && got < P && !rc; fi++) {
+/* Two augmented views of each of the first records of the evaluation split (the training split when
+ * there is none) as stored, made with the training augmentations from a fixed seed so that the
+ * figures built on them are comparable between evaluations and draw nothing from the training
+ * streams. */
+typedef struct {
+  float *v1, *v2; /* [n, in_len] */
+  int64_t *ids;   /* [n] record ids */
+  int n;
+} eval_views;
+
+static void eval_views_free(eval_views *v) {
+  free(v->v1);
+  free(v->v2);
+  free(v->ids);
+  memset(v, 0, sizeof *v);
+}
+
+/* The first `want` records of ds, raw (a sample, then in pair data its second sample, `stride` bytes
+ * per record), into raw and ids; *got of them. */
+static int read_records(dataset *ds, int want, size_t stride, uint8_t *raw, int64_t *ids, int *got) {
+  int rc = 0;
+  *got = 0;
+  for (int fi = 0; fi < ds->n_files && *got < want && !rc; fi++) {
     dataset_reader r;
-    if ((rc = dataset_reader_open(&r, &ds, fi, 0))) break;
+    if ((rc = dataset_reader_open(&r, ds, fi, 0))) break;
     data_record rec;
     int k;
-    while (got < P && (k = dataset_reader_next(&r, &rec)) != 0) {
+    while (*got < want && (k = dataset_reader_next(&r, &rec)) != 0) {
       if (k < 0) {
         rc = k;
         break;
       }
-      memcpy(raw + (size_t)got * stride, rec.sample, ds.sample_bytes);
-      if (ds.has_pair) memcpy(raw + (size_t)got * stride + ds.sample_bytes, rec.pair, ds.sample_bytes);
-      ids[got++] = rec.id;
+      uint8_t *dst = raw + (size_t)*got * stride;
+      memcpy(dst, rec.sample, ds->sample_bytes);
+      if (ds->has_pair) memcpy(dst + ds->sample_bytes, rec.pair, ds->sample_bytes);
+      ids[(*got)++] = rec.id;
     }
     dataset_reader_close(&r);
   }
-  if (rc) goto out;
-  if (got < 2) {
-    rc = moco_error(MOCO_EINVAL, "alignment: %d samples, need 2", got);
-    goto out;
+  return rc;
+}
+
+static int eval_views_make(trainer *t, const char *what, int want, uint64_t seed, eval_views *v) {
+  memset(v, 0, sizeof *v);
+  dataset ds;
+  const char *spec = t->cfg.eval[0] ? t->cfg.eval : t->cfg.train;
+  const char *lab = t->cfg.eval[0] ? t->cfg.eval_labels : t->cfg.train_labels;
+  int rc = dataset_open(&ds, what, spec, lab[0] ? lab : NULL, t->cfg.loader.num_classes);
+  if (rc) return rc;
+  if ((uint64_t)want > ds.count) want = (int)ds.count;
+  size_t stride = ds.sample_bytes * (ds.has_pair ? 2 : 1);
+  uint8_t *raw = malloc((size_t)want * stride);
+  v->ids = malloc((size_t)want * sizeof *v->ids);
+  v->v1 = malloc((size_t)want * t->in_len * sizeof(float));
+  v->v2 = malloc((size_t)want * t->in_len * sizeof(float));
+  view_pipeline vp;
+  view_scratch sc;
+  int vp_open = 0;
+  if (!raw || !v->ids || !v->v1 || !v->v2) rc = moco_error(MOCO_ENOMEM, "%s: %d samples", what, want);
+  if (!rc) rc = read_records(&ds, want, stride, raw, v->ids, &v->n);
+  if (!rc && !(rc = view_init(&vp, &t->cfg.loader.augment, t->cfg.loader.view_mode, ds.shape, ds.dtype,
+                              t->norm_len, t->norm_len ? t->mean : NULL, t->norm_len ? t->std : NULL)))
+    vp_open = 1;
+  if (!rc && !(rc = view_scratch_init(&sc, &vp))) {
+    view_batch_in in = {.raw = raw, .stride = stride, .n = v->n, .ids = v->ids, .seed = seed, .epoch = 0};
+    view_batch(&vp, &in, v->v1, v->v2, &sc);
+    view_scratch_free(&sc);
   }
-  if ((rc = view_init(&vp, &t->cfg.loader.augment, t->cfg.loader.view_mode, ds.shape, ds.dtype, t->norm_len,
-                      t->norm_len ? t->mean : NULL, t->norm_len ? t->std : NULL)))
-    goto out;
-  vp_open = 1;
-  if ((rc = view_scratch_init(&sc, &vp))) goto out;
-  sc_open = 1;
-  view_batch_in in = {.raw = raw, .stride = stride, .n = got, .ids = ids, .seed = t->cfg.moco.seed ^ 0xa11a11, .epoch = 0};
-  view_batch(&vp, &in, v1, v2, &sc);
-  int d = (int)net_shape_size(n->out_shape);
-  if (!(e1 = malloc((size_t)got * d * sizeof(float)))) {
-    rc = moco_error(MOCO_ENOMEM, "alignment: embeddings");
-    goto out;
-  }
-  int was = n->training;
-  n->training = 0;
-  const float *e = net_forward(n, v1, got);
-  if (e) memcpy(e1, e, (size_t)got * d * sizeof(float));
-  const float *e2 = e ? net_forward(n, v2, got) : NULL;
-  rc = e2 ? eval_alignment(e1, e2, got, d, 2.0f, out) : MOCO_ERANGE;
-  n->training = was;
-out:
-  if (sc_open) view_scratch_free(&sc);
   if (vp_open) view_free(&vp);
   free(raw);
-  free(ids);
-  free(v1);
-  free(v2);
-  free(e1);
   dataset_close(&ds);
+  if (rc) eval_views_free(v);
+  return rc;
+}
+
+/* Runs x [count, in_len] through n in inference mode, in chunks within its max_batch, keeping the
+ * backbone features (feat [count, feat_dim], or NULL) and the embeddings (emb [count, emb_dim], or NULL). */
+static int encode(trainer *t, net *n, const float *x, int count, float *feat, float *emb) {
+  int feat_dim = (int)net_shape_size(n->layers[t->backbone_len - 1].out_shape);
+  int emb_dim = (int)net_shape_size(n->out_shape), was = n->training, rc = 0;
+  n->training = 0;
+  for (int i = 0; i < count && !rc; i += chunk_of(t)) {
+    int m = count - i < chunk_of(t) ? count - i : chunk_of(t);
+    const float *out = net_forward(n, x + (size_t)i * t->in_len, m);
+    if (!out) {
+      rc = MOCO_ERANGE;
+      break;
+    }
+    if (emb) memcpy(emb + (size_t)i * emb_dim, out, (size_t)m * emb_dim * sizeof(float));
+    if (feat)
+      memcpy(feat + (size_t)i * feat_dim, net_layer_output(n, t->backbone_len - 1),
+             (size_t)m * feat_dim * sizeof(float));
+  }
+  n->training = was;
+  return rc;
+}
+
+/* Alignment (Wang & Isola 2020, alpha = 2) over eval.pairs pairs of views of the first evaluation
+ * samples. */
+static int alignment(trainer *t, net *n, double *out) {
+  eval_views v;
+  int rc = eval_views_make(t, "alignment", t->cfg.eval_pairs, t->cfg.moco.seed ^ 0xa11a11, &v);
+  if (rc) return rc;
+  int d = (int)net_shape_size(n->out_shape);
+  float *e1 = malloc((size_t)v.n * d * sizeof(float)), *e2 = malloc((size_t)v.n * d * sizeof(float));
+  if (!e1 || !e2) rc = moco_error(MOCO_ENOMEM, "alignment: embeddings of %d pairs", v.n);
+  else if (v.n < 2) rc = moco_error(MOCO_EINVAL, "alignment: %d samples, need 2", v.n);
+  if (!rc) rc = encode(t, n, v.v1, v.n, NULL, e1);
+  if (!rc) rc = encode(t, n, v.v2, v.n, NULL, e2);
+  if (!rc) rc = eval_alignment(e1, e2, v.n, d, 2.0f, out);
+  free(e1);
+  free(e2);
+  eval_views_free(&v);
+  return rc;
+}
+
+typedef struct {
+  int64_t id, row;
+} id_row;
+
+static int id_row_cmp(const void *a, const void *b) {
+  int64_t x = ((const id_row *)a)->id, y = ((const id_row *)b)->id;
+  return (x > y) - (x < y);
+}
+
+/* Pairs each query (an augmented view of the record with id ids[i]) with its original's row in the
+ * gallery ev, keeping the queries whose original is there (the periodic monitor's gallery is a subset):
+ * compacts feat/emb/target in place and returns their number, or -1 without memory. */
+static int match_queries(const features *ev, const int64_t *ids, int n, float *feat, float *emb,
+                         int64_t *target) {
+  id_row *idx = malloc((size_t)ev->n * sizeof *idx);
+  if (!idx) return -1;
+  for (int64_t i = 0; i < ev->n; i++) idx[i] = (id_row){ev->ids[i], i};
+  qsort(idx, (size_t)ev->n, sizeof *idx, id_row_cmp);
+  int kept = 0;
+  for (int i = 0; i < n; i++) {
+    id_row key = {ids[i], 0}, *hit = bsearch(&key, idx, (size_t)ev->n, sizeof *idx, id_row_cmp);
+    if (!hit) continue;
+    memmove(feat + (size_t)kept * ev->feat_dim, feat + (size_t)i * ev->feat_dim, ev->feat_dim * sizeof(float));
+    memmove(emb + (size_t)kept * ev->emb_dim, emb + (size_t)i * ev->emb_dim, ev->emb_dim * sizeof(float));
+    target[kept++] = hit->row;
+  }
+  free(idx);
+  return kept;
+}
+
+/* Instance retrieval: an augmented view of each of the first eval.retrieval_queries evaluation
+ * samples (a fixed seed) is the query, the unaugmented evaluation split ev is the gallery; recall@1 and
+ * @10 of the query's own original, on backbone features and on embeddings. */
+static int retrieval(trainer *t, net *n, const features *ev, trainer_eval_result *res) {
+  eval_views v;
+  int rc = eval_views_make(t, "retrieval", t->cfg.retrieval_queries, t->cfg.moco.seed ^ 0x7e7a11, &v);
+  if (rc) return rc;
+  float *feat = malloc((size_t)v.n * ev->feat_dim * sizeof(float));
+  float *emb = malloc((size_t)v.n * ev->emb_dim * sizeof(float));
+  int64_t *target = malloc((size_t)v.n * sizeof *target);
+  int kept = 0;
+  if (!feat || !emb || !target) rc = moco_error(MOCO_ENOMEM, "retrieval: features of %d queries", v.n);
+  if (!rc) rc = encode(t, n, v.v1, v.n, feat, emb);
+  if (!rc && (kept = match_queries(ev, v.ids, v.n, feat, emb, target)) < 0)
+    rc = moco_error(MOCO_ENOMEM, "retrieval: index of %lld gallery ids", (long long)ev->n);
+  static const int ks[2] = {1, 10};
+  double rf[2], re[2];
+  if (!rc && kept > 0 &&
+      !(rc = eval_retrieval(feat, target, kept, ev->feat, ev->n, ev->feat_dim, ks, 2, rf)) &&
+      !(rc = eval_retrieval(emb, target, kept, ev->emb, ev->n, ev->emb_dim, ks, 2, re))) {
+    res->has_retrieval = 1;
+    res->retrieval_queries = kept;
+    res->retrieval_gallery = ev->n;
+    res->recall1 = (float)rf[0], res->recall10 = (float)rf[1];
+    res->recall1_emb = (float)re[0], res->recall10_emb = (float)re[1];
+  }
+  free(feat);
+  free(emb);
+  free(target);
+  eval_views_free(&v);
   return rc;
 }
 
@@ -436,6 +560,49 @@ static int count_classes(const features *a, const features *b) {
   for (int64_t i = 0; i < a->n; i++) mx = a->labels[i] > mx ? a->labels[i] : mx;
   for (int64_t i = 0; i < b->n; i++) mx = b->labels[i] > mx ? b->labels[i] : mx;
   return (int)mx + 1;
+}
+
+/* One protocol's figures: its accuracy, the first TRAINER_MAX_CLASSES classes' accuracies and the
+ * confusable group's, which weighs each class of the group by its count in the split (class_n). */
+static void knn_figures(const trainer *t, const eval_knn_config *c, const eval_knn_out *o, const int64_t *class_n,
+                        int classes, trainer_knn_figures *f) {
+  f->acc = (float)o->accuracy;
+  f->k = c->k;
+  f->t = c->temperature;
+  for (int y = 0; y < classes && y < TRAINER_MAX_CLASSES; y++) f->class_acc[y] = (float)o->class_acc[y];
+  double hit = 0, all = 0;
+  for (int g = 0; g < t->cfg.n_groups; g++) {
+    int y = t->cfg.groups[g];
+    if (y >= classes || class_n[y] == 0) continue;
+    hit += o->class_acc[y] * (double)class_n[y];
+    all += (double)class_n[y];
+  }
+  f->group_acc = all > 0 ? (float)(hit / all) : -1.0f;
+}
+
+/* Both kNN protocols in one similarity pass over the training features. */
+static int knn(trainer *t, const features *tr, const features *ev, int classes, trainer_eval_result *res) {
+  double *acc = malloc(2 * (size_t)classes * sizeof *acc);
+  int64_t *class_n = calloc((size_t)classes, sizeof *class_n);
+  if (!acc || !class_n) {
+    free(acc);
+    free(class_n);
+    return moco_error(MOCO_ENOMEM, "knn: per-class figures of %d classes", classes);
+  }
+  eval_knn_config c[2] = {t->cfg.knn, t->cfg.knn_small};
+  eval_knn_out out[2] = {{.class_acc = acc}, {.class_acc = acc + classes}};
+  int rc = eval_knn_protocols(c, 2, tr->feat, tr->labels, tr->n, ev->feat, ev->labels, ev->n, tr->feat_dim,
+                              classes, out);
+  if (!rc) {
+    for (int64_t i = 0; i < ev->n; i++) class_n[ev->labels[i]]++;
+    res->num_classes = classes < TRAINER_MAX_CLASSES ? classes : TRAINER_MAX_CLASSES;
+    knn_figures(t, &c[0], &out[0], class_n, classes, &res->knn);
+    knn_figures(t, &c[1], &out[1], class_n, classes, &res->knn_small);
+    res->has_group = res->knn.group_acc >= 0;
+  }
+  free(acc);
+  free(class_n);
+  return rc;
 }
 
 void trainer_interrupt(trainer *t, int on) { atomic_store(&t->interrupt, on); }
@@ -458,16 +625,13 @@ int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_r
   res->n_train = tr.n;
   res->n_eval = ev.n;
   if (req->knn) {
-    double acc = 0, align = 0, unif = 0;
-    rc = eval_knn(&t->cfg.knn, tr.feat, tr.labels, tr.n, ev.feat, ev.labels, ev.n, tr.feat_dim, classes, &acc,
-                  NULL, NULL);
+    double align = 0, unif = 0;
+    rc = knn(t, &tr, &ev, classes, res);
     if (!rc) rc = alignment(t, n, &align);
     if (!rc) rc = eval_uniformity(ev.emb, ev.n, ev.emb_dim, 2.0f, t->cfg.eval_pairs, &unif);
+    if (!rc && t->cfg.retrieval_queries > 0) rc = retrieval(t, n, &ev, res);
     if (!rc) {
       res->has_knn = 1;
-      res->knn_acc = (float)acc;
-      res->k = t->cfg.knn.k;
-      res->t = t->cfg.knn.temperature;
       res->alignment = (float)align;
       res->uniformity = (float)unif;
     }
