@@ -3,6 +3,7 @@
  * queue negatives), rows with every candidate masked off, and stability at small temperatures. */
 #include <check.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -44,26 +45,6 @@ static double eval_loss(void *ctx) {
   return loss_forward(&t->cfg, t->beta, t->S, t->mask, t->s_pos, B, C);
 }
 
-/* Gradient check w.r.t. S and s_pos; also: the backward returns the forward's value, dS is 0 where
- * OFF, and the all-OFF row 3 has zero gradient. */
-static void check_gradients(case_t *t, float h, double tol) {
-  double lf = eval_loss(t);
-  double lb = loss_backward(&t->cfg, t->beta, t->dS, t->dpos, t->S, t->mask, t->s_pos, B, C);
-  ck_assert_msg(fabs(lf - lb) <= 1e-6 * (1 + fabs(lf)), "forward %g backward %g", lf, lb);
-  for (int i = 0; i < B * C; i++)
-    if (t->mask[i] == OFF) ck_assert(t->dS[i] == 0.0f);
-  ck_assert(t->dpos[3] == 0.0f);
-  /* Entries far below the largest are judged against 1% of it: the forward's float exponentials
-   * (relative error 1e-7) put a floor of about 1e-7/h under what differences can resolve. */
-  double top = 0;
-  for (int i = 0; i < B * C; i++) top = fmax(top, fabs(t->dS[i]));
-  for (int i = 0; i < B; i++) top = fmax(top, fabs(t->dpos[i]));
-  double e1 = gradcheck(eval_loss, t, t->S, t->dS, B * C, h, B * C, 1e-2 * top);
-  double e2 = gradcheck(eval_loss, t, t->s_pos, t->dpos, B, h, B, 1e-2 * top);
-  ck_assert_msg(e1 < tol, "dS rel err %g (loss %s)", e1, loss_kind_name(t->cfg.loss));
-  ck_assert_msg(e2 < tol, "dpos rel err %g (loss %s)", e2, loss_kind_name(t->cfg.loss));
-}
-
 /* ---- direct formulas, in double ---- */
 
 static double ref_infonce(const case_t *t, double tau) {
@@ -81,9 +62,11 @@ static double ref_infonce(const case_t *t, double tau) {
 }
 
 /* The reference code's estimator (joshr17/HCL, image/main.py `criterion`), extended to the positive
- * set as loss.h documents. */
-static double ref_hcl(const case_t *t, double tau, double beta, double tau_plus) {
+ * set as loss.h documents. *cancel (when given) gets the largest amplification of rounding by the
+ * debiasing's subtraction over the unclamped rows, (reweight + τ⁺·N·AP/WP) / (reweight − τ⁺·N·AP/WP). */
+static double ref_hcl(const case_t *t, double tau, double beta, double tau_plus, double *cancel) {
   double total = 0;
+  if (cancel) *cancel = 1.0;
   for (int i = 0; i < B; i++) {
     double pos = exp(t->s_pos[i] / tau);
     double A = 0, W = 0, AP = pow(pos, beta) * pos, WP = pow(pos, beta);
@@ -97,9 +80,80 @@ static double ref_hcl(const case_t *t, double tau, double beta, double tau_plus)
     double reweight = A / (W / N);
     double Ng = (-tau_plus * N * (AP / WP) + reweight) / (1 - tau_plus);
     if (Ng < N * exp(-1 / tau)) Ng = N * exp(-1 / tau);
+    else if (cancel) *cancel = fmax(*cancel, (reweight + tau_plus * N * (AP / WP)) / ((1 - tau_plus) * Ng));
     total += -log(pos / (pos + Ng));
   }
   return total / B;
+}
+
+/* The hinge on s_neg − s_pos + margin, against the hardest negative of a row or averaged over all. */
+static double ref_triplet(const case_t *t) {
+  double ref = 0, m = t->cfg.margin;
+  for (int i = 0; i < B; i++) {
+    double hard = -INFINITY, sum = 0;
+    int n = 0;
+    for (int j = 0; j < C; j++)
+      if (t->mask[i * C + j] == NEG) {
+        double h = (double)t->S[i * C + j] - t->s_pos[i] + m;
+        hard = fmax(hard, t->S[i * C + j]);
+        sum += h > 0 ? h : 0;
+        n++;
+      }
+    if (!n) continue;
+    ref += t->cfg.triplet_negative == TRIPLET_MEAN ? sum / n : fmax(0.0, hard - t->s_pos[i] + m);
+  }
+  return ref / B;
+}
+
+static double ref_loss(const case_t *t) {
+  double tau = t->cfg.temperature;
+  switch (t->cfg.loss) {
+  case LOSS_INFONCE: return ref_infonce(t, tau);
+  case LOSS_HCL: return ref_hcl(t, tau, t->beta, t->cfg.tau_plus, NULL);
+  case LOSS_TRIPLET: return ref_triplet(t);
+  default: return NAN;
+  }
+}
+
+static double eval_ref(void *ctx) { return ref_loss(ctx); }
+
+/* Gradient check w.r.t. S and s_pos; also: the backward returns the forward's value, dS is 0 where
+ * OFF, and the all-OFF row 3 has zero gradient. The differences are taken on the double formula of the
+ * same loss (ref_loss), so their rounding (1e-16 over a step of h) is nothing next to the analytic
+ * gradient's, and their truncation is estimated per entry (richardson). What is left is the float
+ * arithmetic of loss_backward. An entry of dS is a softmax weight of its row, at most
+ * g = (1 + β)/(τ·(1 − τ⁺)·B) (HCL's reweighting scales the weights by e^{βs/τ}, its debiasing divides
+ * by 1 − τ⁺; triplet: g = 1/B), and its relative error adds up from
+ *   - the exponentials: the float argument (1 + β)(s − s_max)/τ, up to 2(1 + β)/τ in size, is rounded
+ *     (relative error u, so u·2(1 + β)/τ in the result) and exp_le0 itself is good to 2u;
+ *   - the row's sums of C float terms, C·u each: one for InfoNCE, three for HCL (the reweighted sum, its
+ *     weights' sum, and the positives' pair);
+ *   - a dozen further roundings (scaling, normalising, 1/B);
+ * and HCL's debiased estimate subtracts τ⁺·N·AP/WP from the reweighted sum: rounding in either grows by
+ * their sum over their difference (ref_hcl's `cancel`, near 1 for small τ⁺, larger where a row is
+ * close to its clamp), which scales g.
+ * So atol = (k·C + 2(1 + β)/τ + 16)·u·g, k = 1 or 3. h = τ/1000 moves a logit s/τ by 0.001; triplet
+ * (piecewise linear) takes h = 1e-5 so that no hinge lies within a step. */
+static void check_gradients(case_t *t, const char *what) {
+  double lf = eval_loss(t);
+  double lb = loss_backward(&t->cfg, t->beta, t->dS, t->dpos, t->S, t->mask, t->s_pos, B, C);
+  ck_assert_msg(fabs(lf - lb) <= 1e-6 * (1 + fabs(lf)), "forward %g backward %g", lf, lb);
+  for (int i = 0; i < B * C; i++)
+    if (t->mask[i] == OFF) ck_assert(t->dS[i] == 0.0f);
+  ck_assert(t->dpos[3] == 0.0f);
+  const loss_config *c = &t->cfg;
+  int tri = c->loss == LOSS_TRIPLET;
+  double cancel = 1.0;
+  if (c->loss == LOSS_HCL) ref_hcl(t, c->temperature, t->beta, c->tau_plus, &cancel);
+  double g = tri ? 1.0 / B : (1.0 + t->beta) / (c->temperature * (1.0 - c->tau_plus) * B) * cancel;
+  double roundings = (c->loss == LOSS_HCL ? 3 : 1) * C + 16 + (tri ? 0 : 2 * (1.0 + t->beta) / c->temperature);
+  double h = tri ? 1e-5 : c->temperature / 1000.0;
+  char name[96];
+  snprintf(name, sizeof name, "%s dS", what);
+  gc_spec spec = {name, h, gc_atol(h, 0, 0, 0, roundings, g), 8 * 0x1p-24, 1, B * C};
+  gc_assert(gc_check(eval_ref, t, t->S, t->dS, B * C, &spec), name);
+  snprintf(name, sizeof name, "%s dpos", what);
+  gc_assert(gc_check(eval_ref, t, t->s_pos, t->dpos, B, &spec), name);
 }
 
 START_TEST(infonce_matches_formula_and_gradient) {
@@ -108,10 +162,10 @@ START_TEST(infonce_matches_formula_and_gradient) {
     make_case(&t, LOSS_INFONCE, with_pos, 11 + with_pos);
     t.cfg.temperature = 0.5f;
     ck_assert(fabs(eval_loss(&t) - ref_infonce(&t, 0.5)) < 1e-6);
-    check_gradients(&t, 1e-3f, 1e-2);
+    check_gradients(&t, with_pos ? "infonce+pos tau 0.5" : "infonce tau 0.5");
     t.cfg.temperature = 0.07f;
     ck_assert(fabs(eval_loss(&t) - ref_infonce(&t, 0.07)) < 1e-5 * ref_infonce(&t, 0.07));
-    check_gradients(&t, 2e-4f, 2e-2);
+    check_gradients(&t, with_pos ? "infonce+pos tau 0.07" : "infonce tau 0.07");
   }
 }
 END_TEST
@@ -127,10 +181,12 @@ START_TEST(hcl_and_dcl_match_reference_and_gradient) {
         t.cfg.temperature = 0.5f;
         t.cfg.tau_plus = tps[p];
         t.beta = betas[b];
-        double ref = ref_hcl(&t, 0.5, betas[b], tps[p]);
+        double ref = ref_hcl(&t, 0.5, betas[b], tps[p], NULL);
         ck_assert_msg(fabs(eval_loss(&t) - ref) < 1e-5 * (1 + ref), "beta %g tau+ %g: %g vs %g",
                       betas[b], tps[p], eval_loss(&t), ref);
-        check_gradients(&t, 1e-3f, 1e-2);
+        char what[64];
+        snprintf(what, sizeof what, "hcl%s beta %g tau+ %g", with_pos ? "+pos" : "", betas[b], tps[p]);
+        check_gradients(&t, what);
       }
 }
 END_TEST
@@ -145,7 +201,7 @@ START_TEST(hcl_lower_clamp_is_applied_without_gradient) {
   t.beta = 1.0f;
   for (int j = 0; j < C; j++) t.S[j] = -0.9f;
   t.s_pos[0] = 0.95f;
-  double ref = ref_hcl(&t, 0.5, 1.0, 0.9);
+  double ref = ref_hcl(&t, 0.5, 1.0, 0.9, NULL);
   ck_assert(fabs(eval_loss(&t) - ref) < 1e-5 * (1 + ref));
   loss_backward(&t.cfg, t.beta, t.dS, t.dpos, t.S, t.mask, t.s_pos, B, C);
   for (int j = 0; j < C; j++) ck_assert(t.dS[j] == 0.0f);
@@ -153,7 +209,7 @@ START_TEST(hcl_lower_clamp_is_applied_without_gradient) {
   for (int j = 0; j < C; j++) n += t.mask[j] == NEG;
   double e0 = exp(0.95 / 0.5), ng = n * exp(-2.0);
   ck_assert(fabs(t.dpos[0] - (e0 / (e0 + ng) - 1) / (0.5 * B)) < 1e-6);
-  check_gradients(&t, 1e-3f, 1e-2);
+  check_gradients(&t, "hcl clamped");
 }
 END_TEST
 
@@ -163,23 +219,9 @@ START_TEST(triplet_matches_hand_values_and_gradient) {
   t.cfg.margin = 0.3f;
   for (int mode = 0; mode < 2; mode++) {
     t.cfg.triplet_negative = mode ? TRIPLET_MEAN : TRIPLET_HARDEST;
-    double ref = 0;
-    for (int i = 0; i < B; i++) {
-      double hard = -INFINITY, sum = 0;
-      int n = 0;
-      for (int j = 0; j < C; j++)
-        if (t.mask[i * C + j] == NEG) {
-          double h = t.S[i * C + j] - t.s_pos[i] + 0.3;
-          hard = fmax(hard, t.S[i * C + j]);
-          sum += h > 0 ? h : 0;
-          n++;
-        }
-      if (!n) continue;
-      ref += mode ? sum / n : fmax(0.0, hard - t.s_pos[i] + 0.3);
-    }
-    ref /= B;
+    double ref = ref_triplet(&t);
     ck_assert(fabs(eval_loss(&t) - ref) < 1e-6);
-    check_gradients(&t, 1e-4f, 1e-2);
+    check_gradients(&t, mode ? "triplet mean" : "triplet hardest");
   }
 }
 END_TEST
@@ -201,16 +243,23 @@ START_TEST(every_loss_is_zero_on_rows_with_nothing_selected) {
 }
 END_TEST
 
-START_TEST(losses_are_finite_at_small_temperature) {
+/* At τ = 0.01 logits reach 100 (e^100 overflows float without the row-maximum shift) and HCL's
+ * reweighting doubles them. Value and gradient against the double formulas: the float logit s/τ is
+ * rounded to u·100·(1 + β), which moves the loss by as much, hence the value's tolerance of
+ * 4·u·(1 + β)/τ. */
+START_TEST(losses_match_reference_at_small_temperature) {
   case_t t;
   for (int kind = LOSS_INFONCE; kind <= LOSS_HCL; kind++) {
     make_case(&t, (loss_kind)kind, 1, 70);
-    t.cfg.temperature = 0.01f; /* logits up to 100: exp would overflow float without the shift */
+    t.cfg.temperature = 0.01f;
     for (int i = 0; i < B * C; i++) t.S[i] = 0.99f - 0.001f * (i % 13);
+    for (int i = 0; i < B; i++) t.s_pos[i] = 0.98f + 0.002f * i; /* among the negatives: dpos is not 0 */
     double l = loss_backward(&t.cfg, t.beta, t.dS, t.dpos, t.S, t.mask, t.s_pos, B, C);
     ck_assert(isfinite(l) && l >= 0.0);
-    for (int i = 0; i < B * C; i++) ck_assert(isfinite(t.dS[i]));
-    if (kind == LOSS_INFONCE) ck_assert(fabs(l - ref_infonce(&t, 0.01)) < 1e-5 * (1 + l));
+    double ref = ref_loss(&t), tol = 4 * 0x1p-24 * (1 + t.beta) / 0.01;
+    ck_assert_msg(fabs(l - ref) <= tol * (1 + ref), "%s at tau 0.01: %.9g, reference %.9g",
+                  loss_kind_name(t.cfg.loss), l, ref);
+    check_gradients(&t, kind == LOSS_HCL ? "hcl tau 0.01" : "infonce tau 0.01");
   }
 }
 END_TEST
@@ -262,7 +311,7 @@ static double eval_ntxent_ref(void *ctx) { return ref_ntxent(ctx); }
 static gc_spec ntxent_spec(const char *name, double tau) {
   const double h = 1e-3, R = 2 * NB;
   double m3 = (0.8 + 0.1 * (R - 1)) / (tau * tau * tau * R);
-  return (gc_spec){name, h, gc_atol(h, 0, 0, m3, 2 * NB + NK + 8, 2 * 2.0 / (R * tau)), 8 * 0x1p-24,
+  return (gc_spec){name, h, gc_atol(h, 0, 0, m3, 2 * NB + NK + 8, 2 * 2.0 / (R * tau)), 8 * 0x1p-24, 0,
                    2 * NB * ND};
 }
 
@@ -341,7 +390,7 @@ Suite *loss_suite(void) {
   tcase_add_test(tc, hcl_lower_clamp_is_applied_without_gradient);
   tcase_add_test(tc, triplet_matches_hand_values_and_gradient);
   tcase_add_test(tc, every_loss_is_zero_on_rows_with_nothing_selected);
-  tcase_add_test(tc, losses_are_finite_at_small_temperature);
+  tcase_add_test(tc, losses_match_reference_at_small_temperature);
   tcase_add_test(tc, ntxent_matches_formula_and_gradient_with_and_without_queue);
   tcase_add_test(tc, loss_config_names_and_checks);
   suite_add_tcase(s, tc);

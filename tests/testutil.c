@@ -43,7 +43,9 @@ gc_result gc_check(gc_loss_fn f, void *ctx, float *x, const float *grad, size_t 
   for (size_t i = 0; i < n || extra; i += stride) {
     if (i >= n) i = big, extra = 0;
     double fd = gc_diff(f, ctx, x, i, s->h), a = grad[i];
-    double tol = s->atol + s->rtol * fabs(fd), ratio = fabs(a - fd) / tol;
+    double tol = s->atol + s->rtol * fabs(fd);
+    if (s->richardson) tol += fabs(gc_diff(f, ctx, x, i, 2 * s->h) - fd);
+    double ratio = fabs(a - fd) / tol;
     if (r.checked++ == 0 || ratio > r.ratio) r.ratio = ratio, r.worst_i = i, r.a = a, r.f = fd, r.tol = tol;
     if (i == big) r.plant_ratio = fabs(1.01 * a - fd) / tol;
     if (i == big && big % stride != 0) break;

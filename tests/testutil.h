@@ -21,8 +21,11 @@
  *
  * Where the error comes from (u = 2^-24 ≈ 6e-8, float's unit roundoff):
  *   - truncation of the central difference: h²/6·M3, M3 a bound on the third derivative along e_i
- *     (e.g. about 1/τ³ for a softmax at temperature τ; 0 for a piecewise-linear function away from its
- *     kinks);
+ *     (0 for a function linear in x_i, as a layer's loss is in its weights). Where no bound is at hand,
+ *     the check estimates it per coordinate (gc_spec.richardson): D(h) = L' + h²L'''/6 + O(h^4) and
+ *     D(2h) = L' + 4h²L'''/6 + O(h^4), so |D(2h) - D(h)| is three times D(h)'s truncation, and it is
+ *     added to that coordinate's tolerance (it does not depend on the analytic gradient, so a wrong
+ *     gradient still fails; near a kink it grows, as the difference there is no derivative);
  *   - rounding in L: when L is evaluated in float, each evaluation carries an absolute error δ and the
  *     difference divides it by h: (|δ⁺| + |δ⁻|)/(2h) ≤ δ/h, with δ = c·u·S, S the magnitudes the
  *     evaluation accumulates and c the roundings a term goes through. Where the test evaluates L in
@@ -39,6 +42,7 @@ typedef struct {
   const char *name;  /* printed with the margin when MOCOD_GC_VERBOSE=1 */
   double h;          /* central-difference step */
   double atol, rtol;
+  int richardson;    /* add |D(2h) - D(h)| to each coordinate's tolerance (see above) */
   size_t max_checks; /* coordinates checked, spread over x; the largest |a_i| is always among them */
 } gc_spec;
 
