@@ -4,7 +4,7 @@
 # a new test suite is tests/test_x.c defining `Suite *x_suite(void)`, a new benchmark tests/bench/bench_x.c.
 
 CC      ?= cc
-PKGS    := libuv openblas jansson check zlib
+PKGS    := libuv openblas jansson check zlib ompi-c
 MARCH   ?= -march=native
 ifeq ($(SANITIZE),1)
 BUILD   := build-asan
@@ -34,6 +34,8 @@ TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/%.o) $(BUILD)/tests/runner.o $(BUILD)/tests/
 SUITES   := $(patsubst tests/test_%.c,%,$(TEST_SRC))
 BENCH_SRC := $(wildcard tests/bench/bench_*.c)
 BENCHES  := $(patsubst tests/bench/%.c,$(BIN)/%,$(BENCH_SRC))
+# Helper programs the test suites start (test_dist.c runs dist-check under mpirun).
+TOOLS    := $(BIN)/dist-check
 
 .PHONY: all deps test check asan bench run clean
 all: $(PROGS)
@@ -49,7 +51,7 @@ asan:
 	@$(MAKE) --no-print-directory test SANITIZE=1
 
 .PHONY: test-run
-test-run: $(BIN)/mocod-tests $(PROGS)
+test-run: $(BIN)/mocod-tests $(PROGS) $(TOOLS)
 	@MOCOD_BIN=$(BIN) MOCOD_BUILD=$(BUILD) $(BIN)/mocod-tests
 
 bench: deps
@@ -79,6 +81,10 @@ endef
 $(foreach m,$(MAINS),$(eval $(call PROGRAM_RULE,$(m))))
 
 $(BIN)/bench_%: $(BUILD)/tests/bench/bench_%.o $(BUILD)/tests/testutil.o $(BUILD)/tests/daemon_harness.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $^ $(LDLIBS) -o $@
+
+$(BIN)/dist-check: $(BUILD)/tests/dist/dist_check.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $^ $(LDLIBS) -o $@
 

@@ -306,7 +306,7 @@ static void bn_bounds(const lt *t, double *e_out, double *e_grad) {
 
 static void bn_setup(lt *t, int B, int C, int S, int G, int training, rng_t *r) {
   *t = (lt){.forward = bn_f, .backward = bn_b, .ref = bn_ref};
-  t->d = (bn_dims){B, C, S, G, 0.1f, 1e-5f, training};
+  t->d = (bn_dims){B, C, S, G, 0.1f, 1e-5f, training, NULL};
   lt_alloc(t, (size_t)B * C * S, C, C, (size_t)B * C * S, r);
   for (int c = 0; c < C; c++) t->w[c] += 1.5f; /* gamma away from 0 */
   t->saved = fresh(batchnorm_saved_len(C, B), NULL, 0, 0);

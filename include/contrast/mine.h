@@ -114,6 +114,9 @@ typedef struct {
   const int64_t *ids;          /* [B] sample ids of the batch (queries and in-batch keys); NULL: none
                                   (the query's own in-batch column is excluded regardless) */
   const int32_t *labels;       /* [B] labels of the batch or NULL */
+  int64_t row_offset;          /* index of row 0 in the world's batch (core/dist.h; 0 in one process):
+                                  row i's draws come from stream row_offset + i, so a world of N mines
+                                  the very rows one process would */
   /* mixing only (else NULL): the vectors behind the columns, L2-normalised rows */
   int dim;
   const float *q;              /* [B, d] queries */

@@ -29,12 +29,18 @@ void relu_backward(float *dinp, const float *dout, const float *out, size_t N);
  * Training: mean and (biased) var over the samples of each of G groups of consecutive samples (split BN;
  * group g holds samples [g*B/G, (g+1)*B/G)), times the S pixels. The running statistics move towards the
  * groups' average with PyTorch's convention, r = (1 - momentum) * r + momentum * batch_value, using the
- * unbiased variance. Eval (training = 0): the running statistics, G is ignored. */
+ * unbiased variance. Eval (training = 0): the running statistics, G is ignored.
+ *
+ * Synchronised BatchNorm (sync != NULL, training, one group): the statistics are those of the samples
+ * of every rank of the world (core/dist.h), as if one process held the whole batch; the forward sums
+ * per channel and the backward's sums of dy and dy·(x − mean) are summed across ranks. dgamma and dbeta
+ * stay this rank's own part (the gradient all-reduce sums them). sync is 2 C doubles of workspace. */
 typedef struct {
   int B, C, S; /* samples, channels, pixels per channel (1 for vectors) */
   int G; /* statistics groups, 1 <= G <= B (clamped) */
   float momentum, eps;
   int training;
+  double *sync; /* NULL: this process's samples only */
 } bn_dims;
 
 /* Length of the saved state (mean and rstd per group and channel) for batches up to max_batch. */

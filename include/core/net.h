@@ -71,6 +71,8 @@ typedef struct {
   int training;  /* 1: BatchNorm uses batch statistics and updates running ones; 0: running ones */
   int bn_groups; /* BatchNorm statistics per group of B/bn_groups consecutive samples (split BN, to
                     simulate MoCo's shuffled BN on one device); 1 = whole batch */
+  int sync_bn;   /* 1: in training, BatchNorm statistics over every rank's batch (SyncBN, core/dist.h);
+                    needs bn_groups 1 */
   float *params, *grads;
   size_t n_params;
   float *buffers;
@@ -84,6 +86,7 @@ typedef struct {
    * gradient buffers backward alternates between (slices of scratch) */
   float *act;
   float *input;
+  double *bn_sync; /* SyncBN's per-channel sums, 2 x the widest BatchNorm */
   float *gbuf[2];
   int last_batch;
 } net;

@@ -48,6 +48,7 @@ typedef struct {
   int queue_size;        /* K; ignored (no queue) with the adversarial strategy */
   int symmetric;         /* 0 */
   int shuffle_bn_groups; /* key encoder BatchNorm groups over a shuffled batch; 1 = no shuffle BN */
+  int sync_bn;           /* query encoder BatchNorm over the world's batch (SyncBN); 0: each rank's */
   int64_t total_steps;   /* training length the schedules (lr, momentum, curriculum) run over */
   uint64_t seed;         /* initialisation, shuffle-BN permutations and mining draws */
   loss_config loss;
@@ -67,6 +68,7 @@ int moco_config_check(const moco_config *c);
 /* Wall-clock seconds of each phase of the last step. */
 typedef struct {
   double keys, queries, similarity, mining, loss, backward, update, total;
+  double comm; /* of the above, inside collectives (core/dist.h); 0 in a world of one */
 } moco_timing;
 
 /* What one step reports (the daemon logs it). Similarities are cosines. */
@@ -95,14 +97,21 @@ typedef struct {
   mine mine;
   hardness_ctl hard;
   advbank bank;            /* adversarial strategy only */
-  rng_t rng;               /* shuffle-BN permutations and mining draws */
+  rng_t rng;               /* shuffle-BN permutations and mining draws: every rank draws the same
+                              (mine_select takes one seed a call; rows draw by their world index) */
+  int world, rank;         /* core/dist.h at init: the step's batch is split across `world` ranks */
   int64_t step;            /* steps done */
   int dim, in_len;         /* embedding dimension, floats per input sample */
   /* work buffers for the largest batch (rows R = B, or 2B when symmetric or ntxent) */
   float *xq, *xk;          /* [R, in] query and (permuted) key inputs */
-  uint32_t *perm;          /* [R] */
+  uint32_t *perm;          /* [world R] */
+  float *x_world;          /* world of several: [world B, in] every rank's key inputs */
+  float *k_world;          /* world of several: [world B, d] keys in permuted order, as gathered */
+  int64_t *ids_world;      /* [world B] the world batch's ids and labels, for the queue */
+  int32_t *labels_world;
   const float *q;          /* [R, d] queries of the last forward (the query encoder's output) */
-  float *k;                /* [R, d] keys in batch order: row r is the positive of query row r */
+  float *k;                /* [world R, d] keys of the world's batch in batch order: row rank B + r
+                              is the positive of this rank's query row r */
   float *s_pos, *dpos, *dself; /* [R] */
   float *S, *dS;           /* [R, cols] */
   uint8_t *mask;           /* [R, cols] */
@@ -121,7 +130,20 @@ void moco_free(moco_model *m);
 
 /* One full step on B <= batch_size samples: x1, x2 [B, in] the two views, ids [B] sample ids (NULL:
  * unknown, no same-id exclusion), labels [B] or NULL (diagnostics only unless mining is supervised).
- * Fills d when not NULL. */
+ * Fills d when not NULL.
+ *
+ * World of several ranks (core/dist.h; every rank calls it with its own B = batch_size / world rows of
+ * the world's batch, in rank order): the key inputs are gathered and shuffled across ranks with one
+ * permutation (MoCo's _batch_shuffle_ddp), each rank encodes its slice of it with shuffle_bn_groups /
+ * world BatchNorm groups, and the keys are gathered back, so every rank holds the world's keys in batch
+ * order; each rank's queries run against them; the gradients are averaged across ranks (each rank's loss
+ * is the mean over its rows, so the average is the world batch's mean); the world's keys are enqueued on
+ * every rank, and the step's figures are averaged (maxima: the maximum), so parameters, queue, hardness
+ * and schedules stay the same on every rank. With sync_bn the query encoder's BatchNorm uses the world's
+ * statistics, and the step equals one process's on the whole batch up to float rounding (test_dist.c);
+ * without it each rank's statistics, as MoCo v1/v2's DDP. Running BatchNorm statistics are averaged
+ * across ranks after the step. Not available across ranks (moco_init says so): symmetric, NT-Xent,
+ * in-batch negatives and the adversarial strategy. */
 int moco_step(moco_model *m, const float *x1, const float *x2, const int64_t *ids,
               const int32_t *labels, int B, moco_diag *d);
 
@@ -139,5 +161,9 @@ int moco_loss(moco_model *m, const float *x1, const float *x2, const int64_t *id
  * adversarial bank. moco_load refuses a state of another architecture or size. */
 void moco_save(const moco_model *m, blob_writer *w);
 int moco_load(moco_model *m, blob_reader *r);
+
+/* A hash of the parameters, running statistics and queue of both encoders, compared across ranks:
+ * MOCO_ESTATE naming the first rank whose model differs from rank 0's. 0 in a world of one. */
+int moco_check_world(const moco_model *m);
 
 #endif

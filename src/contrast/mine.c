@@ -469,7 +469,7 @@ static void select_part(void *ctx, int part, int parts) {
     row_t r = row_view(l, j->in, j->p, srow, mk, excluded);
     r.next = i + 1 < (int)hi ? srow + l->cols : NULL;
     rng_t rng;
-    rng_init(&rng, j->seed, (uint64_t)i);
+    rng_init(&rng, j->seed, (uint64_t)(j->in->row_offset + i));
     o->knob = select_row(m, &m->ws[part], l, j->in, j->p, i, &r, &rng, &o->ra);
     other_columns(m, l, j->p, i, srow, mk, &o->ra);
     o->suspects = r.suspects;

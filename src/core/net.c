@@ -312,7 +312,11 @@ static int net_alloc(net *n) {
   n->act = tensor_calloc(nact);
   n->scratch = tensor_calloc(n->scratch_len);
   n->segments = calloc(2 * (size_t)n->n_layers + 1, sizeof *n->segments);
-  if (!n->params || !n->grads || !n->buffers || !n->act || !n->scratch || !n->segments) {
+  int bn_c = 1;
+  for (int i = 0; i < n->n_layers; i++)
+    if (n->layers[i].kind == LAYER_BATCHNORM && n->layers[i].in_shape.c > bn_c) bn_c = n->layers[i].in_shape.c;
+  n->bn_sync = calloc(2 * (size_t)bn_c, sizeof *n->bn_sync);
+  if (!n->params || !n->grads || !n->buffers || !n->act || !n->scratch || !n->segments || !n->bn_sync) {
     net_free(n);
     return moco_error(MOCO_ENOMEM, "net: %zu parameters, %zu activation floats", np, nact);
   }
@@ -388,6 +392,7 @@ int net_clone(net *dst, const net *src) {
   memcpy(dst->buffers, src->buffers, src->n_buffers * sizeof(float));
   dst->training = src->training;
   dst->bn_groups = src->bn_groups;
+  dst->sync_bn = src->sync_bn;
   return 0;
 }
 
@@ -397,6 +402,7 @@ void net_free(net *n) {
   tensor_free(n->buffers);
   tensor_free(n->act);
   tensor_free(n->scratch);
+  free(n->bn_sync);
   free(n->segments);
   free(n->layers);
   memset(n, 0, sizeof *n);
@@ -429,9 +435,9 @@ void net_init(net *n, rng_t *r) {
 static float *net_workspace(const net *n) { return n->gbuf[1] + (n->gbuf[1] - n->gbuf[0]); }
 
 static bn_dims layer_bn(const net *n, const layer *L, int B) {
-  return (bn_dims){
-      B,         L->in_shape.c, L->in_shape.h * L->in_shape.w, n->bn_groups, L->bn_momentum,
-      L->bn_eps, n->training};
+  return (bn_dims){B,         L->in_shape.c, L->in_shape.h * L->in_shape.w,
+                   n->bn_groups, L->bn_momentum, L->bn_eps, n->training,
+                   n->sync_bn && n->bn_groups == 1 ? n->bn_sync : NULL};
 }
 
 static void layer_forward(net *n, layer *L, const float *x, int B) {

@@ -4,6 +4,7 @@
  * xhat = (x - mean) * rstd from the input instead of storing it: the input is kept anyway (it is the
  * previous layer's output) and this halves the memory traffic of the layer. */
 #include "core/layers.h"
+#include "core/dist.h"
 #include "core/par.h"
 
 #include <math.h>
@@ -131,11 +132,70 @@ static void bn_forward_part(void *ctx, int part, int parts) {
   }
 }
 
+/* ---- synchronised statistics (bn_dims.sync): per-channel sums over every rank ---- */
+
+static int bn_synced(const bn_dims *d) { return d->sync && d->training && dist_active(); }
+
+/* Which per-channel sum a part computes: pass 0 sum x, pass 1 sum (x - mean)^2, into sync[c]. */
+typedef struct {
+  const bn_call *a;
+  int pass;
+} bn_sync_call;
+
+static void bn_sync_sum_part(void *ctx, int part, int parts) {
+  const bn_sync_call *sc = ctx;
+  const bn_dims *d = sc->a->d;
+  bn_span r = bn_part_span(sc->a, part, parts);
+  const float *mean = sc->a->saved;
+  for (int c = r.c0; c < r.c1; c++) {
+    double s = 0.0;
+    for (int b = 0; b < d->B; b++) {
+      const float *x = sc->a->inp + ((size_t)b * d->C + c) * d->S;
+      s += sc->pass ? hot_sqdev(x, mean[c], d->S) : hot_sum(x, d->S);
+    }
+    d->sync[c] = s;
+  }
+}
+
+static void bn_sync_apply_part(void *ctx, int part, int parts) {
+  const bn_call *a = ctx;
+  bn_apply(a->out, a->inp, a->saved, a->saved + a->d->C, a->gamma, a->beta, 0, a->d->B,
+           bn_part_span(a, part, parts), a->d);
+}
+
+/* Two passes, as bn_stats, each summed across ranks: the mean first, then squared deviations from it
+ * (a variance that does not cancel). The running statistics see the whole world's batch, so they stay
+ * the same on every rank. */
+static void bn_sync_forward(bn_call *a) {
+  const bn_dims *d = a->d;
+  int C = d->C, parts = bn_parts(d);
+  float *mean = a->saved, *rstd = a->saved + C;
+  double n = (double)d->B * d->S * dist_size();
+  bn_sync_call sc = {a, 0};
+  par_run(parts, bn_sync_sum_part, &sc);
+  dist_sum_f64(d->sync, (size_t)C);
+  for (int c = 0; c < C; c++) mean[c] = (float)(d->sync[c] / n);
+  sc.pass = 1;
+  par_run(parts, bn_sync_sum_part, &sc);
+  dist_sum_f64(d->sync, (size_t)C);
+  float unbias = n > 1 ? (float)(n / (n - 1)) : 1.0f;
+  for (int c = 0; c < C; c++) {
+    float var = (float)(d->sync[c] / n);
+    a->running_mean[c] = (1.0f - d->momentum) * a->running_mean[c] + d->momentum * mean[c];
+    a->running_var[c] = (1.0f - d->momentum) * a->running_var[c] + d->momentum * var * unbias;
+    rstd[c] = 1.0f / sqrtf(var + d->eps);
+  }
+  par_run(parts, bn_sync_apply_part, a);
+}
+
 void batchnorm_forward(float *out, float *saved, float *running_mean, float *running_var,
                        const float *inp, const float *gamma, const float *beta, const bn_dims *d) {
   bn_call a = {.out = out, .saved = saved, .running_mean = running_mean,
                .running_var = running_var, .inp = inp, .gamma = gamma, .beta = beta, .d = d};
-  par_run(bn_parts(d), bn_forward_part, &a);
+  if (bn_synced(d))
+    bn_sync_forward(&a);
+  else
+    par_run(bn_parts(d), bn_forward_part, &a);
 }
 
 /* sum_dy[c] and sum_dyx[c] = sum dy (x - mean) over samples [b0, b1). */
@@ -215,10 +275,56 @@ static void bn_backward_part(void *ctx, int part, int parts) {
   }
 }
 
+static void bn_sync_grad_part(void *ctx, int part, int parts) {
+  const bn_call *a = ctx;
+  const bn_dims *d = a->d;
+  bn_span r = bn_part_span(a, part, parts);
+  int C = d->C;
+  bn_grad_sums(a->ws, a->ws + C, a->dout, a->inp, a->stats, 0, d->B, r, d);
+  for (int c = r.c0; c < r.c1; c++) {
+    d->sync[c] = a->ws[c];
+    d->sync[C + c] = a->ws[C + c];
+  }
+}
+
+static void bn_sync_dx_part(void *ctx, int part, int parts) {
+  const bn_call *a = ctx;
+  const bn_dims *d = a->d;
+  int C = d->C;
+  bn_dx(a->dinp, a->dout, a->inp, a->stats, a->stats + C, a->gamma, a->ws, a->ws + C, 0, d->B,
+        bn_part_span(a, part, parts), d);
+}
+
+/* SyncBN's backward: dgamma and dbeta take this rank's sums (the gradient all-reduce adds the others');
+ * dx needs mean(dy) and mean(dy xhat) over the world's batch. Each rank's dy is the gradient of its own
+ * mean loss, N times its share of the global mean's; the same factor N scales dx, so the world's sums
+ * over the world's count give dx in this rank's scale, and the averaged gradients equal one process's. */
+static void bn_sync_backward(bn_call *a) {
+  const bn_dims *d = a->d;
+  int C = d->C, parts = bn_parts(d);
+  const float *rstd = a->stats + C;
+  par_run(parts, bn_sync_grad_part, a);
+  for (int c = 0; c < C; c++) {
+    a->dbeta[c] += a->ws[c];
+    a->dgamma[c] += a->ws[C + c] * rstd[c];
+  }
+  if (!a->dinp) return;
+  dist_sum_f64(d->sync, 2 * (size_t)C);
+  double inv_n = 1.0 / ((double)d->B * d->S * dist_size());
+  for (int c = 0; c < C; c++) {
+    a->ws[c] = (float)(d->sync[c] * inv_n);
+    a->ws[C + c] = (float)(d->sync[C + c] * inv_n) * rstd[c] * rstd[c];
+  }
+  par_run(parts, bn_sync_dx_part, a);
+}
+
 void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, float *ws, const float *dout,
                         const float *inp, const float *gamma, const float *saved,
                         const bn_dims *d) {
   bn_call a = {.dinp = dinp, .dgamma = dgamma, .dbeta = dbeta, .ws = ws, .inp = inp,
                .gamma = gamma, .dout = dout, .stats = saved, .d = d};
-  par_run(bn_parts(d), bn_backward_part, &a);
+  if (bn_synced(d))
+    bn_sync_backward(&a);
+  else
+    par_run(bn_parts(d), bn_backward_part, &a);
 }

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "core/clock.h"
+#include "core/dist.h"
 #include "core/err.h"
 #include "core/tensor.h"
 
@@ -80,6 +81,10 @@ void moco_free(moco_model *m) {
   tensor_free(m->xq);
   tensor_free(m->xk);
   free(m->perm);
+  tensor_free(m->x_world);
+  tensor_free(m->k_world);
+  free(m->ids_world);
+  free(m->labels_world);
   tensor_free(m->k);
   tensor_free(m->s_pos);
   tensor_free(m->dpos);
@@ -93,14 +98,28 @@ void moco_free(moco_model *m) {
   memset(m, 0, sizeof *m);
 }
 
+/* The rows of this rank's share of the batch (the whole batch in a world of one). */
+static int share(const moco_model *m) { return m->cfg.batch_size / m->world; }
+
+/* The keys of this rank's share: the positives of its query rows. */
+static float *own_keys(const moco_model *m, int B) { return m->k + (size_t)m->rank * B * m->dim; }
+
 static int alloc_buffers(moco_model *m) {
   const moco_config *c = &m->cfg;
-  int B = c->batch_size, R = query_rows(c, B);
+  int B = share(m), R = query_rows(c, B), W = m->world;
   size_t d = (size_t)m->dim, in = (size_t)m->in_len;
   m->xq = tensor_alloc((size_t)R * in);
   m->xk = tensor_alloc((size_t)R * in);
-  m->perm = malloc((size_t)R * sizeof *m->perm);
-  m->k = tensor_calloc((size_t)R * d);
+  m->perm = malloc((size_t)W * R * sizeof *m->perm);
+  m->k = tensor_calloc((size_t)W * R * d);
+  m->ids_world = malloc((size_t)W * B * sizeof *m->ids_world);
+  m->labels_world = malloc((size_t)W * B * sizeof *m->labels_world);
+  if (!m->ids_world || !m->labels_world) return MOCO_ENOMEM;
+  if (W > 1) {
+    m->x_world = tensor_alloc((size_t)W * B * in);
+    m->k_world = tensor_alloc((size_t)W * B * d);
+    if (!m->x_world || !m->k_world) return MOCO_ENOMEM;
+  }
   m->s_pos = tensor_calloc((size_t)R);
   m->dpos = tensor_calloc((size_t)R);
   m->dself = tensor_calloc((size_t)R);
@@ -121,13 +140,37 @@ static int alloc_buffers(moco_model *m) {
   return mine_selects_few(&c->mine) ? packed_init(&m->pack, R, packed_cap_for(l.cols)) : 0;
 }
 
+/* What a world of several ranks needs of the config (see moco_step in step.h). */
+static int check_world(const moco_config *c, int W) {
+  const char *no = c->symmetric                   ? "contrast.symmetric"
+                   : c->loss.loss == LOSS_NTXENT  ? "loss ntxent"
+                   : c->mine.in_batch_negatives   ? "contrast.negatives.in_batch_negatives"
+                   : adversarial(c)               ? "the adversarial strategy"
+                                                  : NULL;
+  if (no)
+    return moco_error(MOCO_ECONFIG, "%s: not available across ranks (world of %d); run one process", no,
+                      W);
+  if (c->batch_size % W)
+    return moco_error(MOCO_ECONFIG, "optim.batch_size: %d does not split evenly across a world of %d ranks",
+                      c->batch_size, W);
+  if (c->shuffle_bn_groups % W)
+    return moco_error(MOCO_ECONFIG,
+                      "contrast.shuffle_bn_groups: %d is not a multiple of the world size %d (each rank "
+                      "encodes groups / world of the shuffled batch's groups)",
+                      c->shuffle_bn_groups, W);
+  return 0;
+}
+
 int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_shape in,
               const char *path) {
   memset(m, 0, sizeof *m);
   int rc = moco_config_check(cfg);
   if (rc) return rc;
   m->cfg = *cfg;
-  int B = cfg->batch_size, R = query_rows(cfg, B);
+  m->world = dist_size();
+  m->rank = dist_rank();
+  if (m->world > 1 && (rc = check_world(cfg, m->world))) return rc;
+  int B = share(m), R = query_rows(cfg, B);
   if ((rc = net_build(&m->query, spec, in, R, path))) return rc;
   if (m->query.n_layers == 0 || m->query.layers[m->query.n_layers - 1].kind != LAYER_L2NORM) {
     net_free(&m->query);
@@ -141,7 +184,8 @@ int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_sha
   m->in_len = (int)net_shape_size(in);
   rng_init(&m->rng, cfg->seed, RNG_STREAM_SAMPLE);
   if ((rc = net_clone(&m->key, &m->query))) goto fail;
-  m->key.bn_groups = cfg->shuffle_bn_groups;
+  m->query.sync_bn = cfg->sync_bn;
+  m->key.bn_groups = cfg->shuffle_bn_groups / m->world;
   if ((rc = optim_init(&m->opt, &cfg->optim, m->query.n_params, m->query.segments,
                        m->query.n_segments)))
     goto fail;
@@ -151,7 +195,7 @@ int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_sha
   hardness_init(&m->hard, &cfg->hardness);
   if (adversarial(cfg) && (rc = advbank_init(&m->bank, &cfg->advbank, m->dim, R, &init))) goto fail;
   if ((rc = alloc_buffers(m))) {
-    moco_error(rc, "moco_init: work buffers for batch %d, queue %d", B, cfg->queue_size);
+    moco_error(rc, "moco_init: work buffers for batch %d, queue %d", cfg->batch_size, cfg->queue_size);
     goto fail;
   }
   return 0;
@@ -174,11 +218,44 @@ static const float *key_source(const float *x1, const float *x2, int B, int r, s
   return r < B ? x2 + (size_t)r * in : x1 + (size_t)(r - B) * in;
 }
 
+/* A world of several: every rank's view 2 gathered, permuted with the shared rng (the same draws on
+ * every rank), this rank's slice of the permuted batch encoded, the keys gathered and un-permuted. Equal
+ * to one process's shuffle BN on the world batch when each rank's groups are its slice's share of them. */
+static int keys_world(moco_model *m, const float *x2, int B) {
+  int n = B * m->world;
+  size_t in = (size_t)m->in_len, dim = (size_t)m->dim;
+  dist_allgather(x2, m->x_world, (size_t)B * in * sizeof(float));
+  for (int r = 0; r < n; r++) m->perm[r] = (uint32_t)r;
+  if (m->cfg.shuffle_bn_groups > 1) rng_shuffle_u32(&m->rng, m->perm, (uint32_t)n);
+  const uint32_t *slice = m->perm + (size_t)m->rank * B;
+  for (int r = 0; r < B; r++)
+    memcpy(m->xk + (size_t)r * in, m->x_world + (size_t)slice[r] * in, in * sizeof(float));
+  const float *out = net_forward(&m->key, m->xk, B);
+  if (!out) return moco_error_wrap(MOCO_ERANGE, "key encoder");
+  dist_allgather(out, m->k_world, (size_t)B * dim * sizeof(float));
+  for (int r = 0; r < n; r++)
+    memcpy(m->k + (size_t)m->perm[r] * dim, m->k_world + (size_t)r * dim, dim * sizeof(float));
+  return 0;
+}
+
+static int check_batch(const moco_model *m, int B) {
+  if (B >= 1 && B <= share(m) && (m->world == 1 || B == share(m))) return 0;
+  if (m->world > 1)
+    return moco_error(MOCO_ERANGE, "moco step: batch of %d on rank %d, each of %d ranks takes %d", B,
+                      m->rank, m->world, share(m));
+  return moco_error(MOCO_ERANGE, "moco step: batch of %d, allowed [1, batch_size = %d]", B,
+                    m->cfg.batch_size);
+}
+
 int moco_keys(moco_model *m, const float *x1, const float *x2, int B, moco_diag *d) {
-  if (B < 1 || B > m->cfg.batch_size)
-    return moco_error(MOCO_ERANGE, "moco step: batch of %d, allowed [1, batch_size = %d]", B,
-                      m->cfg.batch_size);
+  int rc = check_batch(m, B);
+  if (rc) return rc;
   double t0 = clock_now();
+  if (m->world > 1) {
+    if ((rc = keys_world(m, x2, B))) return rc;
+    if (d) d->time.keys = clock_now() - t0;
+    return 0;
+  }
   int n = key_rows(&m->cfg, B);
   size_t in = (size_t)m->in_len, dim = (size_t)m->dim;
   /* MoCo's shuffle BN: the key encoder's BatchNorm statistics come from groups of a random
@@ -227,7 +304,7 @@ static void similarities(moco_model *m, const mine_layout *l, const float *q, in
     mat_mul_ld(m->S, C, q, d, m->queue.keys, d, R, m->queue.filled, d, 0, 1, 1.0f, 0.0f);
   for (int h = 0; h < halves && l->batch_size > 0; h++)
     mat_mul_ld(m->S + (size_t)h * B * C + l->batch_off, C, q + (size_t)h * B * d, d,
-               m->k + (size_t)h * B * d, d, B, B, d, 0, 1, 1.0f, 0.0f);
+               own_keys(m, B) + (size_t)h * B * d, d, B, B, d, 0, 1, 1.0f, 0.0f);
   if (l->bank_size > 0)
     mat_mul_ld(m->S + l->bank_off, C, q, d, m->bank.w, d, R, l->bank_size, d, 0, 1, 1.0f, 0.0f);
 }
@@ -243,7 +320,7 @@ static void query_gradient(moco_model *m, const mine_layout *l, const float *q, 
   for (int h = 0; h < halves; h++) {
     size_t row0 = (size_t)h * B;
     float *dq = m->dq + row0 * d;
-    const float *dS = m->dS + row0 * C, *k = m->k + row0 * d;
+    const float *dS = m->dS + row0 * C, *k = own_keys(m, B) + row0 * d;
     if (m->packs[h].R) {
       packed_dq(&m->packs[h], a, m->queue.keys, K, k, l->batch_off, d, dq);
       continue;
@@ -254,7 +331,7 @@ static void query_gradient(moco_model *m, const mine_layout *l, const float *q, 
       mat_mul_ld(dq, d, dS + l->bank_off, C, m->bank.w, d, B, d, l->bank_size, 0, 0, a, 1.0f);
   }
   for (int r = 0; r < R; r++) {
-    vec_axpy(m->dq + (size_t)r * d, a * m->dpos[r], m->k + (size_t)r * d, (size_t)d);
+    vec_axpy(m->dq + (size_t)r * d, a * m->dpos[r], own_keys(m, B) + (size_t)r * d, (size_t)d);
     vec_axpy(m->dq + (size_t)r * d, a * m->dself[r], q + (size_t)r * d, (size_t)d);
   }
 }
@@ -284,7 +361,8 @@ static int mine_and_loss(moco_model *m, const mine_layout *l, const float *q, co
         .dim = m->dim,
         .q = q + row0 * m->dim,
         .queue_keys = l->queue_size > 0 ? m->queue.keys : NULL,
-        .batch_keys = m->k + row0 * m->dim,
+        .batch_keys = own_keys(m, B) + row0 * m->dim,
+        .row_offset = (int64_t)m->rank * B,
     };
     mine_stats st;
     double t0 = clock_now();
@@ -402,9 +480,8 @@ static int ntxent_loss(moco_model *m, const float *x1, const float *x2, int B, i
 
 int moco_loss(moco_model *m, const float *x1, const float *x2, const int64_t *ids,
               const int32_t *labels, int B, int backward, moco_diag *d) {
-  if (B < 1 || B > m->cfg.batch_size)
-    return moco_error(MOCO_ERANGE, "moco step: batch of %d, allowed [1, batch_size = %d]", B,
-                      m->cfg.batch_size);
+  int rc = check_batch(m, B);
+  if (rc) return rc;
   int warmup = 0;
   float hardness = hardness_at(&m->hard, progress(m), &warmup);
   if (m->cfg.loss.loss == LOSS_NTXENT) return ntxent_loss(m, x1, x2, B, backward, d, hardness);
@@ -421,7 +498,7 @@ int moco_loss(moco_model *m, const float *x1, const float *x2, const int64_t *id
   const float *q = m->q = net_forward(&m->query, xq, R);
   if (!q) return moco_error_wrap(MOCO_ERANGE, "query encoder");
   for (int r = 0; r < R; r++)
-    m->s_pos[r] = vec_dot(q + (size_t)r * dim, m->k + (size_t)r * dim, (size_t)dim);
+    m->s_pos[r] = vec_dot(q + (size_t)r * dim, own_keys(m, B) + (size_t)r * dim, (size_t)dim);
   double t1 = clock_now();
 
   mine_layout l;
@@ -429,7 +506,7 @@ int moco_loss(moco_model *m, const float *x1, const float *x2, const int64_t *id
   similarities(m, &l, q, B, halves);
   loss_parts lp = {.t_similarity = clock_now() - t1};
   double loss;
-  int rc = mine_and_loss(m, &l, q, ids, labels, B, halves, backward, hardness, warmup, &loss, &lp);
+  rc = mine_and_loss(m, &l, q, ids, labels, B, halves, backward, hardness, warmup, &loss, &lp);
   if (rc) return rc;
 
   double t2 = clock_now();
@@ -465,9 +542,66 @@ static int update_bank(moco_model *m, int B, float hardness) {
   return advbank_update(&m->bank, m->dS + l.bank_off, l.cols, m->q, R);
 }
 
+/* ---- a world of several ranks ---------------------------------------------------------------- */
+
+/* The step's figures over the world: means of the per-rank means (equal shares, so the world batch's
+ * means), sums of counts, the maximum of maxima. The hardness controller then sees the same signal on
+ * every rank. */
+static void world_diag(moco_diag *d) {
+  double mean[8] = {d->loss, d->pos_sim_mean, d->neg_sim_mean, d->hardest_sim_mean,
+                    d->instance_accuracy, d->negatives_per_query, (double)d->filtered,
+                    (double)d->extra_positives};
+  double fn[2] = {d->false_negative_rate >= 0 ? d->false_negative_rate : 0.0,
+                  d->false_negative_rate >= 0 ? 1.0 : 0.0};
+  double mx = d->hardest_sim_max;
+  dist_sum_f64(mean, 8);
+  dist_sum_f64(fn, 2);
+  dist_max_f64(&mx, 1);
+  double w = 1.0 / dist_size();
+  d->loss = mean[0] * w;
+  d->pos_sim_mean = (float)(mean[1] * w);
+  d->neg_sim_mean = (float)(mean[2] * w);
+  d->hardest_sim_mean = (float)(mean[3] * w);
+  d->instance_accuracy = (float)(mean[4] * w);
+  d->negatives_per_query = mean[5] * w;
+  d->filtered = (long)mean[6];
+  d->extra_positives = (long)mean[7];
+  d->false_negative_rate = fn[1] > 0 ? (float)(fn[0] / fn[1]) : -1.0f;
+  d->hardest_sim_max = (float)mx;
+}
+
+/* Each rank's gradient is of the mean over its rows; their average is the world batch's mean. */
+static void world_gradients(moco_model *m) {
+  dist_sum_f32(m->query.grads, m->query.n_params);
+  vec_scale(m->query.grads, 1.0f / (float)m->world, m->query.n_params);
+}
+
+/* Running BatchNorm statistics: each rank's moved towards its own groups; their average is what one
+ * process's split BN over all the groups gives. SyncBN's query statistics are already the world's. */
+static void world_buffers(moco_model *m) {
+  float w = 1.0f / (float)m->world;
+  dist_sum_f32(m->key.buffers, m->key.n_buffers);
+  vec_scale(m->key.buffers, w, m->key.n_buffers);
+  if (m->cfg.sync_bn) return;
+  dist_sum_f32(m->query.buffers, m->query.n_buffers);
+  vec_scale(m->query.buffers, w, m->query.n_buffers);
+}
+
+/* The world batch's ids and labels in rank order, beside its keys, for the queue. */
+static void world_ids(moco_model *m, const int64_t **ids, const int32_t **labels, int B) {
+  if (*ids) {
+    dist_allgather(*ids, m->ids_world, (size_t)B * sizeof **ids);
+    *ids = m->ids_world;
+  }
+  if (*labels) {
+    dist_allgather(*labels, m->labels_world, (size_t)B * sizeof **labels);
+    *labels = m->labels_world;
+  }
+}
+
 int moco_step(moco_model *m, const float *x1, const float *x2, const int64_t *ids,
               const int32_t *labels, int B, moco_diag *d) {
-  double t0 = clock_now();
+  double t0 = clock_now(), c0 = dist_comm_seconds();
   moco_diag local;
   if (!d) d = &local;
   memset(d, 0, sizeof *d);
@@ -481,12 +615,17 @@ int moco_step(moco_model *m, const float *x1, const float *x2, const int64_t *id
     return rc;
 
   double t1 = clock_now();
+  if (m->world > 1) {
+    world_diag(d);
+    world_gradients(m);
+    world_ids(m, &ids, &labels, B);
+  }
   optim_step(&m->opt, m->query.params, m->query.grads, lr);
   if ((rc = momentum_update_net(&m->key, &m->query, mom))) return rc;
   if (adversarial(&m->cfg) && (rc = update_bank(m, B, d->hardness))) return rc;
   if (m->queue.keys) {
     int was_full = m->queue.filled == m->queue.queue_size;
-    queue_enqueue(&m->queue, m->k, ids, labels, B, m->step);
+    queue_enqueue(&m->queue, m->k, ids, labels, B * m->world, m->step);
     /* AdCo option: once the queue first fills, the bank restarts from real keys. */
     if (adversarial(&m->cfg) && m->cfg.advbank.init_from_queue && !was_full &&
         m->queue.filled == m->queue.queue_size)
@@ -498,10 +637,12 @@ int moco_step(moco_model *m, const float *x1, const float *x2, const int64_t *id
   d->step = m->step;
   d->lr = lr;
   d->momentum = mom;
+  if (m->world > 1) world_buffers(m);
   m->step++;
   double t2 = clock_now();
   d->time.update = t2 - t1;
   d->time.total = t2 - t0;
+  d->time.comm = dist_comm_seconds() - c0;
   return 0;
 }
 
@@ -557,4 +698,33 @@ int moco_load(moco_model *m, blob_reader *r) {
   m->rng.state = state;
   m->rng.inc = inc;
   return 0;
+}
+
+/* FNV-1a over the bytes of a float array, continuing from h. */
+static uint64_t hash_floats(uint64_t h, const float *x, size_t n) {
+  const unsigned char *p = (const unsigned char *)x;
+  for (size_t i = 0; i < n * sizeof *x; i++) h = (h ^ p[i]) * 0x100000001b3ULL;
+  return h;
+}
+
+int moco_check_world(const moco_model *m) {
+  if (m->world == 1) return 0;
+  uint64_t h = 0xcbf29ce484222325ULL;
+  h = hash_floats(h, m->query.params, m->query.n_params);
+  h = hash_floats(h, m->query.buffers, m->query.n_buffers);
+  h = hash_floats(h, m->key.params, m->key.n_params);
+  h = hash_floats(h, m->key.buffers, m->key.n_buffers);
+  if (m->queue.keys) h = hash_floats(h, m->queue.keys, (size_t)m->queue.filled * m->dim);
+  uint64_t *all = malloc((size_t)m->world * sizeof *all);
+  if (!all) return moco_error(MOCO_ENOMEM, "moco_check_world: %d hashes", m->world);
+  dist_allgather(&h, all, sizeof h);
+  int bad = 0;
+  for (int r = 1; r < m->world && !bad; r++)
+    if (all[r] != all[0]) bad = r;
+  int rc = bad ? moco_error(MOCO_ESTATE, "step %lld: the model on rank %d differs from rank 0's "
+                            "(hash %016llx, rank 0 %016llx)", (long long)m->step, bad,
+                            (unsigned long long)all[bad], (unsigned long long)all[0])
+               : 0;
+  free(all);
+  return rc;
 }
