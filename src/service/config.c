@@ -82,6 +82,8 @@ const config_option config_options[] = {
     LAYERS("model.head", "[{\"type\":\"linear\",\"out\":128},{\"type\":\"relu\"}]",
            "projection head after the backbone; mocod appends linear(embed_dim) and l2norm"),
     INT("model.embed_dim", 64, 2, 4096, 0, "dimension of the L2-normalised embedding (queue keys)"),
+    BOOL("model.sync_bn", false, 0,
+         "query-encoder BatchNorm over every rank's batch (SyncBN) under mpirun; off: each rank's own"),
     /* ---- contrast ---- */
     INT("contrast.queue_size", 4096, 1, 1 << 22, 0, "K: keys kept in the queue as negatives"),
     NUM("contrast.momentum", 0.99, 0, 1, 0, "m of the key encoder: key <- m*key + (1-m)*query"),
@@ -895,6 +897,7 @@ static void map_contrast(const json_t *root, moco_config *m) {
   m->queue_size = I("contrast.queue_size");
   m->symmetric = config_bool(root, "contrast.symmetric");
   m->shuffle_bn_groups = I("contrast.shuffle_bn_groups");
+  m->sync_bn = config_bool(root, "model.sync_bn");
   m->momentum.encoder_momentum = F("contrast.momentum");
   m->momentum.schedule = enum_index(root, "contrast.momentum_schedule") ? MOMENTUM_COSINE : MOMENTUM_CONSTANT;
   static const loss_kind losses[] = {LOSS_INFONCE, LOSS_HCL, LOSS_TRIPLET, LOSS_NTXENT};
