@@ -84,16 +84,18 @@ static void lt_check(lt *t, const char *name, double h, double e_out, double e_g
   e_grad += t->nout * 0x1p-52 * mag / h;
   char what[96];
   snprintf(what, sizeof what, "%s dx", name);
-  gc_spec sx = {what, h, e_grad, 0, 1, 300};
+  gc_spec sx = {.name = what, .h = h, .atol = e_grad, .richardson = 1, .max_checks = 300};
   gc_assert(gc_check(lt_ref_loss, t, t->x, t->dx, t->nx, &sx), what);
   if (t->nw) {
     snprintf(what, sizeof what, "%s dw", name);
-    gc_spec sw = {what, h, e_grad + u * (0.5 + gc_max_abs(t->dw, t->nw)), 0, 1, 300};
+    gc_spec sw = sx;
+    sw.atol += u * (0.5 + gc_max_abs(t->dw, t->nw));
     gc_assert(gc_check(lt_ref_loss, t, t->w, t->dw, t->nw, &sw), what);
   }
   if (t->nb) {
     snprintf(what, sizeof what, "%s db", name);
-    gc_spec sb = {what, h, e_grad + u * (0.5 + gc_max_abs(t->db, t->nb)), 0, 1, 300};
+    gc_spec sb = sx;
+    sb.atol += u * (0.5 + gc_max_abs(t->db, t->nb));
     gc_assert(gc_check(lt_ref_loss, t, t->b, t->db, t->nb, &sb), what);
   }
 }

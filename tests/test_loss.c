@@ -150,7 +150,8 @@ static void check_gradients(case_t *t, const char *what) {
   double h = tri ? 1e-5 : c->temperature / 1000.0;
   char name[96];
   snprintf(name, sizeof name, "%s dS", what);
-  gc_spec spec = {name, h, gc_atol(h, 0, 0, 0, roundings, g), 8 * 0x1p-24, 1, B * C};
+  gc_spec spec = {.name = name, .h = h, .atol = gc_atol(h, 0, 0, 0, roundings, g), .rtol = 8 * 0x1p-24,
+                  .richardson = 1, .max_checks = B * C};
   gc_assert(gc_check(eval_ref, t, t->S, t->dS, B * C, &spec), name);
   snprintf(name, sizeof name, "%s dpos", what);
   gc_assert(gc_check(eval_ref, t, t->s_pos, t->dpos, B, &spec), name);
@@ -311,8 +312,8 @@ static double eval_ntxent_ref(void *ctx) { return ref_ntxent(ctx); }
 static gc_spec ntxent_spec(const char *name, double tau) {
   const double h = 1e-3, R = 2 * NB;
   double m3 = (0.8 + 0.1 * (R - 1)) / (tau * tau * tau * R);
-  return (gc_spec){name, h, gc_atol(h, 0, 0, m3, 2 * NB + NK + 8, 2 * 2.0 / (R * tau)), 8 * 0x1p-24, 0,
-                   2 * NB * ND};
+  return (gc_spec){.name = name, .h = h, .atol = gc_atol(h, 0, 0, m3, 2 * NB + NK + 8, 2 * 2.0 / (R * tau)),
+                   .rtol = 8 * 0x1p-24, .max_checks = 2 * NB * ND};
 }
 
 START_TEST(ntxent_matches_formula_and_gradient_with_and_without_queue) {

@@ -2,10 +2,12 @@
  * vs eval, clone, init, save/load. */
 #include <check.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/err.h"
+#include "core/layers.h"
 #include "core/net.h"
 #include "core/tensor.h"
 #include "testutil.h"
@@ -154,30 +156,170 @@ END_TEST
 
 /* ---- end-to-end gradient ---- */
 
+/* The network's forward in double from the same parameters, layer by layer (the formulas test_layers
+ * checks each float layer against). *regime hashes every ReLU's sign and every max-pool window's
+ * winner: the piece of the piecewise-smooth loss the input falls in. */
 typedef struct {
   net *n;
   float *x, *r;
   int B;
+  double *a, *b; /* activations, [B, largest layer] each */
+  uint64_t regime;
+  double xhat2, scale; /* a training BatchNorm's largest xhat² and rstd·|γ| */
 } net_ctx;
 
-static double net_loss(void *ctx) {
+static void mix(uint64_t *h, uint64_t v) { *h = (*h ^ v) * 0x100000001b3ULL; }
+
+static void ref_bn(const net *n, const layer *L, const double *x, double *y, int B, double *xhat2,
+                   double *scale) {
+  int C = L->in_shape.c, S = L->in_shape.h * L->in_shape.w;
+  int G = n->bn_groups < 1 ? 1 : n->bn_groups > B ? B : n->bn_groups;
+  const float *gamma = n->params + L->w_off, *beta = n->params + L->b_off, *rm = n->buffers + L->buf_off;
+  for (int g = 0; g < G; g++) {
+    int b0 = g * B / G, b1 = (g + 1) * B / G;
+    for (int c = 0; c < C; c++) {
+      double m = 0, v = 0, cnt = (double)(b1 - b0) * S;
+      for (int b = b0; b < b1; b++)
+        for (int p = 0; p < S; p++) m += x[((size_t)b * C + c) * S + p];
+      m /= cnt;
+      for (int b = b0; b < b1; b++)
+        for (int p = 0; p < S; p++) v += pow(x[((size_t)b * C + c) * S + p] - m, 2);
+      v /= cnt;
+      if (!n->training) m = rm[c], v = rm[C + c];
+      for (int b = b0; b < b1; b++)
+        for (int p = 0; p < S; p++) {
+          size_t i = ((size_t)b * C + c) * S + p;
+          double xhat = (x[i] - m) / sqrt(v + L->bn_eps);
+          if (n->training) *xhat2 = fmax(*xhat2, xhat * xhat);
+          if (n->training) *scale = fmax(*scale, fabs(gamma[c]) / sqrt(v + L->bn_eps));
+          y[i] = xhat * gamma[c] + beta[c];
+        }
+    }
+  }
+}
+
+/* conv2d (w != NULL) or maxpool over one sample's planes */
+static void ref_window(const net *n, const layer *L, const double *x, double *y, int B, uint64_t *h) {
+  net_shape in = L->in_shape, out = L->out_shape;
+  int K = L->kernel, conv = L->kind == LAYER_CONV2D;
+  const float *w = n->params + L->w_off, *bias = L->bias ? n->params + L->b_off : NULL;
+  for (int b = 0; b < B; b++)
+    for (int o = 0; o < out.c; o++)
+      for (int oh = 0; oh < out.h; oh++)
+        for (int ow = 0; ow < out.w; ow++) {
+          double s = conv ? (bias ? bias[o] : 0.0) : -INFINITY;
+          int win = -1;
+          for (int c = conv ? 0 : o; c < (conv ? in.c : o + 1); c++)
+            for (int i = 0; i < K; i++)
+              for (int j = 0; j < K; j++) {
+                int ih = oh * L->stride - L->pad + i, iw = ow * L->stride - L->pad + j;
+                if (ih < 0 || ih >= in.h || iw < 0 || iw >= in.w) continue;
+                double v = x[(((size_t)b * in.c + c) * in.h + ih) * in.w + iw];
+                if (conv) s += v * w[((o * in.c + c) * K + i) * K + j];
+                else if (v > s) s = v, win = i * K + j;
+              }
+          if (!conv) mix(h, (uint64_t)win);
+          y[(((size_t)b * out.c + o) * out.h + oh) * out.w + ow] = s;
+        }
+}
+
+static void ref_layer(net_ctx *ctx, const layer *L, const double *x, double *y) {
+  const net *n = ctx->n;
+  int B = ctx->B;
+  uint64_t *h = &ctx->regime;
+  size_t in = net_shape_size(L->in_shape), out = net_shape_size(L->out_shape);
+  const float *w = n->params + L->w_off;
+  switch (L->kind) {
+  case LAYER_LINEAR:
+    for (int b = 0; b < B; b++)
+      for (size_t o = 0; o < out; o++) {
+        double s = L->bias ? n->params[L->b_off + o] : 0.0;
+        for (size_t c = 0; c < in; c++) s += x[b * in + c] * w[o * in + c];
+        y[b * out + o] = s;
+      }
+    break;
+  case LAYER_BATCHNORM: ref_bn(n, L, x, y, B, &ctx->xhat2, &ctx->scale); break;
+  case LAYER_RELU:
+    for (size_t i = 0; i < (size_t)B * in; i++) {
+      y[i] = x[i] > 0 ? x[i] : 0.0;
+      mix(h, x[i] > 0);
+    }
+    break;
+  case LAYER_CONV2D:
+  case LAYER_MAXPOOL: ref_window(n, L, x, y, B, h); break;
+  case LAYER_AVGPOOL:
+    for (size_t p = 0; p < (size_t)B * out; p++) {
+      double s = 0;
+      for (size_t i = 0; i < in / out; i++) s += x[p * (in / out) + i];
+      y[p] = s / (double)(in / out);
+    }
+    break;
+  case LAYER_FLATTEN: memcpy(y, x, (size_t)B * in * sizeof *y); break;
+  case LAYER_L2NORM:
+    for (int b = 0; b < B; b++) {
+      double s = 0;
+      for (size_t i = 0; i < in; i++) s += x[b * in + i] * x[b * in + i];
+      for (size_t i = 0; i < in; i++) y[b * in + i] = x[b * in + i] / fmax(sqrt(s), L2NORM_EPS);
+    }
+    break;
+  }
+}
+
+static double net_ref_loss(void *ctx) {
   net_ctx *c = ctx;
-  const float *y = net_forward(c->n, c->x, c->B);
+  const net *n = c->n;
+  size_t nin = net_shape_size(n->in_shape) * c->B;
+  for (size_t i = 0; i < nin; i++) c->a[i] = c->x[i];
+  c->regime = 0xcbf29ce484222325ULL;
+  c->xhat2 = 0.0, c->scale = 1.0;
+  for (int l = 0; l < n->n_layers; l++) {
+    ref_layer(c, &n->layers[l], c->a, c->b);
+    double *t = c->a;
+    c->a = c->b, c->b = t;
+  }
   double s = 0.0;
-  for (size_t i = 0; i < net_shape_size(c->n->out_shape) * c->B; i++) s += (double)y[i] * c->r[i];
+  for (size_t i = 0; i < net_shape_size(n->out_shape) * c->B; i++) s += c->a[i] * c->r[i];
   return s;
 }
 
-/* Finite differences through ReLU and MaxPool meet kinks: when a step of h moves some unit across zero
- * (or changes a pool winner), the difference quotient is off by up to half that unit's share, whatever
- * h is. So each entry is checked on its own and a few kink hits are tolerated; a wrong gradient fails
- * nearly every entry. Returns the fraction of entries off by more than tol. */
-static double fraction_wrong(net_ctx *c, float *x, const float *g, size_t n, size_t checks,
-                             double tol) {
-  size_t stride = n > checks ? n / checks : 1, bad = 0, total = 0;
-  for (size_t i = 0; i < n; i += stride, total++)
-    bad += gradcheck(net_loss, c, x + i, g + i, 1, 1e-3f, 1, 5e-2) > tol;
-  return (double)bad / (double)total;
+static uint64_t net_regime(void *ctx) { return ((net_ctx *)ctx)->regime; }
+
+/* Gradient of the float network (net_backward) against differences of its double forward, on the
+ * pieces where the loss is smooth (gc_spec.regime: a coordinate whose steps flip a ReLU or a max-pool
+ * winner is skipped, and at most a tenth may be). Rounding of the backward, at the gradient's own scale:
+ * each layer's backward is float sums bounded as in test_layers (linear and conv2d: fan-in + fan-out
+ * terms; l2norm: (C + 4)(1 + C); elementwise layers a few roundings), and a training BatchNorm's
+ * backward γ·rstd·(dy - mean(dy) - xhat·mean(dy·xhat)) amplifies what reaches it by up to
+ * (2 + xhat²)·rstd·|γ| (both at their largest in the double forward; small groups have large rstd).
+ * So atol = u·Σ_l (n_l + 8)·(2 + xhat²)·max(1, rstd·|γ|)·max|g|. */
+static void check_net_grad(net_ctx *c, const char *what, float *x, const float *g, size_t n, double roundings) {
+  net_ref_loss(c);
+  double amp = c->n->training ? (2.0 + c->xhat2) * c->scale : 1.0;
+  gc_spec s = {.name = what, .h = 1e-3, .atol = roundings * amp * 0x1p-24 * gc_max_abs(g, n), .richardson = 1,
+               .max_checks = 200, .regime = net_regime};
+  gc_result r = gc_check(net_ref_loss, c, x, g, n, &s);
+  gc_assert(r, what);
+  ck_assert_msg(r.skipped * 10 <= r.checked + r.skipped, "%s: %zu of %zu coordinates cross a kink", what,
+                r.skipped, r.checked + r.skipped);
+}
+
+/* Σ over layers of (n_l + 8), n_l the terms of the layer's backward sums (see check_net_grad). */
+static double net_roundings(const net *n, int B) {
+  double sum = 0;
+  for (int l = 0; l < n->n_layers; l++) {
+    const layer *L = &n->layers[l];
+    double in = (double)net_shape_size(L->in_shape), k2 = (double)L->kernel * L->kernel, nl = 0;
+    switch (L->kind) {
+    case LAYER_CONV2D: nl = L->in_shape.c * k2 + L->out_features * k2; break;
+    case LAYER_LINEAR: nl = in + L->out_features; break;
+    case LAYER_L2NORM: nl = (in + 4) * (1 + in); break;
+    case LAYER_MAXPOOL: nl = k2; break;
+    case LAYER_BATCHNORM: nl = 2.0 * B * L->in_shape.h * L->in_shape.w; break; /* dγ, dβ sums */
+    default: break;
+    }
+    sum += nl + 8;
+  }
+  return sum;
 }
 
 static void net_gradcheck(const char *text, net_shape in, int B, int groups, int training) {
@@ -189,7 +331,10 @@ static void net_gradcheck(const char *text, net_shape in, int B, int groups, int
   n.bn_groups = groups;
   n.training = training;
   size_t nin = net_shape_size(in) * B, nout = net_shape_size(n.out_shape) * B;
-  net_ctx c = {&n, tensor_alloc(nin), tensor_alloc(nout), B};
+  size_t widest = net_shape_size(in);
+  for (int l = 0; l < n.n_layers; l++) widest = widest > net_shape_size(n.layers[l].out_shape) ? widest : net_shape_size(n.layers[l].out_shape);
+  net_ctx c = {&n, tensor_alloc(nin), tensor_alloc(nout), B, malloc(widest * B * sizeof(double)),
+               malloc(widest * B * sizeof(double)), 0, 0, 0};
   float *dx = tensor_alloc(nin);
   fill_uniform(c.x, nin, &r, -1, 1);
   fill_uniform(c.r, nout, &r, -1, 1);
@@ -198,23 +343,25 @@ static void net_gradcheck(const char *text, net_shape in, int B, int groups, int
     if (n.layers[n.segments[s].layer].kind == LAYER_BATCHNORM)
       fill_uniform(n.params + n.segments[s].off, n.segments[s].len, &r, 0.5f, 1.5f);
   fill_uniform(n.buffers, n.n_buffers, &r, 0.5f, 1.5f);
-  net_loss(&c);
+  net_forward(&n, c.x, B);
   net_zero_grad(&n);
   ck_assert_int_eq(net_backward(&n, c.r, dx, B), 0);
-  double ex = fraction_wrong(&c, c.x, dx, nin, 200, 2e-2);
-  double ep = fraction_wrong(&c, n.params, n.grads, n.n_params, 400, 2e-2);
-  ck_assert_msg(ex <= 0.03 && ep <= 0.03,
-                "%s B=%d G=%d: wrong input gradients %.1f%%, parameters %.1f%%", text, B, groups,
-                100 * ex, 100 * ep);
+  char what[96];
+  double k = net_roundings(&n, B);
+  snprintf(what, sizeof what, "net %.20s.. B %d G %d%s dx", text + 12, B, groups, training ? "" : " eval");
+  check_net_grad(&c, what, c.x, dx, nin, k);
+  snprintf(what, sizeof what, "net %.20s.. B %d G %d%s dparams", text + 12, B, groups, training ? "" : " eval");
+  check_net_grad(&c, what, n.params, n.grads, n.n_params, k);
   /* Backward without dx gives the same parameter gradients (the first layer skips its input gradient). */
   float *g1 = tensor_alloc(n.n_params);
   memcpy(g1, n.grads, n.n_params * sizeof(float));
-  net_loss(&c);
+  net_forward(&n, c.x, B);
   net_zero_grad(&n);
   ck_assert_int_eq(net_backward(&n, c.r, NULL, B), 0);
   for (size_t i = 0; i < n.n_params; i++) ck_assert(g1[i] == n.grads[i]);
   tensor_free(g1);
   tensor_free(c.x), tensor_free(c.r), tensor_free(dx);
+  free(c.a), free(c.b);
   net_free(&n);
 }
 

@@ -3,6 +3,7 @@
 #define MOCO_TESTS_TESTUTIL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "core/clock.h"
 #include "core/net.h"
@@ -44,15 +45,19 @@ typedef struct {
   double atol, rtol;
   int richardson;    /* add |D(2h) - D(h)| to each coordinate's tolerance (see above) */
   size_t max_checks; /* coordinates checked, spread over x; the largest |a_i| is always among them */
+  /* Optional: an id of the piece of a piecewise-smooth loss the last evaluation fell in (ReLU signs,
+   * max-pool winners). A coordinate whose steps leave the piece of x is skipped: a difference across
+   * a kink is no derivative. */
+  uint64_t (*regime)(void *ctx);
 } gc_spec;
 
 typedef struct {
   double ratio;       /* worst |a_i - f_i| / tol_i over the coordinates checked: passes below 1 */
   size_t worst_i;     /* where, with a, f and tol there */
   double a, f, tol;
-  size_t checked;
+  size_t checked, skipped;
   double plant_ratio; /* |1.01·a_k - f_k| / tol_k at the largest |a_k|: a 1% error planted in that
-                       * entry is reported when this is >= 1 */
+                       * entry is reported when this is >= 1; among coordinates not skipped */
 } gc_result;
 
 /* Runs the check; x is restored. Prints name, ratio and planted ratio when MOCOD_GC_VERBOSE=1. */
