@@ -773,11 +773,60 @@ START_TEST(resume_flags_choose_where_to_start) {
 }
 END_TEST
 
-/* Every shipped config trains: its strategy and loss run for two steps, on the sample data with the
- * tiny network (the shipped networks are sized for the full data set and a longer budget). */
-START_TEST(every_shipped_config_runs) {
-  static const char *names[] = {"default", "moco", "random", "semi-hard", "band", "mixing", "adversarial",
-                                "hcl", "triplet", "simclr", "curriculum", "dynamic", "guards", NULL};
+/* What a shipped config's run must show in its progress event after two steps of batch B = 128 with
+ * queue_size 256 and num_negatives 16 (the event averages steps 1 and 2: the queue holds no key at step
+ * 1 and B at step 2, so "all candidates" averages F = 64 and n = 16 averages 8). Values < 0: not
+ * asserted. */
+typedef struct {
+  const char *name;
+  double negatives, filtered, hardness, temperature;
+} config_expect;
+
+static const config_expect shipped[] = {
+    {"default", 8, 0, 1, 0.1},     /* hardest, n = 16 */
+    {"moco", 64, 0, 1, 0.1},       /* all */
+    {"random", 8, 0, 1, 0.1},      /* n = 16 at random */
+    {"semi-hard", -1, 0, 1, 0.1},  /* at most n: rows whose band and the hardest below hold fewer */
+    {"band", 18, 0, 1, 0.1},       /* ranks [floor(0.02 B), floor(0.3 B)) = [2, 38) at step 2 */
+    {"mixing", 448, 0, 1, 0.1},    /* every candidate and 512 + 256 synthetic at step 2: (0 + 896) / 2 */
+    {"adversarial", 256, 0, 1, 0.1}, /* the whole bank (bank_size 256) at both steps, no queue */
+    {"hcl", 64, 0, 1, 0.1},        /* all, HCL loss */
+    {"triplet", 8, 0, 1, 0.1},     /* hardest n = 16, triplet loss */
+    {"simclr", 318, 0, 1, 0.5},    /* the other 2(B - 1) views plus the queue: 254 + 64; tau 0.5 */
+    /* curriculum: at step index 1 of 2 (progress 0.5), past warm-up 0.1, cosine: (1 - cos(pi 0.4/0.9))/2;
+     * n(h) = 4096^(1-h) 16^h > B, so every candidate */
+    {"curriculum", 64, 0, -1, 0.1},
+    {"dynamic", 64, 0, -1, 0.1},   /* starts at 0.5 and moves at most max_step 0.01 per step */
+    {"guards", 8, 0.5, 1, 0.1},    /* hardest 16 and floor(0.01 B) = 1 suspect per query at step 2 */
+};
+
+/* The last progress event of a run's progress log. */
+static json_t *last_progress(const char *log) {
+  char *text = slurp(path_in(log));
+  ck_assert_msg(text != NULL, "%s: no progress log", log);
+  json_t *last = NULL;
+  for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+    json_t *j = json_loads(line, 0, NULL);
+    if (j && !strcmp(json_string_value(json_object_get(j, "event")), "progress")) {
+      json_decref(last);
+      last = j;
+    } else {
+      json_decref(j);
+    }
+  }
+  free(text);
+  ck_assert_msg(last != NULL, "%s: no progress event", log);
+  return last;
+}
+
+static double field(json_t *ev, const char *key) { return json_number_value(json_object_get(ev, key)); }
+
+/* Every shipped config trains, and its strategy and loss are the ones that ran: the progress event's
+ * negatives per query, filtered count, hardness and temperature are what the config's strategy gives
+ * (config_expect), and the loss is the configured one (HCL and triplet differ from InfoNCE on the
+ * same state; triplet's hinge is below 2 + margin). Two steps each, on the sample data with the tiny
+ * network (the shipped networks are sized for the full data set and a longer budget). */
+START_TEST(every_shipped_config_runs_its_strategy_and_loss) {
   json_t *tiny = NULL;
   json_error_t e;
   tiny = json_load_file(config_path(), 0, &e);
@@ -791,23 +840,50 @@ START_TEST(every_shipped_config_runs) {
   free(backbone);
   free(head);
   json_decref(tiny);
-  for (int i = 0; names[i]; i++) {
-    char cfg[PATH_MAX + 64], ck[64], train[128], eval[128];
-    snprintf(cfg, sizeof cfg, "%s/config/%s.json", repo_dir, names[i]);
-    snprintf(ck, sizeof ck, "checkpoint.dir=ck-%s", names[i]);
-    snprintf(train, sizeof train, "data.train=fmnist-train-images-idx3-ubyte.gz");
-    snprintf(eval, sizeof eval, "data.eval=fmnist-t10k-images-idx3-ubyte.gz");
-    int rc = run_prog("mocod", path_in("out.txt"), 1, "-c", cfg, "--set", data_set, "--set", train, "--set",
-                      eval, "--set", set_backbone, "--set", set_head, "--set", "model.embed_dim=16", "--set",
-                      "optim.batch_size=32", "--set", "optim.steps=2", "--set", "contrast.queue_size=256",
-                      "--set", "contrast.shuffle_bn_groups=2", "--set", "contrast.negatives.bank_size=256",
+  const size_t n = sizeof shipped / sizeof *shipped;
+  double loss[sizeof shipped / sizeof *shipped];
+  for (size_t i = 0; i < n; i++) {
+    const config_expect *x = &shipped[i];
+    char cfg[PATH_MAX + 64], ck[64], log[64], set_log[96];
+    snprintf(cfg, sizeof cfg, "%s/config/%s.json", repo_dir, x->name);
+    snprintf(ck, sizeof ck, "checkpoint.dir=ck-%s", x->name);
+    snprintf(log, sizeof log, "progress-%s.jsonl", x->name);
+    snprintf(set_log, sizeof set_log, "log.progress=%s", log);
+    int rc = run_prog("mocod", path_in("out.txt"), 1, "-c", cfg, "--set", data_set, "--set",
+                      "data.train=fmnist-train-images-idx3-ubyte.gz", "--set",
+                      "data.eval=fmnist-t10k-images-idx3-ubyte.gz", "--set", set_backbone, "--set", set_head,
+                      "--set", "model.embed_dim=16", "--set", "optim.batch_size=128", "--set", "optim.steps=2",
+                      "--set", "contrast.queue_size=256", "--set", "contrast.shuffle_bn_groups=2", "--set",
+                      "contrast.negatives.bank_size=256", "--set", "contrast.negatives.num_negatives=16",
                       "--set", "eval.probe_at_end=false", "--set", "eval.train_limit=300", "--set",
                       "eval.limit=100", "--set", "threads=1", "--set", "service.exit_on_finish=true", "--set",
-                      ck, NULL);
+                      ck, "--set", set_log, NULL);
     char *out = slurp(path_in("out.txt"));
-    ck_assert_msg(rc == 0, "config/%s.json: exit %d: %s", names[i], rc, out ? out : "");
+    ck_assert_msg(rc == 0, "config/%s.json: exit %d: %s", x->name, rc, out ? out : "");
     free(out);
+    json_t *ev = last_progress(log);
+    ck_assert_int_eq(json_integer_value(json_object_get(ev, "step")), 2);
+    double negs = field(ev, "negatives"), h = field(ev, "hardness");
+    loss[i] = field(ev, "loss");
+    ck_assert_msg(isfinite(loss[i]) && loss[i] >= 0, "%s: loss %g", x->name, loss[i]);
+    if (x->negatives >= 0)
+      ck_assert_msg(negs == x->negatives, "%s: %g negatives per query, want %g", x->name, negs, x->negatives);
+    else
+      ck_assert_msg(negs > 7 && negs <= 8, "%s: %g negatives per query, want (7, 8]", x->name, negs);
+    ck_assert_msg(field(ev, "filtered") == x->filtered, "%s: filtered %g, want %g", x->name,
+                  field(ev, "filtered"), x->filtered);
+    ck_assert_msg(fabs(field(ev, "temperature") - x->temperature) < 1e-6, "%s: temperature %g", x->name,
+                  field(ev, "temperature"));
+    if (x->hardness >= 0) ck_assert_msg(h == x->hardness, "%s: hardness %g", x->name, h);
+    if (!strcmp(x->name, "curriculum"))
+      ck_assert_msg(fabs(h - (1 - cos(M_PI * 0.4 / 0.9)) / 2) < 1e-5, "curriculum: hardness %g", h);
+    if (!strcmp(x->name, "dynamic")) ck_assert_msg(fabs(h - 0.5) <= 0.02 + 1e-6, "dynamic: hardness %g", h);
+    json_decref(ev);
   }
+  /* moco (InfoNCE) and hcl run the same steps up to the loss, default (InfoNCE) and triplet the same
+   * selection: equal losses would mean the configured loss did not run. */
+  ck_assert_msg(fabs(loss[7] - loss[1]) > 1e-4, "hcl loss %g equals InfoNCE's %g", loss[7], loss[1]);
+  ck_assert_msg(fabs(loss[8] - loss[0]) > 1e-2 && loss[8] <= 2.2, "triplet loss %g (InfoNCE %g)", loss[8], loss[0]);
 }
 END_TEST
 
@@ -845,7 +921,7 @@ Suite *daemon_suite(void) {
   tcase_add_test(tc, signals_stop_with_checkpoint_and_reopen_logs);
   tcase_add_test(tc, resume_is_exact);
   tcase_add_test(tc, resume_flags_choose_where_to_start);
-  tcase_add_test(tc, every_shipped_config_runs);
+  tcase_add_test(tc, every_shipped_config_runs_its_strategy_and_loss);
   tcase_add_test(tc, config_reference_is_current);
   suite_add_tcase(s, tc);
   return s;

@@ -201,6 +201,130 @@ START_TEST(step_gradient_ntxent_with_queue_and_adversarial) {
 }
 END_TEST
 
+/* ---- shuffle BN ---- */
+
+/* The key encoder sees the batch permuted into shuffle_bn_groups groups and its keys are put back in
+ * batch order: every sample's key must be what the key encoder gives that sample's input next to the
+ * other members of its group (a forward of the group alone, one BatchNorm group), stored at the
+ * sample's own row. A key left in permuted order, or computed over other groups, fails. */
+START_TEST(shuffle_bn_keys_come_back_in_batch_order) {
+  moco_config c;
+  tiny_config(&c);
+  c.shuffle_bn_groups = 2;
+  tiny_t *t = calloc(1, sizeof *t);
+  ck_assert_int_eq(build(&t->m, &c, TINY, TIN), 0);
+  moco_model *m = &t->m;
+  rng_t r;
+  rng_init(&r, 17, 1);
+  tiny_batch(t, &r, 0);
+  ck_assert_int_eq(moco_keys(m, t->x1, t->x2, TB, NULL), 0);
+  float keys[TB * 8];
+  ck_assert_int_le(m->dim, 8);
+  const int d = m->dim, G = c.shuffle_bn_groups, n = TB / G;
+  memcpy(keys, m->k, (size_t)TB * d * sizeof(float));
+  uint32_t perm[TB];
+  memcpy(perm, m->perm, sizeof perm);
+  int seen[TB] = {0}, moved = 0, mixed = 0;
+  for (int i = 0; i < TB; i++) seen[perm[i]]++, moved += perm[i] != (uint32_t)i;
+  for (int i = 0; i < TB; i++) ck_assert_int_eq(seen[i], 1);
+  ck_assert_msg(moved > 0, "the permutation is the identity: the case tests nothing");
+  m->key.bn_groups = 1;
+  float xg[TB * TIN];
+  for (int g = 0; g < G; g++) {
+    for (int j = 0; j < n; j++) {
+      memcpy(xg + j * TIN, t->x2 + perm[g * n + j] * TIN, TIN * sizeof(float));
+      mixed += (int)perm[g * n + j] / n != g; /* a sample outside its contiguous group */
+    }
+    const float *out = net_forward(&m->key, xg, n);
+    ck_assert_ptr_nonnull(out);
+    for (int j = 0; j < n; j++)
+      for (int k = 0; k < d; k++)
+        ck_assert_msg(fabsf(keys[perm[g * n + j] * d + k] - out[j * d + k]) < 1e-5f, "sample %u: key %d",
+                      perm[g * n + j], k);
+  }
+  ck_assert_msg(mixed > 0, "the groups are the contiguous ones: the case tests nothing");
+  moco_free(m);
+  free(t);
+}
+END_TEST
+
+/* ---- AdCo's bank at its own temperature ---- */
+
+typedef struct {
+  const moco_model *m;
+  int R, cols, off;
+  double tau;
+} bank_ctx;
+
+/* The bank's InfoNCE at advbank.temperature over the step's rows, in double, as a function of the bank
+ * vectors through w / |w|: at a unit w its gradient is the tangent projection (I - w wᵀ)∇L, which
+ * is what advbank_update ascends. Columns other than the bank keep the step's similarities. */
+static double bank_ref_loss(void *ctx) {
+  const bank_ctx *c = ctx;
+  const moco_model *m = c->m;
+  const int d = m->dim;
+  double total = 0.0;
+  for (int i = 0; i < c->R; i++) {
+    double pos = m->s_pos[i] / c->tau, den = exp(pos);
+    for (int j = 0; j < c->cols; j++) {
+      uint8_t mk = m->mask[(size_t)i * c->cols + j];
+      if (mk == MINE_OFF) continue;
+      ck_assert_int_eq(mk, MINE_NEG);
+      double s = m->S[(size_t)i * c->cols + j];
+      if (j >= c->off && j < c->off + m->bank.size) {
+        const float *w = m->bank.w + (size_t)(j - c->off) * d, *q = m->q + (size_t)i * d;
+        double dot = 0.0, n2 = 0.0;
+        for (int t = 0; t < d; t++) dot += (double)q[t] * w[t], n2 += (double)w[t] * w[t];
+        s = dot / sqrt(n2);
+      }
+      den += exp(s / c->tau);
+    }
+    total += log(den) - pos;
+  }
+  return total / c->R;
+}
+
+/* The bank's gradient comes from the loss at its own temperature (advbank.temperature, here 0.2 against
+ * the encoder's 0.5), not the encoder's: after a step with lr 0 (w stays put), bank.g holds the tangent
+ * gradient the bank ascended, checked against differences of bank_ref_loss. A gradient taken at the
+ * encoder's temperature is off by far more than the tolerance. Rounding of g: dS at the bank columns is
+ * p/(τR) from float exponentials and a float row sum of cols terms ((cols + 2/τ + 16)·u relative), the
+ * sgemm dSᵀ·Q adds R terms of at most 1/(τR), the projection g - (g·w)w d more: atol =
+ * (cols + 2/τ + R + d + 24)·u/τ. */
+START_TEST(adco_bank_gradient_is_taken_at_its_own_temperature) {
+  moco_config c;
+  tiny_config(&c);
+  c.mine.strategy = MINE_ADVERSARIAL;
+  c.mine.bank_size = c.advbank.bank_size = 7;
+  c.advbank.temperature = 0.2f;
+  c.advbank.lr = 0.0f;
+  c.advbank.momentum = 0.0f;
+  c.advbank.weight_decay = 0.0f;
+  c.advbank.init_from_queue = 0;
+  tiny_t *t = calloc(1, sizeof *t);
+  ck_assert_int_eq(build(&t->m, &c, TINY, TIN), 0);
+  moco_model *m = &t->m;
+  rng_t r;
+  rng_init(&r, 13, 1);
+  tiny_batch(t, &r, 0);
+  ck_assert_int_eq(moco_step(m, t->x1, t->x2, t->ids, t->labels, TB, NULL), 0);
+  mine_layout l;
+  mine_layout_init(&l, &c.mine, 0, TB);
+  bank_ctx ctx = {m, TB, l.cols, l.bank_off, c.advbank.temperature};
+  double tau = c.advbank.temperature;
+  gc_spec spec = {.name = "adco bank, own temperature", .h = 1e-3,
+                  .atol = (l.cols + 2 / tau + TB + m->dim + 24) * 0x1p-24 / tau, .rtol = 4 * 0x1p-24,
+                  .richardson = 1, .max_checks = 100};
+  size_t n = (size_t)m->bank.size * m->dim;
+  gc_assert(gc_check(bank_ref_loss, &ctx, m->bank.w, m->bank.g, n, &spec), spec.name);
+  /* the same differences at the encoder's temperature disagree */
+  ctx.tau = c.loss.temperature;
+  ck_assert(gc_check(bank_ref_loss, &ctx, m->bank.w, m->bank.g, n, &spec).ratio > 1.0);
+  moco_free(m);
+  free(t);
+}
+END_TEST
+
 START_TEST(step_rejects_bad_configs_and_batches) {
   moco_config c;
   tiny_config(&c);
@@ -405,6 +529,8 @@ Suite *step_suite(void) {
   tcase_add_test(tc, packed_rows_give_the_dense_loss_and_gradient);
   tcase_add_test(tc, step_gradient_mixing_and_triplet_mean);
   tcase_add_test(tc, step_gradient_ntxent_with_queue_and_adversarial);
+  tcase_add_test(tc, adco_bank_gradient_is_taken_at_its_own_temperature);
+  tcase_add_test(tc, shuffle_bn_keys_come_back_in_batch_order);
   tcase_add_test(tc, step_rejects_bad_configs_and_batches);
   tcase_add_test(tc, short_run_on_clusters_learns);
   tcase_add_test(tc, same_seed_gives_bit_identical_parameters);
