@@ -322,7 +322,7 @@ static double net_roundings(const net *n, int B) {
   return sum;
 }
 
-static void net_gradcheck(const char *text, net_shape in, int B, int groups, int training) {
+static void net_gradcheck(const char *label, const char *text, net_shape in, int B, int groups, int training) {
   net n;
   ck_assert_msg(build(&n, text, in, B + 2) == 0, "%s", moco_errmsg());
   rng_t r;
@@ -348,9 +348,9 @@ static void net_gradcheck(const char *text, net_shape in, int B, int groups, int
   ck_assert_int_eq(net_backward(&n, c.r, dx, B), 0);
   char what[96];
   double k = net_roundings(&n, B);
-  snprintf(what, sizeof what, "net %.20s.. B %d G %d%s dx", text + 12, B, groups, training ? "" : " eval");
+  snprintf(what, sizeof what, "net %s B %d G %d%s dx", label, B, groups, training ? "" : " eval");
   check_net_grad(&c, what, c.x, dx, nin, k);
-  snprintf(what, sizeof what, "net %.20s.. B %d G %d%s dparams", text + 12, B, groups, training ? "" : " eval");
+  snprintf(what, sizeof what, "net %s B %d G %d%s dparams", label, B, groups, training ? "" : " eval");
   check_net_grad(&c, what, n.params, n.grads, n.n_params, k);
   /* Backward without dx gives the same parameter gradients (the first layer skips its input gradient). */
   float *g1 = tensor_alloc(n.n_params);
@@ -372,17 +372,17 @@ START_TEST(whole_network_gradients_match_finite_differences) {
       "{\"type\":\"maxpool\",\"kernel\":2},{\"type\":\"flatten\"},{\"type\":\"linear\",\"out\":6},"
       "{\"type\":\"batchnorm\"},{\"type\":\"relu\"},{\"type\":\"linear\",\"out\":5},{\"type\":"
       "\"l2norm\"}]";
-  net_gradcheck(cnn, (net_shape){2, 6, 5}, 4, 1, 1);
-  net_gradcheck(cnn, (net_shape){2, 6, 5}, 6, 2, 1);
-  net_gradcheck(cnn, (net_shape){2, 6, 5}, 3, 1, 0);
+  net_gradcheck("cnn", cnn, (net_shape){2, 6, 5}, 4, 1, 1);
+  net_gradcheck("cnn", cnn, (net_shape){2, 6, 5}, 6, 2, 1);
+  net_gradcheck("cnn", cnn, (net_shape){2, 6, 5}, 3, 1, 0);
   const char *gap = "[{\"type\":\"conv2d\",\"out\":4,\"kernel\":3,\"stride\":2,\"bias\":false},"
                     "{\"type\":\"batchnorm\"},{\"type\":\"relu\"},{\"type\":\"avgpool\"},"
                     "{\"type\":\"linear\",\"out\":3}]";
-  net_gradcheck(gap, (net_shape){1, 7, 7}, 5, 1, 1);
+  net_gradcheck("gap", gap, (net_shape){1, 7, 7}, 5, 1, 1);
   const char *mlp = "[{\"type\":\"linear\",\"out\":9},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
                     "{\"type\":\"linear\",\"out\":4,\"bias\":false},{\"type\":\"l2norm\"}]";
-  net_gradcheck(mlp, (net_shape){7, 1, 1}, 1, 1, 0);
-  net_gradcheck(mlp, (net_shape){7, 1, 1}, 9, 3, 1);
+  net_gradcheck("mlp", mlp, (net_shape){7, 1, 1}, 1, 1, 0);
+  net_gradcheck("mlp", mlp, (net_shape){7, 1, 1}, 9, 3, 1);
 }
 END_TEST
 
