@@ -4,7 +4,7 @@
 # a new test suite is tests/test_x.c defining `Suite *x_suite(void)`, a new benchmark tests/bench/bench_x.c.
 
 CC      ?= cc
-PKGS    := libuv openblas jansson check zlib ompi-c
+PKGS    := libuv openblas jansson check zlib ompi-c libmicrohttpd
 MARCH   ?= -march=native
 ifeq ($(SANITIZE),1)
 BUILD   := build-asan
@@ -29,15 +29,18 @@ LIB     := $(BUILD)/libmocod.a
 PROGS   := $(foreach m,$(wildcard $(MAINS)),$(BIN)/$(basename $(notdir $(m))))
 
 TEST_SRC := $(wildcard tests/test_*.c)
+# The fuzz harnesses' bodies are linked into the tests too: test_fuzz_replay replays their corpora.
+FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_LIB_SRC := $(filter-out tests/fuzz/fuzz_util.c,$(FUZZ_SRC))
 TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/%.o) $(BUILD)/tests/runner.o $(BUILD)/tests/testutil.o \
-            $(BUILD)/tests/daemon_harness.o
+            $(BUILD)/tests/daemon_harness.o $(FUZZ_SRC:%.c=$(BUILD)/%.o)
 SUITES   := $(patsubst tests/test_%.c,%,$(TEST_SRC))
 BENCH_SRC := $(wildcard tests/bench/bench_*.c)
 BENCHES  := $(patsubst tests/bench/%.c,$(BIN)/%,$(BENCH_SRC))
 # Helper programs the test suites start (test_dist.c runs dist-check under mpirun).
 TOOLS    := $(BIN)/dist-check
 
-.PHONY: all deps test check asan bench run clean
+.PHONY: all deps test check asan bench run clean fuzz
 all: $(PROGS)
 
 deps:
@@ -99,7 +102,39 @@ $(BIN)/mocod-tests: $(TEST_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(TEST_OBJ) $(LIB) $(LDLIBS) -o $@
 
+# libFuzzer (clang) under ASan + UBSan: every tests/fuzz/fuzz_<x>.c for FUZZ_SECONDS each, from its
+# seed corpus tests/fuzz/corpus/<x>/ (new inputs go to build-fuzz/corpus/<x>/, crashes to build-fuzz/).
+FUZZ_SECONDS ?= 10
+FUZZ_CC      ?= clang
+FUZZ_DIR     := build-fuzz
+FUZZ_CFLAGS  := -std=c11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE -O1 -g \
+                -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
+                -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION -Iinclude $(PKG_CFLAGS)
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_DIR)/%.o)
+FUZZERS      := $(patsubst tests/fuzz/%.c,$(FUZZ_DIR)/bin/%,$(FUZZ_LIB_SRC))
+
+$(FUZZ_DIR)/src/%.o: src/%.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+$(FUZZ_DIR)/tests/fuzz/%.o: tests/fuzz/%.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -DFUZZ_MAIN -fsanitize=fuzzer-no-link -Itests/fuzz -c $< -o $@
+.PRECIOUS: $(FUZZ_DIR)/tests/fuzz/%.o
+$(FUZZ_DIR)/libmocod.a: $(FUZZ_LIB_OBJ)
+	$(AR) rcs $@ $^
+$(FUZZ_DIR)/bin/fuzz_%: $(FUZZ_DIR)/tests/fuzz/fuzz_%.o $(FUZZ_DIR)/tests/fuzz/fuzz_util.o $(FUZZ_DIR)/libmocod.a
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $^ $(LDLIBS) -o $@
+
+fuzz: $(FUZZERS)
+	@for f in $(FUZZERS); do n=$$(basename $$f | sed 's/^fuzz_//'); echo "== fuzz $$n ($(FUZZ_SECONDS) s)"; \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$n; \
+	  $$f -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	    -artifact_prefix=$(FUZZ_DIR)/crash-$$n- $(FUZZ_DIR)/corpus/$$n tests/fuzz/corpus/$$n \
+	    > $(FUZZ_DIR)/$$n.log 2>&1 || { tail -60 $(FUZZ_DIR)/$$n.log; exit 1; }; \
+	  grep -E '^#[0-9]+ +DONE' $(FUZZ_DIR)/$$n.log | tail -1; done
+
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

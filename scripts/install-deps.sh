@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(build-essential pkg-config libuv1-dev libopenblas-dev libjansson-dev check
-          zlib1g-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev)
+          zlib1g-dev libmicrohttpd-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev)
 # Optional extras, only with MOCOD_EXTRAS=1: plotting and the PyTorch reference.
 if [ "${MOCOD_EXTRAS:-0}" = 1 ]; then
   PACKAGES+=(gnuplot-nox python3-torch python3-numpy)

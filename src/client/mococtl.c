@@ -26,6 +26,7 @@ static const char usage[] =
     "usage: mococtl [-s SOCKET] [--json] [--timeout SEC] COMMAND\n"
     "commands:\n"
     "  status              state, progress, loss, diagnostics, speed, ETA\n"
+    "  metrics             the Prometheus text exposition (as served by service.metrics_listen)\n"
     "  pause | resume      hold / continue training between steps\n"
     "  stop                finish the step, write a checkpoint, exit\n"
     "  checkpoint          write a checkpoint now (answers with the file)\n"
@@ -403,7 +404,7 @@ static int parse_options(int argc, char **argv, options *o) {
 /* The request line for the command, or NULL after a usage message. */
 static char *build_request(const options *o) {
   static const char *plain[] = {"status", "pause", "resume", "stop", "checkpoint", "eval", "config",
-                                "watch", NULL};
+                                "watch", "metrics", NULL};
   const char *cmd = o->cmd;
   int known = 0;
   for (int i = 0; plain[i]; i++) known |= !strcmp(cmd, plain[i]);
@@ -445,6 +446,8 @@ static void print_result(const options *o, const json_t *result) {
     free(s);
   } else if (!strcmp(o->cmd, "status")) {
     print_status(result);
+  } else if (!strcmp(o->cmd, "metrics")) {
+    fputs(str_or(json_object_get(result, "text"), ""), stdout); /* as a scraper would see it */
   } else if (json_object_size(result)) {
     print_object(result, 0);
   } else {

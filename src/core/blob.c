@@ -113,7 +113,7 @@ int blob_section(blob_reader *r, const char tag[4], blob_reader *sub) {
   sub->base = r->base + r->pos;
   r->pos += n;
   blob_get_u32(r, &crc);
-  if (crc != blob_crc32(sub->data, n))
+  if (blob_crc_mismatch(crc, blob_crc32(sub->data, n)))
     return moco_error(MOCO_ECHECKSUM, "%s: offset %zu: section '%.4s' checksum mismatch", r->name, at,
                       tag);
   return 0;

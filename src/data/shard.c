@@ -79,7 +79,7 @@ static int decode_header(const uint8_t b[SHARD_HEADER_BYTES], shard_header *h, c
   if (memcmp(b, SHARD_MAGIC, 8))
     return moco_error(MOCO_EFORMAT, "%s: offset 0: bad magic, expected \"" SHARD_MAGIC "\"", path);
   uint32_t stored = get32(b + 60), crc = blob_crc32(b, 60);
-  if (stored != crc)
+  if (blob_crc_mismatch(stored, crc))
     return moco_error(MOCO_ECHECKSUM, "%s: offset 0: header checksum mismatch: stored 0x%08x, computed 0x%08x",
                       path, stored, crc);
   h->version = get32(b + 8);
@@ -317,7 +317,7 @@ static int load_block(shard_reader *r, uint64_t b) {
                       r->path, (unsigned long long)off, (unsigned long long)b, len + 4, got);
   }
   uint32_t stored = get32(r->block + len), crc = blob_crc32(r->block, len);
-  if (stored != crc) {
+  if (blob_crc_mismatch(stored, crc)) {
     r->bad = first + n - r->next;
     int rc = moco_error(MOCO_ECHECKSUM, "%s: offset %llu: block %llu (records %llu..%llu) checksum mismatch: "
                         "stored 0x%08x, computed 0x%08x", r->path, (unsigned long long)off,

@@ -192,6 +192,8 @@ const config_option config_options[] = {
     INT("log.every_steps", 10, 1, 1e9, R, "a progress event every N steps"),
     /* ---- service ---- */
     STR("service.socket", "\"run/mocod.sock\"", 0, "control socket (Unix domain, mode 0600)"),
+    STR("service.metrics_listen", "\"\"", 0,
+        "HOST:PORT serving Prometheus /metrics over HTTP (e.g. 127.0.0.1:9464); \"\" for none"),
     STR("service.pid_file", "\"run/mocod.pid\"", 0, "pid file, locked while mocod runs"),
     BOOL("service.exit_on_finish", false, 0,
          "exit once training has finished (status 0) or failed (status 1); otherwise keep answering until stopped"),

@@ -16,6 +16,7 @@
 #include "service/config.h"
 #include "service/ctl.h"
 #include "service/log.h"
+#include "service/metrics.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
 
@@ -112,6 +113,9 @@ typedef struct {
   double win_loss, win_pos, win_neg, win_hard, win_acc, win_negs, win_filt, win_fn, win_sec;
   int win_fn_n;
   double rate; /* samples/s over the last window */
+
+  metrics_snapshot metrics; /* histograms kept here; the rest filled by fill_metrics */
+  metrics_http *metrics_http; /* NULL unless service.metrics_listen is set */
 
   int exit_code;
   const server_options *opt;
@@ -375,6 +379,7 @@ static void after_step(server *s, job *j) {
     enter_error(s, "step", j->err);
     return;
   }
+  metrics_observe(&s->metrics.step_seconds, j->stats.seconds);
   s->last = j->stats;
   s->have_last = 1;
   window_add(s, &j->stats);
@@ -391,6 +396,7 @@ static void after_step(server *s, job *j) {
 }
 
 static void after_eval(server *s, job *j) {
+  metrics_observe(&s->metrics.eval_seconds, j->seconds);
   if (j->rc) {
     log_msg(LL_WARNING, "evaluation failed: %s", j->err);
     if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "evaluation failed: %s", j->err);
@@ -417,6 +423,8 @@ static void after_eval(server *s, job *j) {
   if (j->eres.has_probe) log_msg(LL_NOTICE, "linear probe: %.2f%%", 100.0 * j->eres.probe_acc);
   json_decref(s->last_eval);
   s->last_eval = fig;
+  s->metrics.have_knn = j->eres.has_knn;
+  s->metrics.knn_acc = j->eres.knn_acc;
   if (j->call) ctl_reply(j->call, json_deep_copy(fig));
 }
 
@@ -446,6 +454,7 @@ static void checkpoint_failed(server *s, job *j) {
 }
 
 static void after_checkpoint(server *s, job *j) {
+  metrics_observe(&s->metrics.ckpt_seconds, j->seconds);
   if (j->rc) {
     checkpoint_failed(s, j);
     return;
@@ -488,6 +497,32 @@ static void after_export(server *s, job *j) {
                                  j->embeddings ? "embeddings" : "features"));
 }
 
+/* The figures of status, for Prometheus; the histograms are kept up to date as jobs end. */
+static const metrics_snapshot *fill_metrics(server *s) {
+  metrics_snapshot *m = &s->metrics;
+  const trainer_stats *d = &s->snap;
+  m->state = state_names[s->state];
+  m->step = d->step;
+  m->total_steps = d->total_steps;
+  m->epoch = d->epoch;
+  m->lr = d->lr;
+  m->temperature = d->temperature;
+  m->momentum = d->momentum;
+  m->hardness = d->hardness;
+  m->have_step = s->have_last;
+  m->loss = s->last.loss;
+  m->fn_rate = s->last.fn_rate;
+  m->samples_per_sec = s->rate;
+  m->queue_filled = d->queue_filled;
+  m->queue_size = d->queue_size;
+  m->ckpt_step = s->last_checkpoint ? s->ckpt_step : -1;
+  m->ckpt_time = json_number_value(json_object_get(s->last_checkpoint, "time"));
+  m->ckpt_failures = (uint64_t)s->ckpt_failures;
+  m->start_time = s->started;
+  m->clients = s->ctl.clients;
+  return m;
+}
+
 static void job_done(uv_work_t *req, int status) {
   job *j = req->data;
   server *s = req->loop->data;
@@ -504,6 +539,7 @@ static void job_done(uv_work_t *req, int status) {
   case JOB_EXPORT: after_export(s, j); break;
   }
   j->call = NULL;
+  if (s->metrics_http) metrics_publish(s->metrics_http, fill_metrics(s));
   pump(s);
 }
 
@@ -949,6 +985,15 @@ static int cmd_config(ctl_call *call, json_t *args, void *data) {
   return 0;
 }
 
+static int cmd_metrics(ctl_call *call, json_t *args, void *data) {
+  (void)args;
+  char *text = metrics_render(fill_metrics(data));
+  if (!text) return moco_error(MOCO_ENOMEM, "metrics: out of memory");
+  ctl_reply(call, json_pack("{s:s}", "text", text));
+  free(text);
+  return 0;
+}
+
 static int cmd_subscribe(ctl_call *call, json_t *args, void *data) {
   (void)args;
   server *s = data;
@@ -1040,6 +1085,8 @@ static const ctl_command commands[] = {
      "write features (or embeddings) of the train or eval split to a file"},
     {"set", cmd_set, CTL_CHANGES_STATE | CTL_ANY_ARGS, NULL,
      "change runtime settings between steps: {\"optim.lr\": 0.03, ...}"},
+    {"metrics", cmd_metrics, CTL_SAFE_WHILE_RUNNING, NULL,
+     "the Prometheus text exposition of status's figures, durations and process figures"},
     {"subscribe", cmd_subscribe, CTL_SAFE_WHILE_RUNNING, NULL,
      "receive every progress, eval, checkpoint and config_change event as a line"},
     {NULL, NULL, 0, NULL, NULL},
@@ -1212,6 +1259,15 @@ int server_run(json_t *config, const server_options *opt) {
     goto out;
   }
   trainer_describe(s->tr, &s->snap);
+  const char *ml = config_str(s->config, "service.metrics_listen");
+  if (*ml && (rc = metrics_http_start(&s->metrics_http, ml))) {
+    code = fail(opt, rc, "metrics");
+    goto out;
+  }
+  if (s->metrics_http) {
+    metrics_publish(s->metrics_http, fill_metrics(s));
+    log_msg(LL_NOTICE, "metrics at http://%s/metrics", ml);
+  }
   uv_signal_init(&loop, &s->sig_term);
   uv_signal_init(&loop, &s->sig_int);
   uv_signal_init(&loop, &s->sig_hup);
@@ -1247,6 +1303,7 @@ out:
     uv_run(&loop, UV_RUN_DEFAULT);
   }
   while (s->ops) op_free(op_pop(s));
+  metrics_http_stop(s->metrics_http);
   if (s->tr) trainer_destroy(s->tr);
   free(s->job.config_text);
   json_decref(s->last_eval);

@@ -199,7 +199,7 @@ int checkpoint_read(checkpoint_file *f, const char *path) {
   if (covered != body_end)
     return moco_error(MOCO_EEOF, "%s: trailer covers %llu bytes but %zu precede it (truncated?)", path,
                       (unsigned long long)covered, body_end);
-  if (crc != blob_crc32(f->data, body_end))
+  if (blob_crc_mismatch(crc, blob_crc32(f->data, body_end)))
     return moco_error(MOCO_ECHECKSUM, "%s: whole-file checksum mismatch (damaged)", path);
 
   blob_reader_init(&f->body, f->data, body_end, f->path);
