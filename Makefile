@@ -132,7 +132,7 @@ fuzz: $(FUZZERS)
 	  $$f -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
 	    -artifact_prefix=$(FUZZ_DIR)/crash-$$n- $(FUZZ_DIR)/corpus/$$n tests/fuzz/corpus/$$n \
 	    > $(FUZZ_DIR)/$$n.log 2>&1 || { tail -60 $(FUZZ_DIR)/$$n.log; exit 1; }; \
-	  grep -E '^#[0-9]+ +DONE' $(FUZZ_DIR)/$$n.log | tail -1; done
+	  grep -E '^Done [0-9]+ runs' $(FUZZ_DIR)/$$n.log; done
 
 clean:
 	rm -rf build build-asan build-fuzz
