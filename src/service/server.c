@@ -424,7 +424,7 @@ static void after_eval(server *s, job *j) {
   json_decref(s->last_eval);
   s->last_eval = fig;
   s->metrics.have_knn = j->eres.has_knn;
-  s->metrics.knn_acc = j->eres.knn_acc;
+  s->metrics.knn_acc = j->eres.knn.acc;
   if (j->call) ctl_reply(j->call, json_deep_copy(fig));
 }
 
