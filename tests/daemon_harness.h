@@ -8,6 +8,8 @@
 #include <limits.h>
 #include <stddef.h>
 
+/* Set by a benchmark (outside check's runner): failures print and exit instead of failing a test. */
+extern int dh_standalone;
 extern char dh_bin[PATH_MAX], dh_repo[PATH_MAX], dh_dir[PATH_MAX], dh_sock[PATH_MAX + 32];
 
 /* Fresh directory, paths, and this process made the subreaper of the daemons it starts. */
