@@ -22,7 +22,7 @@ int dh_standalone;
  * check's macros cannot even pass outside its runner). */
 #define DH_ASSERT(cond, ...)                                              \
   do {                                                                    \
-    if (!(cond)) dh_fail(__FILE__, __LINE__, #cond, "" __VA_ARGS__);      \
+    if (!(cond)) dh_fail(__FILE__, __LINE__, #cond, " " __VA_ARGS__);     \
   } while (0)
 
 static void dh_fail(const char *file, int line, const char *cond, const char *fmt, ...)
