@@ -57,7 +57,7 @@ int main(void) {
   double *lat = malloc(cap * sizeof *lat);
   double t0 = clock_now(), last_set = t0;
   long long step = 0, last_ckpt = -1;
-  const char *state = "running";
+  char state[32] = "running";
   while (next_mark < 3) {
     double t = clock_now();
     json_t *a = dh_client_call(c, "{\"id\":1,\"cmd\":\"status\"}", 10);
@@ -69,7 +69,8 @@ int main(void) {
     lat[n++] = clock_now() - t;
     json_t *r = json_object_get(a, "result");
     step = json_integer_value(json_object_get(r, "step"));
-    state = json_string_value(json_object_get(r, "state"));
+    const char *st = json_string_value(json_object_get(r, "state"));
+    snprintf(state, sizeof state, "%s", st ? st : "?");
     json_t *ck = json_object_get(r, "last_checkpoint");
     if (json_is_object(ck)) last_ckpt = json_integer_value(json_object_get(ck, "step"));
     int done = !strcmp(state, "finished") || !strcmp(state, "error");
