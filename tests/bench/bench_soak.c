@@ -75,7 +75,9 @@ int main(void) {
     if (json_is_object(ck)) last_ckpt = json_integer_value(json_object_get(ck, "step"));
     int done = !strcmp(state, "finished") || !strcmp(state, "error");
     json_decref(a);
-    while (next_mark < 3 && (step >= marks[next_mark] || done)) {
+    /* The last figures once the run has finished (its final evaluation and checkpoint done), so that
+     * all three are taken between steps, not during a job that holds files open. */
+    while (next_mark < 3 && ((next_mark < 2 && step >= marks[next_mark]) || done)) {
       rss[next_mark] = vm_rss_kb(pid);
       fds[next_mark] = open_fds(pid);
       next_mark++;
