@@ -5,6 +5,10 @@ set -euo pipefail
 
 PACKAGES=(build-essential pkg-config libuv1-dev libopenblas-dev libjansson-dev check
           zlib1g-dev libmicrohttpd-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev)
+# The fuzzers (make fuzz), only with MOCOD_FUZZ=1 (CI): clang and its libFuzzer runtime.
+if [ "${MOCOD_FUZZ:-0}" = 1 ]; then
+  PACKAGES+=(clang libfuzzer-14-dev)
+fi
 # Optional extras, only with MOCOD_EXTRAS=1: plotting and the PyTorch reference.
 if [ "${MOCOD_EXTRAS:-0}" = 1 ]; then
   PACKAGES+=(gnuplot-nox python3-torch python3-numpy)
