@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/blob.h"
 #include "testutil.h"
+#include "train/checkpoint.h"
 
 #define MPIRUN "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 " \
                "mpirun -np %d --oversubscribe "
@@ -111,12 +113,146 @@ START_TEST(per_rank_batchnorm_is_not_one_process) {
 }
 END_TEST
 
+/* ---- the daemon across ranks ---- */
+
+/* mocod on config/tiny.json with everything under dir, SyncBN, a progress event every step, exiting when
+ * done; np 1 runs it without mpirun. `extra` adds --set options. */
+static void mocod_cmd(char *cmd, size_t n, int np, const char *dir, const char *extra) {
+  char pre[256] = "";
+  if (np > 1) snprintf(pre, sizeof pre, MPIRUN, np);
+  snprintf(cmd, n,
+           "%s%s -c config/tiny.json --set data.dir='\"data\"' --set log.progress='\"%s/progress.jsonl\"' "
+           "--set log.file='\"%s/mocod.log\"' --set checkpoint.dir='\"%s/ckpt\"' "
+           "--set service.socket='\"%s/sock\"' --set service.pid_file='\"%s/pid\"' "
+           "--set log.every_steps=1 --set model.sync_bn=true --set service.exit_on_finish=true %s",
+           pre, bin_path("mocod"), dir, dir, dir, dir, dir, extra);
+}
+
+/* The losses of the progress events, in step order; returns how many. */
+static int progress_losses(const char *dir, double *loss, int cap) {
+  char path[4200], line[8192];
+  snprintf(path, sizeof path, "%s/progress.jsonl", dir);
+  FILE *f = fopen(path, "r");
+  ck_assert_msg(f != NULL, "%s missing", path);
+  int n = 0;
+  while (n < cap && fgets(line, sizeof line, f)) {
+    const char *l = strstr(line, "\"loss\":");
+    if (strncmp(line, "{\"event\":\"progress\"", 19) || !l) continue;
+    loss[n++] = atof(l + 7);
+  }
+  fclose(f);
+  return n;
+}
+
+/* The queue's keys in the newest checkpoint under dir/ckpt (section QUEU: size, dim, ptr, filled, keys). */
+static size_t checkpoint_queue(const char *dir, float *keys, size_t cap) {
+  char ck[4200];
+  snprintf(ck, sizeof ck, "%s/ckpt", dir);
+  checkpoint_file f;
+  ck_assert_int_eq(checkpoint_read_latest(&f, ck, NULL, NULL), 0);
+  blob_reader r = f.body, sub;
+  char tag[4];
+  size_t n = 0;
+  while (blob_peek_tag(&r, tag) && blob_section(&r, tag, &sub) == 0) {
+    if (memcmp(tag, "QUEU", 4)) continue;
+    uint32_t K, d, ptr, filled;
+    ck_assert(!blob_get_u32(&sub, &K) && !blob_get_u32(&sub, &d) && !blob_get_u32(&sub, &ptr) &&
+              !blob_get_u32(&sub, &filled));
+    n = (size_t)K * d;
+    ck_assert_uint_le(n, cap);
+    ck_assert_int_eq(blob_get(&sub, keys, n * sizeof *keys), 0);
+    break;
+  }
+  checkpoint_file_free(&f);
+  return n;
+}
+
+/* `mpirun -np 2 mocod` is one daemon training the tiny job as one mocod does: the same loss at every
+ * one of 50 steps and the same queue in the final checkpoint, to float rounding (see above). */
+START_TEST(daemon_two_ranks_train_as_one) {
+  char *a = strdup(test_tmpdir()), *b = strdup(test_tmpdir());
+  char cmd[8192], out[16384];
+  mocod_cmd(cmd, sizeof cmd, 1, a, "--set optim.steps=50");
+  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "%s\n%s", cmd, out);
+  mocod_cmd(cmd, sizeof cmd, 2, b, "--set optim.steps=50");
+  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "%s\n%s", cmd, out);
+  double la[STEPS + 8], lb[STEPS + 8];
+  ck_assert_int_eq(progress_losses(a, la, STEPS + 8), STEPS);
+  ck_assert_int_eq(progress_losses(b, lb, STEPS + 8), STEPS);
+  int compared;
+  double gap = loss_gap(la, lb, &compared);
+  ck_assert_int_ge(compared, STEPS - 2);
+  ck_assert_msg(gap < 1e-4, "losses differ by %g relative", gap);
+  enum { CAP = 1 << 16 };
+  float *qa = malloc(CAP * sizeof *qa), *qb = malloc(CAP * sizeof *qb);
+  size_t na = checkpoint_queue(a, qa, CAP), nb = checkpoint_queue(b, qb, CAP);
+  ck_assert_uint_eq(na, nb);
+  ck_assert_uint_gt(na, 0);
+  double worst = 0.0;
+  for (size_t i = 0; i < na; i++) worst = fmax(worst, fabs((double)qa[i] - qb[i]));
+  ck_assert_msg(worst < 1e-4, "queue keys differ by %g", worst);
+  free(qa);
+  free(qb);
+  rm_rf(a);
+  rm_rf(b);
+  free(a);
+  free(b);
+}
+END_TEST
+
+/* A rank killed mid-run ends the whole job within seconds, rank 0's log names it, and the run resumes
+ * from the newest checkpoint. A `set` during the run reaches every rank (the ranks compare their models
+ * every 50 steps; a rank that missed it would fail the step). */
+START_TEST(killed_rank_ends_the_job_and_it_resumes) {
+  char *dir = strdup(test_tmpdir());
+  char cmd[8192], sh[12288], out[16384];
+  mocod_cmd(cmd, sizeof cmd, 2, dir, "--set optim.steps=1000000 --set checkpoint.every_steps=20");
+  /* Start, wait for step 100, set the learning rate, wait for step 200, kill rank 1 (the mocod that is
+   * mpirun's child and not rank 0's pid), then time how long mpirun takes to end. */
+  snprintf(sh, sizeof sh,
+           "( %s > %s/mpirun.out 2>&1 & ); d=%s; "
+           "step() { tail -n 1 $d/progress.jsonl 2>/dev/null | sed -n 's/.*\"step\":\\([0-9]*\\).*/\\1/p'; }; "
+           "for i in $(seq 600); do s=$(step); [ \"${s:-0}\" -ge 100 ] && break; sleep 0.1; done; "
+           "%s -s $d/sock set optim.lr=0.02 || exit 11; "
+           "for i in $(seq 600); do s=$(step); [ \"${s:-0}\" -ge 200 ] && break; sleep 0.1; done; "
+           "r0=$(cat $d/pid 2>/dev/null); [ -n \"$r0\" ] || { tail -n 3 $d/mocod.log; exit 14; }; "
+           "mp=$(ps -o ppid= -p $r0 | tr -d ' '); "
+           "r1=$(pgrep -P $mp -x mocod | grep -v \"^$r0$\" | head -n 1); [ -n \"$r1\" ] || exit 12; "
+           "kill -9 $r1; for i in $(seq 300); do kill -0 $mp 2>/dev/null || exit 0; sleep 0.1; done; exit 13",
+           cmd, dir, dir, bin_path("mococtl"));
+  int rc = run_capture(sh, out, sizeof out);
+  ck_assert_msg(rc == 0, "exit %d (11: set failed, 12: no rank 1, 13: mpirun still up 30 s after the "
+                "kill, 14: the job ended before the kill)\n%s", rc, out);
+  char log[4200];
+  snprintf(log, sizeof log, "grep -c 'rank 1 (pid .*) is gone' %s/mocod.log", dir);
+  ck_assert_msg(run_capture(log, out, sizeof out) == 0, "rank 0's log does not name rank 1");
+  snprintf(log, sizeof log, "grep -c 'differs from rank 0' %s/mocod.log", dir);
+  ck_assert_msg(run_capture(log, out, sizeof out) != 0, "the ranks drifted apart: %s", out);
+  /* Resume with the same world and finish 20 steps later. */
+  long step = 0;
+  snprintf(log, sizeof log, "ls %s/ckpt | tail -n 1 | sed 's/[^0-9]//g'", dir);
+  ck_assert_int_eq(run_capture(log, out, sizeof out), 0);
+  step = atol(out);
+  ck_assert_int_ge(step, 180);
+  char extra[256];
+  snprintf(extra, sizeof extra, "--resume --set optim.steps=%ld", step + 20);
+  mocod_cmd(cmd, sizeof cmd, 2, dir, extra);
+  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "resume: %s\n%s", cmd, out);
+  snprintf(log, sizeof log, "grep -c 'resumed from .*ckpt-0*%ld.mcp' %s/mocod.log", step, dir);
+  ck_assert_msg(run_capture(log, out, sizeof out) == 0, "no resume from step %ld", step);
+  rm_rf(dir);
+  free(dir);
+}
+END_TEST
+
 Suite *dist_suite(void) {
   Suite *s = suite_create("dist");
   TCase *tc = tcase_create("world");
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, two_ranks_reproduce_one_process);
   tcase_add_test(tc, per_rank_batchnorm_is_not_one_process);
+  tcase_add_test(tc, daemon_two_ranks_train_as_one);
+  tcase_add_test(tc, killed_rank_ends_the_job_and_it_resumes);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -40,7 +40,9 @@ void dist_allgather(const void *send, void *recv, size_t bytes);
 /* buf[bytes] of `root` on every rank. */
 void dist_bcast(void *buf, size_t bytes, int root);
 /* Like dist_bcast from rank 0, but a rank waiting for it sleeps between tests instead of spinning, so
- * ranks idle while rank 0 is paused or evaluating cost no CPU. */
+ * ranks idle while rank 0 is paused or evaluating cost no CPU. Nonblocking underneath (MPI_Ibcast),
+ * and MPI matches a nonblocking collective only with nonblocking ones: every rank, rank 0 too, calls
+ * this one for a given broadcast. */
 void dist_bcast_idle(void *buf, size_t bytes);
 void dist_barrier(void);
 

@@ -26,6 +26,12 @@
  * after loader_load the stream continues exactly as it would have; restarting costs re-reading at most
  * one window.
  *
+ * Shares. With share_count N > 1 (the ranks of a data-parallel world, core/dist.h), every process reads
+ * the same stream of stored records, so the order, the epochs and the saved position are those of one
+ * process whatever N is, and makes the views of rows [size i / N, size (i + 1) / N) of each batch only
+ * (i = share_index): decoding and augmenting, the data's real cost, are split N ways. loader_next then
+ * returns that share (size, views, ids, labels); epoch, index and samples stay the whole batch's.
+ *
  * Bad input. loader_open refuses what headers show (dataset.h). A bad record found while streaming
  * either stops the stream (LOADER_BAD_STOP: loader_next returns the error, after every complete batch
  * before it) or is skipped and counted (LOADER_BAD_SKIP). No batch is ever partly read. */
@@ -61,6 +67,7 @@ typedef struct {
   view_config augment;      /* view_config_default() */
   int norm_len;             /* 0: none; 1 or C values of mean/std (per channel, per feature) */
   const float *mean, *std;  /* copied at open */
+  int share_index, share_count; /* 0, 1: this process's share of every batch (see "Shares") */
 } loader_config;
 
 void loader_config_default(loader_config *c);

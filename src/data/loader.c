@@ -295,6 +295,13 @@ static slot *oldest_raw(struct loader_impl *I) {
   return best;
 }
 
+/* Rows [lo, hi) of a batch of `size` that this process makes views of and hands out. */
+static void share_rows(const loader_config *c, int size, int *lo, int *hi) {
+  int n = c->share_count > 1 ? c->share_count : 1;
+  *lo = (int)((long)size * c->share_index / n);
+  *hi = (int)((long)size * (c->share_index + 1) / n);
+}
+
 static void *worker_main(void *arg) {
   worker_arg *wa = arg;
   struct loader_impl *I = wa->I;
@@ -305,7 +312,10 @@ static void *worker_main(void *arg) {
     if (I->stop) break;
     s->state = SLOT_WORK;
     pthread_mutex_unlock(&I->mu);
-    view_batch_in in = {s->raw, I->stride, s->size, s->ids, I->cfg.seed, s->epoch};
+    int lo, hi;
+    share_rows(&I->cfg, s->size, &lo, &hi);
+    view_batch_in in = {s->raw + (size_t)lo * I->stride, I->stride, hi - lo, s->ids + lo, I->cfg.seed,
+                        s->epoch};
     view_batch(&I->views, &in, s->view1, s->view2, &I->scratch[wa->index]);
     pthread_mutex_lock(&I->mu);
     s->state = SLOT_READY;
@@ -363,6 +373,8 @@ static int check_config(const loader_config *c) {
     f = "bad_record: expected stop or skip";
   else if (c->view_mode != VIEW_AUGMENT && c->view_mode != VIEW_PAIR) f = "view_mode: expected augment or pair";
   else if (c->norm_len < 0 || (c->norm_len > 0 && (!c->mean || !c->std))) f = "mean/std: norm_len values needed";
+  else if (c->share_count < 0 || c->share_index < 0 || c->share_index >= (c->share_count > 1 ? c->share_count : 1))
+    f = "share_index: expected 0 <= share_index < share_count";
   if (f) return moco_error(MOCO_ECONFIG, "loader: %s", f);
   return 0;
 }
@@ -557,7 +569,10 @@ int loader_next(loader *l, loader_batch *b) {
     I->ended = 1;
     return 0;
   }
-  *b = (loader_batch){s->size, s->view1, s->view2, s->ids, s->labels, s->epoch, s->index, s->samples, s->skipped};
+  int lo, hi;
+  share_rows(&I->cfg, s->size, &lo, &hi);
+  *b = (loader_batch){hi - lo,     s->view1, s->view2, s->ids + lo, s->labels + lo,
+                      s->epoch,    s->index, s->samples, s->skipped};
   I->held = k;
   I->consume_seq++;
   I->pos = s->next;

@@ -4,7 +4,8 @@
  *   mocod -c CONFIG.json --check-config | --print-config
  *   mocod --config-doc
  *
- * This file is the process: arguments, the pid file, daemonising; everything else is server_run. */
+ * This file is the process: arguments, the pid file, daemonising; everything else is server_run.
+ * Under mpirun (core/dist.h) rank 0 is the daemon and the other ranks follow it (service/world.h). */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -18,12 +19,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "core/dist.h"
 #include "core/err.h"
 #include "core/file.h"
 #include "service/config.h"
 #include "service/ctl.h"
 #include "service/log.h"
 #include "service/server.h"
+#include "service/world.h"
 #include "train/trainer.h"
 
 static void usage(FILE *f) {
@@ -170,6 +173,8 @@ static void raise_fd_limit(void) {
 
 enum { OPT_SET = 256, OPT_CHECK, OPT_PRINT, OPT_DOC, OPT_RESUME, OPT_NO_RESUME };
 
+static int run(json_t *config, const char *config_path, int check, int daemon_mode, int resume);
+
 int main(int argc, char **argv) {
   static const struct option longopts[] = {
       {"config", required_argument, NULL, 'c'}, {"daemon", no_argument, NULL, 'd'},
@@ -244,6 +249,37 @@ int main(int argc, char **argv) {
     json_decref(config);
     return 0;
   }
+  if (dist_init(&argc, &argv)) {
+    fprintf(stderr, "mocod: %s\n", moco_errmsg());
+    json_decref(config);
+    return 1;
+  }
+  if (dist_active() && daemon_mode) {
+    fprintf(stderr, "mocod: -d under mpirun: mpirun must stay the parent of its ranks; run mpirun itself in "
+                    "the background instead (nohup mpirun ... &)\n");
+    json_decref(config);
+    dist_finalize();
+    return 2;
+  }
+  world_peers_init();
+  if (dist_rank() > 0) {
+    /* Only rank 0 stops the job (a stop it broadcasts): a SIGTERM or ^C that mpirun passes on to every
+     * rank must not end a follower in the middle of a step that rank 0 is still finishing. */
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
+    int code = world_follow(config);
+    json_decref(config);
+    dist_finalize();
+    return code;
+  }
+  int code = run(config, config_path, check, daemon_mode, resume);
+  world_send(WORLD_STOP, NULL, 0); /* also when rank 0 could not start: the others end with it */
+  dist_finalize();
+  return code;
+}
+
+/* Rank 0, or the only process: the check, or the daemon. */
+static int run(json_t *config, const char *config_path, int check, int daemon_mode, int resume) {
   if (check) {
     trainer_config tc;
     trainer *t = NULL;

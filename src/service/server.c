@@ -11,12 +11,14 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "core/dist.h"
 #include "core/err.h"
 #include "core/file.h"
 #include "service/config.h"
 #include "service/ctl.h"
 #include "service/log.h"
 #include "service/metrics.h"
+#include "service/world.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
 
@@ -219,7 +221,10 @@ static void job_work(uv_work_t *req) {
   double t0 = mono_now();
   moco_error_clear();
   switch (j->kind) {
-  case JOB_STEP: j->rc = trainer_step(s->tr, &j->stats); break;
+  case JOB_STEP:
+    world_send(WORLD_STEP, NULL, 0); /* every rank takes its share of the same step */
+    j->rc = trainer_step(s->tr, &j->stats);
+    break;
   case JOB_EVAL: j->rc = trainer_evaluate(s->tr, &j->ereq, &j->eres); break;
   case JOB_EXPORT:
     j->rc = trainer_export(s->tr, j->split, j->enc, j->embeddings, j->path, &j->rows, &j->dim);
@@ -348,6 +353,7 @@ static void emit_progress(server *s) {
                       f32_or_null((float)(s->win_fn / (s->win_fn_n ? s->win_fn_n : 1)), s->win_fn_n));
   json_object_set_new(ev, "hardness", progress_f32(st->hardness));
   json_object_set_new(ev, "samples_per_sec", json_real(round(s->rate * 10) / 10));
+  json_object_set_new(ev, "world_size", json_integer(dist_size()));
   double eta = eta_seconds(s);
   json_object_set_new(ev, "eta_sec", eta >= 0 ? json_integer((json_int_t)llround(eta)) : json_null());
   emit(s, ev);
@@ -599,6 +605,11 @@ static int apply_set(server *s, json_t *changes, json_t **applied) {
   if (rc) {
     json_decref(next);
     return rc;
+  }
+  if (dist_active()) { /* the other ranks apply it before the next step, as this one has */
+    char *text = json_dumps(next, JSON_COMPACT);
+    if (text) world_send(WORLD_SET, text, strlen(text));
+    free(text);
   }
   *applied = json_object();
   json_object_foreach(changes, key, v) {
@@ -880,9 +891,25 @@ static void interrupt_long_job(server *s) {
   if (s->busy && (s->job.kind == JOB_EVAL || s->job.kind == JOB_EXPORT)) trainer_interrupt(s->tr, 1);
 }
 
+/* Under mpirun a SIGTERM also comes when another rank has died: mpirun then ends the job. The step in
+ * flight can never finish, so there is no stopping cleanly: say which rank is gone and end at once; the
+ * newest checkpoint resumes the run. */
+static void on_lost_rank(server *s) {
+  char who[256];
+  if (!world_lost_rank(who, sizeof who)) return;
+  log_msg(LL_WARNING, "%s: the world of %d cannot go on; ending the job at step %lld (resume from the "
+          "newest checkpoint with --resume)", who, dist_size(), (long long)s->snap.step);
+  json_t *ev = progress_event("error");
+  json_object_set_new(ev, "step", json_integer(s->snap.step));
+  json_object_set_new(ev, "message", json_string(who));
+  emit(s, ev);
+  dist_abort(1);
+}
+
 static void on_stop_signal(uv_signal_t *h, int signum) {
   server *s = h->loop->data;
   log_msg(LL_NOTICE, "received %s", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+  on_lost_rank(s);
   if (s->state == ST_STOPPING) return;
   op_push(s, OP_STOP, NULL, NULL);
   interrupt_long_job(s);
@@ -946,6 +973,7 @@ static json_t *status_json(server *s) {
   json_object_set_new(r, "queue", json_pack("{s:i, s:i}", "filled", d->queue_filled, "size",
                                             d->queue_size));
   json_object_set_new(r, "batch_size", json_integer(d->batch_size));
+  json_object_set_new(r, "world_size", json_integer(dist_size()));
   json_object_set(r, "last_checkpoint", s->last_checkpoint ? s->last_checkpoint : json_null());
   json_object_set(r, "last_checkpoint_error", s->ckpt_error ? s->ckpt_error : json_null());
   json_object_set_new(r, "checkpoint_failures", json_integer(s->ckpt_failures));
@@ -1147,7 +1175,9 @@ static int resume_from_checkpoint(server *s, int mode, char *from, size_t from_l
   int rc = checkpoint_read_latest(&f, dir, on_skip, NULL);
   if (rc == MOCO_ENOENT && mode < 0) return 0;
   if (rc) return moco_error_wrap(rc, "resume");
+  blob_reader body = f.body; /* before trainer_load reads through it */
   rc = trainer_load(s->tr, &f.body);
+  if (!rc) world_send(WORLD_START, body.data + body.pos, body.len - body.pos);
   if (!rc) {
     blob_reader sub;
     uint32_t n = 0;
@@ -1258,6 +1288,7 @@ int server_run(json_t *config, const server_options *opt) {
     code = fail(opt, rc, "checkpoint");
     goto out;
   }
+  if (!from[0]) world_send(WORLD_START, NULL, 0); /* a fresh start everywhere */
   trainer_describe(s->tr, &s->snap);
   const char *ml = config_str(s->config, "service.metrics_listen");
   if (*ml && (rc = metrics_http_start(&s->metrics_http, ml))) {
@@ -1280,13 +1311,14 @@ int server_run(json_t *config, const server_options *opt) {
   log_msg(LL_NOTICE, "%s", summary);
   if (from[0])
     log_msg(LL_NOTICE, "resumed from %s at step %lld", from, (long long)s->snap.step);
-  log_msg(LL_NOTICE, "mocod %d ready on %s (config %s), step %lld of %lld", (int)getpid(), cc.path,
-          opt->config_path ? opt->config_path : "defaults", (long long)s->snap.step,
-          (long long)s->snap.total_steps);
+  log_msg(LL_NOTICE, "mocod %d ready on %s (config %s), step %lld of %lld, world of %d", (int)getpid(),
+          cc.path, opt->config_path ? opt->config_path : "defaults", (long long)s->snap.step,
+          (long long)s->snap.total_steps, dist_size());
   json_t *ev = progress_event("start");
   json_object_set_new(ev, "step", json_integer(s->snap.step));
   json_object_set_new(ev, "total_steps", json_integer(s->snap.total_steps));
   json_object_set_new(ev, "pid", json_integer(getpid()));
+  json_object_set_new(ev, "world_size", json_integer(dist_size()));
   json_object_set_new(ev, "resumed_from", from[0] ? json_string(from) : json_null());
   json_object_set(ev, "config", s->config);
   emit(s, ev);

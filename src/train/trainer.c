@@ -8,6 +8,7 @@
 #include "contrast/hardness.h"
 #include "contrast/momentum.h"
 #include "core/clock.h"
+#include "core/dist.h"
 #include "core/err.h"
 #include "core/par.h"
 #include "core/sched.h"
@@ -29,8 +30,11 @@ struct trainer {
   _Atomic int interrupt; /* set from another thread: evaluation and export stop at the next chunk */
 };
 
-/* Eval passes go in chunks of this many samples, within the networks' max_batch. */
-static int chunk_of(const trainer *t) { return t->cfg.moco.batch_size; }
+enum { TRAINER_WORLD_CHECK_EVERY = 50 }; /* steps between comparisons of the ranks' models */
+
+/* Eval passes go in chunks of this many samples, within the networks' max_batch (built for this rank's
+ * share of a batch, train/step.h). */
+static int chunk_of(const trainer *t) { return t->cfg.moco.batch_size / t->m.world; }
 
 void trainer_config_default(trainer_config *c) {
   memset(c, 0, sizeof *c);
@@ -104,6 +108,8 @@ static int open_loader(trainer *t) {
   lc.seed = t->cfg.moco.seed;
   lc.epochs = 0; /* endless: the trainer counts steps */
   lc.drop_last = 1;
+  lc.share_index = dist_rank(); /* each rank makes the views of its share of every batch */
+  lc.share_count = dist_size();
   lc.norm_len = t->norm_len;
   lc.mean = t->norm_len ? t->mean : NULL;
   lc.std = t->norm_len ? t->std : NULL;
@@ -217,6 +223,10 @@ int trainer_step(trainer *t, trainer_stats *st) {
   if (!isfinite(d.loss))
     return moco_error(MOCO_ERANGE, "step %lld: loss is %g (learning rate %g too high?)",
                       (long long)t->m.step, d.loss, d.lr);
+  /* Ranks that drifted apart (a setting not applied everywhere, a broken all-reduce) would go on
+   * training different models in silence: compare them now and then (a hash per rank, 8 bytes). */
+  if (t->m.world > 1 && t->m.step % TRAINER_WORLD_CHECK_EVERY == 0 && (rc = moco_check_world(&t->m)))
+    return rc;
   trainer_describe(t, st);
   st->loss = (float)d.loss;
   st->lr = d.lr;
@@ -227,7 +237,7 @@ int trainer_step(trainer *t, trainer_stats *st) {
   st->hardest_neg_sim = d.hardest_sim_mean;
   st->inst_acc = d.instance_accuracy;
   st->negatives = (float)d.negatives_per_query;
-  st->filtered = (float)d.filtered / (float)b.size;
+  st->filtered = (float)d.filtered / (float)(b.size * t->m.world); /* d counts the world's rows */
   st->fn_rate = d.false_negative_rate;
   st->data_wait = t1 - t0;
   st->seconds = clock_now() - t0;
