@@ -11,8 +11,17 @@
 #include "testutil.h"
 #include "train/checkpoint.h"
 
+/* Under the sanitizers, Open MPI's own allocations kept past MPI_Finalize are not ours to report
+ * (tests/lsan-mpi.supp); the full unwinder reaches them through its dlopen'ed components. */
 #define MPIRUN "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 " \
+               "LSAN_OPTIONS=suppressions=tests/lsan-mpi.supp ASAN_OPTIONS=fast_unwind_on_malloc=0 " \
                "mpirun -np %d --oversubscribe "
+
+/* The end of a command's output, short enough for a check message. */
+static const char *tail_of(const char *out) {
+  size_t n = strlen(out);
+  return n > 1500 ? out + n - 1500 : out;
+}
 
 enum { STEPS = 50 };
 
@@ -26,7 +35,7 @@ static void run_check(const char *dir, const char *name, int np, int sync_bn) {
     snprintf(cmd, sizeof cmd, MPIRUN "%s %s %d %d %s/%s", np, bin_path("dist-check"), train, STEPS, sync_bn, dir,
              name);
   int rc = run_capture(cmd, out, sizeof out);
-  ck_assert_msg(rc == 0, "%s: exit %d\n%s", cmd, rc, out);
+  ck_assert_msg(rc == 0, "%s: exit %d\n%s", cmd, rc, tail_of(out));
 }
 
 static void read_losses(const char *dir, const char *name, double *loss) {
@@ -173,9 +182,9 @@ START_TEST(daemon_two_ranks_train_as_one) {
   char *a = strdup(test_tmpdir()), *b = strdup(test_tmpdir());
   char cmd[8192], out[16384];
   mocod_cmd(cmd, sizeof cmd, 1, a, "--set optim.steps=50");
-  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "%s\n%s", cmd, out);
+  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "%s\n%s", cmd, tail_of(out));
   mocod_cmd(cmd, sizeof cmd, 2, b, "--set optim.steps=50");
-  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "%s\n%s", cmd, out);
+  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "%s\n%s", cmd, tail_of(out));
   double la[STEPS + 8], lb[STEPS + 8];
   ck_assert_int_eq(progress_losses(a, la, STEPS + 8), STEPS);
   ck_assert_int_eq(progress_losses(b, lb, STEPS + 8), STEPS);
@@ -207,14 +216,14 @@ START_TEST(killed_rank_ends_the_job_and_it_resumes) {
   char *dir = strdup(test_tmpdir());
   char cmd[8192], sh[12288], out[16384];
   mocod_cmd(cmd, sizeof cmd, 2, dir, "--set optim.steps=1000000 --set checkpoint.every_steps=20");
-  /* Start, wait for step 100, set the learning rate, wait for step 200, kill rank 1 (the mocod that is
+  /* Start, wait for step 60, set the learning rate, wait for step 120, kill rank 1 (the mocod that is
    * mpirun's child and not rank 0's pid), then time how long mpirun takes to end. */
   snprintf(sh, sizeof sh,
            "( %s > %s/mpirun.out 2>&1 & ); d=%s; "
            "step() { tail -n 1 $d/progress.jsonl 2>/dev/null | sed -n 's/.*\"step\":\\([0-9]*\\).*/\\1/p'; }; "
-           "for i in $(seq 600); do s=$(step); [ \"${s:-0}\" -ge 100 ] && break; sleep 0.1; done; "
+           "for i in $(seq 600); do s=$(step); [ \"${s:-0}\" -ge 60 ] && break; sleep 0.1; done; "
            "%s -s $d/sock set optim.lr=0.02 || exit 11; "
-           "for i in $(seq 600); do s=$(step); [ \"${s:-0}\" -ge 200 ] && break; sleep 0.1; done; "
+           "for i in $(seq 600); do s=$(step); [ \"${s:-0}\" -ge 120 ] && break; sleep 0.1; done; "
            "r0=$(cat $d/pid 2>/dev/null); [ -n \"$r0\" ] || { tail -n 3 $d/mocod.log; exit 14; }; "
            "mp=$(ps -o ppid= -p $r0 | tr -d ' '); "
            "r1=$(pgrep -P $mp -x mocod | grep -v \"^$r0$\" | head -n 1); [ -n \"$r1\" ] || exit 12; "
@@ -222,22 +231,22 @@ START_TEST(killed_rank_ends_the_job_and_it_resumes) {
            cmd, dir, dir, bin_path("mococtl"));
   int rc = run_capture(sh, out, sizeof out);
   ck_assert_msg(rc == 0, "exit %d (11: set failed, 12: no rank 1, 13: mpirun still up 30 s after the "
-                "kill, 14: the job ended before the kill)\n%s", rc, out);
+                "kill, 14: the job ended before the kill)\n%s", rc, tail_of(out));
   char log[4200];
   snprintf(log, sizeof log, "grep -c 'rank 1 (pid .*) is gone' %s/mocod.log", dir);
   ck_assert_msg(run_capture(log, out, sizeof out) == 0, "rank 0's log does not name rank 1");
   snprintf(log, sizeof log, "grep -c 'differs from rank 0' %s/mocod.log", dir);
-  ck_assert_msg(run_capture(log, out, sizeof out) != 0, "the ranks drifted apart: %s", out);
+  ck_assert_msg(run_capture(log, out, sizeof out) != 0, "the ranks drifted apart: %s", tail_of(out));
   /* Resume with the same world and finish 20 steps later. */
   long step = 0;
   snprintf(log, sizeof log, "ls %s/ckpt | tail -n 1 | sed 's/[^0-9]//g'", dir);
   ck_assert_int_eq(run_capture(log, out, sizeof out), 0);
   step = atol(out);
-  ck_assert_int_ge(step, 180);
+  ck_assert_int_ge(step, 100);
   char extra[256];
   snprintf(extra, sizeof extra, "--resume --set optim.steps=%ld", step + 20);
   mocod_cmd(cmd, sizeof cmd, 2, dir, extra);
-  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "resume: %s\n%s", cmd, out);
+  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "resume: %s\n%s", cmd, tail_of(out));
   snprintf(log, sizeof log, "grep -c 'resumed from .*ckpt-0*%ld.mcp' %s/mocod.log", step, dir);
   ck_assert_msg(run_capture(log, out, sizeof out) == 0, "no resume from step %ld", step);
   rm_rf(dir);
