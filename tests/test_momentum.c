@@ -37,6 +37,33 @@ START_TEST(momentum_update_net_covers_params_and_buffers) {
 }
 END_TEST
 
+/* The step's fused update of both encoders is the optimizer's update followed by the average. */
+START_TEST(momentum_step_nets_is_update_then_average) {
+  float kp[3] = {1, 1, 1}, qp[3] = {1, 2, 3}, qg[3] = {1, -1, 0.5f}, kb[1] = {4}, qb[1] = {0};
+  net key, query;
+  memset(&key, 0, sizeof key);
+  memset(&query, 0, sizeof query);
+  key.params = kp, key.n_params = 3, key.buffers = kb, key.n_buffers = 1, key.arch_hash = 7;
+  query.params = qp, query.grads = qg, query.n_params = 3, query.buffers = qb, query.n_buffers = 1;
+  query.arch_hash = 7;
+  optim_config c;
+  optim_config_default(&c);
+  c.momentum = 0.0f, c.weight_decay = 0.0f;
+  optim o;
+  ck_assert_int_eq(optim_init(&o, &c, 3, NULL, 0), 0);
+  ck_assert_int_eq(momentum_step_nets(&key, &query, &o, 0.5f, 0.75f), 0);
+  const float want_q[3] = {0.5f, 2.5f, 2.75f}; /* θ − 0.5 g */
+  for (int i = 0; i < 3; i++) {
+    ck_assert(fabsf(qp[i] - want_q[i]) < 1e-6f);
+    ck_assert(fabsf(kp[i] - (0.75f + 0.25f * want_q[i])) < 1e-6f);
+  }
+  ck_assert(fabsf(kb[0] - 3.0f) < 1e-6f);
+  query.arch_hash = 8;
+  ck_assert_int_eq(momentum_step_nets(&key, &query, &o, 0.5f, 0.75f), MOCO_ESHAPE);
+  optim_free(&o);
+}
+END_TEST
+
 START_TEST(momentum_schedules) {
   momentum_config c;
   momentum_config_default(&c);
@@ -61,6 +88,7 @@ Suite *momentum_suite(void) {
   TCase *tc = tcase_create("momentum");
   tcase_add_test(tc, momentum_update_matches_hand_computation);
   tcase_add_test(tc, momentum_update_net_covers_params_and_buffers);
+  tcase_add_test(tc, momentum_step_nets_is_update_then_average);
   tcase_add_test(tc, momentum_schedules);
   suite_add_tcase(s, tc);
   return s;

@@ -6,6 +6,9 @@
 
 #include "core/err.h"
 #include "core/optim.h"
+#include "core/par.h"
+#include "core/rng.h"
+#include "core/tensor.h"
 #include "core/sched.h"
 
 #define NEAR(a, b) ck_assert_msg(fabs((double)(a) - (double)(b)) < 1e-5, "%.9g vs %.9g", (double)(a), (double)(b))
@@ -303,6 +306,49 @@ START_TEST(sched_cosine_ramp_for_momentum) {
 }
 END_TEST
 
+/* The fused update (optim_step_ema on the compute team) against optim_step on one thread followed by
+ * the average written out here: bit for bit, for every optimizer, over segments of odd lengths (some
+ * without decay) that the parts cut in the middle. */
+enum { FUSED_N = 3 * PAR_MIN_FLOATS + 77, FUSED_SEGS = 5, FUSED_STEPS = 3 };
+
+static void fused_case(optim_kind kind, int nesterov) {
+  const size_t len[FUSED_SEGS] = {1000, 77, 2 * PAR_MIN_FLOATS + 3, 9, PAR_MIN_FLOATS - 1012};
+  net_segment seg[FUSED_SEGS];
+  size_t off = 0;
+  for (int s = 0; s < FUSED_SEGS; s++) seg[s] = (net_segment){off, len[s], s, s % 2}, off += len[s];
+  ck_assert_uint_eq(off, FUSED_N);
+  optim_config c = cfg_with(kind, kind == OPTIM_ADAMW ? 0.0f : 0.9f, nesterov, 1e-2f);
+  float *p[2], *k[2], *g = tensor_alloc(FUSED_N);
+  rng_t r;
+  rng_init(&r, 5, 1);
+  for (int v = 0; v < 2; v++) p[v] = tensor_alloc(FUSED_N), k[v] = tensor_alloc(FUSED_N);
+  for (size_t i = 0; i < FUSED_N; i++) p[0][i] = p[1][i] = rng_normal(&r), k[0][i] = k[1][i] = rng_normal(&r);
+  optim o[2];
+  for (int v = 0; v < 2; v++) ck_assert_int_eq(optim_init(&o[v], &c, FUSED_N, seg, FUSED_SEGS), 0);
+  for (int t = 0; t < FUSED_STEPS; t++) {
+    for (size_t i = 0; i < FUSED_N; i++) g[i] = rng_normal(&r);
+    ck_assert_int_eq(par_set_threads(1), 0);
+    optim_step(&o[0], p[0], g, 0.1f);
+    for (size_t i = 0; i < FUSED_N; i++) k[0][i] = 0.99f * k[0][i] + (1.0f - 0.99f) * p[0][i];
+    ck_assert_int_eq(par_set_threads(4), 0);
+    optim_step_ema(&o[1], p[1], g, 0.1f, k[1], 0.99f);
+    ck_assert_int_eq(memcmp(p[0], p[1], FUSED_N * sizeof(float)), 0);
+    ck_assert_int_eq(memcmp(k[0], k[1], FUSED_N * sizeof(float)), 0);
+    ck_assert_int_eq(memcmp(o[0].m, o[1].m, FUSED_N * sizeof(float)), 0);
+  }
+  ck_assert_int_eq(par_set_threads(1), 0);
+  for (int v = 0; v < 2; v++) optim_free(&o[v]), tensor_free(p[v]), tensor_free(k[v]);
+  tensor_free(g);
+}
+
+START_TEST(fused_parallel_update_matches_serial_update_and_average) {
+  fused_case(OPTIM_SGD, 0);
+  fused_case(OPTIM_SGD, 1);
+  fused_case(OPTIM_LARS, 0);
+  fused_case(OPTIM_ADAMW, 0);
+}
+END_TEST
+
 Suite *optim_suite(void) {
   Suite *s = suite_create("optim");
   TCase *tc = tcase_create("optim");
@@ -316,6 +362,7 @@ Suite *optim_suite(void) {
   tcase_add_test(tc, bad_configs_and_segments_are_refused);
   tcase_add_test(tc, set_config_keeps_state_and_kind);
   tcase_add_test(tc, save_load_round_trip_is_exact);
+  tcase_add_test(tc, fused_parallel_update_matches_serial_update_and_average);
   suite_add_tcase(s, tc);
   TCase *ts = tcase_create("sched");
   tcase_add_test(ts, sched_constant_and_warmup);

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "core/net.h"
+#include "core/optim.h"
 
 typedef enum {
   MOMENTUM_CONSTANT,
@@ -36,5 +37,11 @@ void momentum_update(float *key, const float *query, size_t n, float m);
 /* The EMA over the parameter and buffer arenas of two networks of the same architecture; MOCO_ESHAPE
  * when they differ. */
 int momentum_update_net(net *key, const net *query, float m);
+
+/* A training step's update of both encoders: the optimizer's update of the query encoder from its
+ * gradients, then the key encoder's average of the result (momentum_update_net), the two fused into
+ * one parallel pass over the parameter arenas (optim_step_ema). MOCO_ESHAPE when the networks or the
+ * optimizer do not match. */
+int momentum_step_nets(net *key, net *query, optim *o, float lr, float m);
 
 #endif

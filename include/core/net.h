@@ -82,6 +82,8 @@ typedef struct {
   float *scratch;    /* workspace (im2col, ping-pong gradients), sized at build */
   size_t scratch_len;
   uint64_t arch_hash; /* hash of layer kinds, structural hyperparameters and shapes: guards net_load */
+  double *prof; /* NULL, or [2 n_layers] seconds each layer took in forward (2i) and backward (2i + 1),
+                   added to by every pass: the caller's, for benchmarks that split a step by layer */
   /* internal: the arena behind input/out/saved, the last forward's input copy and batch size, the two
    * gradient buffers backward alternates between (slices of scratch) */
   float *act;
@@ -125,6 +127,8 @@ int net_backward(net *n, const float *dout, float *dx, int B);
 void net_zero_grad(net *n);
 
 size_t net_num_params(const net *n);
+/* The spec's name of a layer kind ("conv2d"), "?" for none. */
+const char *net_kind_name(layer_kind k);
 /* Multiply-adds x 2 of the matrix products (linear, conv2d) of one sample's forward pass; the
  * elementwise layers are not counted. */
 double net_flops_per_sample(const net *n);

@@ -47,6 +47,7 @@ typedef struct {
   int n_segments;
   float *m; /* [n_params] SGD/LARS velocity, AdamW first moment */
   float *v; /* [n_params] AdamW second moment; NULL otherwise */
+  float *scale; /* [n_segments] the step's gradient scale per segment (LARS's trust ratio, else 1) */
   int64_t steps; /* updates done (AdamW's bias correction) */
 } optim;
 
@@ -57,8 +58,16 @@ int optim_init(optim *o, const optim_config *cfg, size_t n_params, const net_seg
                int n_segments);
 void optim_free(optim *o);
 
-/* One update of params [n_params] from grads [n_params] with learning rate lr. Allocates nothing. */
+/* One update of params [n_params] from grads [n_params] with learning rate lr. Allocates nothing. The
+ * arena is split over the compute team (core/par.h); every entry's arithmetic is the same whatever the
+ * split, so results do not depend on the thread count. */
 void optim_step(optim *o, float *params, const float *grads, float lr);
+
+/* optim_step, and in the same pass over memory an exponential moving average of the updated
+ * parameters, ema[i] ← ema_m·ema[i] + (1 − ema_m)·params[i] (MoCo's key encoder, He et al. 2020,
+ * eq. 2), when ema is not NULL: bit for bit optim_step followed by that average, reading each
+ * parameter once instead of twice. */
+void optim_step_ema(optim *o, float *params, const float *grads, float lr, float *ema, float ema_m);
 
 /* Changes the runtime-tunable hyperparameters (momentum, weight_decay, lars_eta, ...) between steps;
  * the optimizer kind cannot change (MOCO_ECONFIG), the state is kept. */

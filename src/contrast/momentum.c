@@ -39,13 +39,30 @@ void momentum_update(float *key, const float *query, size_t n, float m) {
   for (size_t i = 0; i < n; i++) key[i] = m * key[i] + a * query[i];
 }
 
-int momentum_update_net(net *key, const net *query, float m) {
+static int same_arch(const net *key, const net *query) {
   if (key->n_params != query->n_params || key->n_buffers != query->n_buffers ||
       key->arch_hash != query->arch_hash)
     return moco_error(MOCO_ESHAPE,
                       "momentum update: key encoder has %zu params, %zu buffers; query %zu, %zu",
                       key->n_params, key->n_buffers, query->n_params, query->n_buffers);
+  return 0;
+}
+
+int momentum_update_net(net *key, const net *query, float m) {
+  int rc = same_arch(key, query);
+  if (rc) return rc;
   momentum_update(key->params, query->params, key->n_params, m);
+  momentum_update(key->buffers, query->buffers, key->n_buffers, m);
+  return 0;
+}
+
+int momentum_step_nets(net *key, net *query, optim *o, float lr, float m) {
+  int rc = same_arch(key, query);
+  if (rc) return rc;
+  if (o->n_params != query->n_params)
+    return moco_error(MOCO_ESHAPE, "momentum update: optimizer for %zu params, query encoder has %zu",
+                      o->n_params, query->n_params);
+  optim_step_ema(o, query->params, query->grads, lr, key->params, m);
   momentum_update(key->buffers, query->buffers, key->n_buffers, m);
   return 0;
 }

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/clock.h"
 #include "core/err.h"
 #include "core/layers.h"
 #include "core/par.h"
@@ -511,7 +512,9 @@ const float *net_forward(net *n, const float *x, int B) {
   memmove(n->input, x, net_shape_size(n->in_shape) * B * sizeof(float));
   const float *h = n->input;
   for (int i = 0; i < n->n_layers; i++) {
+    double t0 = n->prof ? clock_now() : 0.0;
     layer_forward(n, &n->layers[i], h, B);
+    if (n->prof) n->prof[2 * i] += clock_now() - t0;
     h = n->layers[i].out;
   }
   n->last_batch = B;
@@ -533,7 +536,9 @@ int net_backward(net *n, const float *dout, float *dx, int B) {
   for (int i = n->n_layers - 1; i >= stop; i--) {
     const float *x = i ? n->layers[i - 1].out : n->input;
     float *din = i > stop ? n->gbuf[i & 1] : i ? NULL : dx;
+    double t0 = n->prof ? clock_now() : 0.0;
     layer_backward(n, &n->layers[i], din, dy, x, B);
+    if (n->prof) n->prof[2 * i + 1] += clock_now() - t0;
     dy = din;
   }
   if (n->n_layers == 0 && dx) memcpy(dx, dout, net_shape_size(n->in_shape) * B * sizeof(float));
@@ -628,6 +633,8 @@ void net_save(const net *n, blob_writer *w) {
 }
 
 static const char *kind_name(uint32_t k) { return k < (uint32_t)N_KINDS ? kind_names[k] : "?"; }
+
+const char *net_kind_name(layer_kind k) { return kind_name((uint32_t)k); }
 
 /* Compares the saved layer descriptions with n's; on the first difference records the message. */
 static int compare_arch(const net *n, blob_reader *s, const char *name) {

@@ -5,7 +5,10 @@
 #include <string.h>
 
 #include "core/err.h"
+#include "core/par.h"
 #include "core/tensor.h"
+
+#include "hot.h" /* the update loops are elementwise: O3's vectoriser */
 
 static const char *const kind_names[] = {"sgd", "lars", "adamw"};
 #define N_KINDS (int)(sizeof kind_names / sizeof kind_names[0])
@@ -81,9 +84,10 @@ int optim_init(optim *o, const optim_config *cfg, size_t n_params, const net_seg
   o->n_params = n_params;
   o->n_segments = n_segments ? n_segments : 1;
   o->segments = malloc(sizeof *o->segments * o->n_segments);
+  o->scale = malloc(sizeof *o->scale * o->n_segments);
   o->m = tensor_calloc(n_params);
   if (cfg->optimizer == OPTIM_ADAMW) o->v = tensor_calloc(n_params);
-  if (!o->segments || !o->m || (cfg->optimizer == OPTIM_ADAMW && !o->v)) {
+  if (!o->segments || !o->scale || !o->m || (cfg->optimizer == OPTIM_ADAMW && !o->v)) {
     optim_free(o);
     return moco_error(MOCO_ENOMEM, "optimizer: state for %zu parameters", n_params);
   }
@@ -96,6 +100,7 @@ int optim_init(optim *o, const optim_config *cfg, size_t n_params, const net_seg
 
 void optim_free(optim *o) {
   free(o->segments);
+  free(o->scale);
   tensor_free(o->m);
   tensor_free(o->v);
   memset(o, 0, sizeof *o);
@@ -123,9 +128,9 @@ static float lars_ratio(const float *p, const float *g, size_t n, float eta, flo
   return pn > 0.0 && den > 0.0 ? (float)(eta * pn / den) : 1.0f;
 }
 
-/* SGD / LARS on one segment: g' = scale·(g + wd·θ); v ← μv + g'; θ ← θ − lr·(v or g' + μv). */
-static void sgd_segment(const optim_config *c, float *p, const float *g, float *m, size_t n, float wd,
-                        float scale, float lr) {
+/* SGD / LARS on a run of one segment: g' = scale·(g + wd·θ); v ← μv + g'; θ ← θ − lr·(v or g' + μv). */
+static void sgd_run(const optim_config *c, float *restrict p, const float *restrict g, float *restrict m,
+                    size_t n, float wd, float scale, float lr) {
   const float mu = c->momentum;
   if (c->nesterov) {
     for (size_t i = 0; i < n; i++) {
@@ -141,9 +146,9 @@ static void sgd_segment(const optim_config *c, float *p, const float *g, float *
   }
 }
 
-/* AdamW on one segment; c1, c2 are the bias corrections 1 − β^t. */
-static void adamw_segment(const optim_config *c, float *p, const float *g, float *m, float *v, size_t n,
-                          float wd, float lr, float c1, float c2) {
+/* AdamW on a run of one segment; c1, c2 are the bias corrections 1 − β^t. */
+static void adamw_run(const optim_config *c, float *restrict p, const float *restrict g, float *restrict m,
+                      float *restrict v, size_t n, float wd, float lr, float c1, float c2) {
   const float b1 = c->beta1, b2 = c->beta2, step = lr / c1, rc2 = 1.0f / sqrtf(c2);
   const float keep = 1.0f - lr * wd;
   for (size_t i = 0; i < n; i++) {
@@ -153,30 +158,81 @@ static void adamw_segment(const optim_config *c, float *p, const float *g, float
   }
 }
 
-void optim_step(optim *o, float *params, const float *grads, float lr) {
+/* ema ← a·ema + (1 − a)·θ */
+static void ema_run(float *restrict ema, const float *restrict p, size_t n, float a) {
+  const float b = 1.0f - a;
+  for (size_t i = 0; i < n; i++) ema[i] = a * ema[i] + b * p[i];
+}
+
+/* Floats the update and the average take in turn: the block's θ is still in L1 (five or six 4 KB
+ * streams) when the average reads it, so the two make one pass over memory. */
+#define UPDATE_BLOCK 1024
+
+/* The arguments of one update, shared by its parts. */
+typedef struct {
+  const optim *o;
+  float *params, *ema;
+  const float *grads;
+  float lr, c1, c2, ema_m;
+} update_call;
+
+static float segment_decay(const optim *o, const net_segment *sg) {
+  return sg->no_decay && !o->cfg.decay_all ? 0.0f : o->cfg.weight_decay;
+}
+
+/* Arena entries [lo, hi) of segment s, block by block. */
+static void update_run(const update_call *a, int s, size_t lo, size_t hi) {
+  const optim *o = a->o;
   const optim_config *c = &o->cfg;
-  o->steps++;
-  float c1 = 1.0f - powf(c->beta1, (float)o->steps), c2 = 1.0f - powf(c->beta2, (float)o->steps);
+  float wd = segment_decay(o, &o->segments[s]);
+  for (size_t b = lo; b < hi; b += UPDATE_BLOCK) {
+    size_t n = hi - b < UPDATE_BLOCK ? hi - b : UPDATE_BLOCK;
+    if (c->optimizer == OPTIM_ADAMW)
+      adamw_run(c, a->params + b, a->grads + b, o->m + b, o->v + b, n, wd, a->lr, a->c1, a->c2);
+    else
+      sgd_run(c, a->params + b, a->grads + b, o->m + b, n, wd, o->scale[s], a->lr);
+    if (a->ema) ema_run(a->ema + b, a->params + b, n, a->ema_m);
+  }
+}
+
+/* Part `part` of the arena, through the segments it overlaps. */
+static void update_part(void *ctx, int part, int parts) {
+  const update_call *a = ctx;
+  const optim *o = a->o;
+  long lo, hi;
+  par_range((long)o->n_params, part, parts, &lo, &hi);
+  for (int s = 0; s < o->n_segments; s++) {
+    size_t s0 = o->segments[s].off, s1 = s0 + o->segments[s].len;
+    size_t r0 = s0 > (size_t)lo ? s0 : (size_t)lo, r1 = s1 < (size_t)hi ? s1 : (size_t)hi;
+    if (r0 < r1) update_run(a, s, r0, r1);
+  }
+}
+
+/* LARS's trust ratio needs each segment's norms before any of it moves; the other optimizers' scale
+ * is 1. */
+static void segment_scales(optim *o, const float *params, const float *grads) {
   for (int s = 0; s < o->n_segments; s++) {
     const net_segment *sg = &o->segments[s];
-    float *p = params + sg->off, *m = o->m + sg->off;
-    const float *g = grads + sg->off;
-    int excluded = sg->no_decay && !c->decay_all;
-    float wd = excluded ? 0.0f : c->weight_decay;
-    switch (c->optimizer) {
-    case OPTIM_SGD:
-      sgd_segment(c, p, g, m, sg->len, wd, 1.0f, lr);
-      break;
-    case OPTIM_LARS: {
-      float scale = excluded ? 1.0f : lars_ratio(p, g, sg->len, c->lars_eta, wd);
-      sgd_segment(c, p, g, m, sg->len, wd, scale, lr);
-      break;
-    }
-    case OPTIM_ADAMW:
-      adamw_segment(c, p, g, m, o->v + sg->off, sg->len, wd, lr, c1, c2);
-      break;
-    }
+    int excluded = sg->no_decay && !o->cfg.decay_all;
+    o->scale[s] = o->cfg.optimizer == OPTIM_LARS && !excluded
+                      ? lars_ratio(params + sg->off, grads + sg->off, sg->len, o->cfg.lars_eta,
+                                   segment_decay(o, sg))
+                      : 1.0f;
   }
+}
+
+void optim_step_ema(optim *o, float *params, const float *grads, float lr, float *ema, float ema_m) {
+  const optim_config *c = &o->cfg;
+  o->steps++;
+  segment_scales(o, params, grads);
+  update_call a = {.o = o, .params = params, .ema = ema, .grads = grads, .lr = lr,
+                   .c1 = 1.0f - powf(c->beta1, (float)o->steps),
+                   .c2 = 1.0f - powf(c->beta2, (float)o->steps), .ema_m = ema_m};
+  par_run(par_parts((long)o->n_params, PAR_MIN_FLOATS), update_part, &a);
+}
+
+void optim_step(optim *o, float *params, const float *grads, float lr) {
+  optim_step_ema(o, params, grads, lr, NULL, 0.0f);
 }
 
 void optim_save(const optim *o, blob_writer *w) {

@@ -620,8 +620,7 @@ int moco_step(moco_model *m, const float *x1, const float *x2, const int64_t *id
     world_gradients(m);
     world_ids(m, &ids, &labels, B);
   }
-  optim_step(&m->opt, m->query.params, m->query.grads, lr);
-  if ((rc = momentum_update_net(&m->key, &m->query, mom))) return rc;
+  if ((rc = momentum_step_nets(&m->key, &m->query, &m->opt, lr, mom))) return rc;
   if (adversarial(&m->cfg) && (rc = update_bank(m, B, d->hardness))) return rc;
   if (m->queue.keys) {
     int was_full = m->queue.filled == m->queue.queue_size;

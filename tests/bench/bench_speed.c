@@ -2,14 +2,23 @@
  * the same job, the step's GFLOP/s as a share of a large sgemm measured in the same run, and peak memory
  * for queue sizes 4096 and 65536. Prints figures, judges nothing.
  *
- *   bench_speed [CONFIG]          (default config/default.json; MOCOD_BENCH_SECONDS: timing budget per
- *                                  side, default 6)
+ *   bench_speed [--threads LIST] [--no-torch] [--no-rss] [CONFIG]
+ *
+ * CONFIG defaults to config/default.json; LIST (e.g. 1,2,16) to 1, 2 and the machine's CPU count, each
+ * a separate measurement with the team and the model built for that many threads (the config's
+ * `threads` is printed, not used). MOCOD_BENCH_SECONDS: timing budget per side and thread count,
+ * default 4. --no-torch and --no-rss leave out the PyTorch comparison and the memory figures (quick
+ * before/after runs).
  *
  * The job is the config's, read through the service's config code (extends, defaults, checks) and the
  * trainer's encoder (backbone + head + linear to embed_dim + l2norm): batch, queue, temperature, key
  * momentum, shuffle-BN groups, optimizer, lr, weight decay and threads. For the comparison the
  * negatives are the whole queue (strategy all, no guards) and the loss is asymmetric InfoNCE, which is
  * what scripts/torch_reference.py implements; the configured loss and strategy are printed beside it.
+ *
+ * Per thread count it prints the step's phases and, per layer, the milliseconds each layer of the
+ * encoders takes per step (key forward + query forward, query backward): where the time goes, and
+ * which parts stop scaling with threads.
  *
  * Both sides time the step alone on ready-made N(0, 1) views of the training data's shape (four
  * batches, cycled) with a full queue of random unit keys, by the same protocol: warm-up steps, then
@@ -22,6 +31,7 @@
  * runs a few steps and reports its own VmHWM: model, optimizer state, queue, similarity buffers and
  * OpenBLAS, without the data loader or evaluation. */
 #include <cblas.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,7 +48,7 @@
 #include "train/trainer.h"
 
 #define PYTHON "/usr/bin/python3"
-enum { REPS = 5, WARMUP = 3, POOL = 4, RSS_STEPS = 2, SGEMM_N = 2048 };
+enum { REPS = 5, WARMUP = 3, POOL = 4, RSS_STEPS = 2, SGEMM_N = 2048, MAX_COUNTS = 8 };
 
 typedef struct {
   json_t *root;
@@ -127,6 +137,8 @@ static int time_steps(moco_model *m, const float *views, double budget, double *
   if (*steps < 2) *steps = 2;
   double t[REPS];
   memset(phases, 0, sizeof *phases);
+  memset(m->query.prof, 0, 2 * (size_t)m->query.n_layers * sizeof(double));
+  memset(m->key.prof, 0, 2 * (size_t)m->key.n_layers * sizeof(double));
   for (int r = 0; r < REPS && !rc; r++) {
     t0 = clock_now();
     for (int i = 0; i < *steps && !rc; i++) {
@@ -164,13 +176,14 @@ static void print_step(const char *who, double sec, int reps, int steps, double 
 
 /* The PyTorch reference on the same config; 0 with *sec set, 1 when python3-torch is missing (the
  * comparison is skipped), -1 when the reference failed. */
-static int torch_reference(const char *config, const job *j, double budget, double *sec, double gemm) {
+static int torch_reference(const char *config, const job *j, int threads, double budget, double *sec,
+                           double gemm) {
   static char out[16384];
   char cmd[2048];
   snprintf(cmd, sizeof cmd,
            PYTHON " scripts/torch_reference.py --config '%s' --strategy all --threads %d --shape %d,%d,%d"
                   " --reps %d --warmup %d --budget %.1f",
-           config, j->tc.threads, j->in.c, j->in.h, j->in.w, REPS, WARMUP, budget);
+           config, threads, j->in.c, j->in.h, j->in.w, REPS, WARMUP, budget);
   if (access(PYTHON, X_OK) != 0 || run_capture(PYTHON " -c 'import torch'", out, sizeof out) != 0) {
     printf("pytorch: skipped, %s cannot import torch (install python3-torch)\n", PYTHON);
     return 1;
@@ -232,22 +245,128 @@ static void rss_report(const char *self, const char *config, int K) {
          qb / (1024.0 * 1024.0));
 }
 
+/* One thread count's figures. */
+typedef struct {
+  int threads;
+  double gemm, sec, tsec; /* sgemm GFLOP/s, mocod and PyTorch s/step (tsec 0: not measured) */
+  moco_timing ph;
+  int steps;
+  double *layer_ms; /* [n_layers][2]: forward (key + query) and backward ms per step */
+} measure;
+
+static void print_phases(const moco_timing *ph) {
+  printf("%-26s keys %.0f%%, queries %.0f%%, similarity %.0f%%, mining %.0f%%, loss %.0f%%, backward "
+         "%.0f%%, update %.0f%%\n",
+         "mocod step phases", 100 * ph->keys / ph->total, 100 * ph->queries / ph->total,
+         100 * ph->similarity / ph->total, 100 * ph->mining / ph->total, 100 * ph->loss / ph->total,
+         100 * ph->backward / ph->total, 100 * ph->update / ph->total);
+}
+
+/* The compared job at `threads`: the team and the model are built for that count (a convolution's
+ * split into parts is fixed when the net is built). Fills x; prints the step and its phases. */
+static int measure_at(const job *j, const moco_config *mc, const float *views, double budget,
+                      measure *x) {
+  int rc = par_set_threads(x->threads);
+  if (rc) return rc;
+  moco_model m;
+  if ((rc = model_build(&m, j, mc))) return rc;
+  int L = m.query.n_layers;
+  double *prof = calloc(4 * (size_t)L, sizeof *prof);
+  if (!prof) {
+    moco_free(&m);
+    return moco_error(MOCO_ENOMEM, "layer profile");
+  }
+  m.query.prof = prof, m.key.prof = prof + 2 * L;
+  x->gemm = sgemm_gflops(SGEMM_N, REPS);
+  if (!(rc = time_steps(&m, views, budget, &x->sec, &x->steps, &x->ph))) {
+    double steps = (double)REPS * x->steps;
+    for (int i = 0; i < L; i++) {
+      x->layer_ms[2 * i] = 1e3 * (prof[2 * i] + prof[2 * L + 2 * i]) / steps;
+      x->layer_ms[2 * i + 1] = 1e3 * prof[2 * i + 1] / steps;
+    }
+    printf("-- %d thread%s\n", x->threads, x->threads > 1 ? "s" : "");
+    printf("%-26s %7.1f GFLOP/s (median of %d)\n", "sgemm 2048^3", x->gemm, REPS);
+    print_step("mocod step", x->sec, REPS, x->steps, step_flops(&m, mc->batch_size), x->gemm);
+    print_phases(&x->ph);
+  }
+  m.query.prof = m.key.prof = NULL;
+  free(prof);
+  moco_free(&m);
+  return rc;
+}
+
+/* Per layer, ms per step at each thread count: forward (key and query encoders together) and the
+ * query encoder's backward. Layers whose every figure rounds to zero (flatten) are left out. */
+static void print_layers(const net *n, const measure *x, int counts) {
+  printf("per layer, ms/step  %-34s", "(fwd = key + query forward)");
+  for (int c = 0; c < counts; c++) printf("   fwd/bwd @%-2d", x[c].threads);
+  printf("\n");
+  for (int i = 0; i < n->n_layers; i++) {
+    double most = 0;
+    for (int c = 0; c < counts; c++)
+      most = fmax(most, fmax(x[c].layer_ms[2 * i], x[c].layer_ms[2 * i + 1]));
+    if (most < 0.05) continue;
+    char name[64];
+    const layer *Ly = &n->layers[i];
+    snprintf(name, sizeof name, "%2d %s %dx%dx%d", i, net_kind_name(Ly->kind), Ly->out_shape.c,
+             Ly->out_shape.h, Ly->out_shape.w);
+    printf("  %-52s", name);
+    for (int c = 0; c < counts; c++) printf("   %5.1f / %5.1f", x[c].layer_ms[2 * i], x[c].layer_ms[2 * i + 1]);
+    printf("\n");
+  }
+}
+
+/* The thread counts: LIST as given, or 1, 2 and the CPU count (capped at the team's maximum). */
+static int thread_counts(const char *list, int *out) {
+  int n = 0;
+  if (list) {
+    for (const char *p = list; *p && n < MAX_COUNTS; p += strspn(p, ",")) {
+      char *end;
+      long t = strtol(p, &end, 10);
+      if (end == p || t < 1 || t > PAR_MAX_THREADS) return -1;
+      out[n++] = (int)t, p = end;
+    }
+    return n;
+  }
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  int want[3] = {1, 2, (int)(cpus > PAR_MAX_THREADS ? PAR_MAX_THREADS : cpus < 1 ? 1 : cpus)};
+  for (int i = 0; i < 3; i++)
+    if (n == 0 || want[i] > out[n - 1]) out[n++] = want[i];
+  return n;
+}
+
 int main(int argc, char **argv) {
   if (argc == 4 && strcmp(argv[1], "--rss") == 0) {
     int rc = rss_child(argv[3], atoi(argv[2]));
     if (rc) fprintf(stderr, "bench_speed --rss: %s\n", moco_errmsg());
     return rc ? 1 : 0;
   }
-  const char *config = argc > 1 ? argv[1] : "config/default.json";
+  const char *config = "config/default.json", *list = NULL;
+  int torch = 1, rss = 1;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+      list = argv[++i];
+    else if (!strcmp(argv[i], "--no-torch"))
+      torch = 0;
+    else if (!strcmp(argv[i], "--no-rss"))
+      rss = 0;
+    else if (argv[i][0] == '-') {
+      fprintf(stderr, "usage: bench_speed [--threads 1,2,16] [--no-torch] [--no-rss] [CONFIG]\n");
+      return 2;
+    } else
+      config = argv[i];
+  }
+  int counts_of[MAX_COUNTS], counts = thread_counts(list, counts_of);
+  if (counts <= 0) {
+    fprintf(stderr, "bench_speed: --threads %s: expected numbers in 1..%d, commas between\n", list,
+            PAR_MAX_THREADS);
+    return 2;
+  }
   const char *env = getenv("MOCOD_BENCH_SECONDS");
-  double budget = env && atof(env) > 0 ? atof(env) : 6.0;
+  double budget = env && atof(env) > 0 ? atof(env) : 4.0;
   job j;
   if (job_load(&j, config)) {
     fprintf(stderr, "bench_speed: config %s: %s\n", config, moco_errmsg());
-    return 1;
-  }
-  if (par_set_threads(j.tc.threads)) {
-    fprintf(stderr, "bench_speed: %s\n", moco_errmsg());
     return 1;
   }
   /* The compared job: every negative of the queue, plain InfoNCE, one direction. */
@@ -265,7 +384,7 @@ int main(int argc, char **argv) {
   }
   char enc[1024];
   net_describe(&m.query, enc, sizeof enc);
-  printf("config %s, OpenBLAS core %s, %d threads\n", config, openblas_get_corename(), j.tc.threads);
+  printf("config %s (threads %d there), OpenBLAS core %s\n", config, j.tc.threads, openblas_get_corename());
   /* PyTorch's thread pool loses far more than mocod to cores that other work holds: say how busy the
    * machine was, so a ratio measured on a shared machine can be read for what it is. */
   double load = -1;
@@ -278,33 +397,42 @@ int main(int argc, char **argv) {
          "comparison; configured: loss %s, strategy %s%s\n",
          mc.batch_size, mc.queue_size, m.dim, loss_kind_name(j.tc.moco.loss.loss),
          mine_strategy_name(j.tc.moco.mine.strategy), j.tc.moco.symmetric ? ", symmetric" : "");
-
-  double gemm = sgemm_gflops(SGEMM_N, REPS);
-  printf("%-26s %7.1f GFLOP/s (median of %d)\n", "sgemm 2048^3", gemm, REPS);
-  double sec = 0, flops = step_flops(&m, mc.batch_size), tsec = 0;
-  int steps = 0;
-  moco_timing ph;
-  int rc = time_steps(&m, views, budget, &sec, &steps, &ph);
-  moco_free(&m);
+  double flops = step_flops(&m, mc.batch_size);
+  int L = m.query.n_layers, rc = 0, trc = 0;
+  measure x[MAX_COUNTS];
+  double *layer_ms = calloc((size_t)counts * 2 * L, sizeof *layer_ms);
+  for (int c = 0; c < counts && layer_ms && !rc; c++) {
+    x[c] = (measure){.threads = counts_of[c], .layer_ms = layer_ms + (size_t)c * 2 * L};
+    rc = measure_at(&j, &mc, views, budget, &x[c]);
+    int r = torch && !rc ? torch_reference(config, &j, x[c].threads, budget, &x[c].tsec, x[c].gemm) : 1;
+    if (r == 0) printf("%-26s %7.2f (mocod steps/s / PyTorch steps/s)\n", "speed ratio", x[c].tsec / x[c].sec);
+    if (r < 0) trc = r;
+    if (r > 0) torch = 0; /* missing: said once */
+  }
   tensor_free(views);
-  if (rc) {
-    fprintf(stderr, "bench_speed: step: %s\n", moco_errmsg());
+  if (rc || !layer_ms) {
+    fprintf(stderr, "bench_speed: step: %s\n", layer_ms ? moco_errmsg() : "out of memory");
     return 1;
   }
-  print_step("mocod step", sec, REPS, steps, flops, gemm);
-  printf("%-26s keys %.0f%%, queries %.0f%%, similarity %.0f%%, mining %.0f%%, loss %.0f%%, backward %.0f%%, "
-         "update %.0f%%\n",
-         "mocod step phases", 100 * ph.keys / ph.total, 100 * ph.queries / ph.total,
-         100 * ph.similarity / ph.total, 100 * ph.mining / ph.total, 100 * ph.loss / ph.total,
-         100 * ph.backward / ph.total, 100 * ph.update / ph.total);
-  int trc = torch_reference(config, &j, budget, &tsec, gemm);
-  if (trc == 0) printf("%-26s %7.2f (mocod steps/s / PyTorch steps/s)\n", "speed ratio", tsec / sec);
+  printf("-- summary: threads, mocod ms/step, share of sgemm 2048^3, speed-up over the first count, "
+         "PyTorch ms/step, mocod / PyTorch\n");
+  for (int c = 0; c < counts; c++) {
+    printf("  %2d threads %8.1f ms %6.2f of sgemm %6.2fx", x[c].threads, 1e3 * x[c].sec,
+           flops / x[c].sec / 1e9 / x[c].gemm, x[0].sec / x[c].sec);
+    if (x[c].tsec > 0)
+      printf(" %8.1f ms %6.2fx\n", 1e3 * x[c].tsec, x[c].tsec / x[c].sec);
+    else
+      printf("\n");
+  }
+  print_layers(&m.query, x, counts);
+  free(layer_ms);
+  moco_free(&m);
 
   char self[1024];
   ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
   self[n > 0 ? n : 0] = '\0';
   const int Ks[] = {4096, 65536};
-  for (int i = 0; i < 2 && n > 0; i++) rss_report(self, config, Ks[i]);
+  for (int i = 0; i < 2 && n > 0 && rss; i++) rss_report(self, config, Ks[i]);
   json_decref(j.root);
   return trc < 0 ? 1 : 0;
 }
