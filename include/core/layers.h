@@ -68,9 +68,10 @@ int conv_geom_init(conv_geom *g, int C, int H, int W, int K, int stride, int pad
  * feature maps (7x7 = 49 columns) would otherwise starve the gemm. */
 /* Samples per sgemm for this geometry (aims at a few thousand columns). */
 int conv2d_chunk(const conv_geom *g, int OC, int max_batch);
-/* Workspace floats forward and backward need for that chunk, split into `parts` runs of chunks that
- * the compute team (core/par.h) does side by side. The output does not depend on `parts`; the weight
- * gradients differ by float rounding only (each part sums its own chunks). */
+/* Workspace floats forward and backward need for that chunk, split into `parts` near-equal shares of
+ * the samples that the compute team (core/par.h) does side by side, each in near-equal chunks of at
+ * most `chunk`. The output does not depend on `parts`; the weight gradients differ by float rounding
+ * only (each part sums its own chunks). */
 size_t conv2d_workspace_len(const conv_geom *g, int OC, int chunk, int parts);
 /* out [B, OC, OH, OW], inp [B, C, H, W], weight [OC, C, K, K], bias [OC] or NULL */
 void conv2d_forward(float *out, float *ws, const float *inp, const float *weight, const float *bias,

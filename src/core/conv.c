@@ -230,20 +230,26 @@ static void backward_chunk(const conv_call *a, float *ws, float *dweight, float 
   }
 }
 
-/* Part `part` takes a contiguous run of chunks: [*b0, *b1) in samples. */
-static void part_samples(const conv_call *a, int part, int parts, int *b0, int *b1) {
-  long chunks = (a->B + a->chunk - 1) / a->chunk, lo, hi;
-  par_range(chunks, part, parts, &lo, &hi);
-  *b0 = (int)(lo * a->chunk);
-  *b1 = hi * a->chunk < a->B ? (int)(hi * a->chunk) : a->B;
+/* Part `part` takes a near-equal share of the samples and does them in near-equal chunks of at most
+ * a->chunk: whole chunks per part would leave a part with twice the average work when the chunks are
+ * few (B 256 in chunks of 15 on 16 threads: 18 chunks, two parts with two), and a last chunk of one
+ * sample would starve its gemm. Returns the part's number of chunks; chunk c < that is [*c0, *c1). */
+static int part_chunk(const conv_call *a, int part, int parts, int c, int *c0, int *c1) {
+  long b0, b1, lo, hi;
+  par_range(a->B, part, parts, &b0, &b1);
+  int n = (int)((b1 - b0 + a->chunk - 1) / a->chunk);
+  if (c < n) {
+    par_range(b1 - b0, c, n, &lo, &hi);
+    *c0 = (int)(b0 + lo), *c1 = (int)(b0 + hi);
+  }
+  return n;
 }
 
 static void forward_part(void *ctx, int part, int parts) {
   const conv_call *a = ctx;
-  int b0, b1;
-  part_samples(a, part, parts, &b0, &b1);
+  int c0, c1;
   float *ws = a->ws + (size_t)part * part_len(a->g, a->OC, a->chunk);
-  for (int b = b0; b < b1; b += a->chunk) forward_chunk(a, ws, b, b1 - b < a->chunk ? b1 - b : a->chunk);
+  for (int c = 0; c < part_chunk(a, part, parts, c, &c0, &c1); c++) forward_chunk(a, ws, c0, c1 - c0);
 }
 
 /* The first part adds into dweight and dbias; the others into their own slots, which the caller adds
@@ -258,10 +264,9 @@ static void backward_part(void *ctx, int part, int parts) {
     memset(dw, 0, (nw + (size_t)a->OC) * sizeof(float));
     db = a->dbias ? dw + nw : NULL;
   }
-  int b0, b1;
-  part_samples(a, part, parts, &b0, &b1);
-  for (int b = b0; b < b1; b += a->chunk)
-    backward_chunk(a, ws, dw, db, b, b1 - b < a->chunk ? b1 - b : a->chunk);
+  int c0, c1;
+  for (int c = 0; c < part_chunk(a, part, parts, c, &c0, &c1); c++)
+    backward_chunk(a, ws, dw, db, c0, c1 - c0);
 }
 
 void conv2d_forward(float *out, float *ws, const float *inp, const float *weight, const float *bias,
