@@ -562,19 +562,20 @@ static double mp_ref(const lt *t, size_t o) {
     }
   return best;
 }
-static void mp_f(lt *t) { maxpool_forward(t->out, t->x, t->B, &t->g); }
-static void mp_b(lt *t) { maxpool_backward(t->dx, t->dout, t->x, t->out, t->B, &t->g); }
+static void mp_f(lt *t) { maxpool_forward(t->out, (int32_t *)t->saved, t->x, t->B, &t->g); }
+static void mp_b(lt *t) { maxpool_backward(t->dx, t->dout, (const int32_t *)t->saved, t->B, &t->g); }
 
 /* B, C, H, W, K, stride, pad */
 static const int pool_cases[][7] = {
     {2, 3, 4, 4, 2, 2, 0}, {1, 2, 7, 5, 3, 2, 1}, {3, 1, 5, 5, 3, 1, 0}, {2, 2, 6, 7, 2, 3, 1},
-    {1, 1, 3, 3, 3, 3, 0}, {2, 3, 5, 7, 2, 2, 0}, {1, 2, 6, 6, 3, 2, 0}};
+    {1, 1, 3, 3, 3, 3, 0}, {2, 3, 5, 7, 2, 2, 0}, {1, 2, 6, 6, 3, 2, 0}, {1, 2, 28, 29, 2, 2, 0}};
 
 static void pool_setup(lt *t, const int *c, rng_t *r) {
   *t = (lt){.forward = mp_f, .backward = mp_b, .ref = mp_ref, .B = c[0]};
   ck_assert_int_eq(conv_geom_init(&t->g, c[1], c[2], c[3], c[4], c[5], c[6]), 0);
   size_t nx = (size_t)c[0] * c[1] * c[2] * c[3], nout = (size_t)c[0] * c[1] * t->g.OH * t->g.OW;
   lt_alloc(t, nx, 0, 0, nout, r);
+  t->saved = fresh(nout, NULL, 0, 0); /* the winners' offsets */
   /* Distinct values 0.05 apart, so no step of the finite differences changes a window's winner. */
   uint32_t *perm = malloc(nx * sizeof *perm);
   for (size_t i = 0; i < nx; i++) perm[i] = (uint32_t)i;
@@ -620,9 +621,10 @@ START_TEST(maxpool_ties_send_the_gradient_to_the_first_maximum) {
     conv_geom g;
     conv_geom_init(&g, 1, 4, 4, k ? 3 : 2, k ? 1 : 2, 0);
     float x[16], y[4], dy[4] = {1, 2, 3, 4}, dx[16];
+    int32_t idx[4];
     vec_fill(x, 0.5f, 16);
-    maxpool_forward(y, x, 1, &g);
-    maxpool_backward(dx, dy, x, y, 1, &g);
+    maxpool_forward(y, idx, x, 1, &g);
+    maxpool_backward(dx, dy, idx, 1, &g);
     float total = 0;
     for (int i = 0; i < 16; i++) total += dx[i];
     ck_assert(total == 10.0f);
@@ -630,6 +632,36 @@ START_TEST(maxpool_ties_send_the_gradient_to_the_first_maximum) {
       ck_assert(dx[0] == 1 && dx[1] == 0 && dx[4] == 0 && dx[2] == 2 && dx[8] == 3 && dx[10] == 4);
     else
       ck_assert(dx[0] == 1 && dx[1] == 2 && dx[4] == 3 && dx[5] == 4);
+  }
+}
+END_TEST
+
+/* Rectified inputs (half the values 0, so many windows tie): every winner the forward stores is the
+ * first maximum of its window in scan order, on the vectorised 2x2 path and the general one alike. */
+START_TEST(maxpool_stores_the_first_maximum_of_each_window) {
+  rng_t r;
+  rng_init(&r, 12, 1);
+  for (int k = 0; k < 2; k++) {
+    conv_geom g;
+    conv_geom_init(&g, 3, 28, 27, k ? 3 : 2, 2, 0);
+    size_t nx = 2 * 3 * 28 * 27, nout = 2 * 3 * (size_t)g.OH * g.OW;
+    float *x = fresh(nx, &r, -1, 1), *y = fresh(nout, NULL, 0, 0);
+    int32_t *idx = malloc(nout * sizeof *idx);
+    for (size_t i = 0; i < nx; i++) x[i] = x[i] > 0 ? x[i] : 0.0f;
+    maxpool_forward(y, idx, x, 2, &g);
+    for (int p = 0; p < 2 * 3; p++)
+      for (int o = 0; o < g.OH * g.OW; o++) {
+        const float *plane = x + (size_t)p * 28 * 27;
+        int oh = o / g.OW, ow = o % g.OW, at = -1;
+        for (int i = 0; i < g.K; i++)
+          for (int j = 0; j < g.K; j++) {
+            int pos = (oh * 2 + i) * 27 + ow * 2 + j;
+            if (at < 0 || plane[pos] > plane[at]) at = pos;
+          }
+        ck_assert_int_eq(idx[p * g.OH * g.OW + o], at);
+        ck_assert(y[p * g.OH * g.OW + o] == plane[at]);
+      }
+    tensor_free(x), tensor_free(y), free(idx);
   }
 }
 END_TEST
@@ -721,6 +753,7 @@ Suite *layers_suite(void) {
   tcase_add_test(tc, conv2d_parts_on_threads_do_not_change_results);
   tcase_add_test(tc, maxpool_matches_naive_and_gradients);
   tcase_add_test(tc, maxpool_ties_send_the_gradient_to_the_first_maximum);
+  tcase_add_test(tc, maxpool_stores_the_first_maximum_of_each_window);
   tcase_add_test(tc, conv_geometry_rejects_kernels_that_do_not_fit);
   tcase_add_test(tc, layers_split_across_threads_match_one_thread);
   suite_add_tcase(s, tc);

@@ -82,14 +82,14 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, float *ws, const
                      int chunk, int parts);
 
 /* ---- MaxPool2d (implicit -inf padding, as PyTorch) ----------------------------------------------
- * Comparisons are strict `>`, so the first maximum of a window wins; backward finds it again by comparing
- * the input with the output instead of storing an argmax. A NaN propagates only where it is the first
- * element of its window (as in most SIMD max kernels); a non-finite loss is the trainer's to catch. */
-/* out [B, C, OH, OW], inp [B, C, H, W] */
-void maxpool_forward(float *out, const float *inp, int B, const conv_geom *g);
-/* dinp [B, C, H, W] (written), dout, out [B, C, OH, OW], inp [B, C, H, W] as in the forward */
-void maxpool_backward(float *dinp, const float *dout, const float *inp, const float *out, int B,
-                      const conv_geom *g);
+ * Comparisons are strict `>`, so the first maximum of a window wins; the forward stores each winner's
+ * offset in its input plane and backward sends the window's gradient there. A NaN propagates only where
+ * it is the first element of its window (as in most SIMD max kernels); a non-finite loss is the
+ * trainer's to catch. */
+/* out, idx [B, C, OH, OW], inp [B, C, H, W] */
+void maxpool_forward(float *out, int32_t *idx, const float *inp, int B, const conv_geom *g);
+/* dinp [B, C, H, W] (written), dout [B, C, OH, OW], idx as the forward left it */
+void maxpool_backward(float *dinp, const float *dout, const int32_t *idx, int B, const conv_geom *g);
 
 /* ---- Global average pool: (C, H, W) -> (C) ------------------------------------------------------- */
 /* out [B, C], inp [B, C, S] */

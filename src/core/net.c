@@ -229,7 +229,10 @@ static int layer_shape(layer *L, const char *path, int i, int max_batch) {
       return moco_error(MOCO_ESHAPE, "%s[%d].kernel: %d does not fit the input %dx%d with pad %d",
                         path, i, L->kernel, in.h, in.w, L->pad);
     L->out_shape = (net_shape){L->kind == LAYER_CONV2D ? L->out_features : in.c, g.OH, g.OW};
-    if (L->kind == LAYER_MAXPOOL) break;
+    if (L->kind == LAYER_MAXPOOL) {
+      L->saved_len = net_shape_size(L->out_shape) * max_batch; /* the winners' offsets, int32 */
+      break;
+    }
     L->w_len = (size_t)L->out_features * in.c * L->kernel * L->kernel;
     L->b_len = L->bias ? (size_t)L->out_features : 0;
     L->chunk = conv2d_chunk(&g, L->out_features, max_batch);
@@ -460,7 +463,7 @@ static void layer_forward(net *n, layer *L, const float *x, int B) {
     break;
   case LAYER_MAXPOOL:
     layer_geom(L, &g);
-    maxpool_forward(L->out, x, B, &g);
+    maxpool_forward(L->out, (int32_t *)L->saved, x, B, &g);
     break;
   case LAYER_AVGPOOL:
     avgpool_forward(L->out, x, B, L->in_shape.c, L->in_shape.h * L->in_shape.w);
@@ -494,7 +497,7 @@ static void layer_backward(net *n, layer *L, float *dx, const float *dy, const f
     break;
   case LAYER_MAXPOOL:
     layer_geom(L, &g);
-    maxpool_backward(dx, dy, x, L->out, B, &g);
+    maxpool_backward(dx, dy, (const int32_t *)L->saved, B, &g);
     break;
   case LAYER_AVGPOOL:
     avgpool_backward(dx, dy, B, L->in_shape.c, L->in_shape.h * L->in_shape.w);

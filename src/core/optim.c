@@ -147,8 +147,8 @@ static void sgd_run(const optim_config *c, float *restrict p, const float *restr
 }
 
 /* AdamW on a run of one segment; c1, c2 are the bias corrections 1 − β^t. */
-static void adamw_run(const optim_config *c, float *restrict p, const float *restrict g, float *restrict m,
-                      float *restrict v, size_t n, float wd, float lr, float c1, float c2) {
+static void adamw_run(const optim_config *c, float *restrict p, const float *restrict g,
+                      float *restrict m, float *restrict v, size_t n, float wd, float lr, float c1, float c2) {
   const float b1 = c->beta1, b2 = c->beta2, step = lr / c1, rc2 = 1.0f / sqrtf(c2);
   const float keep = 1.0f - lr * wd;
   for (size_t i = 0; i < n; i++) {

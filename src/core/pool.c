@@ -24,94 +24,55 @@ static void window(const conv_geom *g, int oh, int ow, int *ha, int *hb, int *wa
   *wa = w0 < 0 ? 0 : w0, *wb = w0 + g->K > g->W ? g->W : w0 + g->K;
 }
 
-/* Any geometry: one input plane [H, W] to one output plane [OH, OW]. */
-static void maxpool_plane(float *out, const float *inp, const conv_geom *g) {
+/* Any geometry: one input plane [H, W] to one output plane [OH, OW] and its winners' offsets. */
+static void maxpool_plane(float *out, int32_t *idx, const float *inp, const conv_geom *g) {
   for (int oh = 0; oh < g->OH; oh++)
     for (int ow = 0; ow < g->OW; ow++) {
       int ha, hb, wa, wb;
       window(g, oh, ow, &ha, &hb, &wa, &wb);
-      float best = inp[ha * g->W + wa];
+      int at = ha * g->W + wa;
       for (int h = ha; h < hb; h++)
-        for (int w = wa; w < wb; w++) best = inp[h * g->W + w] > best ? inp[h * g->W + w] : best;
-      out[oh * g->OW + ow] = best;
-    }
-}
-
-/* The winner of each window is found again by comparing with the output (first match in scan order,
- * the element the forward's strict comparison kept); no argmax is stored. */
-static void maxpool_plane_backward(float *dinp, const float *dout, const float *inp,
-                                   const float *out, const conv_geom *g) {
-  memset(dinp, 0, (size_t)g->H * g->W * sizeof(float));
-  for (int oh = 0; oh < g->OH; oh++)
-    for (int ow = 0; ow < g->OW; ow++) {
-      int ha, hb, wa, wb, found = 0;
-      window(g, oh, ow, &ha, &hb, &wa, &wb);
-      float m = out[oh * g->OW + ow];
-      for (int h = ha; h < hb && !found; h++)
-        for (int w = wa; w < wb && !found; w++)
-          if (inp[h * g->W + w] == m) {
-            /* Overlapping windows (stride < kernel) may share a winner: accumulate. */
-            dinp[h * g->W + w] += dout[oh * g->OW + ow];
-            found = 1;
-          }
+        for (int w = wa; w < wb; w++) at = inp[h * g->W + w] > inp[at] ? h * g->W + w : at;
+      out[oh * g->OW + ow] = inp[at];
+      idx[oh * g->OW + ow] = at;
     }
 }
 
 /* The common 2x2 window with stride 2 and no padding, written as selects over a row so that it
- * vectorises; the per-window loops above cost several times more on random data. */
-static void maxpool_plane_2x2(float *out, const float *inp, const conv_geom *g) {
+ * vectorises; the per-window loops above cost several times more on random data. The selects keep the
+ * first maximum in scan order, as the strict comparisons above do. */
+static void maxpool_plane_2x2(float *out, int32_t *idx, const float *inp, const conv_geom *g) {
   int W = g->W, OW = g->OW;
   for (int oh = 0; oh < g->OH; oh++) {
     const float *restrict r0 = inp + (size_t)2 * oh * W, *restrict r1 = r0 + W;
     float *restrict o = out + (size_t)oh * OW;
+    int32_t *restrict ix = idx + (size_t)oh * OW;
     for (int ow = 0; ow < OW; ow++) {
       float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
       float m1 = b > a ? b : a, m2 = d > c ? d : c;
+      int32_t i1 = b > a ? 1 : 0, i2 = d > c ? W + 1 : W;
       o[ow] = m2 > m1 ? m2 : m1;
+      ix[ow] = 2 * oh * W + 2 * ow + (m2 > m1 ? i2 : i1);
     }
   }
 }
 
-static inline uint32_t f2u(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-}
-
-static inline float u2f(uint32_t u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-static void maxpool_plane_2x2_backward(float *dinp, const float *dout, const float *inp,
-                                       const float *out, const conv_geom *g) {
-  int W = g->W, OW = g->OW;
-  /* An odd last row or column lies in no window. */
-  if (g->H & 1) memset(dinp + (size_t)(g->H - 1) * W, 0, (size_t)W * sizeof(float));
-  for (int oh = 0; oh < g->OH; oh++) {
-    const float *restrict r0 = inp + (size_t)2 * oh * W, *restrict r1 = r0 + W;
-    float *restrict d0 = dinp + (size_t)2 * oh * W, *restrict d1 = d0 + W;
-    const float *restrict o = out + (size_t)oh * OW, *restrict dy = dout + (size_t)oh * OW;
-    for (int ow = 0; ow < OW; ow++) {
-      /* `rest` is the gradient not yet given to an earlier element equal to the maximum; the selects
-       * are bit masks so that the scalar tail of a short row (7 or 14 outputs) does not branch. */
-      float m = o[ow];
-      uint32_t rest = f2u(dy[ow]), e;
-      e = -(uint32_t)(r0[2 * ow] == m), d0[2 * ow] = u2f(rest & e), rest &= ~e;
-      e = -(uint32_t)(r0[2 * ow + 1] == m), d0[2 * ow + 1] = u2f(rest & e), rest &= ~e;
-      e = -(uint32_t)(r1[2 * ow] == m), d1[2 * ow] = u2f(rest & e), rest &= ~e;
-      e = -(uint32_t)(r1[2 * ow + 1] == m), d1[2 * ow + 1] = u2f(rest & e);
-    }
-    if (W & 1) d0[W - 1] = d1[W - 1] = 0.0f;
-  }
+/* Each window's gradient goes to its winner, found by the forward: the plane is zeroed and the
+ * gradients added (overlapping windows, stride < kernel, may share a winner). Reads a quarter of what
+ * comparing the input with the output again would (2x2 windows), and writes the plane once. */
+static void maxpool_plane_backward(float *restrict dinp, const float *restrict dout,
+                                   const int32_t *restrict idx, const conv_geom *g) {
+  memset(dinp, 0, (size_t)g->H * g->W * sizeof(float));
+  for (int o = 0; o < g->OH * g->OW; o++) dinp[idx[o]] += dout[o];
 }
 
 static int is_2x2(const conv_geom *g) { return g->K == 2 && g->stride == 2 && g->pad == 0; }
 
 typedef struct {
   float *dinp, *out;
-  const float *inp, *dout, *fwd_out;
+  int32_t *idx;
+  const int32_t *fwd_idx;
+  const float *inp, *dout;
   const conv_geom *g;
   long planes;
 } pool_call;
@@ -124,9 +85,9 @@ static void maxpool_forward_part(void *ctx, int part, int parts) {
   par_range(a->planes, part, parts, &lo, &hi);
   for (size_t p = (size_t)lo; p < (size_t)hi; p++) {
     if (is_2x2(g))
-      maxpool_plane_2x2(a->out + p * out_plane, a->inp + p * in_plane, g);
+      maxpool_plane_2x2(a->out + p * out_plane, a->idx + p * out_plane, a->inp + p * in_plane, g);
     else
-      maxpool_plane(a->out + p * out_plane, a->inp + p * in_plane, g);
+      maxpool_plane(a->out + p * out_plane, a->idx + p * out_plane, a->inp + p * in_plane, g);
   }
 }
 
@@ -136,29 +97,21 @@ static void maxpool_backward_part(void *ctx, int part, int parts) {
   size_t in_plane = (size_t)g->H * g->W, out_plane = (size_t)g->OH * g->OW;
   long lo, hi;
   par_range(a->planes, part, parts, &lo, &hi);
-  for (size_t p = (size_t)lo; p < (size_t)hi; p++) {
-    if (is_2x2(g))
-      maxpool_plane_2x2_backward(a->dinp + p * in_plane, a->dout + p * out_plane,
-                                 a->inp + p * in_plane, a->fwd_out + p * out_plane, g);
-    else
-      maxpool_plane_backward(a->dinp + p * in_plane, a->dout + p * out_plane,
-                             a->inp + p * in_plane, a->fwd_out + p * out_plane, g);
-  }
+  for (size_t p = (size_t)lo; p < (size_t)hi; p++)
+    maxpool_plane_backward(a->dinp + p * in_plane, a->dout + p * out_plane, a->fwd_idx + p * out_plane, g);
 }
 
 static int pool_parts(long planes, const conv_geom *g) {
   return par_parts(planes * g->H * g->W, PAR_MIN_FLOATS); /* counted in input floats */
 }
 
-void maxpool_forward(float *out, const float *inp, int B, const conv_geom *g) {
-  pool_call a = {.out = out, .inp = inp, .g = g, .planes = (long)B * g->C};
+void maxpool_forward(float *out, int32_t *idx, const float *inp, int B, const conv_geom *g) {
+  pool_call a = {.out = out, .idx = idx, .inp = inp, .g = g, .planes = (long)B * g->C};
   par_run(pool_parts(a.planes, g), maxpool_forward_part, &a);
 }
 
-void maxpool_backward(float *dinp, const float *dout, const float *inp, const float *out, int B,
-                      const conv_geom *g) {
-  pool_call a = {.dinp = dinp, .inp = inp, .dout = dout, .fwd_out = out, .g = g,
-                 .planes = (long)B * g->C};
+void maxpool_backward(float *dinp, const float *dout, const int32_t *idx, int B, const conv_geom *g) {
+  pool_call a = {.dinp = dinp, .dout = dout, .fwd_idx = idx, .g = g, .planes = (long)B * g->C};
   par_run(pool_parts(a.planes, g), maxpool_backward_part, &a);
 }
 
