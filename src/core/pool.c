@@ -49,10 +49,11 @@ static void maxpool_plane_2x2(float *out, int32_t *idx, const float *inp, const 
     int32_t *restrict ix = idx + (size_t)oh * OW;
     for (int ow = 0; ow < OW; ow++) {
       float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
-      float m1 = b > a ? b : a, m2 = d > c ? d : c;
-      int32_t i1 = b > a ? 1 : 0, i2 = d > c ? W + 1 : W;
-      o[ow] = m2 > m1 ? m2 : m1;
-      ix[ow] = 2 * oh * W + 2 * ow + (m2 > m1 ? i2 : i1);
+      int32_t g1 = b > a, g2 = d > c; /* as 0/1 integers: GCC vectorises these selects, not branches */
+      float m1 = g1 ? b : a, m2 = g2 ? d : c;
+      int32_t s = m2 > m1;
+      o[ow] = s ? m2 : m1;
+      ix[ow] = 2 * oh * W + 2 * ow + g1 + s * (W + g2 - g1);
     }
   }
 }
