@@ -38,23 +38,27 @@ static void maxpool_plane(float *out, int32_t *idx, const float *inp, const conv
     }
 }
 
-/* The common 2x2 window with stride 2 and no padding, written as selects over a row so that it
- * vectorises; the per-window loops above cost several times more on random data. The selects keep the
- * first maximum in scan order, as the strict comparisons above do. */
+/* The common 2x2 window with stride 2 and no padding, one output row from input rows r0, r1 (the first
+ * at offset `at` of its plane), written as selects so that it vectorises; the per-window loops above
+ * cost several times more on random data. The winners are 0/1 integers, which GCC turns into vector
+ * selects where ternaries on them stay branches; the first maximum in scan order wins, as above. */
+static void maxpool_row_2x2(float *restrict o, int32_t *restrict ix, const float *restrict r0,
+                            const float *restrict r1, int OW, int W, int at) {
+  for (int ow = 0; ow < OW; ow++) {
+    float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+    int32_t g1 = b > a, g2 = d > c;
+    float m1 = g1 ? b : a, m2 = g2 ? d : c;
+    int32_t s = m2 > m1;
+    o[ow] = s ? m2 : m1;
+    ix[ow] = at + 2 * ow + g1 + s * (W + g2 - g1);
+  }
+}
+
 static void maxpool_plane_2x2(float *out, int32_t *idx, const float *inp, const conv_geom *g) {
   int W = g->W, OW = g->OW;
   for (int oh = 0; oh < g->OH; oh++) {
-    const float *restrict r0 = inp + (size_t)2 * oh * W, *restrict r1 = r0 + W;
-    float *restrict o = out + (size_t)oh * OW;
-    int32_t *restrict ix = idx + (size_t)oh * OW;
-    for (int ow = 0; ow < OW; ow++) {
-      float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
-      int32_t g1 = b > a, g2 = d > c; /* as 0/1 integers: GCC vectorises these selects, not branches */
-      float m1 = g1 ? b : a, m2 = g2 ? d : c;
-      int32_t s = m2 > m1;
-      o[ow] = s ? m2 : m1;
-      ix[ow] = 2 * oh * W + 2 * ow + g1 + s * (W + g2 - g1);
-    }
+    const float *r0 = inp + (size_t)2 * oh * W;
+    maxpool_row_2x2(out + (size_t)oh * OW, idx + (size_t)oh * OW, r0, r0 + W, OW, W, 2 * oh * W);
   }
 }
 
