@@ -641,21 +641,24 @@ END_TEST
 START_TEST(maxpool_stores_the_first_maximum_of_each_window) {
   rng_t r;
   rng_init(&r, 12, 1);
-  for (int k = 0; k < 2; k++) {
+  /* Widths whose 2x2 rows take blocks of 8, of 4 and single windows; a 3x3 kernel for the general path. */
+  const int widths[] = {27, 13, 7}, kernels[] = {2, 2, 2, 3};
+  for (int k = 0; k < 4; k++) {
+    int H = 10, W = widths[k % 3], P = 2 * 3;
     conv_geom g;
-    conv_geom_init(&g, 3, 28, 27, k ? 3 : 2, 2, 0);
-    size_t nx = 2 * 3 * 28 * 27, nout = 2 * 3 * (size_t)g.OH * g.OW;
+    conv_geom_init(&g, 3, H, W, kernels[k], 2, 0);
+    size_t nx = (size_t)P * H * W, nout = (size_t)P * g.OH * g.OW;
     float *x = fresh(nx, &r, -1, 1), *y = fresh(nout, NULL, 0, 0);
     int32_t *idx = malloc(nout * sizeof *idx);
     for (size_t i = 0; i < nx; i++) x[i] = x[i] > 0 ? x[i] : 0.0f;
     maxpool_forward(y, idx, x, 2, &g);
-    for (int p = 0; p < 2 * 3; p++)
+    for (int p = 0; p < P; p++)
       for (int o = 0; o < g.OH * g.OW; o++) {
-        const float *plane = x + (size_t)p * 28 * 27;
+        const float *plane = x + (size_t)p * H * W;
         int oh = o / g.OW, ow = o % g.OW, at = -1;
         for (int i = 0; i < g.K; i++)
           for (int j = 0; j < g.K; j++) {
-            int pos = (oh * 2 + i) * 27 + ow * 2 + j;
+            int pos = (oh * 2 + i) * W + ow * 2 + j;
             if (at < 0 || plane[pos] > plane[at]) at = pos;
           }
         ck_assert_int_eq(idx[p * g.OH * g.OW + o], at);

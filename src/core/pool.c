@@ -38,20 +38,48 @@ static void maxpool_plane(float *out, int32_t *idx, const float *inp, const conv
     }
 }
 
-/* The common 2x2 window with stride 2 and no padding, one output row from input rows r0, r1 (the first
- * at offset `at` of its plane), written as selects so that it vectorises; the per-window loops above
- * cost several times more on random data. The winners are 0/1 integers, which GCC turns into vector
- * selects where ternaries on them stay branches; the first maximum in scan order wins, as above. */
+/* The common 2x2 window with stride 2 and no padding: n outputs of one row from input rows r0, r1 (the
+ * first at offset `at` of its plane), written as selects so that it vectorises; the per-window loops
+ * above cost several times more on random data. The winners are 0/1 integers, which GCC turns into
+ * vector selects where ternaries on them stay branches; the first maximum in scan order wins, as above.
+ * Rows are short (14 or 7 outputs): a loop over a row would do most of them in its scalar tail, so a
+ * row is done in blocks of a constant width, the last block overlapping the previous (conv.c's
+ * copy_row does the same; the overlap writes the same values twice). */
+#define POOL_BLOCK(NAME, WIDTH)                                                                      \
+  static inline void NAME(float *restrict o, int32_t *restrict ix, const float *restrict r0,          \
+                          const float *restrict r1, int W, int at) {                                 \
+    for (int j = 0; j < (WIDTH); j++) {                                                              \
+      float a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];                      \
+      int32_t g1 = b > a, g2 = d > c;                                                                \
+      float m1 = g1 ? b : a, m2 = g2 ? d : c;                                                        \
+      int32_t s = m2 > m1;                                                                           \
+      o[j] = s ? m2 : m1;                                                                            \
+      ix[j] = at + 2 * j + g1 + s * (W + g2 - g1);                                                   \
+    }                                                                                                \
+  }
+POOL_BLOCK(pool_block8, 8)
+POOL_BLOCK(pool_block4, 4)
+POOL_BLOCK(pool_block1, 1)
+
+/* GCC would vectorise the loop over blocks (which never runs 16 blocks of a row) instead of each
+ * block's body; without loop vectorisation here each block becomes a few vector instructions (SLP). */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-loop-vectorize")))
+#endif
 static void maxpool_row_2x2(float *restrict o, int32_t *restrict ix, const float *restrict r0,
                             const float *restrict r1, int OW, int W, int at) {
-  for (int ow = 0; ow < OW; ow++) {
-    float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
-    int32_t g1 = b > a, g2 = d > c;
-    float m1 = g1 ? b : a, m2 = g2 ? d : c;
-    int32_t s = m2 > m1;
-    o[ow] = s ? m2 : m1;
-    ix[ow] = at + 2 * ow + g1 + s * (W + g2 - g1);
+#define POOL_AT(ow) o + (ow), ix + (ow), r0 + 2 * (ow), r1 + 2 * (ow), W, at + 2 * (ow)
+  int ow = 0;
+  if (OW >= 8) {
+    for (; ow + 8 <= OW; ow += 8) pool_block8(POOL_AT(ow));
+    if (ow < OW) pool_block8(POOL_AT(OW - 8));
+  } else if (OW >= 4) {
+    pool_block4(POOL_AT(0));
+    pool_block4(POOL_AT(OW - 4));
+  } else {
+    for (; ow < OW; ow++) pool_block1(POOL_AT(ow));
   }
+#undef POOL_AT
 }
 
 static void maxpool_plane_2x2(float *out, int32_t *idx, const float *inp, const conv_geom *g) {
