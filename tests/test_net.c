@@ -383,6 +383,13 @@ START_TEST(whole_network_gradients_match_finite_differences) {
                     "{\"type\":\"linear\",\"out\":4,\"bias\":false},{\"type\":\"l2norm\"}]";
   net_gradcheck("mlp", mlp, (net_shape){7, 1, 1}, 1, 1, 0);
   net_gradcheck("mlp", mlp, (net_shape){7, 1, 1}, 9, 3, 1);
+  /* Flattens hand their input and gradient through (no copy): first, twice in a row, last. */
+  const char *flat = "[{\"type\":\"flatten\"},{\"type\":\"linear\",\"out\":4},{\"type\":\"relu\"},"
+                     "{\"type\":\"flatten\"},{\"type\":\"flatten\"},{\"type\":\"linear\",\"out\":3}]";
+  net_gradcheck("flat", flat, (net_shape){2, 3, 3}, 5, 1, 1);
+  const char *tail = "[{\"type\":\"conv2d\",\"out\":2,\"kernel\":3,\"pad\":1},{\"type\":\"relu\"},"
+                     "{\"type\":\"flatten\"}]";
+  net_gradcheck("tail", tail, (net_shape){1, 4, 4}, 3, 1, 1);
 }
 END_TEST
 

@@ -444,6 +444,15 @@ static bn_dims layer_bn(const net *n, const layer *L, int B) {
                    n->sync_bn && n->bn_groups == 1 ? n->bn_sync : NULL};
 }
 
+/* A flatten layer only renames the shape: its output is its input, not a copy (3 MB a pass for the
+ * default backbone, on one thread), and backward hands its gradient through. Layer i's output (the
+ * network's input for i < 0), looking through flattens. */
+static const float *layer_output(const net *n, int i) {
+  while (i >= 0 && n->layers[i].kind == LAYER_FLATTEN) i--;
+  return i >= 0 ? n->layers[i].out : n->input;
+}
+static const float *layer_input(const net *n, int i) { return layer_output(n, i - 1); }
+
 static void layer_forward(net *n, layer *L, const float *x, int B) {
   float *w = n->params + L->w_off, *b = L->b_len ? n->params + L->b_off : NULL;
   size_t len = net_shape_size(L->in_shape) * B;
@@ -468,7 +477,7 @@ static void layer_forward(net *n, layer *L, const float *x, int B) {
   case LAYER_AVGPOOL:
     avgpool_forward(L->out, x, B, L->in_shape.c, L->in_shape.h * L->in_shape.w);
     break;
-  case LAYER_FLATTEN: flatten_forward(L->out, x, len); break;
+  case LAYER_FLATTEN: break; /* see layer_output */
   case LAYER_L2NORM: l2norm_forward(L->out, L->saved, x, B, L->in_shape.c); break;
   }
 }
@@ -513,18 +522,17 @@ const float *net_forward(net *n, const float *x, int B) {
     return NULL;
   }
   memmove(n->input, x, net_shape_size(n->in_shape) * B * sizeof(float));
-  const float *h = n->input;
   for (int i = 0; i < n->n_layers; i++) {
     double t0 = n->prof ? clock_now() : 0.0;
-    layer_forward(n, &n->layers[i], h, B);
+    layer_forward(n, &n->layers[i], layer_input(n, i), B);
     if (n->prof) n->prof[2 * i] += clock_now() - t0;
-    h = n->layers[i].out;
   }
+  const float *h = layer_output(n, n->n_layers - 1);
   n->last_batch = B;
   return h;
 }
 
-const float *net_layer_output(const net *n, int i) { return n->layers[i].out; }
+const float *net_layer_output(const net *n, int i) { return layer_output(n, i); }
 
 int net_backward(net *n, const float *dout, float *dx, int B) {
   if (B != n->last_batch || B < 1)
@@ -536,13 +544,15 @@ int net_backward(net *n, const float *dout, float *dx, int B) {
   if (!dx)
     while (stop < n->n_layers - 1 && !n->layers[stop].w_len) stop++;
   const float *dy = dout;
+  int next = 0; /* the gradient buffer the next layer writes: never the one dy is in */
   for (int i = n->n_layers - 1; i >= stop; i--) {
-    const float *x = i ? n->layers[i - 1].out : n->input;
-    float *din = i > stop ? n->gbuf[i & 1] : i ? NULL : dx;
+    if (n->layers[i].kind == LAYER_FLATTEN && i > stop) continue; /* dy passes through */
+    float *din = i > stop ? n->gbuf[next] : i ? NULL : dx;
     double t0 = n->prof ? clock_now() : 0.0;
-    layer_backward(n, &n->layers[i], din, dy, x, B);
+    layer_backward(n, &n->layers[i], din, dy, layer_input(n, i), B);
     if (n->prof) n->prof[2 * i + 1] += clock_now() - t0;
     dy = din;
+    next ^= 1;
   }
   if (n->n_layers == 0 && dx) memcpy(dx, dout, net_shape_size(n->in_shape) * B * sizeof(float));
   return 0;
