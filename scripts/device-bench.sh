@@ -111,7 +111,7 @@ sed -n '/^per layer/,$p' "$tmp/new.$ROUNDS"
 echo "== old step, last round: phases and per-layer split"
 grep -E "^-- [0-9]+ thread|phases" "$tmp/old.$ROUNDS"
 sed -n '/^per layer/,$p' "$tmp/old.$ROUNDS"
-echo "== new step against PyTorch (1, 2 and $top threads)"
-tl=1,2; [ "$top" -gt 2 ] && tl=1,2,$top
-timeout 150 "$NEW" --threads "$tl" --no-rss "$tmp/job.json" 2>&1 | grep -vE "^ +[0-9]+ [a-z]" | sed -n '/^-- 1 thread/,$p'
+tl=1; [ "$top" -ge 2 ] && tl=1,2; [ "$top" -gt 2 ] && tl=1,2,$top
+echo "== new step against PyTorch ($tl threads)"
+timeout 150 "$NEW" --threads "$tl" --no-rss "$tmp/job.json" 2>&1 | sed -n '/^-- 1 thread/,/^per layer/p' | grep -v '^per layer'
 echo "device-bench: $(( $(date +%s) - start )) s"
