@@ -20,6 +20,9 @@ void mat_mul_ld(float *C, int ldc, const float *A, int lda, const float *B, int 
 void mat_vec(float *y, const float *A, const float *x, int M, int N, int ta, float alpha, float beta);
 
 void vec_fill(float *x, float v, size_t n);
+/* dst[0..n) = src[0..n), not overlapping; split over the compute team when n is large (a batch of
+ * inputs is a megabyte, copied on one core otherwise). */
+void vec_copy(float *restrict dst, const float *restrict src, size_t n);
 void vec_scale(float *x, float a, size_t n);
 /* y += a * x; y and x do not overlap. */
 void vec_axpy(float *restrict y, float a, const float *restrict x, size_t n);

@@ -521,7 +521,12 @@ const float *net_forward(net *n, const float *x, int B) {
     moco_error(MOCO_ERANGE, "net_forward: batch %d outside [1, %d]", B, n->max_batch);
     return NULL;
   }
-  memmove(n->input, x, net_shape_size(n->in_shape) * B * sizeof(float));
+  size_t len = net_shape_size(n->in_shape) * B;
+  uintptr_t a = (uintptr_t)x, b = (uintptr_t)n->input, bytes = len * sizeof(float);
+  if (a + bytes <= b || b + bytes <= a)
+    vec_copy(n->input, x, len);
+  else
+    memmove(n->input, x, len * sizeof(float)); /* the caller passed (part of) the input buffer */
   for (int i = 0; i < n->n_layers; i++) {
     double t0 = n->prof ? clock_now() : 0.0;
     layer_forward(n, &n->layers[i], layer_input(n, i), B);

@@ -61,6 +61,24 @@ void mat_vec(float *y, const float *A, const float *x, int M, int N, int ta, flo
     cblas_sgemv(CblasRowMajor, CblasNoTrans, M, N, alpha, A, N, x, 1, beta, y, 1);
 }
 
+typedef struct {
+  float *dst;
+  const float *src;
+  size_t n;
+} copy_call;
+
+static void copy_part(void *ctx, int part, int parts) {
+  const copy_call *a = ctx;
+  long lo, hi;
+  par_range((long)a->n, part, parts, &lo, &hi);
+  memcpy(a->dst + lo, a->src + lo, (size_t)(hi - lo) * sizeof(float));
+}
+
+void vec_copy(float *restrict dst, const float *restrict src, size_t n) {
+  copy_call a = {dst, src, n};
+  par_run(par_parts((long)n, PAR_MIN_FLOATS), copy_part, &a);
+}
+
 void vec_fill(float *x, float v, size_t n) {
   for (size_t i = 0; i < n; i++) x[i] = v;
 }

@@ -7,6 +7,7 @@
 #include "core/clock.h"
 #include "core/dist.h"
 #include "core/err.h"
+#include "core/par.h"
 #include "core/tensor.h"
 
 void moco_config_default(moco_config *c) {
@@ -247,6 +248,23 @@ static int check_batch(const moco_model *m, int B) {
                     m->cfg.batch_size);
 }
 
+/* The key batch in the permuted order, rows split over the compute team (a megabyte a step). */
+typedef struct {
+  moco_model *m;
+  const float *x1, *x2;
+  int B, n;
+} key_gather;
+
+static void key_gather_part(void *ctx, int part, int parts) {
+  const key_gather *g = ctx;
+  size_t in = (size_t)g->m->in_len;
+  long lo, hi;
+  par_range(g->n, part, parts, &lo, &hi);
+  for (long r = lo; r < hi; r++)
+    memcpy(g->m->xk + (size_t)r * in, key_source(g->x1, g->x2, g->B, (int)g->m->perm[r], in),
+           in * sizeof(float));
+}
+
 int moco_keys(moco_model *m, const float *x1, const float *x2, int B, moco_diag *d) {
   int rc = check_batch(m, B);
   if (rc) return rc;
@@ -257,14 +275,14 @@ int moco_keys(moco_model *m, const float *x1, const float *x2, int B, moco_diag 
     return 0;
   }
   int n = key_rows(&m->cfg, B);
-  size_t in = (size_t)m->in_len, dim = (size_t)m->dim;
+  size_t dim = (size_t)m->dim;
   /* MoCo's shuffle BN: the key encoder's BatchNorm statistics come from groups of a random
    * permutation of the batch, so a query and its key never share statistics and the model cannot
    * cheat through them (He et al. 2020, §3.3). With one group the permutation changes nothing. */
   for (int r = 0; r < n; r++) m->perm[r] = (uint32_t)r;
   if (m->key.bn_groups > 1) rng_shuffle_u32(&m->rng, m->perm, (uint32_t)n);
-  for (int r = 0; r < n; r++)
-    memcpy(m->xk + (size_t)r * in, key_source(x1, x2, B, (int)m->perm[r], in), in * sizeof(float));
+  key_gather g = {m, x1, x2, B, n};
+  par_run(par_parts((long)n * m->in_len, PAR_MIN_FLOATS), key_gather_part, &g);
   const float *out = net_forward(&m->key, m->xk, n);
   if (!out) return moco_error_wrap(MOCO_ERANGE, "key encoder");
   for (int r = 0; r < n; r++)
