@@ -139,7 +139,7 @@ END_TEST
 START_TEST(shipped_configs_are_valid) {
   static const char *names[] = {"default", "tiny", "moco", "random", "semi-hard", "band", "mixing",
                                 "adversarial", "hcl", "triplet", "simclr", "curriculum", "dynamic",
-                                "guards", NULL};
+                                "guards", "guard-ceiling", "guard-skip", NULL};
   for (int i = 0; names[i]; i++) {
     char path[256];
     snprintf(path, sizeof path, "config/%s.json", names[i]);

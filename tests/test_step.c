@@ -475,6 +475,7 @@ START_TEST(save_load_resumes_bit_identically) {
   moco_config c;
   small_config(&c);
   c.hardness.mode = HARDNESS_DYNAMIC;
+  c.hardness.signal = HARDNESS_SIGNAL_NEG_SIM; /* the signal hardest's count moves */
   c.mine.strategy = MINE_HARDEST;
   c.mine.num_negatives = 64;
   c.mine.num_negatives_easy = 8;

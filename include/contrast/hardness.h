@@ -4,20 +4,29 @@
  *   curriculum  a schedule over training progress (0..1): random negatives during a warm-up fraction,
  *               then from `start` (easy) to `end` (hard), linearly or along a half cosine;
  *   dynamic     a controller that holds a measured signal near a target: instance accuracy (share of
- *               queries whose positive beats every negative) or the mean hardest-negative similarity.
- *               Each step the signal's EMA is compared with the target and the hardness moves by
- *               gain * error, clamped to +-max_step, within [min, max]. Too easy (accuracy above
- *               target, hardest similarity below it) raises hardness; too hard lowers it. */
+ *               queries whose positive beats every negative), the mean hardest-negative similarity,
+ *               or the mean similarity of the selected negatives. Each step the signal's EMA is
+ *               compared with the target and the hardness moves by gain * error, clamped to
+ *               +-max_step, within [min, max] (integral control: it settles where the signal meets
+ *               the target). Too easy (accuracy above target, a similarity below it) raises hardness;
+ *               too hard lowers it.
+ *
+ * A controller only works on a signal its hardness moves. The hardest strategy keeps the hardest
+ * candidate at every hardness (n(h) of the most similar), so neither the instance accuracy nor the
+ * hardest similarity depends on h there: the loop has no gain and the integrator runs to a bound.
+ * The mean selected similarity (neg_sim) rises with h for hardest, semi-hard, band and mixing;
+ * the accuracy falls with h for random. hardness_signal_moves says which pairs are refused. */
 #ifndef MOCO_CONTRAST_HARDNESS_H
 #define MOCO_CONTRAST_HARDNESS_H
 
 #include <stdint.h>
 
+#include "contrast/mine.h"
 #include "core/blob.h"
 
 typedef enum { HARDNESS_FIXED, HARDNESS_CURRICULUM, HARDNESS_DYNAMIC } hardness_mode;
 typedef enum { HARDNESS_LINEAR, HARDNESS_COSINE } hardness_shape;
-typedef enum { HARDNESS_SIGNAL_ACCURACY, HARDNESS_SIGNAL_HARDEST_SIM } hardness_signal;
+typedef enum { HARDNESS_SIGNAL_ACCURACY, HARDNESS_SIGNAL_HARDEST_SIM, HARDNESS_SIGNAL_NEG_SIM } hardness_signal;
 
 typedef struct {
   hardness_mode mode;
@@ -39,10 +48,14 @@ typedef struct {
  * target 0.5, gain 0.05, max_step 0.01, ema 0.9, start 0.5, range [0, 1]. */
 void hardness_config_default(hardness_config *c);
 int hardness_config_check(const hardness_config *c);
-/* "fixed"/"curriculum"/"dynamic", "linear"/"cosine", "accuracy"/"hardest_sim". */
+/* "fixed"/"curriculum"/"dynamic", "linear"/"cosine", "accuracy"/"hardest_sim"/"neg_sim". */
 int hardness_mode_parse(const char *name, hardness_mode *out);
 int hardness_shape_parse(const char *name, hardness_shape *out);
 int hardness_signal_parse(const char *name, hardness_signal *out);
+
+/* 0 when a dynamic controller's signal can move under the strategy's knob; MOCO_ECONFIG naming the
+ * pair when it cannot (hardest with accuracy or hardest_sim, see above). */
+int hardness_signal_moves(const hardness_config *c, mine_strategy strategy);
 
 /* The curriculum alone: hardness at progress in [0, 1]; *warmup (when not NULL) is set to 1 inside the
  * warm-up fraction, where the hardness is 0. */

@@ -29,7 +29,7 @@ int hardness_config_check(const hardness_config *c) {
     return moco_error(MOCO_ECONFIG, "hardness.mode: %d: unknown mode", (int)c->mode);
   if ((unsigned)c->shape > HARDNESS_COSINE)
     return moco_error(MOCO_ECONFIG, "hardness.shape: %d: unknown shape", (int)c->shape);
-  if ((unsigned)c->signal > HARDNESS_SIGNAL_HARDEST_SIM)
+  if ((unsigned)c->signal > HARDNESS_SIGNAL_NEG_SIM)
     return moco_error(MOCO_ECONFIG, "hardness.signal: %d: unknown signal", (int)c->signal);
   if (!in01(c->value)) return moco_error(MOCO_ECONFIG, "hardness.value: %g: allowed [0, 1]", c->value);
   if (!(c->warmup >= 0.0f && c->warmup < 1.0f))
@@ -73,10 +73,19 @@ int hardness_shape_parse(const char *name, hardness_shape *out) {
 }
 
 int hardness_signal_parse(const char *name, hardness_signal *out) {
-  static const char *const names[] = {"accuracy", "hardest_sim"};
-  int v = 0, rc = parse("signal", name, names, 2, &v);
+  static const char *const names[] = {"accuracy", "hardest_sim", "neg_sim"};
+  int v = 0, rc = parse("signal", name, names, 3, &v);
   if (!rc) *out = (hardness_signal)v;
   return rc;
+}
+
+int hardness_signal_moves(const hardness_config *c, mine_strategy strategy) {
+  if (c->mode == HARDNESS_DYNAMIC && strategy == MINE_HARDEST && c->signal != HARDNESS_SIGNAL_NEG_SIM)
+    return moco_error(MOCO_ECONFIG,
+                      "hardness.signal: %s does not depend on the hardness under the hardest strategy (the "
+                      "hardest candidate is selected at every hardness): use neg_sim",
+                      c->signal == HARDNESS_SIGNAL_ACCURACY ? "accuracy" : "hardest_sim");
+  return 0;
 }
 
 static float clampf(float x, float lo, float hi) { return x < lo ? lo : x > hi ? hi : x; }
@@ -112,7 +121,8 @@ float hardness_observe(hardness_ctl *h, double progress, float signal) {
   if (c->mode != HARDNESS_DYNAMIC || progress < c->warmup || signal != signal) return h->hardness;
   h->signal_ema = h->updates == 0 ? signal : c->ema * h->signal_ema + (1.0f - c->ema) * signal;
   h->updates++;
-  /* positive error = the negatives are too easy for the model */
+  /* positive error = the negatives are too easy for the model: accuracy above its target, a
+   * similarity below it */
   float err = c->signal == HARDNESS_SIGNAL_ACCURACY ? h->signal_ema - c->target : c->target - h->signal_ema;
   float step = clampf(c->gain * err, -c->max_step, c->max_step);
   h->hardness = clampf(h->hardness + step, c->min, c->max);

@@ -133,8 +133,9 @@ const config_option config_options[] = {
     ENUM("contrast.hardness.shape", "linear", "linear|cosine", R, "curriculum: shape of the ramp"),
     NUM("contrast.hardness.start", 0, 0, 1, R, "curriculum: hardness right after the warm-up"),
     NUM("contrast.hardness.end", 1, 0, 1, R, "curriculum: hardness at the end of training"),
-    ENUM("contrast.hardness.signal", "accuracy", "accuracy|hardest_sim", R,
-         "dynamic: the signal held at the target (instance accuracy or hardest-negative similarity)"),
+    ENUM("contrast.hardness.signal", "accuracy", "accuracy|hardest_sim|neg_sim", R,
+         "dynamic: the signal held at the target (instance accuracy, hardest-negative similarity or mean "
+         "selected-negative similarity; hardest needs neg_sim)"),
     NUM("contrast.hardness.target", 0.5, -1, 1, R, "dynamic: level of the signal to hold"),
     NUM("contrast.hardness.gain", 0.05, 0, 10, R, "dynamic: hardness change per unit of error"),
     NUM("contrast.hardness.max_step", 0.01, 0, 1, R, "dynamic: largest change per step"),
@@ -944,7 +945,9 @@ static void map_contrast(const json_t *root, moco_config *m) {
   h->shape = enum_index(root, "contrast.hardness.shape") ? HARDNESS_COSINE : HARDNESS_LINEAR;
   h->start = F("contrast.hardness.start");
   h->end = F("contrast.hardness.end");
-  h->signal = enum_index(root, "contrast.hardness.signal") ? HARDNESS_SIGNAL_HARDEST_SIM : HARDNESS_SIGNAL_ACCURACY;
+  static const hardness_signal signals[] = {HARDNESS_SIGNAL_ACCURACY, HARDNESS_SIGNAL_HARDEST_SIM,
+                                            HARDNESS_SIGNAL_NEG_SIM};
+  h->signal = signals[enum_index(root, "contrast.hardness.signal")];
   h->target = F("contrast.hardness.target");
   h->gain = F("contrast.hardness.gain");
   h->max_step = F("contrast.hardness.max_step");

@@ -49,7 +49,8 @@ int moco_config_check(const moco_config *c) {
     return moco_error(MOCO_ECONFIG, "advbank.bank_size %d differs from mining bank_size %d",
                       c->advbank.bank_size, c->mine.bank_size);
   if ((rc = loss_config_check(&c->loss)) || (rc = mine_config_check(&c->mine)) ||
-      (rc = hardness_config_check(&c->hardness)) || (rc = momentum_config_check(&c->momentum)) ||
+      (rc = hardness_config_check(&c->hardness)) || (rc = hardness_signal_moves(&c->hardness, c->mine.strategy)) ||
+      (rc = momentum_config_check(&c->momentum)) ||
       (rc = sched_validate(&c->sched)))
     return rc;
   if (adversarial(c) && (rc = advbank_config_check(&c->advbank))) return rc;
@@ -617,6 +618,15 @@ static void world_ids(moco_model *m, const int64_t **ids, const int32_t **labels
   }
 }
 
+/* What the hardness controller holds at its target (contrast/hardness.h). */
+static float controller_signal(const hardness_config *c, const moco_diag *d) {
+  switch (c->signal) {
+  case HARDNESS_SIGNAL_HARDEST_SIM: return d->hardest_sim_mean;
+  case HARDNESS_SIGNAL_NEG_SIM: return d->neg_sim_mean;
+  default: return d->instance_accuracy;
+  }
+}
+
 int moco_step(moco_model *m, const float *x1, const float *x2, const int64_t *ids,
               const int32_t *labels, int B, moco_diag *d) {
   double t0 = clock_now(), c0 = dist_comm_seconds();
@@ -648,9 +658,7 @@ int moco_step(moco_model *m, const float *x1, const float *x2, const int64_t *id
         m->queue.filled == m->queue.queue_size)
       advbank_seed(&m->bank, m->queue.keys, m->queue.filled, &m->rng);
   }
-  float signal = m->cfg.hardness.signal == HARDNESS_SIGNAL_ACCURACY ? d->instance_accuracy
-                                                                      : d->hardest_sim_mean;
-  hardness_observe(&m->hard, progress(m), signal);
+  hardness_observe(&m->hard, progress(m), controller_signal(&m->cfg.hardness, d));
   d->step = m->step;
   d->lr = lr;
   d->momentum = mom;

@@ -280,6 +280,7 @@ int trainer_check_runtime(const trainer *t, const trainer_config *cfg) {
   if (!rc) rc = mine_config_check(&next->mine);
   if (!rc) rc = loss_config_check(&next->loss);
   if (!rc) rc = hardness_config_check(&next->hardness);
+  if (!rc) rc = hardness_signal_moves(&next->hardness, next->mine.strategy);
   if (!rc) rc = sched_validate(&next->sched);
   return rc;
 }
