@@ -390,6 +390,19 @@ def check_data(a, names):
     return None
 
 
+def check_binary(a, names):
+    """mocod starts and reads the first config (a missing shared library or a config error shows here,
+    once, instead of in every run's stdout.log)."""
+    cfg = config_path(names[0])
+    if cfg is None:
+        return None
+    cmd = [a.mocod, "-c", cfg, "--print-config"] + [x for kv in a.set for x in ("--set", kv)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return "%s does not start: %s" % (" ".join(cmd), (r.stderr or r.stdout).strip()[-2000:])
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -443,7 +456,7 @@ def main():
         if not a.dry_run and not os.access(a.mocod, os.X_OK):
             print("experiments: %s is not an executable (build it with `make`)" % a.mocod, file=sys.stderr)
             return 1
-        problem = None if a.dry_run else check_data(a, names)
+        problem = None if a.dry_run else check_data(a, names) or check_binary(a, names)
         if problem:
             print("experiments: " + problem, file=sys.stderr)
             return 1
