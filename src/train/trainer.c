@@ -534,8 +534,9 @@ static int match_queries(const features *ev, const int64_t *ids, int n, float *f
 }
 
 /* Instance retrieval: an augmented view of each of the first eval.retrieval_queries evaluation
- * samples (a fixed seed) is the query, the unaugmented evaluation split ev is the gallery; recall@1 and
- * @10 of the query's own original, on backbone features and on embeddings. */
+ * samples (a fixed seed; pair data: its stored partner) is the query, the unaugmented evaluation split
+ * ev is the gallery; recall@1 and @10 of the query's own original, on backbone features and on
+ * embeddings. */
 static int retrieval(trainer *t, net *n, const features *ev, trainer_eval_result *res) {
   eval_views v;
   int rc = eval_views_make(t, "retrieval", t->cfg.retrieval_queries, t->cfg.moco.seed ^ 0x7e7a11, &v);
@@ -545,7 +546,9 @@ static int retrieval(trainer *t, net *n, const features *ev, trainer_eval_result
   int64_t *target = malloc((size_t)v.n * sizeof *target);
   int kept = 0;
   if (!feat || !emb || !target) rc = moco_error(MOCO_ENOMEM, "retrieval: features of %d queries", v.n);
-  if (!rc) rc = encode(t, n, v.v1, v.n, feat, emb);
+  /* The second view: augmented like the first in augment mode, and in pair mode the stored partner,
+   * where the first view is the sample itself and would find its original trivially. */
+  if (!rc) rc = encode(t, n, v.v2, v.n, feat, emb);
   if (!rc && (kept = match_queries(ev, v.ids, v.n, feat, emb, target)) < 0)
     rc = moco_error(MOCO_ENOMEM, "retrieval: index of %lld gallery ids", (long long)ev->n);
   static const int ks[2] = {1, 10};
