@@ -451,10 +451,15 @@ END_TEST
 
 Suite *faults_suite(void) {
   Suite *s = suite_create("faults");
+  /* The kills in their own case, so that scripts/fault-kills.sh runs them alone (CK_RUN_CASE=kills). */
+  TCase *kills = tcase_create("kills");
+  tcase_add_checked_fixture(kills, dh_setup, dh_teardown);
+  tcase_set_timeout(kills, 120);
+  tcase_add_test(kills, sigkill_anywhere_then_resume_from_newest_complete_checkpoint);
+  suite_add_tcase(s, kills);
   TCase *tc = tcase_create("faults");
   tcase_add_checked_fixture(tc, dh_setup, dh_teardown);
   tcase_set_timeout(tc, 120);
-  tcase_add_test(tc, sigkill_anywhere_then_resume_from_newest_complete_checkpoint);
   tcase_add_test(tc, checkpoint_that_cannot_be_written_is_reported_retried_and_training_goes_on);
   tcase_add_test(tc, stop_whose_checkpoint_fails_answers_an_error);
   tcase_add_test(tc, full_disk_prunes_old_checkpoints_to_make_room);
