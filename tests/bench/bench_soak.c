@@ -1,7 +1,8 @@
 /* Soak: the real daemon trains config/tiny.json for MOCOD_SOAK_STEPS steps (default 20,000) while a
  * client asks `status` every 100 ms and `set`s the learning rate every 3 s, with a checkpoint every 500
- * steps. Prints the daemon's resident memory and open descriptors at 5%, 50% and 100% of the run (1k,
- * 10k and 20k steps by default) and the status latency percentiles. Judges nothing. */
+ * steps. Prints the daemon's resident memory and open descriptors at 5%, 50% and 99.5% of the run (1k,
+ * 10k and 19.9k steps by default, all while training) and once finished (after the final evaluation
+ * with its linear probe and the final checkpoint), and the status latency percentiles. Judges nothing. */
 #include <dirent.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -50,15 +51,16 @@ int main(void) {
   int pid = dh_start(set_steps, "checkpoint.every_steps=500", "checkpoint.every_seconds=0",
                      "log.every_steps=100", NULL);
   dh_client *c = dh_client_open(1);
-  long long marks[3] = {steps / 20, steps / 2, steps};
-  long rss[3] = {0};
-  int fds[3] = {0}, next_mark = 0, sets = 0;
+  enum { MARKS = 4 };
+  long long marks[MARKS] = {steps / 20, steps / 2, steps - steps / 200, steps};
+  long rss[MARKS] = {0};
+  int fds[MARKS] = {0}, next_mark = 0, sets = 0;
   size_t n = 0, cap = 4096;
   double *lat = malloc(cap * sizeof *lat);
   double t0 = clock_now(), last_set = t0;
   long long step = 0, last_ckpt = -1;
   char state[32] = "running";
-  while (next_mark < 3) {
+  while (next_mark < MARKS) {
     double t = clock_now();
     json_t *a = dh_client_call(c, "{\"id\":1,\"cmd\":\"status\"}", 10);
     if (!a) {
@@ -75,9 +77,8 @@ int main(void) {
     if (json_is_object(ck)) last_ckpt = json_integer_value(json_object_get(ck, "step"));
     int done = !strcmp(state, "finished") || !strcmp(state, "error");
     json_decref(a);
-    /* The last figures once the run has finished (its final evaluation and checkpoint done), so that
-     * all three are taken between steps, not during a job that holds files open. */
-    while (next_mark < 3 && ((next_mark < 2 && step >= marks[next_mark]) || done)) {
+    /* The last figures once the run has finished, not during its final evaluation. */
+    while (next_mark < MARKS && ((next_mark < MARKS - 1 && step >= marks[next_mark]) || done)) {
       rss[next_mark] = vm_rss_kb(pid);
       fds[next_mark] = open_fds(pid);
       next_mark++;
@@ -98,10 +99,12 @@ int main(void) {
   printf("soak: %lld steps of config/tiny.json in %.1f s (%s at the end), %zu status requests every "
          "100 ms, %d sets, last checkpoint at step %lld\n",
          step, wall, state, n, sets, last_ckpt);
-  for (int i = 0; i < 3; i++)
-    printf("  at step %6lld: RSS %6ld kB, open fds %d\n", marks[i], rss[i], fds[i]);
-  printf("  RSS change from step %lld to %lld: %+.1f%%\n", marks[0], marks[2],
-         100.0 * (double)(rss[2] - rss[0]) / (double)rss[0]);
+  for (int i = 0; i < MARKS; i++)
+    printf("  at step %6lld%s: RSS %6ld kB, open fds %d\n", marks[i], i == MARKS - 1 ? " (finished)" : "",
+           rss[i], fds[i]);
+  printf("  RSS change while training, step %lld to %lld: %+.1f%%; finished: %+.1f%%\n", marks[0],
+         marks[2], 100.0 * (double)(rss[2] - rss[0]) / (double)rss[0],
+         100.0 * (double)(rss[3] - rss[0]) / (double)rss[0]);
   printf("  status latency: p50 %.3f ms, p90 %.3f ms, p99 %.3f ms, max %.3f ms\n", lat[n / 2] * 1e3,
          lat[n * 9 / 10] * 1e3, lat[n * 99 / 100] * 1e3, lat[n - 1] * 1e3);
   free(lat);
