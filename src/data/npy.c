@@ -3,6 +3,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -68,14 +69,18 @@ static int parse_shape(hparse *h, npy_info *in) {
   for (;;) {
     if (take(h, ')')) break;
     skip_ws(h);
-    char *e;
-    errno = 0;
-    unsigned long long v = strtoull(h->p, &e, 10);
-    if (e == h->p || errno || *h->p == '-') return herr(h, "shape", "%s", "expected a non-negative integer");
+    /* Digits within [p, end): the header is not NUL-terminated, so no strtoull (found by fuzz_npy). */
+    unsigned long long v = 0;
+    const char *start = h->p;
+    for (; h->p < h->end && *h->p >= '0' && *h->p <= '9'; h->p++) {
+      if (v > (ULLONG_MAX - (unsigned)(*h->p - '0')) / 10)
+        return herr(h, "shape", "%s", "a dimension does not fit in 64 bits");
+      v = v * 10 + (unsigned)(*h->p - '0');
+    }
+    if (h->p == start) return herr(h, "shape", "%s", "expected a non-negative integer");
     if (in->ndim == 4)
       return herr(h, "shape", "%s", "more than 4 dimensions (expected (N, D), (N, H, W) or (N, C, H, W))");
     in->dims[in->ndim++] = v;
-    h->p = e;
     if (take(h, ')')) break;
     if (!take(h, ',')) return herr(h, "shape", "%s", "expected ',' or ')'");
   }
