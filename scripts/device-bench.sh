@@ -7,7 +7,8 @@
 #                                                     # scripts/torch_reference.py reads the config with
 #   scripts/device-bench.sh --prepare-old c7b7070     # the old step (main before issue 15) -> build-old/
 #   scripts/device-bench.sh --prepare-libs            # the shared libraries (ldd) -> devlibs/
-# then carry build/bin, build-old and devlibs (about 45 MB) with the worktree and run
+# then carry build/bin/bench_speed, build/bin/mocod, build-old and devlibs (about 53 MB) with the
+# worktree and run
 #   scripts/device-bench.sh [THREADS]                 # THREADS: default 1,2,4,8,16 (up to the CPUs)
 #
 # Prints, per thread count: bench_speed of the old and the new step alternated (ROUNDS rounds, each
