@@ -8,6 +8,8 @@
 #include <string.h>
 
 #include "core/blob.h"
+#include "core/err.h"
+#include "data/loader.h"
 #include "testutil.h"
 #include "train/checkpoint.h"
 
@@ -119,6 +121,51 @@ START_TEST(per_rank_batchnorm_is_not_one_process) {
   ck_assert_msg(gap > 1e-3, "per-rank statistics left the losses within %g", gap);
   rm_rf(dir);
   free(dir);
+}
+END_TEST
+
+/* A rank's share of the stream is its slice of the batch one process gets: same ids and labels, the same
+ * views to the bit (each view's randomness comes from (seed, epoch, id, view)), for three batches. */
+START_TEST(loader_shares_are_slices_of_the_batch) {
+  enum { B = 24, N = 3, IN = 28 * 28 };
+  loader whole, part[N];
+  loader_config c;
+  loader_config_default(&c);
+  c.train = data_path("fmnist-train-images-idx3-ubyte.gz");
+  c.batch_size = B;
+  c.shuffle_buffer = 500;
+  c.workers = 2;
+  c.seed = 5;
+  ck_assert_msg(loader_open(&whole, &c) == 0, "%s", moco_errmsg());
+  for (int r = 0; r < N; r++) {
+    loader_config cr = c;
+    cr.share_index = r;
+    cr.share_count = N;
+    ck_assert_msg(loader_open(&part[r], &cr) == 0, "%s", moco_errmsg());
+  }
+  for (int step = 0; step < 3; step++) {
+    loader_batch w;
+    ck_assert_int_eq(loader_next(&whole, &w), 0);
+    ck_assert_int_eq(w.size, B);
+    for (int r = 0; r < N; r++) {
+      loader_batch b;
+      ck_assert_int_eq(loader_next(&part[r], &b), 0);
+      int r0 = r * B / N;
+      ck_assert_int_eq(b.size, B / N);
+      ck_assert_uint_eq(b.index, w.index);
+      ck_assert_mem_eq(b.ids, w.ids + r0, (size_t)b.size * sizeof *b.ids);
+      ck_assert_mem_eq(b.labels, w.labels + r0, (size_t)b.size * sizeof *b.labels);
+      ck_assert_mem_eq(b.view1, w.view1 + (size_t)r0 * IN, (size_t)b.size * IN * sizeof(float));
+      ck_assert_mem_eq(b.view2, w.view2 + (size_t)r0 * IN, (size_t)b.size * IN * sizeof(float));
+    }
+  }
+  c.share_index = 3;
+  c.share_count = 3;
+  loader bad;
+  ck_assert_int_eq(loader_open(&bad, &c), MOCO_ECONFIG);
+  ck_assert_ptr_nonnull(strstr(moco_errmsg(), "share_index"));
+  for (int r = 0; r < N; r++) loader_close(&part[r]);
+  loader_close(&whole);
 }
 END_TEST
 
@@ -258,6 +305,7 @@ Suite *dist_suite(void) {
   Suite *s = suite_create("dist");
   TCase *tc = tcase_create("world");
   tcase_set_timeout(tc, 120);
+  tcase_add_test(tc, loader_shares_are_slices_of_the_batch);
   tcase_add_test(tc, two_ranks_reproduce_one_process);
   tcase_add_test(tc, per_rank_batchnorm_is_not_one_process);
   tcase_add_test(tc, daemon_two_ranks_train_as_one);
