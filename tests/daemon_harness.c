@@ -52,9 +52,15 @@ void dh_setup(void) {
   snprintf(dh_sock, sizeof dh_sock, "%s/run/mocod.sock", dh_dir);
   /* Orphaned daemons (double fork) become our children, so that they can be waited for. */
   prctl(PR_SET_CHILD_SUBREAPER, 1);
+  test_reaper_start();
 }
 
-void dh_teardown(void) { rm_rf(dh_dir); }
+/* Daemons a test left running (it failed before stopping them) are killed before their directory
+ * goes; the reaper does the same when the test never gets here (testutil.h). */
+void dh_teardown(void) {
+  test_reaper_stop();
+  rm_rf(dh_dir);
+}
 
 char *dh_path(const char *name) {
   static char buf[8][PATH_MAX + 64];

@@ -12,7 +12,8 @@
 extern int dh_standalone;
 extern char dh_bin[PATH_MAX], dh_repo[PATH_MAX], dh_dir[PATH_MAX], dh_sock[PATH_MAX + 32];
 
-/* Fresh directory, paths, and this process made the subreaper of the daemons it starts. */
+/* Fresh directory, paths, this process made the subreaper of the daemons it starts, and a reaper that
+ * kills them however the test ends (test_reaper_start). */
 void dh_setup(void);
 void dh_teardown(void);
 /* dh_dir/name, from a ring of 8 static buffers: copy it to keep it across other dh_ calls. */

@@ -30,12 +30,15 @@ typedef struct {
   int frozen;       /* the gate refuses CTL_CHANGES_STATE commands while set */
   uv_timer_t watch; /* the scripted events of "subscribe", for mococtl watch */
   int watch_step;
+  ctl_call *held;   /* the call "hold" left unanswered until "release" */
+  int deferred;     /* calls taken and not yet answered ("slow", "hold") */
 } tserver;
 
 typedef struct {
   uv_timer_t timer;
   ctl_call *call;
   int ms;
+  tserver *ts;
 } slow_call;
 
 static void on_slow_closed(uv_handle_t *h) { free(h->data); }
@@ -43,6 +46,7 @@ static void on_slow_closed(uv_handle_t *h) { free(h->data); }
 static void on_slow_timer(uv_timer_t *t) {
   slow_call *s = t->data;
   ctl_reply(s->call, json_pack("{s:i}", "slept", s->ms));
+  s->ts->deferred--;
   uv_close((uv_handle_t *)t, on_slow_closed);
 }
 
@@ -57,9 +61,32 @@ static int cmd_slow(ctl_call *call, json_t *args, void *data) {
   slow_call *s = malloc(sizeof *s);
   s->call = call;
   s->ms = (int)json_integer_value(json_object_get(args, "ms"));
+  s->ts = ts;
+  ts->deferred++;
   s->timer.data = s;
   uv_timer_init(&ts->loop, &s->timer);
   uv_timer_start(&s->timer, on_slow_timer, (uint64_t)s->ms, 0);
+  return 0;
+}
+
+/* Answers only when another call says "release": a deferred answer whose timing the test controls. */
+static int cmd_hold(ctl_call *call, json_t *args, void *data) {
+  tserver *ts = data;
+  if (ts->held) return moco_error(MOCO_EBUSY, "a call is held already");
+  ts->held = call;
+  ts->deferred++;
+  return 0;
+}
+
+static int cmd_release(ctl_call *call, json_t *args, void *data) {
+  tserver *ts = data;
+  int released = ts->held != NULL;
+  if (ts->held) {
+    ctl_reply(ts->held, json_pack("{s:b}", "released", 1));
+    ts->held = NULL;
+    ts->deferred--;
+  }
+  ctl_reply(call, json_pack("{s:i}", "released", released));
   return 0;
 }
 
@@ -89,9 +116,9 @@ static int cmd_bcast(ctl_call *call, json_t *args, void *data) {
 
 static int cmd_stats(ctl_call *call, json_t *args, void *data) {
   tserver *ts = data;
-  ctl_reply(call, json_pack("{s:i, s:i, s:I, s:I}", "clients", ts->srv.clients, "subscribers",
+  ctl_reply(call, json_pack("{s:i, s:i, s:I, s:I, s:i}", "clients", ts->srv.clients, "subscribers",
                             ts->srv.subscribers, "dropped", (json_int_t)ts->srv.dropped, "rejected",
-                            (json_int_t)ts->srv.rejected));
+                            (json_int_t)ts->srv.rejected, "deferred", ts->deferred));
   return 0;
 }
 
@@ -176,6 +203,8 @@ static const ctl_arg bcast_args[] = {
 static const ctl_command table[] = {
     {"echo", cmd_echo, CTL_SAFE_WHILE_RUNNING, echo_args, "answers with its args"},
     {"slow", cmd_slow, 0, slow_args, "answers after args.ms milliseconds"},
+    {"hold", cmd_hold, 0, NULL, "answers when another call releases it"},
+    {"release", cmd_release, CTL_SAFE_WHILE_RUNNING, NULL, "answers the held call"},
     {"sub", cmd_sub, CTL_SAFE_WHILE_RUNNING, NULL, "subscribes"},
     {"bcast", cmd_bcast, 0, bcast_args, "broadcasts n events"},
     {"stats", cmd_stats, CTL_SAFE_WHILE_RUNNING, NULL, "client counts"},
@@ -508,13 +537,19 @@ START_TEST(pipelined_requests_are_answered_in_order_across_a_deferred_answer) {
     ck_assert_int_eq(json_integer_value(json_object_get(r, "id")), id);
     json_decref(r);
   }
-  /* A slow answer on one connection holds up nobody else. */
+  /* A deferred answer on one connection holds up nobody else: while the server holds c's call (until
+   * d releases it, so no timing is involved), d is answered. */
   conn *d = cl_open(ts->path);
-  cl_send(c, "{\"id\":5,\"cmd\":\"slow\",\"args\":{\"ms\":400}}");
+  cl_send(c, "{\"id\":5,\"cmd\":\"hold\"}");
+  wait_stat(ts->path, "deferred", 1);
   expect_echo(d, 6);
-  ck_assert_msg(!cl_readable(c, 0), "the slow answer came before the other client's");
-  json_t *r = cl_json(c);
-  ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(r, "result"), "slept")), 400);
+  ck_assert_msg(!cl_readable(c, 0), "the held call was answered before its release");
+  json_t *r = cl_call(d, "{\"id\":7,\"cmd\":\"release\"}");
+  ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(r, "result"), "released")), 1);
+  json_decref(r);
+  r = cl_json(c);
+  ck_assert_int_eq(json_integer_value(json_object_get(r, "id")), 5);
+  ck_assert(json_is_true(json_object_get(json_object_get(r, "result"), "released")));
   json_decref(r);
   cl_close(c);
   cl_close(d);
@@ -753,7 +788,7 @@ START_TEST(closing_with_a_deferred_call_in_flight_is_safe) {
   tserver *ts = server_start();
   conn *c = cl_open(ts->path);
   cl_send(c, "{\"cmd\":\"slow\",\"args\":{\"ms\":100}}");
-  usleep(30000); /* let the server take the request */
+  wait_stat(ts->path, "deferred", 1); /* the server has taken the request */
   server_stop(ts); /* the slow timer then answers a closed client of a closed server */
   ck_assert_ptr_null(cl_line(c));
   cl_close(c);
@@ -934,6 +969,7 @@ Suite *ctl_suite(void) {
   tcase_add_test(tc, closing_with_a_deferred_call_in_flight_is_safe);
   suite_add_tcase(s, tc);
   TCase *cli = tcase_create("mococtl");
+  tcase_add_checked_fixture(cli, test_reaper_start, test_reaper_stop); /* mococtl runs as a child */
   tcase_set_timeout(cli, 30);
   tcase_add_test(cli, mococtl_exit_status_json_and_human_output);
   tcase_add_test(cli, mococtl_watch_prints_progress_and_events_until_stop);

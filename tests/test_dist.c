@@ -304,6 +304,8 @@ END_TEST
 Suite *dist_suite(void) {
   Suite *s = suite_create("dist");
   TCase *tc = tcase_create("world");
+  /* mpirun's ranks run in process groups of their own: a timeout that kills mpirun leaves them */
+  tcase_add_checked_fixture(tc, test_reaper_start, test_reaper_stop);
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, loader_shares_are_slices_of_the_batch);
   tcase_add_test(tc, two_ranks_reproduce_one_process);

@@ -1,11 +1,17 @@
 #include "testutil.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <glob.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "core/tensor.h"
 
@@ -107,11 +113,149 @@ void fill_uniform(float *x, size_t n, rng_t *r, float lo, float hi) {
   for (size_t i = 0; i < n; i++) x[i] = rng_range(r, lo, hi);
 }
 
+const char *test_run_id(void) {
+  static char id[32];
+  const char *run = getenv("MOCOD_TEST_RUN");
+  if (run && *run) return run;
+  if (!id[0]) snprintf(id, sizeof id, "%d", (int)getpid()); /* a benchmark: no runner */
+  return id;
+}
+
 char *test_tmpdir(void) {
-  static char buf[64];
-  strcpy(buf, "/tmp/mocod-test-XXXXXX");
+  static char buf[96];
+  snprintf(buf, sizeof buf, "/tmp/mocod-test-%s-XXXXXX", test_run_id());
   if (!mkdtemp(buf)) return NULL;
   return buf;
+}
+
+/* The environment a process was started with (/proc/PID/environ: NUL-separated name=value entries),
+ * into *buf (grown as needed); its length, 0 for a zombie or a process we may not read. */
+static size_t read_environ(int pid, char **buf, size_t *cap) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/environ", pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  size_t len = 0;
+  for (;;) {
+    if (len == *cap) {
+      size_t grown = *cap ? 2 * *cap : 1 << 16;
+      char *b = realloc(*buf, grown);
+      if (!b) break;
+      *buf = b, *cap = grown;
+    }
+    ssize_t k = read(fd, *buf + len, *cap - len);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) break;
+    len += (size_t)k;
+  }
+  close(fd);
+  return len;
+}
+
+static int has_entry(const char *env, size_t len, const char *entry) {
+  size_t n = strlen(entry);
+  for (size_t i = 0; i < len; i += strnlen(env + i, len - i) + 1)
+    if (len - i >= n && !memcmp(env + i, entry, n) && (i + n == len || env[i + n] == '\0')) return 1;
+  return 0;
+}
+
+/* SIGKILLs every process but this one whose environment holds `entry` (name=value), until a scan of
+ * /proc finds none left (a process being killed may just have forked); returns how many it killed. */
+static int kill_tagged(const char *entry) {
+  char *env = NULL;
+  size_t cap = 0;
+  int killed = 0;
+  for (int round = 0; round < 100; round++) {
+    int found = 0;
+    DIR *d = opendir("/proc");
+    if (!d) break;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+      int pid = atoi(de->d_name);
+      if (pid <= 0 || pid == getpid()) continue;
+      size_t len = read_environ(pid, &env, &cap);
+      if (!len || !has_entry(env, len, entry)) continue;
+      char cmd[256] = "", path[64];
+      snprintf(path, sizeof path, "/proc/%d/cmdline", pid);
+      FILE *f = fopen(path, "r");
+      if (f) {
+        size_t k = fread(cmd, 1, sizeof cmd - 1, f);
+        for (size_t i = 0; i + 1 < k; i++) cmd[i] = cmd[i] ? cmd[i] : ' ';
+        cmd[k] = '\0';
+        fclose(f);
+      }
+      if (kill(pid, SIGKILL) == 0) {
+        fprintf(stderr, "test reaper: killed pid %d (%s), left by %s\n", pid, cmd, entry);
+        killed++;
+        found++;
+      }
+    }
+    closedir(d);
+    if (!found) break;
+    usleep(10000);
+  }
+  free(env);
+  return killed;
+}
+
+static int reaper_fd = -1; /* the write end of the reaper's pipe: it reads EOF when the test ends */
+static pid_t reaper_pid;
+
+void test_reaper_start(void) {
+  static unsigned n;
+  char id[96], entry[128];
+  snprintf(id, sizeof id, "%s.%d.%u", test_run_id(), (int)getpid(), n++);
+  snprintf(entry, sizeof entry, "MOCOD_TEST_ID=%s", id);
+  setenv("MOCOD_TEST_ID", id, 1);
+  int p[2];
+  if (pipe2(p, O_CLOEXEC)) {
+    fprintf(stderr, "test reaper: pipe: %s\n", strerror(errno));
+    return;
+  }
+  pid_t pid = fork();
+  if (pid < 0) {
+    fprintf(stderr, "test reaper: fork: %s\n", strerror(errno));
+    close(p[0]);
+    close(p[1]);
+    return;
+  }
+  if (pid == 0) {
+    close(p[1]);
+    setsid(); /* out of the test's process group, which a timeout kills */
+    char c;
+    ssize_t k;
+    while ((k = read(p[0], &c, 1)) > 0 || (k < 0 && errno == EINTR)) {
+    }
+    kill_tagged(entry);
+    _exit(0); /* no atexit handlers or leak report of the test's copy */
+  }
+  close(p[0]);
+  reaper_fd = p[1];
+  reaper_pid = pid;
+}
+
+void test_reaper_stop(void) {
+  if (reaper_fd < 0) return;
+  close(reaper_fd);
+  reaper_fd = -1;
+  while (waitpid(reaper_pid, NULL, 0) < 0 && errno == EINTR) {
+  }
+  unsetenv("MOCOD_TEST_ID");
+  /* What it killed was reparented here when this process is their subreaper: reap them. */
+  while (waitpid(-1, NULL, WNOHANG) > 0) {
+  }
+}
+
+void test_reaper_sweep(void) {
+  char entry[64], pattern[96];
+  snprintf(entry, sizeof entry, "MOCOD_TEST_RUN=%s", test_run_id());
+  kill_tagged(entry);
+  snprintf(pattern, sizeof pattern, "/tmp/mocod-test-%s-*", test_run_id());
+  glob_t g;
+  if (glob(pattern, 0, NULL, &g) == 0) {
+    for (size_t i = 0; i < g.gl_pathc; i++) rm_rf(g.gl_pathv[i]);
+    globfree(&g);
+  }
 }
 
 void rm_rf(const char *path) {

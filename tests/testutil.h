@@ -90,8 +90,26 @@ double gradcheck(gc_loss_fn f, void *ctx, float *x, const float *grad, size_t n,
 /* Fills x with U(lo, hi). */
 void fill_uniform(float *x, size_t n, rng_t *r, float lo, float hi);
 
-/* Directory for test files, created fresh per call ("/tmp/mocod-test-XXXXXX"); removed by rm_rf. */
+/* Directory for test files, created fresh per call ("/tmp/mocod-test-RUN-XXXXXX", RUN as in
+ * test_run_id); removed by rm_rf, or by test_reaper_sweep when a test ends before its teardown. */
 char *test_tmpdir(void);
+
+/* ---- processes a test starts ----------------------------------------------------------------------
+ *
+ * A test that fails in Check's fork mode ends by _exit, before its teardown, and one that times out is
+ * SIGKILLed with its process group; a daemon it started has left both (setsid, double fork), and
+ * mpirun's ranks run in process groups of their own. So the processes a test started are found by
+ * their environment, which every descendant inherits however it detaches:
+ *   - the runner sets MOCOD_TEST_RUN=<its pid> (test_run_id) before any test runs;
+ *   - test_reaper_start() (a fixture's setup) sets MOCOD_TEST_ID=<run>.<pid>.<n> and forks a reaper, a
+ *     process in a session of its own that waits for the test process to end or to call
+ *     test_reaper_stop() (the teardown), then SIGKILLs every process whose environment holds that id;
+ *   - test_reaper_sweep() (the runner, after the last test) SIGKILLs every process of the run that is
+ *     left (the suites that start no reaper) and removes the run's test directories. */
+const char *test_run_id(void);
+void test_reaper_start(void);
+void test_reaper_stop(void);
+void test_reaper_sweep(void);
 void rm_rf(const char *path);
 
 /* Path of a file in the repository's data/ directory (static buffer). */

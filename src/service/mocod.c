@@ -111,6 +111,26 @@ static void on_ready(void *ctx, int rc, const char *msg) {
   ready_fd = -1;
 }
 
+/* Descriptors the caller left open would stay open for the daemon's whole life: a lock a script holds
+ * (flock on an inherited fd is released only when every copy is closed), the pipe a test runner or a
+ * `| tee` reads until EOF. The daemon keeps stdio (pointed at /dev/null) and the ready pipe. */
+static int close_inherited_fds(int keep) {
+  if (keep < 3) { /* the caller ran us with stdio closed: move the pipe out of the way of /dev/null */
+    int moved = fcntl(keep, F_DUPFD_CLOEXEC, 3);
+    if (moved < 0) return -1;
+    close(keep);
+    keep = moved;
+  }
+  if ((keep > 3 && close_range(3, (unsigned)keep - 1, 0)) || close_range((unsigned)keep + 1, ~0U, 0)) {
+    /* close_range is Linux 5.9+: fall back to every descriptor below the limit */
+    struct rlimit rl;
+    int top = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY ? (int)rl.rlim_cur : 65536;
+    for (int fd = 3; fd < top; fd++)
+      if (fd != keep) close(fd);
+  }
+  return keep;
+}
+
 /* Returns in the daemon (0) or exits in the parent with the daemon's verdict. */
 static int daemonise(void) {
   int p[2];
@@ -144,6 +164,8 @@ static int daemonise(void) {
   pid = fork();
   if (pid < 0) _exit(1);
   if (pid > 0) _exit(0);
+  ready_fd = close_inherited_fds(p[1]);
+  if (ready_fd < 0) _exit(1);
   int null = open("/dev/null", O_RDWR);
   if (null >= 0) {
     dup2(null, 0);
@@ -151,7 +173,6 @@ static int daemonise(void) {
     dup2(null, 2);
     if (null > 2) close(null);
   }
-  ready_fd = p[1];
   return 0;
 }
 
