@@ -442,6 +442,9 @@ static void checkpoint_failed(server *s, job *j) {
   log_msg(LL_WARNING, "checkpoint failed at step %lld (%s): %s", (long long)step, reason_names[j->reason],
           j->err);
   s->ckpt_failures++;
+  /* The next try comes after a full interval: with checkpoint.every_seconds, a failed write must not
+   * make every following step try again (and write and delete a whole checkpoint each time). */
+  s->ckpt_time = mono_now();
   json_decref(s->ckpt_error);
   s->ckpt_error = json_pack("{s:I, s:f, s:s, s:s}", "step", (json_int_t)step, "time",
                             round(log_unix_time() * 1000) / 1000, "reason", reason_names[j->reason],
