@@ -48,6 +48,10 @@ int blob_section(blob_reader *r, const char tag[4], blob_reader *sub);
 /* Peeks at the next section's tag without consuming it; 0 when at the end. */
 int blob_peek_tag(const blob_reader *r, char tag[4]);
 
+/* Positions *at at the nth (from 0) section tagged `tag` after r's position, passing over (and
+ * checksumming) the others; r does not move. MOCO_ENOENT when there is none. */
+int blob_find(const blob_reader *r, const char tag[4], int nth, blob_reader *at);
+
 uint32_t blob_crc32(const void *p, size_t n);
 
 /* A stored checksum against the computed one. Fuzzing builds (tests/fuzz, OSS-Fuzz's macro) accept

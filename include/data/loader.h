@@ -97,6 +97,7 @@ typedef struct {
 
 typedef struct {
   data_shape shape;      /* of one sample: build the network for it */
+  data_dtype dtype;      /* of the stored samples */
   uint64_t num_samples;  /* records in the training split */
   uint64_t eval_samples; /* records in the evaluation split (0 when none) */
   int num_classes;       /* known number of classes, 0 when not known */

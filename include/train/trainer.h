@@ -150,8 +150,12 @@ int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_r
 int trainer_export(trainer *t, const char *split, trainer_encoder enc, int embeddings, const char *path,
                    int64_t *rows, int *dim);
 
-/* The model (moco_save: step, encoders, optimizer, queue, hardness, bank, rng) and the data position
- * (loader_save), in that order; trainer_load refuses a mismatch naming it. */
+/* Writes the query or key encoder as safetensors (train/encoder.h) at path; *bytes gets its size. */
+int trainer_export_model(trainer *t, trainer_encoder which, const char *path, int64_t *bytes);
+
+/* The model (moco_save: step, encoders, optimizer, queue, hardness, bank, rng), the data position
+ * (loader_save) and the input record (encoder_input_save: shape, dtype, normalisation), in that order;
+ * trainer_load refuses a mismatch naming it. */
 void trainer_save(const trainer *t, blob_writer *w);
 int trainer_load(trainer *t, blob_reader *r);
 

@@ -31,6 +31,7 @@ static const char usage[] =
     "  stop                finish the step, write a checkpoint, exit\n"
     "  checkpoint          write a checkpoint now (answers with the file)\n"
     "  eval                run the evaluation now (answers with its figures)\n"
+    "  export-model PATH [query|key]  write the encoder as safetensors (scripts/load_encoder.py loads it)\n"
     "  set KEY=VALUE...    change settings at run time (VALUE is JSON if it parses, else a string)\n"
     "  config [KEY]        the effective config (or one key, e.g. contrast.temperature)\n"
     "  watch               live progress until training stops\n"
@@ -395,10 +396,24 @@ static int parse_options(int argc, char **argv, options *o) {
   /* Commands that wait for work done off mocod's loop (a whole evaluation, a checkpoint write, the
    * last step before stopping) wait as long as it takes; the rest are answered from the loop at once. */
   if (o->timeout < 0)
-    o->timeout = !strcmp(o->cmd, "eval") || !strcmp(o->cmd, "checkpoint") || !strcmp(o->cmd, "stop")
+    o->timeout = !strcmp(o->cmd, "eval") || !strcmp(o->cmd, "checkpoint") || !strcmp(o->cmd, "stop") ||
+                         !strcmp(o->cmd, "export-model")
                      ? 0
                      : DEFAULT_TIMEOUT;
   return 0;
+}
+
+/* mocod resolves a relative path from its own directory, not ours: send it absolute. */
+static json_t *export_model_args(const char *path, const char *encoder) {
+  char cwd[4096], abs[8200];
+  if (path[0] != '/') {
+    if (!getcwd(cwd, sizeof cwd)) return NULL;
+    snprintf(abs, sizeof abs, "%s/%s", cwd, path);
+    path = abs;
+  }
+  json_t *args = json_pack("{s:s}", "path", path);
+  if (encoder) json_object_set_new(args, "encoder", json_string(encoder));
+  return args;
 }
 
 /* The request line for the command, or NULL after a usage message. */
@@ -415,6 +430,11 @@ static char *build_request(const options *o) {
     snprintf(problem, sizeof problem, "raw needs exactly one JSON request");
   } else if (!strcmp(cmd, "config") && o->nwords == 1) {
     args = json_pack("{s:s}", "key", o->words[0]);
+  } else if (!strcmp(cmd, "export-model")) {
+    if (o->nwords < 1 || o->nwords > 2 || (o->nwords == 2 && strcmp(o->words[1], "query") && strcmp(o->words[1], "key")))
+      snprintf(problem, sizeof problem, "export-model needs PATH and optionally query or key");
+    else if (!(args = export_model_args(o->words[0], o->nwords == 2 ? o->words[1] : NULL)))
+      snprintf(problem, sizeof problem, "export-model: cannot resolve %.100s", o->words[0]);
   } else if (!strcmp(cmd, "set")) {
     if (o->nwords < 1 || !(args = parse_set(o->nwords, o->words)))
       snprintf(problem, sizeof problem, "set needs KEY=VALUE words");
@@ -427,7 +447,8 @@ static char *build_request(const options *o) {
     die_usage("%s", problem);
     return NULL;
   }
-  json_t *req = json_pack("{s:i, s:s}", "id", 1, "cmd", !strcmp(cmd, "watch") ? "subscribe" : cmd);
+  json_t *req = json_pack("{s:i, s:s}", "id", 1, "cmd",
+                          !strcmp(cmd, "watch") ? "subscribe" : !strcmp(cmd, "export-model") ? "export_model" : cmd);
   if (args) json_object_set_new(req, "args", args);
   char *line = json_dumps(req, JSON_COMPACT);
   json_decref(req);

@@ -95,6 +95,20 @@ int blob_peek_tag(const blob_reader *r, char tag[4]) {
   return 1;
 }
 
+int blob_find(const blob_reader *r, const char tag[4], int nth, blob_reader *at) {
+  blob_reader cur = *r, sub;
+  char t[4];
+  while (blob_peek_tag(&cur, t)) {
+    if (!memcmp(t, tag, 4) && nth-- == 0) {
+      *at = cur;
+      return 0;
+    }
+    int rc = blob_section(&cur, t, &sub);
+    if (rc) return rc;
+  }
+  return moco_error(MOCO_ENOENT, "%s: no %.4s section", r->name ? r->name : "blob", tag);
+}
+
 int blob_section(blob_reader *r, const char tag[4], blob_reader *sub) {
   size_t at = r->base + r->pos;
   char got[4];

@@ -517,6 +517,7 @@ int loader_open(loader *l, const loader_config *c) {
   I->pos = start_pos(I);
   l->impl = I;
   l->shape = I->train.shape;
+  l->dtype = I->train.dtype;
   l->num_samples = I->train.count;
   l->eval_samples = I->has_eval ? I->eval.count : 0;
   l->num_classes = I->train.num_classes;

@@ -3,6 +3,8 @@
  *   mocod -c CONFIG.json [--set PATH=VALUE]... [-d] [--resume | --no-resume]
  *   mocod -c CONFIG.json --check-config | --print-config
  *   mocod --config-doc
+ *   mocod --export-model CHECKPOINT PATH [--encoder query|key]
+ *   mocod embed --checkpoint CHECKPOINT --data FILES --out OUT.npy [...]   (service/offline.h)
  *
  * This file is the process: arguments, the pid file, daemonising; everything else is server_run.
  * Under mpirun (core/dist.h) rank 0 is the daemon and the other ranks follow it (service/world.h). */
@@ -25,6 +27,7 @@
 #include "service/config.h"
 #include "service/ctl.h"
 #include "service/log.h"
+#include "service/offline.h"
 #include "service/server.h"
 #include "service/world.h"
 #include "train/trainer.h"
@@ -34,6 +37,8 @@ static void usage(FILE *f) {
           "usage: mocod [-c CONFIG.json] [--set PATH=VALUE]... [-d] [--resume | --no-resume]\n"
           "       mocod [-c CONFIG.json] [--set PATH=VALUE]... --check-config | --print-config\n"
           "       mocod --config-doc\n"
+          "       mocod --export-model CHECKPOINT PATH [--encoder query|key]\n"
+          "       mocod embed --checkpoint CHECKPOINT --data FILES --out OUT.npy [--features|--embeddings]\n"
           "\n"
           "  -c, --config FILE   the JSON config (default: every option at its default)\n"
           "  --set PATH=VALUE    override one option (VALUE is JSON, else a string); repeatable\n"
@@ -44,6 +49,9 @@ static void usage(FILE *f) {
           "  --check-config      validate the config, build the model and data, and exit\n"
           "  --print-config      print the effective config with every default filled in\n"
           "  --config-doc        print the config reference as markdown\n"
+          "  --export-model CKPT PATH  write the checkpoint's query (or --encoder key) encoder as\n"
+          "                      safetensors, for scripts/load_encoder.py (PyTorch); CKPT: file or directory\n"
+          "  embed               embed data with a checkpoint's encoder, offline (mocod embed --help)\n"
           "  -h, --help          this text\n");
 }
 
@@ -192,7 +200,7 @@ static void raise_fd_limit(void) {
   if (setrlimit(RLIMIT_NOFILE, &rl)) log_msg(LL_WARNING, "raising the open file limit: %s", strerror(errno));
 }
 
-enum { OPT_SET = 256, OPT_CHECK, OPT_PRINT, OPT_DOC, OPT_RESUME, OPT_NO_RESUME };
+enum { OPT_SET = 256, OPT_CHECK, OPT_PRINT, OPT_DOC, OPT_RESUME, OPT_NO_RESUME, OPT_EXPORT_MODEL, OPT_ENCODER };
 
 static int run(json_t *config, const char *config_path, int check, int daemon_mode, int resume);
 
@@ -202,8 +210,10 @@ int main(int argc, char **argv) {
       {"set", required_argument, NULL, OPT_SET}, {"check-config", no_argument, NULL, OPT_CHECK},
       {"print-config", no_argument, NULL, OPT_PRINT}, {"config-doc", no_argument, NULL, OPT_DOC},
       {"resume", no_argument, NULL, OPT_RESUME}, {"no-resume", no_argument, NULL, OPT_NO_RESUME},
+      {"export-model", required_argument, NULL, OPT_EXPORT_MODEL}, {"encoder", required_argument, NULL, OPT_ENCODER},
       {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
-  const char *config_path = NULL;
+  if (argc > 1 && !strcmp(argv[1], "embed")) return offline_embed(argc - 1, argv + 1);
+  const char *config_path = NULL, *export_ckpt = NULL, *encoder = NULL;
   int daemon_mode = 0, check = 0, print = 0, doc = 0, resume = -1, c;
   const char *sets[argc > 0 ? argc : 1];
   int n_sets = 0;
@@ -217,9 +227,18 @@ int main(int argc, char **argv) {
     case OPT_DOC: doc = 1; break;
     case OPT_RESUME: resume = 1; break;
     case OPT_NO_RESUME: resume = 0; break;
+    case OPT_EXPORT_MODEL: export_ckpt = optarg; break;
+    case OPT_ENCODER: encoder = optarg; break;
     case 'h': usage(stdout); return 0;
     default: usage(stderr); return 2;
     }
+  }
+  if (export_ckpt) {
+    if (optind + 1 != argc) {
+      fprintf(stderr, "mocod: --export-model CHECKPOINT PATH: expected one PATH\n");
+      return 2;
+    }
+    return offline_export_model(export_ckpt, argv[optind], encoder);
   }
   if (optind < argc) {
     fprintf(stderr, "mocod: unexpected argument '%s'\n", argv[optind]);

@@ -64,7 +64,8 @@ typedef struct {
   int64_t bytes;
   /* checkpoint and export (both checked against FILE_PATH_MAX where they were accepted) */
   char path[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM];
-  /* export */
+  /* export (model: the encoder's weights as safetensors, else a split's features or embeddings) */
+  int model;
   char split[16];
   trainer_encoder enc;
   int embeddings;
@@ -227,7 +228,8 @@ static void job_work(uv_work_t *req) {
     break;
   case JOB_EVAL: j->rc = trainer_evaluate(s->tr, &j->ereq, &j->eres); break;
   case JOB_EXPORT:
-    j->rc = trainer_export(s->tr, j->split, j->enc, j->embeddings, j->path, &j->rows, &j->dim);
+    j->rc = j->model ? trainer_export_model(s->tr, j->enc, j->path, &j->bytes)
+                     : trainer_export(s->tr, j->split, j->enc, j->embeddings, j->path, &j->rows, &j->dim);
     break;
   case JOB_CHECKPOINT: {
     blob_writer w;
@@ -498,6 +500,15 @@ static void after_export(server *s, job *j) {
     if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "export failed: %s", j->err);
     return;
   }
+  const char *enc = j->enc == TRAINER_KEY ? "key" : "query";
+  if (j->model) {
+    log_msg(LL_NOTICE, "exported the %s encoder of step %lld to %s (%lld bytes)", enc, (long long)s->snap.step,
+            j->path, (long long)j->bytes);
+    if (j->call)
+      ctl_reply(j->call, json_pack("{s:s, s:s, s:I, s:I, s:s}", "path", j->path, "encoder", enc, "step",
+                                   (json_int_t)s->snap.step, "bytes", (json_int_t)j->bytes, "format", "safetensors"));
+    return;
+  }
   log_msg(LL_NOTICE, "exported %lld x %d %s of the %s split to %s", (long long)j->rows, j->dim,
           j->embeddings ? "embeddings" : "features", j->split, j->path);
   if (j->call)
@@ -716,6 +727,7 @@ static int export_prepare(server *s, op *o) {
   const char *split = json_string_value(json_object_get(a, "split"));
   const char *enc = json_string_value(json_object_get(a, "encoder"));
   const char *what = json_string_value(json_object_get(a, "what"));
+  j->model = !strcmp(ctl_call_command(o->call)->name, "export_model");
   split = split ? split : "eval";
   if (strcmp(split, "train") && strcmp(split, "eval"))
     return moco_error(MOCO_EINVAL, "args.split: \"%s\" not allowed, expected \"train\" or \"eval\"", split);
@@ -1034,7 +1046,7 @@ static int cmd_subscribe(ctl_call *call, json_t *args, void *data) {
   return 0;
 }
 
-/* pause, resume, stop, checkpoint, eval, export: queued, answered when applied. */
+/* pause, resume, stop, checkpoint, eval, export, export_model: queued, answered when applied. */
 static int cmd_queued(ctl_call *call, json_t *args, void *data) {
   server *s = data;
   const char *name = ctl_call_command(call)->name;
@@ -1100,6 +1112,10 @@ static const ctl_arg export_args[] = {{"path", CTL_T_STRING, CTL_ARG_REQUIRED, 0
                                       {"what", CTL_T_STRING, 0, 0, 0},
                                       {NULL, 0, 0, 0, 0}};
 
+static const ctl_arg export_model_args[] = {{"path", CTL_T_STRING, CTL_ARG_REQUIRED, 0, 0},
+                                            {"encoder", CTL_T_STRING, 0, 0, 0},
+                                            {NULL, 0, 0, 0, 0}};
+
 static const ctl_command commands[] = {
     {"status", cmd_status, CTL_SAFE_WHILE_RUNNING, NULL,
      "state, progress, last step's diagnostics, throughput, ETA, last checkpoint and evaluation"},
@@ -1114,6 +1130,8 @@ static const ctl_command commands[] = {
      "kNN monitor and alignment/uniformity now (probe: true adds a linear probe)"},
     {"export", cmd_queued, CTL_CHANGES_STATE, export_args,
      "write features (or embeddings) of the train or eval split to a file"},
+    {"export_model", cmd_queued, CTL_CHANGES_STATE, export_model_args,
+     "write the query (or key) encoder as safetensors, for PyTorch (scripts/load_encoder.py)"},
     {"set", cmd_set, CTL_CHANGES_STATE | CTL_ANY_ARGS, NULL,
      "change runtime settings between steps: {\"optim.lr\": 0.03, ...}"},
     {"metrics", cmd_metrics, CTL_SAFE_WHILE_RUNNING, NULL,

@@ -14,6 +14,7 @@
 #include "core/sched.h"
 #include "data/dataset.h"
 #include "data/views.h"
+#include "train/encoder.h"
 
 struct trainer {
   trainer_config cfg;
@@ -684,14 +685,42 @@ int trainer_export(trainer *t, const char *split, trainer_encoder enc, int embed
  * Checkpoints.
  * ------------------------------------------------------------------------------------------------- */
 
+static net_shape input_shape(const trainer *t) { return (net_shape){t->ld.shape.c, t->ld.shape.h, t->ld.shape.w}; }
+
 void trainer_save(const trainer *t, blob_writer *w) {
   moco_save(&t->m, w);
   loader_save(&t->ld, w);
+  encoder_input_save(w, input_shape(t), t->ld.dtype, t->norm_len, t->mean, t->std);
+}
+
+/* The input record (absent from checkpoints older than it) must describe this trainer's input; its
+ * statistics are recomputed from the data at start, so they are not compared. */
+static int load_input(trainer *t, blob_reader *r) {
+  char tag[4];
+  if (!blob_peek_tag(r, tag) || memcmp(tag, "NORM", 4)) return 0;
+  net_shape in, here = input_shape(t);
+  data_dtype dt;
+  int n;
+  float *mean, *std;
+  int rc = encoder_input_load(r, &in, &dt, &n, &mean, &std);
+  free(mean);
+  free(std);
+  if (!rc && (in.c != here.c || in.h != here.h || in.w != here.w || dt != t->ld.dtype))
+    rc = moco_error(MOCO_ESHAPE, "input record: saved with %dx%dx%d %s samples, the data holds %dx%dx%d %s", in.c,
+                    in.h, in.w, data_dtype_name(dt), here.c, here.h, here.w, data_dtype_name(t->ld.dtype));
+  return rc;
 }
 
 int trainer_load(trainer *t, blob_reader *r) {
   int rc = moco_load(&t->m, r);
   if (rc) return moco_error_wrap(rc, "model");
   if ((rc = loader_load(&t->ld, r))) return moco_error_wrap(rc, "data position");
-  return 0;
+  return load_input(t, r);
+}
+
+int trainer_export_model(trainer *t, trainer_encoder which, const char *path, int64_t *bytes) {
+  encoder e = {.net = which == TRAINER_KEY ? &t->m.key : &t->m.query, .backbone_len = t->backbone_len,
+               .norm_len = t->norm_len, .mean = t->mean, .std = t->std, .input = t->ld.dtype, .which = which,
+               .step = t->m.step};
+  return encoder_write_safetensors(&e, path, bytes);
 }
