@@ -4,7 +4,7 @@
 # a new test suite is tests/test_x.c defining `Suite *x_suite(void)`, a new benchmark tests/bench/bench_x.c.
 
 CC      ?= cc
-PKGS    := libuv openblas jansson check zlib ompi-c libmicrohttpd
+PKGS    := libuv openblas jansson check zlib ompi-c libmicrohttpd libpng libjpeg
 MARCH   ?= -march=native
 ifeq ($(SANITIZE),1)
 BUILD   := build-asan

@@ -6,10 +6,16 @@
  * from [min, max]):
  *   random resized crop (area fraction crop_scale, aspect ratio crop_ratio drawn log-uniformly, resized
  *   back to H x W bilinearly: torchvision's RandomResizedCrop), horizontal flip, translation (up to
- *   translate_max of the width / height, zero fill), brightness (x * f), contrast ((x - mean) * f + mean),
- *   Gaussian noise (std drawn per view), each of the last three clamped to [0, 1] for u8 data,
- *   normalisation, random erasing (Zhong et al. 2017: a rectangle of erase_scale of the area, ratio
- *   erase_ratio, set to 0 = the normalised mean).
+ *   translate_max of the width / height, zero fill), brightness (x * f), contrast ((x - m) * f + m, m the
+ *   mean of the image's grey levels), and on 3-channel (RGB) images saturation (blend with the image's
+ *   grey version: g + f (x - g)), hue (a shift by h of the HSV hue, h in [-hue_max, hue_max] turns of
+ *   the colour wheel) and random grayscale (every channel set to the grey level), torchvision's
+ *   ColorJitter and RandomGrayscale in that fixed order; Gaussian noise (std drawn per view); each of
+ *   the colour steps and the noise clamped to [0, 1] for u8 data; normalisation; random erasing
+ *   (Zhong et al. 2017: a rectangle of erase_scale of the area, ratio erase_ratio, set to 0 = the
+ *   normalised mean). Grey levels are ITU-R BT.601 luma, 0.299 R + 0.587 G + 0.114 B, as torchvision's.
+ *   The colour steps draw no random numbers for images of other channel counts, so their streams do not
+ *   depend on these settings.
  * Vectors (d, 1, 1): SCARF feature masking (Bahri et al. 2022: a fraction mask_rate of the features,
  *   chosen uniformly, each replaced by that feature's value in another random sample of the batch, i.e. a
  *   draw from its empirical marginal), Gaussian noise, normalisation.
@@ -34,6 +40,10 @@ typedef struct {
   float translate_p, translate_max;
   float brightness_p, brightness_min, brightness_max;
   float contrast_p, contrast_min, contrast_max;
+  /* RGB images */
+  float saturation_p, saturation_min, saturation_max;
+  float hue_p, hue_max;
+  float grayscale_p;
   float erase_p, erase_scale_min, erase_scale_max, erase_ratio_min, erase_ratio_max;
   /* images and vectors */
   float noise_p, noise_std_min, noise_std_max;
@@ -43,7 +53,9 @@ typedef struct {
 
 /* MoCo v2's recipe scaled to small grey images, and SCARF's 60 % corruption:
  *   crop_p 1, crop_scale [0.2, 1], crop_ratio [3/4, 4/3]; flip_p 0.5; translate_p 0, translate_max 0.125;
- *   brightness_p 0.8 [0.6, 1.4]; contrast_p 0.8 [0.6, 1.4]; erase_p 0, erase_scale [0.02, 0.33],
+ *   brightness_p 0.8 [0.6, 1.4]; contrast_p 0.8 [0.6, 1.4]; saturation_p 0.8 [0.6, 1.4]; hue_p 0.8,
+ *   hue_max 0.1; grayscale_p 0.2 (MoCo v2's ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8 and RandomGrayscale
+ *   p 0.2); erase_p 0, erase_scale [0.02, 0.33],
  *   erase_ratio [0.3, 3.3]; noise_p 0, noise_std [0, 0.05]; mask_p 1, mask_rate [0.6, 0.6]. */
 void view_config_default(view_config *c);
 /* MOCO_ECONFIG naming the field and its allowed range. */
@@ -98,6 +110,12 @@ typedef struct {
 void view_rng(rng_t *r, uint64_t seed, uint64_t epoch, int64_t id, int view);
 /* A crop inside an H x W image: 1 <= w <= W, 1 <= h <= H, 0 <= x <= W - w, 0 <= y <= H - h. */
 view_box view_crop_box(const view_config *c, int H, int W, rng_t *r);
+/* The colour steps on one RGB image x [3, H*W] (hw pixels), clamped to [lo, hi]: saturation factor f,
+ * hue shift h (turns), grayscale. */
+void view_saturation(float *x, size_t hw, float f, float lo, float hi);
+void view_hue(float *x, size_t hw, float h, float lo, float hi);
+void view_grayscale(float *x, size_t hw);
+
 /* Bilinear resize of box b of x [C, H, W] to out [C, H, W]; reads only pixels inside b. */
 void view_resize_crop(const float *x, int C, int H, int W, view_box b, float *out, view_scratch *s);
 /* One augmented view, normalised, of record i of the batch `in` (whose other records are SCARF's

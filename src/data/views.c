@@ -14,6 +14,9 @@ void view_config_default(view_config *c) {
       .translate_p = 0.0f, .translate_max = 0.125f,
       .brightness_p = 0.8f, .brightness_min = 0.6f, .brightness_max = 1.4f,
       .contrast_p = 0.8f, .contrast_min = 0.6f, .contrast_max = 1.4f,
+      .saturation_p = 0.8f, .saturation_min = 0.6f, .saturation_max = 1.4f,
+      .hue_p = 0.8f, .hue_max = 0.1f,
+      .grayscale_p = 0.2f,
       .erase_p = 0.0f, .erase_scale_min = 0.02f, .erase_scale_max = 0.33f,
       .erase_ratio_min = 0.3f, .erase_ratio_max = 3.3f,
       .noise_p = 0.0f, .noise_std_min = 0.0f, .noise_std_max = 0.05f,
@@ -41,16 +44,20 @@ int view_config_check(const view_config *c) {
 #define P(f) if (!rc) rc = check_p(#f, c->f)
 #define R(f, lo, open, hi) if (!rc) rc = check_range(#f, c->f##_min, c->f##_max, lo, open, hi)
   P(crop_p); P(flip_p); P(translate_p); P(brightness_p); P(contrast_p); P(erase_p); P(noise_p); P(mask_p);
+  P(saturation_p); P(hue_p); P(grayscale_p);
   R(crop_scale, 0.0f, 1, 1.0f);
   R(crop_ratio, 0.0f, 1, inf);
   R(brightness, 0.0f, 0, inf);
   R(contrast, 0.0f, 0, inf);
+  R(saturation, 0.0f, 0, inf);
   R(erase_scale, 0.0f, 1, 1.0f);
   R(erase_ratio, 0.0f, 1, inf);
   R(noise_std, 0.0f, 0, inf);
   R(mask_rate, 0.0f, 0, 1.0f);
 #undef P
 #undef R
+  if (!rc && !(c->hue_max >= 0.0f && c->hue_max <= 0.5f))
+    rc = moco_error(MOCO_ECONFIG, "hue_max: %g, expected a fraction of the colour wheel in [0, 0.5]", c->hue_max);
   if (!rc && !(c->translate_max >= 0.0f && c->translate_max <= 1.0f))
     rc = moco_error(MOCO_ECONFIG, "translate_max: %g, expected a fraction of the size in [0, 1]",
                     c->translate_max);
@@ -272,19 +279,77 @@ static void erase(const view_config *c, float *x, int C, int H, int W, rng_t *r)
   }
 }
 
+/* BT.601 luma of pixel i of an RGB image [3, hw]. */
+static inline float luma(const float *x, size_t hw, size_t i) {
+  return 0.299f * x[i] + 0.587f * x[hw + i] + 0.114f * x[2 * hw + i];
+}
+
+/* The mean grey level: for one channel its mean, for RGB the luma's, which is the luma of the channel
+ * means (torchvision's adjust_contrast takes the mean of the grayscale image). */
+static float grey_mean(const float *x, int C, size_t hw) {
+  if (C != 3) return sum8(x, (size_t)C * hw) / (float)((size_t)C * hw);
+  return (0.299f * sum8(x, hw) + 0.587f * sum8(x + hw, hw) + 0.114f * sum8(x + 2 * hw, hw)) / (float)hw;
+}
+
+void view_saturation(float *x, size_t hw, float f, float lo, float hi) {
+  for (size_t i = 0; i < hw; i++) {
+    float g = luma(x, hw, i);
+    for (int c = 0; c < 3; c++) {
+      float v = g + f * (x[c * hw + i] - g);
+      x[c * hw + i] = v < lo ? lo : v > hi ? hi : v;
+    }
+  }
+}
+
+void view_grayscale(float *x, size_t hw) {
+  for (size_t i = 0; i < hw; i++) x[i] = x[hw + i] = x[2 * hw + i] = luma(x, hw, i);
+}
+
+/* One pixel: RGB -> HSV, hue + h (mod 1), back (torchvision's adjust_hue, which goes through HSV). */
+static void hue_pixel(float *r, float *g, float *b, float h) {
+  float mx = fmaxf(*r, fmaxf(*g, *b)), mn = fminf(*r, fminf(*g, *b)), d = mx - mn;
+  if (d <= 0.0f || mx <= 0.0f) return; /* grey (or black): no hue to turn */
+  float hue = mx == *r ? (*g - *b) / d : mx == *g ? 2.0f + (*b - *r) / d : 4.0f + (*r - *g) / d;
+  hue = hue / 6.0f + h;
+  hue -= floorf(hue);
+  float s = d / mx, v = mx, hh = hue * 6.0f;
+  int k = (int)hh % 6;
+  float f = hh - floorf(hh), p = v * (1.0f - s), q = v * (1.0f - s * f), t = v * (1.0f - s * (1.0f - f));
+  float rgb[6][3] = {{v, t, p}, {q, v, p}, {p, v, t}, {p, q, v}, {t, p, v}, {v, p, q}};
+  *r = rgb[k][0], *g = rgb[k][1], *b = rgb[k][2];
+}
+
+void view_hue(float *x, size_t hw, float h, float lo, float hi) {
+  for (size_t i = 0; i < hw; i++) {
+    float *r = &x[i], *g = &x[hw + i], *b = &x[2 * hw + i];
+    hue_pixel(r, g, b, h);
+    for (int c = 0; c < 3; c++) {
+      float *v = &x[c * hw + i];
+      *v = *v < lo ? lo : *v > hi ? hi : *v;
+    }
+  }
+}
+
 /* Brightness then contrast, as torchvision's ColorJitter blends them: each result clamped to [0, 1]
- * for u8 data (the range of a pixel); contrast pulls towards the mean of the brightened image. One pass
- * each, since this is the hot loop of the pipeline. */
-static void jitter(const view_config *c, float *x, size_t n, int bounded, rng_t *r) {
+ * for u8 data (the range of a pixel); contrast pulls towards the mean grey level of the brightened
+ * image. Then, for RGB images only, saturation, hue and random grayscale. One pass each, since this is
+ * the hot loop of the pipeline. */
+static void jitter(const view_config *c, float *x, int C, size_t hw, int bounded, rng_t *r) {
+  size_t n = (size_t)C * hw;
   int bright = rng_uniform(r) < c->brightness_p;
   float fb = bright ? rng_range(r, c->brightness_min, c->brightness_max) : 1.0f;
   int contrast = rng_uniform(r) < c->contrast_p;
   float fc = contrast ? rng_range(r, c->contrast_min, c->contrast_max) : 1.0f;
   float lo = bounded ? 0.0f : -INFINITY, hi = bounded ? 1.0f : INFINITY;
   if (bright) affine(x, n, fb, 0.0f, lo, hi);
-  if (!contrast) return;
-  float m = sum8(x, n) / (float)n;
-  affine(x, n, fc, m * (1.0f - fc), lo, hi);
+  if (contrast) {
+    float m = grey_mean(x, C, hw);
+    affine(x, n, fc, m * (1.0f - fc), lo, hi);
+  }
+  if (C != 3) return;
+  if (rng_uniform(r) < c->saturation_p) view_saturation(x, hw, rng_range(r, c->saturation_min, c->saturation_max), lo, hi);
+  if (rng_uniform(r) < c->hue_p) view_hue(x, hw, rng_range(r, -c->hue_max, c->hue_max), lo, hi);
+  if (rng_uniform(r) < c->grayscale_p) view_grayscale(x, hw);
 }
 
 static void augment_image(const view_pipeline *v, const uint8_t *raw, float *out, rng_t *r, view_scratch *s) {
@@ -307,7 +372,7 @@ static void augment_image(const view_pipeline *v, const uint8_t *raw, float *out
     memcpy(s->tmp, out, n * sizeof *out);
     translate(s->tmp, out, C, H, W, dx, dy);
   }
-  jitter(c, out, n, bounded, r);
+  jitter(c, out, C, (size_t)H * W, bounded, r);
   if (rng_uniform(r) < c->noise_p) {
     add_noise(c, out, n, r);
     if (bounded) clamp(out, n, 0.0f, 1.0f);

@@ -59,6 +59,12 @@ const config_option config_options[] = {
     NUM("views.contrast_p", 0.8, 0, 1, 0, "probability of a contrast change"),
     NUM("views.contrast_min", 0.6, 0, 100, 0, "smallest contrast factor"),
     NUM("views.contrast_max", 1.4, 0, 100, 0, "largest contrast factor"),
+    NUM("views.saturation_p", 0.8, 0, 1, 0, "RGB images: probability of a saturation change"),
+    NUM("views.saturation_min", 0.6, 0, 100, 0, "RGB images: smallest saturation factor (0: grey)"),
+    NUM("views.saturation_max", 1.4, 0, 100, 0, "RGB images: largest saturation factor"),
+    NUM("views.hue_p", 0.8, 0, 1, 0, "RGB images: probability of a hue shift"),
+    NUM("views.hue_max", 0.1, 0, 0.5, 0, "RGB images: largest hue shift, in turns of the colour wheel"),
+    NUM("views.grayscale_p", 0.2, 0, 1, 0, "RGB images: probability of turning the view grey"),
     NUM("views.erase_p", 0, 0, 1, 0, "probability of random erasing"),
     NUM("views.erase_scale_min", 0.02, 0, 1, 0, "smallest erased area fraction"),
     NUM("views.erase_scale_max", 0.33, 0, 1, 0, "largest erased area fraction"),
@@ -468,6 +474,7 @@ static int rule_ranges(const json_t *root, char *why, size_t n) {
       {"views.crop_ratio_min", "views.crop_ratio_max"},
       {"views.brightness_min", "views.brightness_max"},
       {"views.contrast_min", "views.contrast_max"},
+      {"views.saturation_min", "views.saturation_max"},
       {"views.erase_scale_min", "views.erase_scale_max"},
       {"views.erase_ratio_min", "views.erase_ratio_max"},
       {"views.noise_std_min", "views.noise_std_max"},
@@ -880,6 +887,12 @@ static void map_views(const json_t *root, view_config *v) {
   v->brightness_p = F("views.brightness_p");
   v->brightness_min = F("views.brightness_min");
   v->brightness_max = F("views.brightness_max");
+  v->saturation_p = F("views.saturation_p");
+  v->saturation_min = F("views.saturation_min");
+  v->saturation_max = F("views.saturation_max");
+  v->hue_p = F("views.hue_p");
+  v->hue_max = F("views.hue_max");
+  v->grayscale_p = F("views.grayscale_p");
   v->contrast_p = F("views.contrast_p");
   v->contrast_min = F("views.contrast_min");
   v->contrast_max = F("views.contrast_max");

@@ -1,5 +1,6 @@
 /* mocopack: writes mocod shards (data/shard.h) from IDX, NumPy or CIFAR files, raw little-endian arrays or CSV, and
  * describes or verifies a data set. `mocopack --help` for the usage. */
+#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
@@ -10,13 +11,17 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/rng.h"
 #include "data/dataset.h"
+#include "data/image.h"
 #include "data/shard.h"
 
 static const char usage[] =
     "usage: mocopack idx  [pack options] -o PREFIX IMAGES[,MORE] [LABELS]\n"
     "       mocopack npy  [pack options] -o PREFIX SAMPLES.npy[,MORE] [LABELS.npy]\n"
     "       mocopack cifar [pack options] -o PREFIX data_batch_1.bin[,MORE]\n"
+    "       mocopack images [pack options] -o PREFIX --size S [--grey] [--flat] [--on-error stop|skip]\n"
+    "                     [--no-shuffle] [--seed N] DIR\n"
     "       mocopack raw  [pack options] -o PREFIX --shape C,H,W --dtype u8|f32 [--labels FILE]\n"
     "                     [--labels-dtype i32|u8] [--pair FILE] DATA\n"
     "       mocopack csv  [pack options] -o PREFIX [--label COL] [--header|--no-header]\n"
@@ -33,6 +38,11 @@ static const char usage[] =
     "         --pair N second samples (pair records, for view_mode pair)\n"
     "  csv    numeric columns are the features of a vector sample; --label names the label column (index\n"
     "         from 0, or its header name); a header line is detected when a field is not a number\n"
+    "  images PNG and JPEG files (libpng, libjpeg-turbo): DIR/<class>/*.png|jpg (ImageFolder: classes are the\n"
+    "         subfolders in name order, listed in PREFIX.classes) or, with --flat or no subfolder, DIR/* without\n"
+    "         labels; each resized so the shorter side is S and centre-cropped to SxS, RGB (or --grey); an image\n"
+    "         that will not decode stops the pack (default) or, with --on-error skip, is reported and skipped;\n"
+    "         records are shuffled (seed --seed, default 0) unless --no-shuffle\n"
     "  info   per file: format, records, shape, labels; --verify reads every record (checksums, labels,\n"
     "         finite values); --stats prints per-channel mean and std for the loader's normalisation\n"
     "pack options:\n"
@@ -45,7 +55,7 @@ static const char usage[] =
 enum {
   OPT_SHARD_SIZE = 256, OPT_SHARD_RECORDS, OPT_BLOCK_SIZE, OPT_CLASSES, OPT_ID_START, OPT_SHAPE, OPT_DTYPE,
   OPT_LABELS, OPT_LABELS_DTYPE, OPT_PAIR, OPT_LABEL, OPT_HEADER, OPT_NO_HEADER, OPT_DELIM, OPT_VERIFY, OPT_STATS,
-  OPT_HELP,
+  OPT_HELP, OPT_SIZE, OPT_GREY, OPT_FLAT, OPT_ON_ERROR, OPT_NO_SHUFFLE, OPT_SEED,
 };
 
 static const struct option options[] = {
@@ -66,6 +76,13 @@ static const struct option options[] = {
     {"delimiter", required_argument, 0, OPT_DELIM},
     {"verify", no_argument, 0, OPT_VERIFY},
     {"stats", no_argument, 0, OPT_STATS},
+    {"size", required_argument, 0, OPT_SIZE},
+    {"grey", no_argument, 0, OPT_GREY},
+    {"gray", no_argument, 0, OPT_GREY},
+    {"flat", no_argument, 0, OPT_FLAT},
+    {"on-error", required_argument, 0, OPT_ON_ERROR},
+    {"no-shuffle", no_argument, 0, OPT_NO_SHUFFLE},
+    {"seed", required_argument, 0, OPT_SEED},
     {"help", no_argument, 0, OPT_HELP},
     {0, 0, 0, 0},
 };
@@ -79,6 +96,8 @@ typedef struct {
   int header; /* -1 detect, 0 no, 1 yes */
   char delim;
   int verify, stats;
+  int size, grey, flat, skip_bad, no_shuffle; /* images */
+  uint64_t seed;
 } opts;
 
 /* ---- writing shards ---- */
@@ -557,6 +576,146 @@ static int cmd_csv(const opts *o, int argc, char **argv) {
   return pack_end(&p);
 }
 
+/* ---- image folders ---- */
+
+typedef struct {
+  char **path;
+  int32_t *label;
+  uint32_t n, cap;
+  char **classes;
+  int n_classes;
+} image_list;
+
+static void images_free(image_list *l) {
+  for (uint32_t i = 0; i < l->n; i++) free(l->path[i]);
+  for (int i = 0; i < l->n_classes; i++) free(l->classes[i]);
+  free(l->path), free(l->label), free(l->classes);
+  memset(l, 0, sizeof *l);
+}
+
+static int images_add(image_list *l, const char *dir, const char *name, int32_t label) {
+  if (l->n == l->cap) {
+    uint32_t cap = l->cap ? 2 * l->cap : 256;
+    char **p = realloc(l->path, cap * sizeof *p);
+    if (p) l->path = p;
+    int32_t *lb = realloc(l->label, cap * sizeof *lb);
+    if (lb) l->label = lb;
+    if (!p || !lb) return moco_error(MOCO_ENOMEM, "image list");
+    l->cap = cap;
+  }
+  size_t len = strlen(dir) + strlen(name) + 2;
+  if (!(l->path[l->n] = malloc(len))) return moco_error(MOCO_ENOMEM, "image list");
+  snprintf(l->path[l->n], len, "%s/%s", dir, name);
+  l->label[l->n++] = label;
+  return 0;
+}
+
+static int is_dir(const char *dir, const char *name) {
+  char p[FILENAME_MAX * 2];
+  struct stat st;
+  snprintf(p, sizeof p, "%s/%s", dir, name);
+  return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static int visible(const struct dirent *d) { return d->d_name[0] != '.'; }
+
+/* The image files of dir (name order) with one label; subfolders are ignored. */
+static int list_images(image_list *l, const char *dir, int32_t label) {
+  struct dirent **e;
+  int n = scandir(dir, &e, visible, alphasort), rc = 0;
+  if (n < 0) return moco_error(errno == ENOENT ? MOCO_ENOENT : MOCO_EIO, "%s: cannot list: %s", dir, strerror(errno));
+  for (int i = 0; i < n; i++) {
+    if (!rc && image_is_candidate(e[i]->d_name) && !is_dir(dir, e[i]->d_name)) rc = images_add(l, dir, e[i]->d_name, label);
+    free(e[i]);
+  }
+  free(e);
+  return rc;
+}
+
+/* ImageFolder: each subfolder (name order) is a class; flat (or no subfolder): the files of dir. */
+static int collect_images(const opts *o, const char *dir, image_list *l) {
+  struct dirent **e;
+  int n = scandir(dir, &e, visible, alphasort), rc = 0;
+  if (n < 0) return moco_error(errno == ENOENT ? MOCO_ENOENT : MOCO_EIO, "%s: cannot list: %s", dir, strerror(errno));
+  for (int i = 0; i < n; i++) {
+    if (!rc && !o->flat && is_dir(dir, e[i]->d_name)) {
+      char **c = realloc(l->classes, (size_t)(l->n_classes + 1) * sizeof *c);
+      if (!c || !(c[l->n_classes] = strdup(e[i]->d_name))) rc = moco_error(MOCO_ENOMEM, "class list");
+      if (c) l->classes = c;
+      if (!rc) l->n_classes++;
+    }
+    free(e[i]);
+  }
+  free(e);
+  for (int k = 0; !rc && k < l->n_classes; k++) {
+    char sub[FILENAME_MAX * 2];
+    snprintf(sub, sizeof sub, "%s/%s", dir, l->classes[k]);
+    rc = list_images(l, sub, k);
+  }
+  if (!rc && !l->n_classes) rc = list_images(l, dir, -1);
+  if (!rc && !l->n)
+    rc = moco_error(MOCO_EEOF, "%s: no .png, .jpg or .jpeg file%s", dir, l->n_classes ? " in its subfolders" : "");
+  return rc;
+}
+
+/* PREFIX.classes: the class names, one a line, line k for label k; written like a shard (temporary
+ * file, renamed) once the shards are in place. */
+static int write_classes(const opts *o, const image_list *l) {
+  char path[FILENAME_MAX], tmp[FILENAME_MAX + 8];
+  snprintf(path, sizeof path, "%s.classes", o->out);
+  snprintf(tmp, sizeof tmp, "%s.tmp", path);
+  FILE *f = fopen(tmp, "w");
+  if (!f) return moco_error(MOCO_EIO, "%s: cannot create: %s", tmp, strerror(errno));
+  for (int k = 0; k < l->n_classes; k++) fprintf(f, "%s\n", l->classes[k]);
+  if (fclose(f) || rename(tmp, path)) {
+    unlink(tmp);
+    return moco_error(MOCO_EIO, "%s: write failed: %s", path, strerror(errno));
+  }
+  return 0;
+}
+
+static int cmd_images(const opts *o, int argc, char **argv) {
+  if (argc != 1) return moco_error(MOCO_EINVAL, "images: expected one DIR");
+  if (o->size < 1) return moco_error(MOCO_EINVAL, "images: --size S is required (the side of the square)");
+  image_list l = {0};
+  int rc = collect_images(o, argv[0], &l);
+  int C = o->grey ? 1 : 3;
+  uint32_t *order = rc ? NULL : malloc(l.n * sizeof *order);
+  uint8_t *px = rc ? NULL : malloc((size_t)C * o->size * o->size);
+  if (!rc && (!order || !px)) rc = moco_error(MOCO_ENOMEM, "%u images of %d pixels", l.n, o->size);
+  packer p = {0};
+  if (!rc) rc = pack_begin(&p, o, (data_shape){C, o->size, o->size}, DATA_U8, l.n_classes > 0, 0,
+                           o->classes ? o->classes : l.n_classes);
+  uint64_t skipped = 0;
+  if (!rc) {
+    rng_t r;
+    for (uint32_t i = 0; i < l.n; i++) order[i] = i;
+    rng_init(&r, o->seed, RNG_STREAM_SHUFFLE);
+    if (!o->no_shuffle) rng_shuffle_u32(&r, order, l.n);
+    for (uint32_t i = 0; !rc && i < l.n; i++) {
+      uint32_t k = order[i];
+      if ((rc = image_load(l.path[k], o->size, C, px))) {
+        if (!o->skip_bad || rc == MOCO_ENOMEM) break;
+        fprintf(stderr, "mocopack: skipped %s (%s)\n", moco_errmsg(), moco_strerror(rc));
+        skipped++;
+        rc = 0;
+        continue;
+      }
+      rc = pack_add(&p, l.label[k], px, NULL);
+    }
+  }
+  if (!rc && skipped) printf("mocopack: %llu of %u images skipped (they do not decode)\n", (unsigned long long)skipped, l.n);
+  if (rc) {
+    if (p.o) pack_abort(&p);
+  } else if (!(rc = pack_end(&p)) && l.n_classes) {
+    rc = write_classes(o, &l);
+  }
+  free(order);
+  free(px);
+  images_free(&l);
+  return rc;
+}
+
 /* ---- info ---- */
 
 static int cmd_info(const opts *o, int argc, char **argv) {
@@ -666,6 +825,21 @@ int main(int argc, char **argv) {
       break;
     case OPT_VERIFY: o.verify = 1; break;
     case OPT_STATS: o.stats = 1; break;
+    case OPT_SIZE:
+      if (!(rc = parse_int(optarg, "--size", 1, &v)) && v > 4096) rc = moco_error(MOCO_EINVAL, "--size: %lld, at most 4096", v);
+      o.size = (int)v;
+      break;
+    case OPT_GREY: o.grey = 1; break;
+    case OPT_FLAT: o.flat = 1; break;
+    case OPT_ON_ERROR:
+      if (strcmp(optarg, "stop") && strcmp(optarg, "skip"))
+        rc = moco_error(MOCO_EINVAL, "--on-error '%s': expected stop or skip", optarg);
+      o.skip_bad = !strcmp(optarg, "skip");
+      break;
+    case OPT_NO_SHUFFLE: o.no_shuffle = 1; break;
+    case OPT_SEED:
+      if (!(rc = parse_int(optarg, "--seed", 0, &v))) o.seed = (uint64_t)v;
+      break;
     case OPT_HELP: fputs(usage, stdout); return 0;
     default: fputs(usage, stderr); return 2;
     }
@@ -677,6 +851,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(cmd, "raw")) rc = cmd_raw(&o, n, rest);
     else if (!strcmp(cmd, "csv")) rc = cmd_csv(&o, n, rest);
     else if (!strcmp(cmd, "info")) rc = cmd_info(&o, n, rest);
+    else if (!strcmp(cmd, "images")) rc = cmd_images(&o, n, rest);
     else {
       fprintf(stderr, "mocopack: unknown command '%s'\n%s", cmd, usage);
       return 2;
