@@ -305,6 +305,10 @@ START_TEST(bad_checkpoints_data_and_files_are_reported) {
   run_capture(cmd, out, sizeof out);
   ck_assert_str_eq(out, "0\n");
   ck_assert_int_eq(mocod("embed --data rgb.npy --out o.npy", out, sizeof out), 2);
+  /* --set changes the run's config as for mocod: threads may change, the model may not */
+  ck_assert_msg(mocod("embed --checkpoint ck --data rgb.npy --out o.npy --set threads=2", out, sizeof out) == 0, "%s", out);
+  ck_assert_int_eq(mocod("embed --checkpoint ck --data rgb.npy --out o.npy --set model.embed_dim=4", out, sizeof out), 1);
+  ck_assert_msg(strstr(out, "architecture differs"), "%s", out);
   /* a safetensors file cut short, or with a wrong dtype, fails the layout check naming what */
   ck_assert_msg(mocod("--export-model ck q.safetensors", out, sizeof out) == 0, "%s", out);
   snprintf(cmd, sizeof cmd, "head -c 2000 %s/q.safetensors > %s/cut.safetensors && python3 scripts/load_encoder.py "

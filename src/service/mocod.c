@@ -238,7 +238,7 @@ int main(int argc, char **argv) {
       fprintf(stderr, "mocod: --export-model CHECKPOINT PATH: expected one PATH\n");
       return 2;
     }
-    return offline_export_model(export_ckpt, argv[optind], encoder);
+    return offline_export_model(export_ckpt, argv[optind], encoder, sets, n_sets);
   }
   if (optind < argc) {
     fprintf(stderr, "mocod: unexpected argument '%s'\n", argv[optind]);

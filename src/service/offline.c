@@ -14,8 +14,9 @@
 #include "train/checkpoint.h"
 #include "train/encoder.h"
 
-/* The config a checkpoint was written with, finalized (defaults filled, checked). */
-static int checkpoint_config(const checkpoint_file *f, json_t **config) {
+/* The config a checkpoint was written with, with the --set overrides, finalized (defaults filled,
+ * checked). */
+static int checkpoint_config(const checkpoint_file *f, const char **sets, int n_sets, json_t **config) {
   blob_reader at, sub;
   uint32_t n = 0;
   int rc = blob_find(&f->body, "CONF", 0, &at);
@@ -26,8 +27,9 @@ static int checkpoint_config(const checkpoint_file *f, json_t **config) {
   json_error_t jerr;
   *config = json_loadb((const char *)sub.data + sub.pos, n, 0, &jerr);
   if (!*config) return moco_error(MOCO_EFORMAT, "%s: CONF section: %s", f->path, jerr.text);
+  for (int i = 0; !rc && i < n_sets; i++) rc = config_override(*config, sets[i]);
   char *report = NULL;
-  if ((rc = config_finalize(*config, &report))) {
+  if (rc || (rc = config_finalize(*config, &report))) {
     moco_error(rc, "%s: its config no longer passes this mocod's checks: %s", f->path, report ? report : "");
     free(report);
     json_decref(*config);
@@ -46,7 +48,8 @@ static int parse_encoder(const char *name, trainer_encoder *which) {
 
 /* Reads the checkpoint (a file, or a directory's newest good one) and builds the encoder from it. The
  * run's `threads` becomes the compute team's size unless threads > 0 overrides it. */
-static int open_encoder(const char *ckpt, const char *enc_name, int max_batch, int threads, encoder *e) {
+static int open_encoder(const char *ckpt, const char *enc_name, int max_batch, int threads, const char **sets, int n_sets,
+                        encoder *e) {
   trainer_encoder which = TRAINER_QUERY;
   int rc = parse_encoder(enc_name, &which);
   if (rc) return rc;
@@ -59,7 +62,7 @@ static int open_encoder(const char *ckpt, const char *enc_name, int max_batch, i
   if (rc) return rc;
   json_t *config = NULL;
   trainer_config tc;
-  if (!(rc = checkpoint_config(&f, &config)) && !(rc = config_to_trainer(config, &tc))) {
+  if (!(rc = checkpoint_config(&f, sets, n_sets, &config)) && !(rc = config_to_trainer(config, &tc))) {
     int k = threads > 0 ? threads : tc.threads;
     rc = par_set_threads(k < PAR_MAX_THREADS ? k : PAR_MAX_THREADS);
     if (!rc) rc = encoder_load(e, &tc, &f.body, f.step, which, max_batch);
@@ -75,10 +78,10 @@ static int failed(const char *what) {
   return 1;
 }
 
-int offline_export_model(const char *checkpoint, const char *path, const char *enc_name) {
+int offline_export_model(const char *checkpoint, const char *path, const char *enc_name, const char **sets, int n_sets) {
   encoder e;
   int64_t bytes = 0;
-  if (open_encoder(checkpoint, enc_name, 1, 1, &e)) return failed("export-model");
+  if (open_encoder(checkpoint, enc_name, 1, 1, sets, n_sets, &e)) return failed("export-model");
   int rc = encoder_write_safetensors(&e, path, &bytes);
   if (!rc)
     printf("exported the %s encoder of step %lld (%zu parameters) to %s (%lld bytes)\n",
@@ -112,16 +115,18 @@ static void on_progress(void *ctx, uint64_t done, uint64_t total) {
 static const char embed_usage[] =
     "usage: mocod embed --checkpoint CKPT --data FILES --out OUT.npy [--features | --embeddings]\n"
     "                   [--labels FILE] [--encoder query|key] [--batch N] [--threads N]\n"
-    "                   [--bad-record stop|skip]\n"
+    "                   [--bad-record stop|skip] [--set PATH=VALUE]...\n"
     "  CKPT: a checkpoint file or directory; FILES: paths or globs of any format mocod reads.\n"
     "  Writes OUT.npy (float32 [n, dim]: backbone features by default), OUT.ids.npy and, for labelled\n"
     "  data, OUT.labels.npy.\n";
 
-enum { E_CKPT = 300, E_DATA, E_OUT, E_FEAT, E_EMB, E_LABELS, E_ENC, E_BATCH, E_THREADS, E_BAD, E_HELP };
+enum { E_CKPT = 300, E_DATA, E_OUT, E_FEAT, E_EMB, E_LABELS, E_ENC, E_BATCH, E_THREADS, E_BAD, E_SET, E_HELP };
 
 typedef struct {
   const char *ckpt, *data, *out, *labels, *enc;
   int embeddings, batch, threads, skip;
+  const char **sets; /* argv-sized, from the caller */
+  int n_sets;
 } embed_opts;
 
 static int parse_embed(int argc, char **argv, embed_opts *o) {
@@ -131,8 +136,10 @@ static int parse_embed(int argc, char **argv, embed_opts *o) {
       {"embeddings", no_argument, NULL, E_EMB},        {"labels", required_argument, NULL, E_LABELS},
       {"encoder", required_argument, NULL, E_ENC},     {"batch", required_argument, NULL, E_BATCH},
       {"threads", required_argument, NULL, E_THREADS}, {"bad-record", required_argument, NULL, E_BAD},
-      {"help", no_argument, NULL, E_HELP},             {NULL, 0, NULL, 0}};
-  *o = (embed_opts){.batch = 256};
+      {"set", required_argument, NULL, E_SET},         {"help", no_argument, NULL, E_HELP},
+      {NULL, 0, NULL, 0}};
+  const char **sets = o->sets;
+  *o = (embed_opts){.batch = 256, .sets = sets};
   int c;
   optind = 1;
   while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -151,6 +158,7 @@ static int parse_embed(int argc, char **argv, embed_opts *o) {
       if (strcmp(optarg, "stop") && strcmp(optarg, "skip")) return fprintf(stderr, "mocod embed: --bad-record: '%s', expected stop or skip\n", optarg), 2;
       o->skip = !strcmp(optarg, "skip");
       break;
+    case E_SET: o->sets[o->n_sets++] = optarg; break;
     case E_HELP: fputs(embed_usage, stdout); return -1;
     default: fputs(embed_usage, stderr); return 2;
     }
@@ -165,11 +173,12 @@ static int parse_embed(int argc, char **argv, embed_opts *o) {
 }
 
 int offline_embed(int argc, char **argv) {
-  embed_opts o;
+  const char *sets[argc > 0 ? argc : 1];
+  embed_opts o = {.sets = sets};
   int rc = parse_embed(argc, argv, &o);
   if (rc) return rc < 0 ? 0 : rc;
   encoder e;
-  if (open_encoder(o.ckpt, o.enc, o.batch, o.threads, &e)) return failed("embed");
+  if (open_encoder(o.ckpt, o.enc, o.batch, o.threads, o.sets, o.n_sets, &e)) return failed("embed");
   progress_state p = {.tty = isatty(2), .t0 = clock_now(), .last_tenth = -1};
   uint64_t rows = 0, skipped = 0;
   int dim = 0;
