@@ -185,7 +185,9 @@ static int kill_tagged(const char *entry) {
         fclose(f);
       }
       if (kill(pid, SIGKILL) == 0) {
-        fprintf(stderr, "test reaper: killed pid %d (%s), left by %s\n", pid, cmd, entry);
+        /* Also a daemon that was still exiting after reporting a failed start: the line names it. */
+        fprintf(stderr, "test reaper: killed pid %d (%s), still running after its test (%s)\n", pid, cmd,
+                entry);
         killed++;
         found++;
       }
