@@ -5,13 +5,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/err.h"
 #include "data/views.h"
 #include "testutil.h"
+#include "service/config.h"
 
 /* Every augmentation off: each test turns on the one it looks at. */
 static view_config none(void) {
   view_config c;
-  view_config_default(&c);
+  c = config_defaults()->trainer.loader.augment;
   c.crop_p = c.flip_p = c.translate_p = c.brightness_p = c.contrast_p = c.erase_p = c.noise_p = c.mask_p = 0;
   c.saturation_p = c.hue_p = c.grayscale_p = 0;
   return c;
@@ -109,7 +111,7 @@ START_TEST(rgb_views_stay_pixels_and_grey_images_ignore_colour_settings) {
   for (size_t k = 0; k < sizeof raw; k++) raw[k] = (uint8_t)rng_below(&r, 256);
   float a[3 * 12 * 9], b[3 * 12 * 9];
   view_config all;
-  view_config_default(&all);
+  all = config_defaults()->trainer.loader.augment;
   all.saturation_p = all.hue_p = 1, all.saturation_max = 5, all.hue_max = 0.5f;
   for (int t = 0; t < 20; t++) {
     view_of(&all, rgb, raw, a);
@@ -135,16 +137,18 @@ START_TEST(rgb_views_stay_pixels_and_grey_images_ignore_colour_settings) {
 END_TEST
 
 START_TEST(colour_settings_are_checked) {
-  view_config c;
-  view_config_default(&c);
-  c.hue_max = 0.6f;
-  ck_assert_int_ne(view_config_check(&c), 0);
-  view_config_default(&c);
-  c.saturation_min = 2, c.saturation_max = 1;
-  ck_assert_int_ne(view_config_check(&c), 0);
-  view_config_default(&c);
-  c.grayscale_p = 1.5f;
-  ck_assert_int_ne(view_config_check(&c), 0);
+  json_t *c = config_new();
+  ck_assert_int_eq(config_finalize(c, NULL), 0);
+  static const struct {
+    const char *path;
+    double value;
+  } bad[] = {{"views.hue_max", 0.6}, {"views.saturation_min", 2}, {"views.grayscale_p", 1.5}};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    json_t *v = json_real(bad[i].value);
+    ck_assert_int_eq(config_set(c, bad[i].path, v, 0), MOCO_ECONFIG);
+    json_decref(v);
+  }
+  json_decref(c);
 }
 END_TEST
 

@@ -10,6 +10,7 @@
 #include "data/npy.h"
 #include "data_fixtures.h"
 #include "testutil.h"
+#include "service/config.h"
 
 static char dir[64];
 static char path_buf[4][512];
@@ -140,8 +141,7 @@ END_TEST
 START_TEST(loader_streams_every_record_once_per_epoch) {
   data_shape s = {3, 4, 4};
   write_set(tmp(0, "x.npy"), tmp(1, "x.labels.npy"), 50, s, DATA_U8);
-  loader_config c;
-  loader_config_default(&c);
+  loader_config c = config_defaults()->trainer.loader;
   c.train = path_buf[0];
   c.batch_size = 10;
   c.shuffle_buffer = 16;

@@ -8,11 +8,12 @@
 #include "data/views.h"
 #include "data_fixtures.h"
 #include "testutil.h"
+#include "service/config.h"
 
 /* Every augmentation off: each test turns on the one it looks at. */
 static view_config none(void) {
   view_config c;
-  view_config_default(&c);
+  c = config_defaults()->trainer.loader.augment;
   c.crop_p = c.flip_p = c.translate_p = c.brightness_p = c.contrast_p = c.erase_p = c.noise_p = c.mask_p = 0;
   return c;
 }
@@ -20,7 +21,7 @@ static view_config none(void) {
 START_TEST(crop_box_stays_inside_the_image) {
   int sizes[][2] = {{28, 28}, {32, 16}, {5, 40}, {1, 1}, {2, 3}, {224, 224}};
   view_config cfgs[4];
-  for (int k = 0; k < 4; k++) view_config_default(&cfgs[k]);
+  for (int k = 0; k < 4; k++) cfgs[k] = config_defaults()->trainer.loader.augment;
   cfgs[1].crop_scale_min = 0.001f, cfgs[1].crop_scale_max = 0.01f;
   cfgs[2].crop_ratio_min = 0.05f, cfgs[2].crop_ratio_max = 20.0f;
   cfgs[3].crop_scale_min = 1.0f, cfgs[3].crop_ratio_min = 5.0f, cfgs[3].crop_ratio_max = 6.0f; /* fallback */
@@ -49,7 +50,7 @@ START_TEST(resize_reads_only_inside_the_crop) {
       }
   view_pipeline v;
   view_config cfg;
-  view_config_default(&cfg);
+  cfg = config_defaults()->trainer.loader.augment;
   ck_assert_int_eq(view_init(&v, &cfg, VIEW_AUGMENT, (data_shape){C, H, W}, DATA_F32, 0, NULL, NULL), 0);
   view_scratch s;
   ck_assert_int_eq(view_scratch_init(&s, &v), 0);
@@ -83,7 +84,7 @@ static void one_view(const view_pipeline *v, const uint8_t *raw, size_t stride, 
 
 START_TEST(augmented_images_stay_in_the_normalised_range) {
   view_config c;
-  view_config_default(&c);
+  c = config_defaults()->trainer.loader.augment;
   c.crop_p = c.flip_p = c.translate_p = c.brightness_p = c.contrast_p = c.erase_p = c.noise_p = 1;
   c.translate_max = 0.5f;
   c.brightness_min = 0, c.brightness_max = 3;
@@ -234,7 +235,7 @@ START_TEST(views_depend_only_on_seed_epoch_id_and_view) {
   enum { N = 6 };
   data_shape s = {1, 10, 10};
   view_config c;
-  view_config_default(&c);
+  c = config_defaults()->trainer.loader.augment;
   c.noise_p = 0.5f;
   view_pipeline v;
   ck_assert_int_eq(view_init(&v, &c, VIEW_AUGMENT, s, DATA_U8, 1, (float[]){0.5f}, (float[]){0.25f}), 0);
@@ -273,7 +274,7 @@ START_TEST(pair_mode_and_plain_views_only_normalise_per_channel) {
   data_shape s = {3, 2, 2};
   float mean[3] = {0.1f, 0.2f, 0.3f}, std[3] = {0.5f, 0.25f, 2.0f};
   view_config c;
-  view_config_default(&c);
+  c = config_defaults()->trainer.loader.augment;
   view_pipeline v;
   ck_assert_int_eq(view_init(&v, &c, VIEW_PAIR, s, DATA_U8, 3, mean, std), 0);
   view_scratch sc;
@@ -299,23 +300,7 @@ START_TEST(pair_mode_and_plain_views_only_normalise_per_channel) {
 END_TEST
 
 START_TEST(bad_parameters_are_refused_by_name) {
-  view_config c;
-  view_config_default(&c);
-  ck_assert_int_eq(view_config_check(&c), 0);
-  c.crop_scale_min = 0;
-  ck_assert_int_eq(view_config_check(&c), MOCO_ECONFIG);
-  ck_assert_ptr_nonnull(strstr(moco_errmsg(), "crop_scale_min, crop_scale_max: [0, 1], expected 0 < min"));
-  view_config_default(&c);
-  c.flip_p = 1.5f;
-  ck_assert_int_eq(view_config_check(&c), MOCO_ECONFIG);
-  ck_assert_ptr_nonnull(strstr(moco_errmsg(), "flip_p: 1.5"));
-  view_config_default(&c);
-  c.noise_std_max = NAN;
-  ck_assert_int_eq(view_config_check(&c), MOCO_ECONFIG);
-  view_config_default(&c);
-  c.mask_rate_min = 0.7f; /* min above max */
-  ck_assert_int_eq(view_config_check(&c), MOCO_ECONFIG);
-  view_config_default(&c);
+  view_config c = config_defaults()->trainer.loader.augment;
   view_pipeline v;
   float m[2] = {0, 0}, sd[2] = {1, 0};
   ck_assert_int_eq(view_init(&v, &c, VIEW_AUGMENT, (data_shape){3, 4, 4}, DATA_U8, 2, m, sd), MOCO_ECONFIG);

@@ -12,6 +12,7 @@
 #include "core/tensor.h"
 #include "testutil.h"
 #include "train/eval.h"
+#include "service/config.h"
 
 #define NEAR(a, b, tol) \
   ck_assert_msg(fabs((double)(a) - (double)(b)) < (tol), "%.9g vs %.9g", (double)(a), (double)(b))
@@ -32,7 +33,7 @@ START_TEST(knn_classifies_hand_built_clusters) {
     ytr[i] = c;
   }
   eval_knn_config c;
-  eval_knn_config_default(&c);
+  c = config_defaults()->trainer.knn;
   c.k = 5;
   c.block_rows = 3; /* two blocks, the second partial */
   double acc = 0, per[3];
@@ -187,7 +188,7 @@ START_TEST(knn_refuses_bad_input) {
   float tr[6] = {1, 0, 0, 1, 1, 1}, te[2] = {1, 0};
   int32_t ytr[3] = {0, 1, 3}, yte[1] = {0};
   eval_knn_config c;
-  eval_knn_config_default(&c);
+  c = config_defaults()->trainer.knn;
   double acc;
   ck_assert_int_eq(eval_knn(&c, tr, ytr, 3, te, yte, 1, 2, 2, &acc, NULL, NULL), MOCO_ERANGE);
   ck_assert_ptr_nonnull(strstr(moco_errmsg(), "knn train labels[2]: 3"));
@@ -297,7 +298,7 @@ START_TEST(probe_separates_a_linearly_separable_set) {
     for (int d = 0; d < D; d++) row[d] = 100.0f + (d + 1) * 10.0f * row[d];
   }
   eval_probe_config c;
-  eval_probe_config_default(&c);
+  c = config_defaults()->trainer.probe;
   double tr_acc, te_acc;
   ck_assert_int_eq(eval_linear_probe(&c, x, y, NTR, x + NTR * D, y + NTR, NTE, D, C, &tr_acc, &te_acc), 0);
   ck_assert_msg(tr_acc > 0.97 && te_acc > 0.95, "train %.3f test %.3f", tr_acc, te_acc);
@@ -314,7 +315,7 @@ START_TEST(probe_separates_a_linearly_separable_set) {
   ck_assert_int_eq(memcmp(first, p.params, p.n_params * sizeof(float)), 0);
   int32_t bad[2] = {0, 4};
   ck_assert_int_eq(eval_probe_fit(&p, &c, x, bad, 2), MOCO_ERANGE);
-  c.history = 0;
+  c.max_iter = -1;
   ck_assert_int_eq(eval_probe_fit(&p, &c, x, y, NTR), MOCO_EINVAL);
   free(first);
   eval_probe_free(&p);

@@ -9,11 +9,11 @@
 #include "contrast/hardness.h"
 #include "core/err.h"
 #include "core/rng.h"
+#include "service/config.h"
 
 /* The configuration config/dynamic.json uses. */
 static hardness_config controller(hardness_signal signal, float target) {
-  hardness_config c;
-  hardness_config_default(&c);
+  hardness_config c = config_defaults()->trainer.moco.hardness;
   c.mode = HARDNESS_DYNAMIC;
   c.signal = signal;
   c.target = target;
@@ -109,8 +109,8 @@ START_TEST(signals_the_hardness_cannot_move_are_refused) {
   ck_assert_int_eq(hardness_signal_moves(&c, MINE_RANDOM), 0);
   c.mode = HARDNESS_FIXED;
   ck_assert_int_eq(hardness_signal_moves(&c, MINE_HARDEST), 0);
-  hardness_signal s;
-  ck_assert_int_eq(hardness_signal_parse("neg_sim", &s), 0);
+  int s = -1;
+  ck_assert_int_eq(enum_value_of(hardness_signal_names, "neg_sim", &s), 0);
   ck_assert_int_eq(s, HARDNESS_SIGNAL_NEG_SIM);
 }
 END_TEST

@@ -15,6 +15,7 @@
 #include "core/par.h"
 #include "core/tensor.h"
 #include "testutil.h"
+#include "service/config.h"
 
 /* Check records every passing ck_assert (a write per assertion), which in the element-wise loops
  * below would cost more than the code under test: those loops report only failures. */
@@ -85,7 +86,7 @@ static int count_mask(const fix *f, int row, int from, int to, uint8_t v) {
 
 static mine_config cfg_of(mine_strategy s, int n) {
   mine_config c;
-  mine_config_default(&c);
+  c = config_defaults()->trainer.moco.mine;
   c.strategy = s;
   c.num_negatives = n;
   return c;
@@ -687,19 +688,14 @@ START_TEST(bad_inputs_are_refused_with_context) {
   f.in.queue_filled = 9;
   ck_assert_int_eq(mine_select(&f.m, &f.l, &f.in, f.S, f.mask, &f.rng, NULL), MOCO_ERANGE);
   fix_close(&f);
-  c.band_lo = 0.5f;
-  c.band_hi = 0.4f;
-  ck_assert_int_eq(mine_config_check(&c), MOCO_ECONFIG);
-  ck_assert_ptr_nonnull(strstr(moco_errmsg(), "mine.band"));
-  mine_strategy s;
-  ck_assert_int_eq(mine_strategy_parse("semi-hard", &s), 0);
+  int s = -1;
+  ck_assert_int_eq(enum_value_of(mine_strategy_names, "semi-hard", &s), 0);
   ck_assert_int_eq(s, MINE_SEMI_HARD);
-  ck_assert_str_eq(mine_strategy_name(MINE_MIXING), "mixing");
-  ck_assert_int_eq(mine_strategy_parse("hardest-first", &s), MOCO_ECONFIG);
-  mine_ceiling ceil;
-  ck_assert_int_eq(mine_ceiling_parse("relative", &ceil), 0);
-  ck_assert_int_eq(ceil, MINE_CEILING_RELATIVE);
-  ck_assert_int_eq(mine_ceiling_parse("soft", &ceil), MOCO_ECONFIG);
+  ck_assert_str_eq(enum_name_of(mine_strategy_names, (int)MINE_MIXING), "mixing");
+  ck_assert_int_eq(enum_value_of(mine_strategy_names, "hardest-first", &s), MOCO_ENOENT);
+  ck_assert_int_eq(enum_value_of(mine_ceiling_names, "relative", &s), 0);
+  ck_assert_int_eq(s, MINE_CEILING_RELATIVE);
+  ck_assert_int_eq(enum_value_of(mine_ceiling_names, "soft", &s), MOCO_ENOENT);
 }
 END_TEST
 
@@ -985,7 +981,7 @@ START_TEST(selection_does_not_depend_on_the_thread_count) {
     f.rng = keep;
     fix_run(&f);
     ck_assert_int_eq(par_set_threads(2), 0);
-    const char *name = mine_strategy_name(c.strategy);
+    const char *name = enum_name_of(mine_strategy_names, (int)c.strategy);
     ck_assert_msg(!memcmp(mask2, f.mask, cells), "%s: masks differ", name);
     ck_assert_msg(!memcmp(S2, f.S, cells * sizeof *S2), "%s: synthetic columns differ", name);
     ck_assert_msg(!memcmp(syn2, f.m.synth, (size_t)B * f.l.synth_size * sizeof *syn2), "%s: recipes differ", name);
@@ -1003,15 +999,14 @@ END_TEST
 START_TEST(adversarial_bank_ascends_its_infonce_loss) {
   enum { B = 6, M = 5, D = 8 };
   advbank_config bc;
-  advbank_config_default(&bc);
-  bc.bank_size = M;
+  bc = config_defaults()->trainer.moco.advbank;
   bc.temperature = 0.2f;
   bc.lr = 0.05f;
   bc.weight_decay = 0.0f;
   rng_t r;
   rng_init(&r, 11, 1);
   advbank bank;
-  ck_assert_int_eq(advbank_init(&bank, &bc, D, B, &r), 0);
+  ck_assert_int_eq(advbank_init(&bank, &bc, M, D, B, &r), 0);
   for (int m = 0; m < M; m++) ck_assert_float_eq_tol(vec_dot(bank.w + m * D, bank.w + m * D, D), 1.0f, 1e-5f);
   float q[B * D], s_pos[B], dS[B * M];
   for (int i = 0; i < B; i++) {
@@ -1047,15 +1042,14 @@ START_TEST(adversarial_bank_ascends_its_infonce_loss) {
   blob_writer_init(&w);
   advbank_save(&bank, &w);
   advbank other;
-  ck_assert_int_eq(advbank_init(&other, &bc, D, B, &r), 0);
+  ck_assert_int_eq(advbank_init(&other, &bc, M, D, B, &r), 0);
   blob_reader br;
   blob_reader_init(&br, w.data, w.len, "bank.bin");
   ck_assert_int_eq(advbank_load(&other, &br), 0);
   ck_assert_mem_eq(other.w, bank.w, sizeof(float) * M * D);
   ck_assert_mem_eq(other.v, bank.v, sizeof(float) * M * D);
   advbank_free(&other);
-  bc.bank_size = M + 1;
-  ck_assert_int_eq(advbank_init(&other, &bc, D, B, &r), 0);
+  ck_assert_int_eq(advbank_init(&other, &bc, M + 1, D, B, &r), 0);
   blob_reader_init(&br, w.data, w.len, "bank.bin");
   ck_assert_int_eq(advbank_load(&other, &br), MOCO_ESHAPE);
   ck_assert_ptr_nonnull(strstr(moco_errmsg(), "bank.bin"));
@@ -1100,7 +1094,7 @@ END_TEST
 
 START_TEST(curriculum_values_at_chosen_progress) {
   hardness_config c;
-  hardness_config_default(&c);
+  c = config_defaults()->trainer.moco.hardness;
   c.mode = HARDNESS_CURRICULUM;
   c.warmup = 0.2f;
   c.start = 0.2f;
@@ -1124,16 +1118,16 @@ START_TEST(curriculum_values_at_chosen_progress) {
   hardness_init(&h, &c);
   ck_assert_float_eq(hardness_at(&h, 0.99, &warm), 0.3f);
   ck_assert_int_eq(warm, 0);
-  hardness_mode mode;
-  ck_assert_int_eq(hardness_mode_parse("dynamic", &mode), 0);
+  int mode = -1;
+  ck_assert_int_eq(enum_value_of(hardness_mode_names, "dynamic", &mode), 0);
   ck_assert_int_eq(mode, HARDNESS_DYNAMIC);
-  ck_assert_int_eq(hardness_mode_parse("adaptive", &mode), MOCO_ECONFIG);
+  ck_assert_int_eq(enum_value_of(hardness_mode_names, "adaptive", &mode), MOCO_ENOENT);
 }
 END_TEST
 
 START_TEST(controller_moves_hardness_the_right_way_within_bounds) {
   hardness_config c;
-  hardness_config_default(&c);
+  c = config_defaults()->trainer.moco.hardness;
   c.mode = HARDNESS_DYNAMIC;
   c.value = 0.5f;
   c.target = 0.6f;
@@ -1188,8 +1182,6 @@ START_TEST(controller_moves_hardness_the_right_way_within_bounds) {
   ck_assert_int_eq(g.updates, h.updates);
   ck_assert_float_eq(hardness_at(&g, 0.7, NULL), h.hardness);
   blob_writer_free(&w);
-  c.ema = 1.0f;
-  ck_assert_int_eq(hardness_config_check(&c), MOCO_ECONFIG);
 }
 END_TEST
 

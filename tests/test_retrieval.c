@@ -10,6 +10,7 @@
 #include "core/rng.h"
 #include "testutil.h"
 #include "train/eval.h"
+#include "service/config.h"
 
 #define NEAR(a, b, tol) \
   ck_assert_msg(fabs((double)(a) - (double)(b)) < (tol), "%.9g vs %.9g", (double)(a), (double)(b))
@@ -109,11 +110,8 @@ START_TEST(knn_protocols_agree_with_separate_calls) {
     else
       yte[i - NTR] = y;
   }
-  eval_knn_config c[2];
-  eval_knn_config_default(&c[0]);
-  eval_knn_config_default(&c[1]);
-  c[1].k = 20;
-  c[1].temperature = 0.07f;
+  /* the monitor's two protocols as configured (k 200 T 0.1, k 20 T 0.07) */
+  eval_knn_config c[2] = {config_defaults()->trainer.knn, config_defaults()->trainer.knn_small};
   double per[2][C], per_one[C], acc_one;
   int32_t pred[2][NTE], pred_one[NTE];
   eval_knn_out out[2] = {{.class_acc = per[0], .pred = pred[0]}, {.class_acc = per[1], .pred = pred[1]}};

@@ -14,7 +14,6 @@
 #include "core/rng.h"
 
 typedef struct {
-  int bank_size;      /* M, same as mine_config.bank_size */
   float lr;           /* AdCo: 3 (ImageNet) */
   float temperature;  /* the bank's temperature in its loss (AdCo: 0.02, the encoder's 0.12) */
   float momentum;     /* AdCo: 0.9 */
@@ -32,11 +31,10 @@ typedef struct {
   int max_batch;
 } advbank;
 
-void advbank_config_default(advbank_config *c);
-int advbank_config_check(const advbank_config *c);
-/* Allocates the bank for batches up to max_batch and fills it with random unit vectors (Gaussian rows,
- * normalised). */
-int advbank_init(advbank *b, const advbank_config *c, int dim, int max_batch, rng_t *r);
+/* Allocates a bank of `size` rows (mine_config.bank_size, the columns of S it fills) for batches up to
+ * max_batch and fills it with random unit vectors (Gaussian rows, normalised). The settings' defaults and
+ * ranges are the config's (contrast.adversarial.*, src/service/config.c). */
+int advbank_init(advbank *b, const advbank_config *c, int size, int dim, int max_batch, rng_t *r);
 void advbank_free(advbank *b);
 /* Rows from keys [n, d] (e.g. the queue's valid keys), drawn without replacement while they last
  * (with replacement beyond), normalised; the velocity is reset. n >= 1. */

@@ -23,6 +23,7 @@
 
 #include "contrast/mine.h"
 #include "core/blob.h"
+#include "core/enum.h"
 
 typedef enum { HARDNESS_FIXED, HARDNESS_CURRICULUM, HARDNESS_DYNAMIC } hardness_mode;
 typedef enum { HARDNESS_LINEAR, HARDNESS_COSINE } hardness_shape;
@@ -44,14 +45,10 @@ typedef struct {
   float min, max;         /* the controller's range, within [0, 1] */
 } hardness_config;
 
-/* fixed at 1 (the strategy as configured); curriculum: no warm-up, linear 0 -> 1; dynamic: accuracy
- * target 0.5, gain 0.05, max_step 0.01, ema 0.9, start 0.5, range [0, 1]. */
-void hardness_config_default(hardness_config *c);
-int hardness_config_check(const hardness_config *c);
-/* "fixed"/"curriculum"/"dynamic", "linear"/"cosine", "accuracy"/"hardest_sim"/"neg_sim". */
-int hardness_mode_parse(const char *name, hardness_mode *out);
-int hardness_shape_parse(const char *name, hardness_shape *out);
-int hardness_signal_parse(const char *name, hardness_signal *out);
+/* The values are the config's (contrast.hardness.*, defaults and ranges in src/service/config.c). */
+extern const enum_name hardness_mode_names[];   /* "fixed", "curriculum", "dynamic" */
+extern const enum_name hardness_shape_names[];  /* "linear", "cosine" */
+extern const enum_name hardness_signal_names[]; /* "accuracy", "hardest_sim", "neg_sim" */
 
 /* 0 when a dynamic controller's signal can move under the strategy's knob; MOCO_ECONFIG naming the
  * pair when it cannot (hardest with accuracy or hardest_sim, see above). */

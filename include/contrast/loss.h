@@ -21,6 +21,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/enum.h"
+
 typedef enum {
   LOSS_INFONCE, /* MoCo's InfoNCE, multi-positive when the mask holds MINE_POS entries */
   LOSS_HCL,     /* Robinson et al. 2021 hard-negative loss; hcl_beta = 0 is DCL (Chuang et al. 2020) */
@@ -41,15 +43,12 @@ typedef struct {
   triplet_negative triplet_negative;
 } loss_config;
 
-/* InfoNCE, τ = 0.2 (MoCo v2), τ⁺ = 0.1 (HCL's default), margin 0.2, hardest. HCL's β is not here: it
- * is the hardness knob of the HCL loss, set per step from mine_config.hcl_beta and the hardness
- * (mine_hcl_beta), and passed to the functions below explicitly. */
-void loss_config_default(loss_config *c);
-int loss_config_check(const loss_config *c);
-/* "infonce" | "hcl" | "triplet" | "ntxent"; MOCO_EINVAL otherwise. */
-int loss_kind_parse(const char *name, loss_kind *out);
-const char *loss_kind_name(loss_kind k);
-int triplet_negative_parse(const char *name, triplet_negative *out); /* "hardest" | "mean" */
+/* The values are the config's (contrast.loss, contrast.temperature, ...; src/service/config.c holds
+ * their defaults and ranges). HCL's β is not here: it is the hardness knob of the HCL loss, set per step
+ * from mine_config.hcl_beta and the hardness (mine_hcl_beta), and passed to the functions below
+ * explicitly. */
+extern const enum_name loss_kind_names[];        /* "infonce", "hcl", "triplet", "ntxent" */
+extern const enum_name triplet_negative_names[]; /* "hardest", "mean" */
 
 /* InfoNCE (Oord et al. 2018; MoCo eq. 1) with temperature τ. Row i's positive set P is its own key
  * plus the MINE_POS columns; the used set is P plus the MINE_NEG columns, and

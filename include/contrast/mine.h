@@ -22,6 +22,7 @@
 
 #include <stdint.h>
 
+#include "core/enum.h"
 #include "core/rng.h"
 
 /* Mask values, shared with the losses. */
@@ -65,16 +66,10 @@ typedef struct {
   int supervised;          /* 1: candidates with the query's label are never negatives (needs labels) */
 } mine_config;
 
-/* strategy all, no in-batch negatives, num_negatives 1024 (easy 0), margin 0.2, band [0.05, 0.3],
- * MoCHi (1024, 512, 256) i.e. mix_pairs 512, mix_query 256, bank_size 16384, hcl_beta 1, no guards. */
-void mine_config_default(mine_config *c);
-/* Range checks with the offending field named; MOCO_ECONFIG on failure. */
-int mine_config_check(const mine_config *c);
-/* "all", "random", "hardest", "semi-hard", "band", "mixing", "adversarial". */
-const char *mine_strategy_name(mine_strategy s);
-int mine_strategy_parse(const char *name, mine_strategy *out);
-/* "none", "absolute", "relative". */
-int mine_ceiling_parse(const char *name, mine_ceiling *out);
+/* The values are the config's (contrast.negatives.*, contrast.guards.*, contrast.hcl_beta); their
+ * defaults and ranges live in the schema (src/service/config.c). */
+extern const enum_name mine_strategy_names[]; /* "all", "random", "hardest", "semi-hard", "band", ... */
+extern const enum_name mine_ceiling_names[];  /* "none", "absolute", "relative" */
 
 /* Where each candidate source lives in the columns of S and mask (row stride = cols). */
 typedef struct {

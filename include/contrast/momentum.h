@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/enum.h"
 #include "core/net.h"
 #include "core/optim.h"
 
@@ -22,11 +23,8 @@ typedef struct {
   momentum_schedule schedule;
 } momentum_config;
 
-void momentum_config_default(momentum_config *c); /* 0.999, constant (MoCo v1/v2) */
-/* "constant" / "cosine"; MOCO_EINVAL for anything else. */
-int momentum_schedule_parse(const char *name, momentum_schedule *out);
-const char *momentum_schedule_name(momentum_schedule s);
-int momentum_config_check(const momentum_config *c);
+/* contrast.momentum_schedule: "constant", "cosine" (the values and defaults are the config's). */
+extern const enum_name momentum_schedule_names[];
 
 /* m at step `step` of `total_steps` (sched_cosine(m0, 1, step, total_steps), clamped at both ends;
  * total_steps <= 0 means m0). */

@@ -20,25 +20,25 @@
 #include <stdint.h>
 
 #include "core/blob.h"
+#include "core/enum.h"
 #include "core/net.h"
 
 typedef enum { OPTIM_SGD = 0, OPTIM_LARS = 1, OPTIM_ADAMW = 2 } optim_kind;
 
 typedef struct {
-  optim_kind optimizer; /* sgd */
-  float momentum;       /* 0.9: μ of SGD and LARS */
-  int nesterov;         /* 0 */
-  float weight_decay;   /* 5e-4 */
+  optim_kind optimizer;
+  float momentum;       /* μ of SGD and LARS */
+  int nesterov;
+  float weight_decay;
   int decay_all;        /* 0: segments marked no_decay get no decay (and no LARS ratio) */
-  float lars_eta;       /* 0.001: η, LARS trust coefficient */
-  float beta1, beta2;   /* 0.9, 0.999: AdamW moment decay rates */
-  float eps;            /* 1e-8: AdamW denominator guard */
+  float lars_eta;       /* η, LARS trust coefficient */
+  float beta1, beta2;   /* AdamW moment decay rates */
+  float eps;            /* AdamW denominator guard */
 } optim_config;
 
-void optim_config_default(optim_config *c);
-/* "sgd" | "lars" | "adamw" <-> optim_kind; optim_kind_parse returns MOCO_ECONFIG for another name. */
-const char *optim_kind_name(optim_kind k);
-int optim_kind_parse(const char *name, optim_kind *k);
+/* "sgd", "lars", "adamw": the optim.optimizer names. The values, their defaults and ranges are the
+ * config's (optim.*, src/service/config.c), which also holds the rule tying nesterov to momentum > 0. */
+extern const enum_name optim_kind_names[];
 
 typedef struct {
   optim_config cfg;

@@ -13,26 +13,25 @@
 
 #include <stdint.h>
 
+#include "core/enum.h"
+
 typedef enum { SCHED_CONSTANT = 0, SCHED_STEP = 1, SCHED_COSINE = 2 } sched_kind;
 
 #define SCHED_MAX_MILESTONES 16
 
 typedef struct {
-  sched_kind lr_schedule; /* cosine */
-  float lr;               /* 0.06: base (peak) learning rate */
-  float final_lr;         /* 0: cosine's value after the last step */
-  int64_t warmup_steps;   /* 0 */
+  sched_kind lr_schedule;
+  float lr;               /* base (peak) learning rate */
+  float final_lr;         /* cosine's value after the last step */
+  int64_t warmup_steps;
   int n_milestones;       /* step: how many of milestones[] are used */
   int64_t milestones[SCHED_MAX_MILESTONES];
-  float gamma;            /* 0.1: step's factor at each milestone */
+  float gamma;            /* step's factor at each milestone */
 } sched_config;
 
-void sched_config_default(sched_config *c);
-/* "constant" | "step" | "cosine" <-> sched_kind; sched_kind_parse returns MOCO_ECONFIG otherwise. */
-const char *sched_kind_name(sched_kind k);
-int sched_kind_parse(const char *name, sched_kind *k);
-/* MOCO_ECONFIG naming the field: lr >= 0, gamma > 0, milestones ascending and >= 0, ... */
-int sched_validate(const sched_config *c);
+/* "constant", "step", "cosine": the optim.lr_schedule names. The values, their defaults and ranges
+ * (milestones ascending, at most SCHED_MAX_MILESTONES) are the config's (src/service/config.c). */
+extern const enum_name sched_kind_names[];
 
 /* The learning rate for update number `step` (0-based) of total_steps. */
 float sched_lr(const sched_config *c, int64_t step, int64_t total_steps);

@@ -1,7 +1,6 @@
 /* The loader: minibatches streamed from disk, two views per sample, prepared ahead on worker threads.
  *
- *   loader_config c;
- *   loader_config_default(&c);
+ *   loader_config c = config_defaults()->trainer.loader;  // configured values (service/config.h)
  *   c.train = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz";
  *   loader l;
  *   if ((rc = loader_open(&l, &c))) ... moco_errmsg() ...
@@ -42,6 +41,7 @@
 #include <stdint.h>
 
 #include "core/blob.h"
+#include "core/enum.h"
 #include "core/rng.h"
 #include "data/dataset.h"
 #include "data/views.h"
@@ -54,23 +54,25 @@ typedef struct {
   const char *train_labels; /* NULL: IDX labels found by name */
   const char *eval;         /* NULL: no evaluation split */
   const char *eval_labels;  /* NULL */
-  int batch_size;           /* 256 */
-  int shuffle_buffer;       /* 10000 records; 0: no shuffling at all (files and records in order) */
-  uint64_t seed;            /* 0 */
-  int prefetch;             /* 4 batches prepared ahead */
-  int workers;              /* 2 threads making views */
+  int batch_size;
+  int shuffle_buffer;       /* records; 0: no shuffling at all (files and records in order) */
+  uint64_t seed;
+  int prefetch;             /* batches prepared ahead */
+  int workers;              /* threads making views */
   int drop_last;            /* 1: an epoch's last short batch is dropped (MoCo's queue wants full ones) */
   int epochs;               /* 0: endless; else loader_next ends (size 0) after this many */
   int num_classes;          /* 0: from shard headers; > 0: labels must be below it */
-  loader_bad_policy bad_record; /* LOADER_BAD_STOP */
-  view_mode view_mode;      /* VIEW_AUGMENT; VIEW_PAIR needs pair records */
-  view_config augment;      /* view_config_default() */
+  loader_bad_policy bad_record;
+  view_mode view_mode;      /* VIEW_PAIR needs pair records */
+  view_config augment;
   int norm_len;             /* 0: none; 1 or C values of mean/std (per channel, per feature) */
   const float *mean, *std;  /* copied at open */
   int share_index, share_count; /* 0, 1: this process's share of every batch (see "Shares") */
 } loader_config;
 
-void loader_config_default(loader_config *c);
+/* data.bad_record: "stop", "skip". The configured fields' defaults and ranges are the config's
+ * (data.*, src/service/config.c); the trainer sets the rest (paths, batch, seed, length, statistics). */
+extern const enum_name loader_bad_policy_names[];
 
 typedef struct {
   uint64_t epoch;     /* epoch of the next batch, from 0 */

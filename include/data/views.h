@@ -28,6 +28,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/enum.h"
 #include "core/rng.h"
 #include "data/record.h"
 
@@ -51,15 +52,10 @@ typedef struct {
   float mask_p, mask_rate_min, mask_rate_max;
 } view_config;
 
-/* MoCo v2's recipe scaled to small grey images, and SCARF's 60 % corruption:
- *   crop_p 1, crop_scale [0.2, 1], crop_ratio [3/4, 4/3]; flip_p 0.5; translate_p 0, translate_max 0.125;
- *   brightness_p 0.8 [0.6, 1.4]; contrast_p 0.8 [0.6, 1.4]; saturation_p 0.8 [0.6, 1.4]; hue_p 0.8,
- *   hue_max 0.1; grayscale_p 0.2 (MoCo v2's ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8 and RandomGrayscale
- *   p 0.2); erase_p 0, erase_scale [0.02, 0.33],
- *   erase_ratio [0.3, 3.3]; noise_p 0, noise_std [0, 0.05]; mask_p 1, mask_rate [0.6, 0.6]. */
-void view_config_default(view_config *c);
-/* MOCO_ECONFIG naming the field and its allowed range. */
-int view_config_check(const view_config *c);
+/* data.mode: "augment", "pair". The views' values, defaults (MoCo v2's recipe scaled to small grey
+ * images, SCARF's 60 % corruption) and ranges, min <= max pairs included, are the config's (views.*,
+ * src/service/config.c). */
+extern const enum_name view_mode_names[];
 
 typedef struct {
   view_config cfg;

@@ -1,7 +1,11 @@
 /* mocod's configuration: one JSON document, described by ONE schema table (config_options), Redis
- * config.c style. Every other view of the configuration is derived from that table: default filling,
- * validation, the `config` and `set` commands (only rows flagged CONFIG_RUNTIME may change while
- * training), --print-config and the markdown reference printed by `mocod --config-doc`.
+ * config.c style. A row names an option, its one default, its range (or the owning module's
+ * {name, value} table, core/enum.h), its flags and the field of mocod_config it binds (offsetof).
+ * Every other view of the configuration is derived from that table: default filling, validation, the
+ * structs the modules run on (config_read, a loop over the rows), config_defaults for tests, the
+ * `config` and `set` commands (only rows flagged CONFIG_RUNTIME may change while training),
+ * --print-config and the markdown reference printed by `mocod --config-doc`. No module keeps a default
+ * or a range check of its own; the rules that tie options together live beside the table.
  *
  * A config is a jansson object tree addressed by dotted paths ("contrast.queue_size"). After
  * config_finalize every option in the table is present with a valid value, so the typed getters below
@@ -11,32 +15,71 @@
 
 #include <jansson.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 
+#include "core/file.h"
+#include "service/log.h"
 #include "train/trainer.h"
 
 typedef enum {
-  CONFIG_INT,    /* JSON integer within [min, max] */
-  CONFIG_NUM,    /* JSON number within [min, max] */
-  CONFIG_BOOL,   /* true / false */
-  CONFIG_STR,    /* string; a path is relative to the directory mocod was started in */
-  CONFIG_ENUM,   /* one of the words in `choices` ("a|b|c") */
-  CONFIG_LAYERS, /* array of layer objects (include/core/net.h), checked in full by net_build */
-  CONFIG_INTS,   /* array of integers, each within [min, max] */
+  CONFIG_INT,    /* JSON integer within [min, max]; binds an int or an int64_t */
+  CONFIG_NUM,    /* JSON number within [min, max]; binds a float or a double */
+  CONFIG_BOOL,   /* true / false; binds an int (0 / 1) */
+  CONFIG_STR,    /* string; a path is relative to the directory mocod was started in; binds a char[] */
+  CONFIG_ENUM,   /* one of the names of the owning module's {name, value} table; binds that enum */
+  CONFIG_LAYERS, /* array of layer objects (include/core/net.h), checked in full by net_build; binds a
+                    const json_t * borrowed from the config tree */
+  CONFIG_INTS,   /* array of integers, each within [min, max]; binds an int64_t[] and its int count */
 } config_type;
 
 enum {
-  CONFIG_RUNTIME = 1 << 0, /* may change while training, through `set`; applied between steps */
+  CONFIG_RUNTIME = 1 << 0,  /* may change while training, through `set`; applied between steps */
+  CONFIG_MIN_OPEN = 1 << 1, /* the value must lie above min, not at it (a divisor, a log's argument) */
+  CONFIG_MAX_OPEN = 1 << 2, /* the value must lie below max, not at it */
 };
 
+/* Every value of the configuration, each in the field its row binds: the trainer's (and through it
+ * every module's) settings, the data spec as written, and the service's own. */
 typedef struct {
-  const char *path;    /* dotted JSON path */
+  struct {
+    char dir[FILE_PATH_MAX], train[FILE_PATH_MAX], train_labels[FILE_PATH_MAX];
+    char eval[FILE_PATH_MAX], eval_labels[FILE_PATH_MAX];
+  } data;                 /* as configured; trainer.train etc. hold them with data.dir applied */
+  trainer_config trainer;
+  struct {
+    int64_t every_steps, train_limit, limit;
+    int probe_at_end;
+  } eval;
+  struct {
+    char dir[FILE_PATH_MAX];
+    int64_t every_steps, every_seconds;
+    int keep;
+  } checkpoint;
+  struct {
+    char progress[FILE_PATH_MAX], file[FILE_PATH_MAX];
+    log_level level;
+    int64_t every_steps;
+  } log;
+  struct {
+    char socket[FILE_PATH_MAX], pid_file[FILE_PATH_MAX];
+    char metrics_listen[256]; /* HOST:PORT */
+    int exit_on_finish;
+  } service;
+} mocod_config;
+
+/* One option, Redis createXConfig style: its path, type, the ONE default, range or names, flags, the
+ * field it binds in mocod_config and its one-line doc. */
+typedef struct {
+  const char *path;        /* dotted JSON path */
   config_type type;
-  const char *def;     /* default, as JSON text */
-  double min, max;     /* CONFIG_INT / CONFIG_NUM: inclusive bounds */
-  const char *choices; /* CONFIG_ENUM: allowed words, '|'-separated */
+  const char *def;         /* default, as JSON text */
+  double min, max;         /* CONFIG_INT / CONFIG_NUM / CONFIG_INTS: bounds (inclusive unless flagged open) */
+  const enum_name *names;  /* CONFIG_ENUM: the owning module's table */
   unsigned flags;
-  const char *doc;     /* one line */
+  size_t off, size;        /* the bound field: offsetof(mocod_config, ...) and its sizeof */
+  size_t count_off;        /* CONFIG_INTS: offsetof the int that receives the element count */
+  const char *doc;         /* one line */
 } config_option;
 
 extern const config_option config_options[];
@@ -78,8 +121,17 @@ double config_num(const json_t *root, const char *path);
 int config_bool(const json_t *root, const char *path);
 const char *config_str(const json_t *root, const char *path);
 
-/* Maps a finalized config onto the modules' config structs. */
+/* Reads a finalized config into every row's field: a loop over the rows, then data.dir applied to the
+ * data spec (trainer.train etc.). LAYERS fields borrow from root, which must outlive c. */
+int config_read(const json_t *root, mocod_config *c);
+
+/* config_read's trainer part alone: what a trainer is built from. Layer lists borrow from root. */
 int config_to_trainer(const json_t *root, trainer_config *tc);
+
+/* The schema's defaults, read once into a struct that lives as long as the process: what a test or a
+ * benchmark that builds module configs in C starts from (config_defaults()->trainer.moco.loss). NULL
+ * only if the schema's own defaults do not finalize, which the config tests rule out. */
+const mocod_config *config_defaults(void);
 
 /* The markdown reference: one table per section. */
 void config_write_doc(FILE *out);

@@ -16,14 +16,16 @@
 #include <jansson.h>
 #include <stdio.h>
 
+#include "core/enum.h"
+
 /* How mocod prints JSON for people and logs: 15 significant digits, so 0.06 reads "0.06" and not
  * "0.059999999999999998" (jansson's default is 17). */
 #define LOG_JSON_FLAGS (JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(15))
 
 typedef enum { LL_DEBUG, LL_VERBOSE, LL_NOTICE, LL_WARNING } log_level;
 
-/* "debug", "verbose", "notice", "warning"; MOCO_EINVAL otherwise. */
-int log_level_parse(const char *name, log_level *out);
+/* log.level: "debug", "verbose", "notice", "warning". */
+extern const enum_name log_level_names[];
 
 /* Opens the human log for appending; path "" (or NULL) writes to standard error. */
 int log_open(const char *path, log_level level);

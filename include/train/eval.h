@@ -20,13 +20,15 @@
 
 /* ---- weighted kNN ------------------------------------------------------------------------------ */
 
+/* k and temperature are the config's (eval.k, eval.temperature; defaults in src/service/config.c). */
 typedef struct {
-  int k;             /* 200: neighbours (capped at the number of train rows) */
-  float temperature; /* 0.1: neighbour weight exp(s / temperature) */
-  int block_rows;    /* 256: test rows per similarity block */
+  int k;             /* neighbours (capped at the number of train rows) */
+  float temperature; /* neighbour weight exp(s / temperature) */
+  int block_rows;    /* test rows per similarity block; 0: EVAL_KNN_BLOCK_ROWS */
 } eval_knn_config;
 
-void eval_knn_config_default(eval_knn_config *c);
+/* Bounds the [block, n_train] similarity buffer; not a config value (it changes no result). */
+#define EVAL_KNN_BLOCK_ROWS 256
 
 /* Classifies each test row by the k train rows of highest cosine similarity s, each voting for its
  * label with weight exp(s / T); the class with the largest total wins (ties: the lower class).
@@ -96,14 +98,16 @@ int eval_uniformity(const float *x, int64_t n, int dim, float t, int max_rows, d
  * the result is deterministic without a seed (as the L-BFGS probes of CPC and CLIP). Each pass is two
  * sgemms over the feature matrix; the standardisation is folded into W and b, so the features are never
  * copied. */
+/* The config's eval.probe_max_iter and eval.probe_weight_decay (defaults in src/service/config.c). */
 typedef struct {
-  int max_iter;       /* 100: L-BFGS iterations (each one or a few passes over the data) */
-  float weight_decay; /* 1e-3: λ of (λ/2)‖W‖², W on standardised features; b is not decayed */
-  int history;        /* 10: L-BFGS correction pairs kept */
-  double tolerance;   /* 1e-5: stop when max |gradient| falls below it */
+  int max_iter;       /* L-BFGS iterations (each one or a few passes over the data) */
+  float weight_decay; /* λ of (λ/2)‖W‖², W on standardised features; b is not decayed */
 } eval_probe_config;
 
-void eval_probe_config_default(eval_probe_config *c);
+/* L-BFGS correction pairs kept, and the max |gradient| at which the fit stops: the usual choices
+ * (Nocedal & Wright suggest 3..20 pairs), not config values. */
+#define EVAL_PROBE_HISTORY 10
+#define EVAL_PROBE_TOLERANCE 1e-5
 
 typedef struct {
   int dim, num_classes;

@@ -46,7 +46,7 @@
 typedef struct {
   int batch_size;        /* largest B a step takes */
   int queue_size;        /* K; ignored (no queue) with the adversarial strategy */
-  int symmetric;         /* 0 */
+  int symmetric;
   int shuffle_bn_groups; /* key encoder BatchNorm groups over a shuffled batch; 1 = no shuffle BN */
   int sync_bn;           /* query encoder BatchNorm over the world's batch (SyncBN); 0: each rank's */
   int64_t total_steps;   /* training length the schedules (lr, momentum, curriculum) run over */
@@ -54,16 +54,14 @@ typedef struct {
   loss_config loss;
   mine_config mine;
   hardness_config hardness;
-  advbank_config advbank;  /* adversarial strategy only; bank_size must equal mine.bank_size */
+  advbank_config advbank;  /* adversarial strategy only; its size is mine.bank_size */
   momentum_config momentum;
   optim_config optim;
   sched_config sched;
 } moco_config;
 
-/* batch 256, queue 4096, asymmetric, 8 shuffle-BN groups, 0 total steps (constant schedules), seed 1,
- * and each module's defaults. */
-void moco_config_default(moco_config *c);
-int moco_config_check(const moco_config *c);
+/* Every field but total_steps is a config value (defaults, ranges and the rules tying them together in
+ * src/service/config.c; tests take them from config_defaults). */
 
 /* Wall-clock seconds of each phase of the last step. */
 typedef struct {

@@ -17,13 +17,15 @@
 #include "train/step.h"
 
 typedef enum { TRAINER_QUERY = 0, TRAINER_KEY = 1 } trainer_encoder;
+/* eval.encoder: "query", "key". */
+extern const enum_name trainer_encoder_names[];
 
 /* Classes whose accuracy an evaluation reports one by one (and the largest confusable group). */
 #define TRAINER_MAX_CLASSES 64
 
-/* The run's settings as the modules' config structs; the service fills it from the JSON config
- * (service/config.h, config_to_trainer). Fields marked runtime may change between steps through
- * trainer_apply_runtime. */
+/* The run's settings as the modules' config structs; every field is bound to a row of the config
+ * schema (service/config.h: config_read fills it, config_defaults gives the defaults). Fields
+ * marked runtime may change between steps through trainer_apply_runtime. */
 typedef struct {
   /* data: file specs with data.dir already applied to relative entries; "" for none */
   char train[4096], train_labels[4096], eval[4096], eval_labels[4096];
@@ -41,7 +43,7 @@ typedef struct {
   /* evaluation (runtime) */
   eval_knn_config knn;       /* the monitor's protocol (k 200, T 0.1) */
   eval_knn_config knn_small; /* the small-k protocol (k 20, T 0.07), voted in the same pass */
-  int groups[TRAINER_MAX_CLASSES]; /* the confusable group: classes whose joint accuracy is reported */
+  int64_t groups[TRAINER_MAX_CLASSES]; /* the confusable group: classes whose joint accuracy is reported */
   int n_groups;              /* classes in groups; 0: no group figure */
   int retrieval_queries;     /* instance retrieval queries (augmented test images); 0: none */
   eval_probe_config probe;
@@ -107,9 +109,6 @@ typedef struct {
   int64_t n_train, n_eval; /* samples in the feature bank / evaluated */
   double seconds;
 } trainer_eval_result;
-
-/* Maps defaults onto every field (the modules' own defaults); the service overwrites them. */
-void trainer_config_default(trainer_config *c);
 
 /* The layer list of the encoder the step trains: backbone + head + linear(embed_dim) + l2norm (the
  * step wants unit embeddings). A new reference; the layers are shared with cfg's lists. */

@@ -7,27 +7,6 @@
 #include "core/err.h"
 #include "core/tensor.h"
 
-void advbank_config_default(advbank_config *c) {
-  c->bank_size = 16384;
-  c->lr = 3.0f;
-  c->temperature = 0.02f;
-  c->momentum = 0.9f;
-  c->weight_decay = 5e-4f;
-  c->init_from_queue = 1;
-}
-
-int advbank_config_check(const advbank_config *c) {
-  if (c->bank_size < 1) return moco_error(MOCO_ECONFIG, "advbank.bank_size: %d: must be >= 1", c->bank_size);
-  if (!(c->lr >= 0.0f)) return moco_error(MOCO_ECONFIG, "advbank.lr: %g: must be >= 0", c->lr);
-  if (!(c->temperature > 0.0f))
-    return moco_error(MOCO_ECONFIG, "advbank.temperature: %g: must be > 0", c->temperature);
-  if (!(c->momentum >= 0.0f && c->momentum < 1.0f))
-    return moco_error(MOCO_ECONFIG, "advbank.momentum: %g: allowed [0, 1)", c->momentum);
-  if (!(c->weight_decay >= 0.0f))
-    return moco_error(MOCO_ECONFIG, "advbank.weight_decay: %g: must be >= 0", c->weight_decay);
-  return 0;
-}
-
 static void random_unit_rows(float *w, int n, int d, rng_t *r) {
   for (int i = 0; i < n; i++) {
     float *row = w + (size_t)i * d;
@@ -37,14 +16,13 @@ static void random_unit_rows(float *w, int n, int d, rng_t *r) {
   }
 }
 
-int advbank_init(advbank *b, const advbank_config *c, int dim, int max_batch, rng_t *r) {
+int advbank_init(advbank *b, const advbank_config *c, int size, int dim, int max_batch, rng_t *r) {
   memset(b, 0, sizeof *b);
-  int rc = advbank_config_check(c);
-  if (rc) return rc;
-  if (dim < 1 || max_batch < 1)
-    return moco_error(MOCO_EINVAL, "advbank_init: dim %d, max_batch %d: must be >= 1", dim, max_batch);
+  if (size < 1 || dim < 1 || max_batch < 1)
+    return moco_error(MOCO_EINVAL, "advbank_init: size %d, dim %d, max_batch %d: must be >= 1", size, dim,
+                      max_batch);
   b->cfg = *c;
-  b->size = c->bank_size;
+  b->size = size;
   b->dim = dim;
   b->max_batch = max_batch;
   size_t n = (size_t)b->size * dim;
@@ -54,7 +32,7 @@ int advbank_init(advbank *b, const advbank_config *c, int dim, int max_batch, rn
   b->ds = tensor_alloc((size_t)max_batch * b->size);
   if (!b->w || !b->v || !b->g || !b->ds) {
     advbank_free(b);
-    return moco_error(MOCO_ENOMEM, "advbank_init: bank of %d x %d", c->bank_size, dim);
+    return moco_error(MOCO_ENOMEM, "advbank_init: bank of %d x %d", size, dim);
   }
   random_unit_rows(b->w, b->size, dim, r);
   return 0;

@@ -5,86 +5,23 @@
 
 #include "core/err.h"
 
-void hardness_config_default(hardness_config *c) {
-  memset(c, 0, sizeof *c);
-  c->mode = HARDNESS_FIXED;
-  c->value = 1.0f;
-  c->warmup = 0.0f;
-  c->shape = HARDNESS_LINEAR;
-  c->start = 0.0f;
-  c->end = 1.0f;
-  c->signal = HARDNESS_SIGNAL_ACCURACY;
-  c->target = 0.5f;
-  c->gain = 0.05f;
-  c->max_step = 0.01f;
-  c->ema = 0.9f;
-  c->min = 0.0f;
-  c->max = 1.0f;
-}
+const enum_name hardness_mode_names[] = {
+    {"fixed", HARDNESS_FIXED}, {"curriculum", HARDNESS_CURRICULUM}, {"dynamic", HARDNESS_DYNAMIC}, {NULL, 0}};
+const enum_name hardness_shape_names[] = {{"linear", HARDNESS_LINEAR}, {"cosine", HARDNESS_COSINE}, {NULL, 0}};
+const enum_name hardness_signal_names[] = {
+    {"accuracy", HARDNESS_SIGNAL_ACCURACY},
+    {"hardest_sim", HARDNESS_SIGNAL_HARDEST_SIM},
+    {"neg_sim", HARDNESS_SIGNAL_NEG_SIM},
+    {NULL, 0}};
 
 static int in01(float x) { return x >= 0.0f && x <= 1.0f; }
-
-int hardness_config_check(const hardness_config *c) {
-  if ((unsigned)c->mode > HARDNESS_DYNAMIC)
-    return moco_error(MOCO_ECONFIG, "hardness.mode: %d: unknown mode", (int)c->mode);
-  if ((unsigned)c->shape > HARDNESS_COSINE)
-    return moco_error(MOCO_ECONFIG, "hardness.shape: %d: unknown shape", (int)c->shape);
-  if ((unsigned)c->signal > HARDNESS_SIGNAL_NEG_SIM)
-    return moco_error(MOCO_ECONFIG, "hardness.signal: %d: unknown signal", (int)c->signal);
-  if (!in01(c->value)) return moco_error(MOCO_ECONFIG, "hardness.value: %g: allowed [0, 1]", c->value);
-  if (!(c->warmup >= 0.0f && c->warmup < 1.0f))
-    return moco_error(MOCO_ECONFIG, "hardness.warmup: %g: allowed [0, 1)", c->warmup);
-  if (!in01(c->start) || !in01(c->end))
-    return moco_error(MOCO_ECONFIG, "hardness.start/end: %g/%g: allowed [0, 1]", c->start, c->end);
-  if (!(c->gain >= 0.0f) || !(c->max_step >= 0.0f && c->max_step <= 1.0f))
-    return moco_error(MOCO_ECONFIG, "hardness.gain/max_step: %g/%g: need gain >= 0, max_step in [0, 1]",
-                      c->gain, c->max_step);
-  if (!(c->ema >= 0.0f && c->ema < 1.0f))
-    return moco_error(MOCO_ECONFIG, "hardness.ema: %g: allowed [0, 1)", c->ema);
-  if (!in01(c->min) || !in01(c->max) || c->min > c->max)
-    return moco_error(MOCO_ECONFIG, "hardness.min/max: %g/%g: need 0 <= min <= max <= 1", c->min, c->max);
-  if (!(c->target == c->target))
-    return moco_error(MOCO_ECONFIG, "hardness.target: NaN");
-  return 0;
-}
-
-static int parse(const char *what, const char *name, const char *const *names, int n, int *out) {
-  for (int i = 0; i < n; i++)
-    if (!strcmp(name, names[i])) {
-      *out = i;
-      return 0;
-    }
-  return moco_error(MOCO_ECONFIG, "hardness.%s: \"%s\": expected %s or %s%s%s", what, name, names[0],
-                    names[1], n > 2 ? " or " : "", n > 2 ? names[2] : "");
-}
-
-int hardness_mode_parse(const char *name, hardness_mode *out) {
-  static const char *const names[] = {"fixed", "curriculum", "dynamic"};
-  int v = 0, rc = parse("mode", name, names, 3, &v);
-  if (!rc) *out = (hardness_mode)v;
-  return rc;
-}
-
-int hardness_shape_parse(const char *name, hardness_shape *out) {
-  static const char *const names[] = {"linear", "cosine"};
-  int v = 0, rc = parse("shape", name, names, 2, &v);
-  if (!rc) *out = (hardness_shape)v;
-  return rc;
-}
-
-int hardness_signal_parse(const char *name, hardness_signal *out) {
-  static const char *const names[] = {"accuracy", "hardest_sim", "neg_sim"};
-  int v = 0, rc = parse("signal", name, names, 3, &v);
-  if (!rc) *out = (hardness_signal)v;
-  return rc;
-}
 
 int hardness_signal_moves(const hardness_config *c, mine_strategy strategy) {
   if (c->mode == HARDNESS_DYNAMIC && strategy == MINE_HARDEST && c->signal != HARDNESS_SIGNAL_NEG_SIM)
     return moco_error(MOCO_ECONFIG,
                       "hardness.signal: %s does not depend on the hardness under the hardest strategy (the "
                       "hardest candidate is selected at every hardness): use neg_sim",
-                      c->signal == HARDNESS_SIGNAL_ACCURACY ? "accuracy" : "hardest_sim");
+                      enum_name_of(hardness_signal_names, (int)c->signal));
   return 0;
 }
 

@@ -11,49 +11,9 @@
 /* The contract's mask values, short names for the inner loops. */
 enum { M_OFF = MINE_OFF, M_NEG = MINE_NEG, M_POS = MINE_POS };
 
-void loss_config_default(loss_config *c) {
-  c->loss = LOSS_INFONCE;
-  c->temperature = 0.2f;
-  c->tau_plus = 0.1f;
-  c->margin = 0.2f;
-  c->triplet_negative = TRIPLET_HARDEST;
-}
-
-int loss_config_check(const loss_config *c) {
-  if (c->loss < LOSS_INFONCE || c->loss > LOSS_NTXENT)
-    return moco_error(MOCO_ECONFIG, "loss: %d unknown", (int)c->loss);
-  if (!(c->temperature > 0.0f && isfinite(c->temperature)))
-    return moco_error(MOCO_ECONFIG, "temperature: %g, must be > 0", c->temperature);
-  if (!(c->tau_plus >= 0.0f && c->tau_plus < 1.0f))
-    return moco_error(MOCO_ECONFIG, "tau_plus: %g, allowed [0, 1)", c->tau_plus);
-  if (!(c->margin >= 0.0f && isfinite(c->margin)))
-    return moco_error(MOCO_ECONFIG, "margin: %g, must be >= 0", c->margin);
-  if (c->triplet_negative != TRIPLET_HARDEST && c->triplet_negative != TRIPLET_MEAN)
-    return moco_error(MOCO_ECONFIG, "triplet_negative: %d unknown", (int)c->triplet_negative);
-  return 0;
-}
-
-static const char *const kind_names[] = {"infonce", "hcl", "triplet", "ntxent"};
-
-int loss_kind_parse(const char *name, loss_kind *out) {
-  for (int k = 0; k <= LOSS_NTXENT; k++)
-    if (!strcmp(name, kind_names[k])) {
-      *out = (loss_kind)k;
-      return 0;
-    }
-  return moco_error(MOCO_EINVAL, "loss '%s': expected infonce, hcl, triplet or ntxent", name);
-}
-
-const char *loss_kind_name(loss_kind k) {
-  return k >= LOSS_INFONCE && k <= LOSS_NTXENT ? kind_names[k] : "unknown";
-}
-
-int triplet_negative_parse(const char *name, triplet_negative *out) {
-  if (!strcmp(name, "hardest")) *out = TRIPLET_HARDEST;
-  else if (!strcmp(name, "mean")) *out = TRIPLET_MEAN;
-  else return moco_error(MOCO_EINVAL, "triplet_negative '%s': expected hardest or mean", name);
-  return 0;
-}
+const enum_name loss_kind_names[] = {
+    {"infonce", LOSS_INFONCE}, {"hcl", LOSS_HCL}, {"triplet", LOSS_TRIPLET}, {"ntxent", LOSS_NTXENT}, {NULL, 0}};
+const enum_name triplet_negative_names[] = {{"hardest", TRIPLET_HARDEST}, {"mean", TRIPLET_MEAN}, {NULL, 0}};
 
 /* ---- row kernels -------------------------------------------------------------------------------- */
 

@@ -27,86 +27,13 @@ struct mine_row {
   int knob;
 };
 
-void mine_config_default(mine_config *c) {
-  memset(c, 0, sizeof *c);
-  c->strategy = MINE_ALL;
-  c->in_batch_negatives = 0;
-  c->num_negatives = 1024;
-  c->num_negatives_easy = 0;
-  c->margin = 0.2f;
-  c->band_lo = 0.05f;
-  c->band_hi = 0.3f;
-  c->mix_pairs = 512; /* MoCHi (N, s, s') = (1024, 512, 256), the paper's ImageNet-100 setting */
-  c->mix_query = 256;
-  c->bank_size = 16384; /* AdCo's ImageNet bank is 65536; 16384 suits the small datasets mocod trains */
-  c->hcl_beta = 1.0f;
-  c->ceiling = MINE_CEILING_NONE;
-  c->ceiling_value = 0.95f;
-  c->ceiling_delta = 0.0f;
-  c->skip_hardest = 0.0f;
-  c->suspects_as_positives = 0;
-  c->supervised = 0;
-}
-
-static const char *const strategy_names[] = {"all",  "random", "hardest",    "semi-hard",
-                                             "band", "mixing", "adversarial"};
-
-const char *mine_strategy_name(mine_strategy s) {
-  return (unsigned)s < sizeof strategy_names / sizeof *strategy_names ? strategy_names[s] : "?";
-}
-
-int mine_strategy_parse(const char *name, mine_strategy *out) {
-  for (size_t i = 0; i < sizeof strategy_names / sizeof *strategy_names; i++)
-    if (!strcmp(name, strategy_names[i])) {
-      *out = (mine_strategy)i;
-      return 0;
-    }
-  return moco_error(MOCO_ECONFIG,
-                    "mine.strategy: \"%s\": expected all, random, hardest, semi-hard, band, mixing "
-                    "or adversarial",
-                    name);
-}
-
-int mine_ceiling_parse(const char *name, mine_ceiling *out) {
-  static const char *const names[] = {"none", "absolute", "relative"};
-  for (int i = 0; i < 3; i++)
-    if (!strcmp(name, names[i])) {
-      *out = (mine_ceiling)i;
-      return 0;
-    }
-  return moco_error(MOCO_ECONFIG, "mine.ceiling: \"%s\": expected none, absolute or relative", name);
-}
-
-int mine_config_check(const mine_config *c) {
-  if ((unsigned)c->strategy > MINE_ADVERSARIAL)
-    return moco_error(MOCO_ECONFIG, "mine.strategy: %d: unknown strategy", (int)c->strategy);
-  if (c->num_negatives < 1)
-    return moco_error(MOCO_ECONFIG, "mine.num_negatives: %d: must be >= 1", c->num_negatives);
-  if (c->num_negatives_easy < 0)
-    return moco_error(MOCO_ECONFIG, "mine.num_negatives_easy: %d: must be >= 0 (0 = all)",
-                      c->num_negatives_easy);
-  if (!(c->margin >= 0.0f && c->margin <= 2.0f))
-    return moco_error(MOCO_ECONFIG, "mine.margin: %g: allowed range [0, 2]", c->margin);
-  if (!(c->band_lo >= 0.0f && c->band_lo < c->band_hi && c->band_hi <= 1.0f))
-    return moco_error(MOCO_ECONFIG, "mine.band: [%g, %g]: need 0 <= lo < hi <= 1", c->band_lo,
-                      c->band_hi);
-  if (c->mix_pairs < 0 || c->mix_query < 0)
-    return moco_error(MOCO_ECONFIG, "mine.mix_pairs/mix_query: %d/%d: must be >= 0", c->mix_pairs,
-                      c->mix_query);
-  if (c->strategy == MINE_ADVERSARIAL && c->bank_size < 1)
-    return moco_error(MOCO_ECONFIG, "mine.bank_size: %d: must be >= 1", c->bank_size);
-  if (!(c->hcl_beta >= 0.0f))
-    return moco_error(MOCO_ECONFIG, "mine.hcl_beta: %g: must be >= 0", c->hcl_beta);
-  if ((unsigned)c->ceiling > MINE_CEILING_RELATIVE)
-    return moco_error(MOCO_ECONFIG, "mine.ceiling: %d: unknown mode", (int)c->ceiling);
-  if (c->ceiling == MINE_CEILING_ABSOLUTE && !(c->ceiling_value >= -1.0f && c->ceiling_value <= 1.0f))
-    return moco_error(MOCO_ECONFIG, "mine.ceiling_value: %g: allowed range [-1, 1]", c->ceiling_value);
-  if (c->ceiling == MINE_CEILING_RELATIVE && !(c->ceiling_delta >= -2.0f && c->ceiling_delta <= 2.0f))
-    return moco_error(MOCO_ECONFIG, "mine.ceiling_delta: %g: allowed range [-2, 2]", c->ceiling_delta);
-  if (!(c->skip_hardest >= 0.0f && c->skip_hardest < 1.0f))
-    return moco_error(MOCO_ECONFIG, "mine.skip_hardest: %g: allowed range [0, 1)", c->skip_hardest);
-  return 0;
-}
+const enum_name mine_strategy_names[] = {
+    {"all", MINE_ALL},   {"random", MINE_RANDOM}, {"hardest", MINE_HARDEST},         {"semi-hard", MINE_SEMI_HARD},
+    {"band", MINE_BAND}, {"mixing", MINE_MIXING}, {"adversarial", MINE_ADVERSARIAL}, {NULL, 0}};
+const enum_name mine_ceiling_names[] = {{"none", MINE_CEILING_NONE},
+                                        {"absolute", MINE_CEILING_ABSOLUTE},
+                                        {"relative", MINE_CEILING_RELATIVE},
+                                        {NULL, 0}};
 
 void mine_layout_init(mine_layout *l, const mine_config *c, int queue_size, int batch_size) {
   l->queue_size = queue_size;
@@ -128,8 +55,6 @@ float mine_hcl_beta(const mine_config *c, float hardness) { return hardness * c-
 
 int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int dim) {
   memset(m, 0, sizeof *m);
-  int rc = mine_config_check(cfg);
-  if (rc) return rc;
   if (max_batch < 1 || max_queue < 0 || dim < 0)
     return moco_error(MOCO_EINVAL, "mine_init: max_batch %d, max_queue %d, dim %d: need >= 1, >= 0, >= 0",
                       max_batch, max_queue, dim);

@@ -5,29 +5,8 @@
 #include "core/err.h"
 #include "core/sched.h"
 
-void momentum_config_default(momentum_config *c) {
-  c->encoder_momentum = 0.999f;
-  c->schedule = MOMENTUM_CONSTANT;
-}
-
-int momentum_schedule_parse(const char *name, momentum_schedule *out) {
-  if (!strcmp(name, "constant")) *out = MOMENTUM_CONSTANT;
-  else if (!strcmp(name, "cosine")) *out = MOMENTUM_COSINE;
-  else return moco_error(MOCO_EINVAL, "momentum schedule '%s': expected constant or cosine", name);
-  return 0;
-}
-
-const char *momentum_schedule_name(momentum_schedule s) {
-  return s == MOMENTUM_COSINE ? "cosine" : "constant";
-}
-
-int momentum_config_check(const momentum_config *c) {
-  if (!(c->encoder_momentum >= 0.0f && c->encoder_momentum <= 1.0f))
-    return moco_error(MOCO_ECONFIG, "encoder_momentum: %g, allowed [0, 1]", c->encoder_momentum);
-  if (c->schedule != MOMENTUM_CONSTANT && c->schedule != MOMENTUM_COSINE)
-    return moco_error(MOCO_ECONFIG, "momentum schedule: %d unknown", (int)c->schedule);
-  return 0;
-}
+const enum_name momentum_schedule_names[] = {
+    {"constant", MOMENTUM_CONSTANT}, {"cosine", MOMENTUM_COSINE}, {NULL, 0}};
 
 float momentum_at(const momentum_config *c, int64_t step, int64_t total_steps) {
   if (c->schedule == MOMENTUM_CONSTANT || total_steps <= 0) return c->encoder_momentum;

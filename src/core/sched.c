@@ -5,48 +5,8 @@
 
 #include "core/err.h"
 
-static const char *const kind_names[] = {"constant", "step", "cosine"};
-#define N_KINDS (int)(sizeof kind_names / sizeof kind_names[0])
-
-void sched_config_default(sched_config *c) {
-  memset(c, 0, sizeof *c);
-  c->lr_schedule = SCHED_COSINE;
-  c->lr = 0.06f;
-  c->final_lr = 0.0f;
-  c->gamma = 0.1f;
-}
-
-const char *sched_kind_name(sched_kind k) {
-  return (int)k >= 0 && (int)k < N_KINDS ? kind_names[k] : "?";
-}
-
-int sched_kind_parse(const char *name, sched_kind *k) {
-  for (int i = 0; i < N_KINDS; i++)
-    if (!strcmp(name, kind_names[i])) return *k = (sched_kind)i, 0;
-  return moco_error(MOCO_ECONFIG, "lr_schedule: \"%s\" is not one of constant, step, cosine", name);
-}
-
-int sched_validate(const sched_config *c) {
-  if ((int)c->lr_schedule < 0 || (int)c->lr_schedule >= N_KINDS)
-    return moco_error(MOCO_ECONFIG, "lr_schedule: kind %d, allowed 0..%d", (int)c->lr_schedule,
-                      N_KINDS - 1);
-  if (!(c->lr >= 0.0f && isfinite(c->lr))) return moco_error(MOCO_ECONFIG, "lr: %g, allowed >= 0", c->lr);
-  if (!(c->final_lr >= 0.0f && isfinite(c->final_lr)))
-    return moco_error(MOCO_ECONFIG, "final_lr: %g, allowed >= 0", c->final_lr);
-  if (c->warmup_steps < 0)
-    return moco_error(MOCO_ECONFIG, "warmup_steps: %lld, allowed >= 0", (long long)c->warmup_steps);
-  if (c->lr_schedule != SCHED_STEP) return 0;
-  if (!(c->gamma > 0.0f && isfinite(c->gamma)))
-    return moco_error(MOCO_ECONFIG, "gamma: %g, allowed > 0", c->gamma);
-  if (c->n_milestones < 0 || c->n_milestones > SCHED_MAX_MILESTONES)
-    return moco_error(MOCO_ECONFIG, "milestones: %d of them, allowed 0..%d", c->n_milestones,
-                      SCHED_MAX_MILESTONES);
-  for (int i = 0; i < c->n_milestones; i++)
-    if (c->milestones[i] < 0 || (i > 0 && c->milestones[i] <= c->milestones[i - 1]))
-      return moco_error(MOCO_ECONFIG, "milestones[%d]: %lld, must be >= 0 and above the one before", i,
-                        (long long)c->milestones[i]);
-  return 0;
-}
+const enum_name sched_kind_names[] = {
+    {"constant", SCHED_CONSTANT}, {"step", SCHED_STEP}, {"cosine", SCHED_COSINE}, {NULL, 0}};
 
 float sched_cosine(float a, float b, int64_t step, int64_t total) {
   if (step <= 0) return a;

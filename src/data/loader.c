@@ -12,17 +12,7 @@
 #define LOADER_MAX_WORKERS 64
 #define LOADER_STATE_VERSION 1
 
-void loader_config_default(loader_config *c) {
-  memset(c, 0, sizeof *c);
-  c->batch_size = 256;
-  c->shuffle_buffer = 10000;
-  c->prefetch = 4;
-  c->workers = 2;
-  c->drop_last = 1;
-  c->bad_record = LOADER_BAD_STOP;
-  c->view_mode = VIEW_AUGMENT;
-  view_config_default(&c->augment);
-}
+const enum_name loader_bad_policy_names[] = {{"stop", LOADER_BAD_STOP}, {"skip", LOADER_BAD_SKIP}, {NULL, 0}};
 
 /* A batch travels FREE -> (reader fills the stored records) RAW -> (a worker makes the views) WORK ->
  * READY -> (delivered; the consumer holds it until its next call) FREE. An error or the end of the
@@ -360,18 +350,14 @@ static int pipeline_start(struct loader_impl *I) {
 
 /* ---- open / close ---- */
 
+/* What the caller sets for the run (data, batch, length, statistics) and the bound of the worker array;
+ * the configured values (shuffle_buffer, prefetch, ...) were checked against the config's schema. */
 static int check_config(const loader_config *c) {
   const char *f = NULL;
   if (!c->train || !*c->train) f = "train: a data set is required";
   else if (c->batch_size < 1) f = "batch_size: expected >= 1";
-  else if (c->shuffle_buffer < 0) f = "shuffle_buffer: expected >= 0 (0 = no shuffling)";
-  else if (c->prefetch < 1) f = "prefetch: expected >= 1";
   else if (c->workers < 1 || c->workers > LOADER_MAX_WORKERS) f = "workers: expected 1..64";
   else if (c->epochs < 0) f = "epochs: expected >= 0 (0 = endless)";
-  else if (c->num_classes < 0) f = "num_classes: expected >= 0";
-  else if (c->bad_record != LOADER_BAD_STOP && c->bad_record != LOADER_BAD_SKIP)
-    f = "bad_record: expected stop or skip";
-  else if (c->view_mode != VIEW_AUGMENT && c->view_mode != VIEW_PAIR) f = "view_mode: expected augment or pair";
   else if (c->norm_len < 0 || (c->norm_len > 0 && (!c->mean || !c->std))) f = "mean/std: norm_len values needed";
   else if (c->share_count < 0 || c->share_index < 0 || c->share_index >= (c->share_count > 1 ? c->share_count : 1))
     f = "share_index: expected 0 <= share_index < share_count";

@@ -6,69 +6,11 @@
 
 #include "core/err.h"
 
-void view_config_default(view_config *c) {
-  *c = (view_config){
-      .crop_p = 1.0f, .crop_scale_min = 0.2f, .crop_scale_max = 1.0f,
-      .crop_ratio_min = 3.0f / 4.0f, .crop_ratio_max = 4.0f / 3.0f,
-      .flip_p = 0.5f,
-      .translate_p = 0.0f, .translate_max = 0.125f,
-      .brightness_p = 0.8f, .brightness_min = 0.6f, .brightness_max = 1.4f,
-      .contrast_p = 0.8f, .contrast_min = 0.6f, .contrast_max = 1.4f,
-      .saturation_p = 0.8f, .saturation_min = 0.6f, .saturation_max = 1.4f,
-      .hue_p = 0.8f, .hue_max = 0.1f,
-      .grayscale_p = 0.2f,
-      .erase_p = 0.0f, .erase_scale_min = 0.02f, .erase_scale_max = 0.33f,
-      .erase_ratio_min = 0.3f, .erase_ratio_max = 3.3f,
-      .noise_p = 0.0f, .noise_std_min = 0.0f, .noise_std_max = 0.05f,
-      .mask_p = 1.0f, .mask_rate_min = 0.6f, .mask_rate_max = 0.6f,
-  };
-}
-
-/* lo <= min <= max <= hi, with strict bounds where a zero would divide or take a log. NaN fails every
- * comparison and so every check. */
-static int check_range(const char *name, float mn, float mx, float lo, int lo_open, float hi) {
-  int ok = (lo_open ? mn > lo : mn >= lo) && mn <= mx && mx <= hi;
-  if (ok) return 0;
-  return moco_error(MOCO_ECONFIG, "%s_min, %s_max: [%g, %g], expected %g %s min <= max <= %g", name, name, mn,
-                    mx, lo, lo_open ? "<" : "<=", hi);
-}
-
-static int check_p(const char *name, float p) {
-  if (p >= 0.0f && p <= 1.0f) return 0;
-  return moco_error(MOCO_ECONFIG, "%s: %g, expected a probability in [0, 1]", name, p);
-}
-
-int view_config_check(const view_config *c) {
-  const float inf = INFINITY;
-  int rc = 0;
-#define P(f) if (!rc) rc = check_p(#f, c->f)
-#define R(f, lo, open, hi) if (!rc) rc = check_range(#f, c->f##_min, c->f##_max, lo, open, hi)
-  P(crop_p); P(flip_p); P(translate_p); P(brightness_p); P(contrast_p); P(erase_p); P(noise_p); P(mask_p);
-  P(saturation_p); P(hue_p); P(grayscale_p);
-  R(crop_scale, 0.0f, 1, 1.0f);
-  R(crop_ratio, 0.0f, 1, inf);
-  R(brightness, 0.0f, 0, inf);
-  R(contrast, 0.0f, 0, inf);
-  R(saturation, 0.0f, 0, inf);
-  R(erase_scale, 0.0f, 1, 1.0f);
-  R(erase_ratio, 0.0f, 1, inf);
-  R(noise_std, 0.0f, 0, inf);
-  R(mask_rate, 0.0f, 0, 1.0f);
-#undef P
-#undef R
-  if (!rc && !(c->hue_max >= 0.0f && c->hue_max <= 0.5f))
-    rc = moco_error(MOCO_ECONFIG, "hue_max: %g, expected a fraction of the colour wheel in [0, 0.5]", c->hue_max);
-  if (!rc && !(c->translate_max >= 0.0f && c->translate_max <= 1.0f))
-    rc = moco_error(MOCO_ECONFIG, "translate_max: %g, expected a fraction of the size in [0, 1]",
-                    c->translate_max);
-  return rc;
-}
+const enum_name view_mode_names[] = {{"augment", VIEW_AUGMENT}, {"pair", VIEW_PAIR}, {NULL, 0}};
 
 int view_init(view_pipeline *v, const view_config *cfg, view_mode mode, data_shape shape, data_dtype dtype,
               int norm_len, const float *mean, const float *std) {
   memset(v, 0, sizeof *v);
-  int rc = view_config_check(cfg);
-  if (rc) return rc;
   int C = shape.c;
   if (norm_len != 0 && norm_len != 1 && norm_len != C)
     return moco_error(MOCO_ECONFIG, "normalisation: %d mean/std values, expected 1 or %d (one per %s)",

@@ -2,13 +2,13 @@
 
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/err.h"
 #include "service/log.h"
-#include "data/views.h"
 
 /* ---------------------------------------------------------------------------------------------------
  * The schema. One row per option; the order here is the order of --print-config and of the reference.
@@ -16,66 +16,71 @@
  * ------------------------------------------------------------------------------------------------- */
 
 #define R CONFIG_RUNTIME
-#define INT(p, d, lo, hi, f, doc) {p, CONFIG_INT, #d, lo, hi, NULL, f, doc}
-#define NUM(p, d, lo, hi, f, doc) {p, CONFIG_NUM, #d, lo, hi, NULL, f, doc}
-#define BOOL(p, d, f, doc) {p, CONFIG_BOOL, #d, 0, 0, NULL, f, doc}
-#define STR(p, d, f, doc) {p, CONFIG_STR, d, 0, 0, NULL, f, doc}
-#define ENUM(p, d, ch, f, doc) {p, CONFIG_ENUM, "\"" d "\"", 0, 0, ch, f, doc}
-#define LAYERS(p, d, doc) {p, CONFIG_LAYERS, d, 0, 0, NULL, 0, doc}
-#define INTS(p, d, lo, hi, f, doc) {p, CONFIG_INTS, d, lo, hi, NULL, f, doc}
+/* The field a row binds: T(...) in the trainer's settings, S(...) elsewhere in mocod_config. */
+#define S(f) offsetof(mocod_config, f), sizeof(((mocod_config *)0)->f)
+#define T(f) S(trainer.f)
+#define INT(p, d, lo, hi, f, fld, doc) {p, CONFIG_INT, #d, lo, hi, NULL, f, fld, 0, doc}
+#define NUM(p, d, lo, hi, f, fld, doc) {p, CONFIG_NUM, #d, lo, hi, NULL, f, fld, 0, doc}
+#define BOOL(p, d, f, fld, doc) {p, CONFIG_BOOL, #d, 0, 0, NULL, f, fld, 0, doc}
+#define STR(p, d, f, fld, doc) {p, CONFIG_STR, d, 0, 0, NULL, f, fld, 0, doc}
+#define ENUM(p, d, names, f, fld, doc) {p, CONFIG_ENUM, "\"" d "\"", 0, 0, names, f, fld, 0, doc}
+#define LAYERS(p, d, fld, doc) {p, CONFIG_LAYERS, d, 0, 0, NULL, 0, fld, 0, doc}
+/* The element count goes to the int field `count` beside the array. */
+#define INTS(p, d, lo, hi, f, fld, count, doc) \
+  {p, CONFIG_INTS, d, lo, hi, NULL, f, fld, offsetof(mocod_config, trainer.count), doc}
 
 const config_option config_options[] = {
     /* ---- data ---- */
-    STR("data.dir", "\"/usr/share/datasets/fashion-mnist\"", 0,
+    STR("data.dir", "\"/usr/share/datasets/fashion-mnist\"", 0, S(data.dir),
         "directory that relative data.train / data.eval entries are taken from"),
-    STR("data.train", "\"train-images-idx3-ubyte.gz\"", 0,
+    STR("data.train", "\"train-images-idx3-ubyte.gz\"", 0, S(data.train),
         "training data: IDX images file or shards, comma-separated paths or globs"),
-    STR("data.train_labels", "\"\"", 0,
+    STR("data.train_labels", "\"\"", 0, S(data.train_labels),
         "labels of an IDX training file; \"\" finds them by name (images-idx3 -> labels-idx1)"),
-    STR("data.eval", "\"t10k-images-idx3-ubyte.gz\"", 0,
+    STR("data.eval", "\"t10k-images-idx3-ubyte.gz\"", 0, S(data.eval),
         "labelled evaluation split (kNN monitor, linear probe); \"\" for none"),
-    STR("data.eval_labels", "\"\"", 0, "labels of an IDX evaluation file; \"\" finds them by name"),
-    ENUM("data.mode", "augment", "augment|pair", 0,
+    STR("data.eval_labels", "\"\"", 0, S(data.eval_labels), "labels of an IDX evaluation file; \"\" finds them by name"),
+    ENUM("data.mode", "augment", view_mode_names, 0, T(loader.view_mode),
          "augment: two random views per sample; pair: the record's own two samples"),
-    INT("data.shuffle_buffer", 65536, 0, 1 << 24, 0,
+    INT("data.shuffle_buffer", 65536, 0, 1 << 24, 0, T(loader.shuffle_buffer),
         "records shuffled together; >= the data set size is a full shuffle, 0 none"),
-    INT("data.workers", 2, 1, 64, 0, "threads making views (the stream is the same for any count)"),
-    INT("data.prefetch", 4, 1, 64, 0, "batches prepared ahead of the step"),
-    BOOL("data.normalize", true, 0, "standardise inputs with the training set's mean and std per channel"),
-    INT("data.num_classes", 0, 0, 1 << 20, 0, "number of classes; 0 takes it from the data"),
-    ENUM("data.bad_record", "stop", "stop|skip", 0, "a damaged record stops training, or is skipped and counted"),
+    INT("data.workers", 2, 1, 64, 0, T(loader.workers), "threads making views (the stream is the same for any count)"),
+    INT("data.prefetch", 4, 1, 64, 0, T(loader.prefetch), "batches prepared ahead of the step"),
+    BOOL("data.normalize", true, 0, T(normalize), "standardise inputs with the training set's mean and std per channel"),
+    INT("data.num_classes", 0, 0, 1 << 20, 0, T(loader.num_classes), "number of classes; 0 takes it from the data"),
+    ENUM("data.bad_record", "stop", loader_bad_policy_names, 0, T(loader.bad_record), "a damaged record stops training, or is skipped and counted"),
     /* ---- views ---- */
-    NUM("views.crop_p", 1, 0, 1, 0, "probability of a random resized crop"),
-    NUM("views.crop_scale_min", 0.2, 0, 1, 0, "smallest crop, as a fraction of the area"),
-    NUM("views.crop_scale_max", 1, 0, 1, 0, "largest crop, as a fraction of the area"),
-    NUM("views.crop_ratio_min", 0.75, 0.01, 100, 0, "smallest crop aspect ratio"),
-    NUM("views.crop_ratio_max", 1.3333333, 0.01, 100, 0, "largest crop aspect ratio"),
-    NUM("views.flip_p", 0.5, 0, 1, 0, "probability of a horizontal flip"),
-    NUM("views.translate_p", 0, 0, 1, 0, "probability of a translation"),
-    NUM("views.translate_max", 0.125, 0, 1, 0, "largest translation, as a fraction of the size"),
-    NUM("views.brightness_p", 0.8, 0, 1, 0, "probability of a brightness change"),
-    NUM("views.brightness_min", 0.6, 0, 100, 0, "smallest brightness factor"),
-    NUM("views.brightness_max", 1.4, 0, 100, 0, "largest brightness factor"),
-    NUM("views.contrast_p", 0.8, 0, 1, 0, "probability of a contrast change"),
-    NUM("views.contrast_min", 0.6, 0, 100, 0, "smallest contrast factor"),
-    NUM("views.contrast_max", 1.4, 0, 100, 0, "largest contrast factor"),
-    NUM("views.saturation_p", 0.8, 0, 1, 0, "RGB images: probability of a saturation change"),
-    NUM("views.saturation_min", 0.6, 0, 100, 0, "RGB images: smallest saturation factor (0: grey)"),
-    NUM("views.saturation_max", 1.4, 0, 100, 0, "RGB images: largest saturation factor"),
-    NUM("views.hue_p", 0.8, 0, 1, 0, "RGB images: probability of a hue shift"),
-    NUM("views.hue_max", 0.1, 0, 0.5, 0, "RGB images: largest hue shift, in turns of the colour wheel"),
-    NUM("views.grayscale_p", 0.2, 0, 1, 0, "RGB images: probability of turning the view grey"),
-    NUM("views.erase_p", 0, 0, 1, 0, "probability of random erasing"),
-    NUM("views.erase_scale_min", 0.02, 0, 1, 0, "smallest erased area fraction"),
-    NUM("views.erase_scale_max", 0.33, 0, 1, 0, "largest erased area fraction"),
-    NUM("views.erase_ratio_min", 0.3, 0.01, 100, 0, "smallest erased aspect ratio"),
-    NUM("views.erase_ratio_max", 3.3, 0.01, 100, 0, "largest erased aspect ratio"),
-    NUM("views.noise_p", 0, 0, 1, 0, "probability of Gaussian noise"),
-    NUM("views.noise_std_min", 0, 0, 10, 0, "smallest noise standard deviation"),
-    NUM("views.noise_std_max", 0.05, 0, 10, 0, "largest noise standard deviation"),
-    NUM("views.mask_p", 1, 0, 1, 0, "vectors: probability of SCARF feature masking"),
-    NUM("views.mask_rate_min", 0.6, 0, 1, 0, "vectors: smallest masked fraction"),
-    NUM("views.mask_rate_max", 0.6, 0, 1, 0, "vectors: largest masked fraction"),
+    NUM("views.crop_p", 1, 0, 1, 0, T(loader.augment.crop_p), "probability of a random resized crop"),
+    NUM("views.crop_scale_min", 0.2, 0, 1, CONFIG_MIN_OPEN, T(loader.augment.crop_scale_min), "smallest crop, as a fraction of the area"),
+    NUM("views.crop_scale_max", 1, 0, 1, 0, T(loader.augment.crop_scale_max), "largest crop, as a fraction of the area"),
+    NUM("views.crop_ratio_min", 0.75, 0.01, 100, 0, T(loader.augment.crop_ratio_min), "smallest crop aspect ratio"),
+    NUM("views.crop_ratio_max", 1.3333333, 0.01, 100, 0, T(loader.augment.crop_ratio_max), "largest crop aspect ratio"),
+    NUM("views.flip_p", 0.5, 0, 1, 0, T(loader.augment.flip_p), "probability of a horizontal flip"),
+    NUM("views.translate_p", 0, 0, 1, 0, T(loader.augment.translate_p), "probability of a translation"),
+    NUM("views.translate_max", 0.125, 0, 1, 0, T(loader.augment.translate_max), "largest translation, as a fraction of the size"),
+    NUM("views.brightness_p", 0.8, 0, 1, 0, T(loader.augment.brightness_p), "probability of a brightness change"),
+    NUM("views.brightness_min", 0.6, 0, 100, 0, T(loader.augment.brightness_min), "smallest brightness factor"),
+    NUM("views.brightness_max", 1.4, 0, 100, 0, T(loader.augment.brightness_max), "largest brightness factor"),
+    NUM("views.contrast_p", 0.8, 0, 1, 0, T(loader.augment.contrast_p), "probability of a contrast change"),
+    NUM("views.contrast_min", 0.6, 0, 100, 0, T(loader.augment.contrast_min), "smallest contrast factor"),
+    NUM("views.contrast_max", 1.4, 0, 100, 0, T(loader.augment.contrast_max), "largest contrast factor"),
+    NUM("views.saturation_p", 0.8, 0, 1, 0, T(loader.augment.saturation_p), "RGB images: probability of a saturation change"),
+    NUM("views.saturation_min", 0.6, 0, 100, 0, T(loader.augment.saturation_min), "RGB images: smallest saturation factor (0: grey)"),
+    NUM("views.saturation_max", 1.4, 0, 100, 0, T(loader.augment.saturation_max), "RGB images: largest saturation factor"),
+    NUM("views.hue_p", 0.8, 0, 1, 0, T(loader.augment.hue_p), "RGB images: probability of a hue shift"),
+    NUM("views.hue_max", 0.1, 0, 0.5, 0, T(loader.augment.hue_max), "RGB images: largest hue shift, in turns of the colour wheel"),
+    NUM("views.grayscale_p", 0.2, 0, 1, 0, T(loader.augment.grayscale_p), "RGB images: probability of turning the view grey"),
+    NUM("views.erase_p", 0, 0, 1, 0, T(loader.augment.erase_p), "probability of random erasing"),
+    NUM("views.erase_scale_min", 0.02, 0, 1, CONFIG_MIN_OPEN, T(loader.augment.erase_scale_min), "smallest erased area fraction"),
+    NUM("views.erase_scale_max", 0.33, 0, 1, 0, T(loader.augment.erase_scale_max), "largest erased area fraction"),
+    NUM("views.erase_ratio_min", 0.3, 0.01, 100, 0, T(loader.augment.erase_ratio_min), "smallest erased aspect ratio"),
+    NUM("views.erase_ratio_max", 3.3, 0.01, 100, 0, T(loader.augment.erase_ratio_max), "largest erased aspect ratio"),
+    NUM("views.noise_p", 0, 0, 1, 0, T(loader.augment.noise_p), "probability of Gaussian noise"),
+    NUM("views.noise_std_min", 0, 0, 10, 0, T(loader.augment.noise_std_min), "smallest noise standard deviation"),
+    NUM("views.noise_std_max", 0.05, 0, 10, 0, T(loader.augment.noise_std_max), "largest noise standard deviation"),
+    NUM("views.mask_p", 1, 0, 1, 0, T(loader.augment.mask_p), "vectors: probability of SCARF feature masking"),
+    NUM("views.mask_rate_min", 0.6, 0, 1, 0, T(loader.augment.mask_rate_min), "vectors: smallest masked fraction"),
+    NUM("views.mask_rate_max", 0.6, 0, 1, 0, T(loader.augment.mask_rate_max), "vectors: largest masked fraction"),
     /* ---- model ---- */
     LAYERS("model.backbone",
            "[{\"type\":\"conv2d\",\"out\":32,\"kernel\":3,\"stride\":1,\"pad\":1},{\"type\":\"batchnorm\"},"
@@ -83,134 +88,137 @@ const config_option config_options[] = {
            "{\"type\":\"conv2d\",\"out\":64,\"kernel\":3,\"stride\":1,\"pad\":1},{\"type\":\"batchnorm\"},"
            "{\"type\":\"relu\"},{\"type\":\"maxpool\",\"kernel\":2},"
            "{\"type\":\"conv2d\",\"out\":128,\"kernel\":3,\"stride\":1,\"pad\":1},{\"type\":\"batchnorm\"},"
-           "{\"type\":\"relu\"},{\"type\":\"avgpool\"},{\"type\":\"flatten\"}]",
+           "{\"type\":\"relu\"},{\"type\":\"avgpool\"},{\"type\":\"flatten\"}]", T(backbone),
            "encoder layers up to the features that evaluation uses (kNN, linear probe, export)"),
-    LAYERS("model.head", "[{\"type\":\"linear\",\"out\":128},{\"type\":\"relu\"}]",
+    LAYERS("model.head", "[{\"type\":\"linear\",\"out\":128},{\"type\":\"relu\"}]", T(head),
            "projection head after the backbone; mocod appends linear(embed_dim) and l2norm"),
-    INT("model.embed_dim", 64, 2, 4096, 0, "dimension of the L2-normalised embedding (queue keys)"),
-    BOOL("model.sync_bn", false, 0,
+    INT("model.embed_dim", 64, 2, 4096, 0, T(embed_dim), "dimension of the L2-normalised embedding (queue keys)"),
+    BOOL("model.sync_bn", false, 0, T(moco.sync_bn),
          "query-encoder BatchNorm over every rank's batch (SyncBN) under mpirun; off: each rank's own"),
     /* ---- contrast ---- */
-    INT("contrast.queue_size", 4096, 1, 1 << 22, 0, "K: keys kept in the queue as negatives"),
-    NUM("contrast.momentum", 0.99, 0, 1, 0, "m of the key encoder: key <- m*key + (1-m)*query"),
-    ENUM("contrast.momentum_schedule", "constant", "constant|cosine", 0,
+    INT("contrast.queue_size", 4096, 1, 1 << 22, 0, T(moco.queue_size), "K: keys kept in the queue as negatives"),
+    NUM("contrast.momentum", 0.99, 0, 1, 0, T(moco.momentum.encoder_momentum), "m of the key encoder: key <- m*key + (1-m)*query"),
+    ENUM("contrast.momentum_schedule", "constant", momentum_schedule_names, 0, T(moco.momentum.schedule),
          "constant m, or BYOL's cosine ramp from m to 1 over training"),
-    NUM("contrast.temperature", 0.2, 0.001, 10, R, "softmax temperature of the contrastive loss"),
-    ENUM("contrast.loss", "infonce", "infonce|hcl|triplet|ntxent", 0,
+    NUM("contrast.temperature", 0.2, 0.001, 10, R, T(moco.loss.temperature), "softmax temperature of the contrastive loss"),
+    ENUM("contrast.loss", "infonce", loss_kind_names, 0, T(moco.loss.loss),
          "InfoNCE (multi-positive with kept suspects), HCL/DCL, triplet margin, or SimCLR's NT-Xent"),
-    BOOL("contrast.symmetric", false, 0, "both views act as queries against the other's key"),
-    INT("contrast.shuffle_bn_groups", 8, 1, 1024, 0,
+    BOOL("contrast.symmetric", false, 0, T(moco.symmetric), "both views act as queries against the other's key"),
+    INT("contrast.shuffle_bn_groups", 8, 1, 1024, 0, T(moco.shuffle_bn_groups),
         "key-encoder BatchNorm groups over a shuffled batch (MoCo's shuffle BN); 1 turns it off"),
-    NUM("contrast.hcl_beta", 1, 0, 100, R, "HCL concentration on hard negatives at hardness 1 (0: DCL)"),
-    NUM("contrast.tau_plus", 0.1, 0, 0.999, R, "HCL/DCL class prior tau+; 0: no debiasing"),
-    NUM("contrast.triplet_margin", 0.2, 0, 4, R, "triplet loss margin on cosine distance"),
-    ENUM("contrast.triplet_negative", "hardest", "hardest|mean", R,
+    NUM("contrast.hcl_beta", 1, 0, 100, R, T(moco.mine.hcl_beta), "HCL concentration on hard negatives at hardness 1 (0: DCL)"),
+    NUM("contrast.tau_plus", 0.1, 0, 0.999, R, T(moco.loss.tau_plus), "HCL/DCL class prior tau+; 0: no debiasing"),
+    NUM("contrast.triplet_margin", 0.2, 0, 4, R, T(moco.loss.margin), "triplet loss margin on cosine distance"),
+    ENUM("contrast.triplet_negative", "hardest", triplet_negative_names, R, T(moco.loss.triplet_negative),
          "triplet loss on each query's hardest negative or the mean over all"),
-    ENUM("contrast.negatives.strategy", "hardest", "all|random|hardest|semi-hard|band|mixing|adversarial",
-         R, "which candidates are negatives (mixing and adversarial only if started with them)"),
-    BOOL("contrast.negatives.in_batch", false, 0, "also use the batch's other keys as candidates"),
-    INT("contrast.negatives.num_negatives", 1024, 1, 1 << 22, R,
+    ENUM("contrast.negatives.strategy", "hardest", mine_strategy_names,
+         R, T(moco.mine.strategy), "which candidates are negatives (mixing and adversarial only if started with them)"),
+    BOOL("contrast.negatives.in_batch", false, 0, T(moco.mine.in_batch_negatives), "also use the batch's other keys as candidates"),
+    INT("contrast.negatives.num_negatives", 1024, 1, 1 << 22, R, T(moco.mine.num_negatives),
         "negatives per query at hardness 1 (random, hardest, semi-hard; mixing: hard pool)"),
-    INT("contrast.negatives.num_negatives_easy", 0, 0, 1 << 22, R,
+    INT("contrast.negatives.num_negatives_easy", 0, 0, 1 << 22, R, T(moco.mine.num_negatives_easy),
         "negatives per query at hardness 0; 0 means every valid candidate"),
-    NUM("contrast.negatives.margin", 0.2, 0, 2, R, "semi-hard: band width below the positive"),
-    NUM("contrast.negatives.band_lo", 0.05, 0, 1, R, "band: hardest rank percentile kept at hardness 1"),
-    NUM("contrast.negatives.band_hi", 0.3, 0, 1, R, "band: easiest rank percentile kept at hardness 1"),
-    INT("contrast.negatives.mix_pairs", 512, 0, 65536, 0, "mixing: synthetic mixes of two hard negatives per query"),
-    INT("contrast.negatives.mix_query", 256, 0, 65536, 0, "mixing: mixes of the query with a hard negative per query"),
-    INT("contrast.negatives.bank_size", 16384, 1, 1 << 22, 0, "adversarial: learnable negatives in the bank"),
-    NUM("contrast.adversarial.lr", 3, 0, 1000, R, "adversarial: learning rate of the bank's ascent"),
-    NUM("contrast.adversarial.temperature", 0.02, 0.001, 10, R, "adversarial: temperature of the bank's loss"),
-    NUM("contrast.adversarial.momentum", 0.9, 0, 0.9999, R, "adversarial: momentum of the bank's ascent"),
-    NUM("contrast.adversarial.weight_decay", 5e-4, 0, 1, R, "adversarial: weight decay of the bank"),
-    BOOL("contrast.adversarial.init_from_queue", true, 0,
+    NUM("contrast.negatives.margin", 0.2, 0, 2, R, T(moco.mine.margin), "semi-hard: band width below the positive"),
+    NUM("contrast.negatives.band_lo", 0.05, 0, 1, R, T(moco.mine.band_lo), "band: hardest rank percentile kept at hardness 1"),
+    NUM("contrast.negatives.band_hi", 0.3, 0, 1, R, T(moco.mine.band_hi), "band: easiest rank percentile kept at hardness 1"),
+    INT("contrast.negatives.mix_pairs", 512, 0, 65536, 0, T(moco.mine.mix_pairs), "mixing: synthetic mixes of two hard negatives per query"),
+    INT("contrast.negatives.mix_query", 256, 0, 65536, 0, T(moco.mine.mix_query), "mixing: mixes of the query with a hard negative per query"),
+    INT("contrast.negatives.bank_size", 16384, 1, 1 << 22, 0, T(moco.mine.bank_size), "adversarial: learnable negatives in the bank"),
+    NUM("contrast.adversarial.lr", 3, 0, 1000, R, T(moco.advbank.lr), "adversarial: learning rate of the bank's ascent"),
+    NUM("contrast.adversarial.temperature", 0.02, 0.001, 10, R, T(moco.advbank.temperature), "adversarial: temperature of the bank's loss"),
+    NUM("contrast.adversarial.momentum", 0.9, 0, 0.9999, R, T(moco.advbank.momentum), "adversarial: momentum of the bank's ascent"),
+    NUM("contrast.adversarial.weight_decay", 5e-4, 0, 1, R, T(moco.advbank.weight_decay), "adversarial: weight decay of the bank"),
+    BOOL("contrast.adversarial.init_from_queue", true, 0, T(moco.advbank.init_from_queue),
          "adversarial: seed the bank from the queue's keys once the queue is full"),
-    ENUM("contrast.guards.ceiling", "none", "none|absolute|relative", R,
+    ENUM("contrast.guards.ceiling", "none", mine_ceiling_names, R, T(moco.mine.ceiling),
          "suspected false negatives: similarity above a value, or above s_pos - delta"),
-    NUM("contrast.guards.ceiling_value", 0.95, -1, 1, R, "absolute ceiling"),
-    NUM("contrast.guards.ceiling_delta", 0, -2, 2, R, "relative ceiling: s_pos - delta"),
-    NUM("contrast.guards.skip_hardest", 0, 0, 0.999, R, "the hardest fraction of candidates is suspect"),
-    BOOL("contrast.guards.as_positives", false, R, "suspects become extra positives instead of being dropped"),
-    BOOL("contrast.guards.supervised", false, R, "never use a candidate with the query's label (needs labels)"),
-    ENUM("contrast.hardness.mode", "fixed", "fixed|curriculum|dynamic", R,
+    NUM("contrast.guards.ceiling_value", 0.95, -1, 1, R, T(moco.mine.ceiling_value), "absolute ceiling"),
+    NUM("contrast.guards.ceiling_delta", 0, -2, 2, R, T(moco.mine.ceiling_delta), "relative ceiling: s_pos - delta"),
+    NUM("contrast.guards.skip_hardest", 0, 0, 0.999, R, T(moco.mine.skip_hardest), "the hardest fraction of candidates is suspect"),
+    BOOL("contrast.guards.as_positives", false, R, T(moco.mine.suspects_as_positives), "suspects become extra positives instead of being dropped"),
+    BOOL("contrast.guards.supervised", false, R, T(moco.mine.supervised), "never use a candidate with the query's label (needs labels)"),
+    ENUM("contrast.hardness.mode", "fixed", hardness_mode_names, R, T(moco.hardness.mode),
          "where the hardness in [0, 1] comes from: a constant, a schedule, or a controller"),
-    NUM("contrast.hardness.value", 1, 0, 1, R, "fixed: the hardness; dynamic: its starting value"),
-    NUM("contrast.hardness.warmup", 0, 0, 1, R, "fraction of training on random negatives first"),
-    ENUM("contrast.hardness.shape", "linear", "linear|cosine", R, "curriculum: shape of the ramp"),
-    NUM("contrast.hardness.start", 0, 0, 1, R, "curriculum: hardness right after the warm-up"),
-    NUM("contrast.hardness.end", 1, 0, 1, R, "curriculum: hardness at the end of training"),
-    ENUM("contrast.hardness.signal", "accuracy", "accuracy|hardest_sim|neg_sim", R,
+    NUM("contrast.hardness.value", 1, 0, 1, R, T(moco.hardness.value), "fixed: the hardness; dynamic: its starting value"),
+    NUM("contrast.hardness.warmup", 0, 0, 1, R | CONFIG_MAX_OPEN, T(moco.hardness.warmup), "fraction of training on random negatives first"),
+    ENUM("contrast.hardness.shape", "linear", hardness_shape_names, R, T(moco.hardness.shape), "curriculum: shape of the ramp"),
+    NUM("contrast.hardness.start", 0, 0, 1, R, T(moco.hardness.start), "curriculum: hardness right after the warm-up"),
+    NUM("contrast.hardness.end", 1, 0, 1, R, T(moco.hardness.end), "curriculum: hardness at the end of training"),
+    ENUM("contrast.hardness.signal", "accuracy", hardness_signal_names, R, T(moco.hardness.signal),
          "dynamic: the signal held at the target (instance accuracy, hardest-negative similarity or mean "
          "selected-negative similarity; hardest needs neg_sim)"),
-    NUM("contrast.hardness.target", 0.5, -1, 1, R, "dynamic: level of the signal to hold"),
-    NUM("contrast.hardness.gain", 0.05, 0, 10, R, "dynamic: hardness change per unit of error"),
-    NUM("contrast.hardness.max_step", 0.01, 0, 1, R, "dynamic: largest change per step"),
-    NUM("contrast.hardness.ema", 0.9, 0, 0.9999, R, "dynamic: EMA decay of the signal"),
-    NUM("contrast.hardness.min", 0, 0, 1, R, "dynamic: lowest hardness"),
-    NUM("contrast.hardness.max", 1, 0, 1, R, "dynamic: highest hardness"),
+    NUM("contrast.hardness.target", 0.5, -1, 1, R, T(moco.hardness.target), "dynamic: level of the signal to hold"),
+    NUM("contrast.hardness.gain", 0.05, 0, 10, R, T(moco.hardness.gain), "dynamic: hardness change per unit of error"),
+    NUM("contrast.hardness.max_step", 0.01, 0, 1, R, T(moco.hardness.max_step), "dynamic: largest change per step"),
+    NUM("contrast.hardness.ema", 0.9, 0, 0.9999, R, T(moco.hardness.ema), "dynamic: EMA decay of the signal"),
+    NUM("contrast.hardness.min", 0, 0, 1, R, T(moco.hardness.min), "dynamic: lowest hardness"),
+    NUM("contrast.hardness.max", 1, 0, 1, R, T(moco.hardness.max), "dynamic: highest hardness"),
     /* ---- optim ---- */
-    ENUM("optim.optimizer", "sgd", "sgd|lars|adamw", 0, "update rule"),
-    INT("optim.batch_size", 256, 2, 65536, 0, "samples per step (B)"),
-    INT("optim.epochs", 10, 0, 100000, 0, "training length in passes over the data (when optim.steps is 0)"),
-    INT("optim.steps", 0, 0, 1e12, 0, "training length in steps; 0 derives it from optim.epochs"),
-    NUM("optim.lr", 0.06, 0, 100, R, "base learning rate (peak of the schedule)"),
-    ENUM("optim.lr_schedule", "cosine", "constant|step|cosine", 0, "learning-rate schedule over the training length"),
-    NUM("optim.final_lr", 0, 0, 100, R, "cosine: learning rate after the last step"),
-    INT("optim.warmup_steps", 0, 0, 1e9, R, "linear warm-up to optim.lr over this many steps"),
-    INTS("optim.milestones", "[]", 0, 1e12, 0, "step: steps at which the rate is multiplied by gamma (at most 16)"),
-    NUM("optim.gamma", 0.1, 1e-6, 1, R, "step: factor at each milestone"),
-    NUM("optim.weight_decay", 5e-4, 0, 1, R, "weight decay (not on biases and BatchNorm unless decay_all)"),
-    BOOL("optim.decay_all", false, 0, "also decay biases and BatchNorm parameters"),
-    NUM("optim.momentum", 0.9, 0, 0.9999, 0, "SGD / LARS momentum"),
-    BOOL("optim.nesterov", false, 0, "Nesterov momentum (SGD, LARS)"),
-    NUM("optim.lars_eta", 0.001, 1e-6, 1, 0, "LARS trust coefficient"),
-    NUM("optim.beta1", 0.9, 0, 0.9999, 0, "AdamW first-moment decay"),
-    NUM("optim.beta2", 0.999, 0, 0.999999, 0, "AdamW second-moment decay"),
-    NUM("optim.eps", 1e-8, 1e-12, 1, 0, "AdamW denominator guard"),
+    ENUM("optim.optimizer", "sgd", optim_kind_names, 0, T(moco.optim.optimizer), "update rule"),
+    INT("optim.batch_size", 256, 2, 65536, 0, T(moco.batch_size), "samples per step (B)"),
+    INT("optim.epochs", 10, 0, 100000, 0, T(epochs), "training length in passes over the data (when optim.steps is 0)"),
+    INT("optim.steps", 0, 0, 1e12, 0, T(steps), "training length in steps; 0 derives it from optim.epochs"),
+    NUM("optim.lr", 0.06, 0, 100, R, T(moco.sched.lr), "base learning rate (peak of the schedule)"),
+    ENUM("optim.lr_schedule", "cosine", sched_kind_names, 0, T(moco.sched.lr_schedule), "learning-rate schedule over the training length"),
+    NUM("optim.final_lr", 0, 0, 100, R, T(moco.sched.final_lr), "cosine: learning rate after the last step"),
+    INT("optim.warmup_steps", 0, 0, 1e9, R, T(moco.sched.warmup_steps), "linear warm-up to optim.lr over this many steps"),
+    INTS("optim.milestones", "[]", 0, 1e12, 0, T(moco.sched.milestones), moco.sched.n_milestones, "step: steps at which the rate is multiplied by gamma (at most 16)"),
+    NUM("optim.gamma", 0.1, 1e-6, 1, R, T(moco.sched.gamma), "step: factor at each milestone"),
+    NUM("optim.weight_decay", 5e-4, 0, 1, R, T(moco.optim.weight_decay), "weight decay (not on biases and BatchNorm unless decay_all)"),
+    BOOL("optim.decay_all", false, 0, T(moco.optim.decay_all), "also decay biases and BatchNorm parameters"),
+    NUM("optim.momentum", 0.9, 0, 0.9999, 0, T(moco.optim.momentum), "SGD / LARS momentum"),
+    BOOL("optim.nesterov", false, 0, T(moco.optim.nesterov), "Nesterov momentum (SGD, LARS)"),
+    NUM("optim.lars_eta", 0.001, 1e-6, 1, 0, T(moco.optim.lars_eta), "LARS trust coefficient"),
+    NUM("optim.beta1", 0.9, 0, 0.9999, 0, T(moco.optim.beta1), "AdamW first-moment decay"),
+    NUM("optim.beta2", 0.999, 0, 0.999999, 0, T(moco.optim.beta2), "AdamW second-moment decay"),
+    NUM("optim.eps", 1e-8, 1e-12, 1, 0, T(moco.optim.eps), "AdamW denominator guard"),
     /* ---- eval ---- */
-    INT("eval.every_steps", 0, 0, 1e12, R, "kNN monitor every N steps; 0: only at the end and on `eval`"),
-    INT("eval.k", 200, 1, 10000, R, "neighbours of the weighted kNN monitor"),
-    NUM("eval.temperature", 0.1, 0.001, 10, R, "kNN weight temperature T: weight exp(s/T)"),
-    INT("eval.small_k", 20, 1, 10000, R, "neighbours of the second, small-k kNN protocol (same pass)"),
-    NUM("eval.small_temperature", 0.07, 0.001, 10, R, "weight temperature of the small-k kNN protocol"),
-    INTS("eval.groups", "[0, 2, 4, 6]", 0, 63, R,
+    INT("eval.every_steps", 0, 0, 1e12, R, S(eval.every_steps), "kNN monitor every N steps; 0: only at the end and on `eval`"),
+    INT("eval.k", 200, 1, 10000, R, T(knn.k), "neighbours of the weighted kNN monitor"),
+    NUM("eval.temperature", 0.1, 0.001, 10, R, T(knn.temperature), "kNN weight temperature T: weight exp(s/T)"),
+    INT("eval.small_k", 20, 1, 10000, R, T(knn_small.k), "neighbours of the second, small-k kNN protocol (same pass)"),
+    NUM("eval.small_temperature", 0.07, 0.001, 10, R, T(knn_small.temperature),
+        "weight temperature of the small-k kNN protocol"),
+    INTS("eval.groups", "[0, 2, 4, 6]", 0, 63, R, T(groups), n_groups,
          "confusable group: classes whose joint kNN accuracy is reported (Fashion-MNIST T-shirt/top, "
          "Pullover, Coat, Shirt); [] for none"),
-    INT("eval.retrieval_queries", 2000, 0, 1 << 20, R,
+    INT("eval.retrieval_queries", 2000, 0, 1 << 20, R, T(retrieval_queries),
         "instance retrieval: augmented copies of the first N evaluation samples, searched among the "
         "originals; 0: none"),
-    ENUM("eval.encoder", "query", "query|key", R, "encoder whose backbone features are evaluated"),
-    BOOL("eval.probe_at_end", true, R, "train a linear probe on frozen features when training ends"),
-    INT("eval.probe_max_iter", 100, 1, 100000, R, "linear probe: L-BFGS iterations"),
-    NUM("eval.probe_weight_decay", 1e-4, 0, 10, R, "linear probe: L2 penalty on standardised features"),
-    INT("eval.train_limit", 0, 0, 1e12, R,
+    ENUM("eval.encoder", "query", trainer_encoder_names, R, T(eval_encoder), "encoder whose backbone features are evaluated"),
+    BOOL("eval.probe_at_end", true, R, S(eval.probe_at_end), "train a linear probe on frozen features when training ends"),
+    INT("eval.probe_max_iter", 100, 1, 100000, R, T(probe.max_iter), "linear probe: L-BFGS iterations"),
+    NUM("eval.probe_weight_decay", 1e-4, 0, 10, R, T(probe.weight_decay), "linear probe: L2 penalty on standardised features"),
+    INT("eval.train_limit", 0, 0, 1e12, R, S(eval.train_limit),
         "periodic monitor: training samples in its kNN bank; 0: all (the final evaluation uses all)"),
-    INT("eval.limit", 0, 0, 1e12, R, "periodic monitor: evaluation samples; 0: all (the final one uses all)"),
-    INT("eval.pairs", 1024, 2, 1 << 20, R, "augmented pairs for alignment, rows for uniformity"),
+    INT("eval.limit", 0, 0, 1e12, R, S(eval.limit), "periodic monitor: evaluation samples; 0: all (the final one uses all)"),
+    INT("eval.pairs", 1024, 2, 1 << 20, R, T(eval_pairs), "augmented pairs for alignment, rows for uniformity"),
     /* ---- checkpoint ---- */
-    STR("checkpoint.dir", "\"run/checkpoints\"", 0, "directory of checkpoint files"),
-    INT("checkpoint.every_steps", 1000, 0, 1e12, R, "checkpoint every N steps; 0: not by steps"),
-    INT("checkpoint.every_seconds", 600, 0, 1e9, R, "checkpoint every N seconds; 0: not by time"),
-    INT("checkpoint.keep", 3, 1, 1000, R, "checkpoints kept; older ones are deleted"),
+    STR("checkpoint.dir", "\"run/checkpoints\"", 0, S(checkpoint.dir), "directory of checkpoint files"),
+    INT("checkpoint.every_steps", 1000, 0, 1e12, R, S(checkpoint.every_steps), "checkpoint every N steps; 0: not by steps"),
+    INT("checkpoint.every_seconds", 600, 0, 1e9, R, S(checkpoint.every_seconds), "checkpoint every N seconds; 0: not by time"),
+    INT("checkpoint.keep", 3, 1, 1000, R, S(checkpoint.keep), "checkpoints kept; older ones are deleted"),
     /* ---- log ---- */
-    STR("log.progress", "\"run/progress.jsonl\"", 0, "JSON-lines progress file; \"\" for none"),
-    STR("log.file", "\"run/mocod.log\"", 0, "human-readable log; \"\" for standard error"),
-    ENUM("log.level", "notice", "debug|verbose|notice|warning", R, "lowest level written to log.file"),
-    INT("log.every_steps", 10, 1, 1e9, R, "a progress event every N steps"),
+    STR("log.progress", "\"run/progress.jsonl\"", 0, S(log.progress), "JSON-lines progress file; \"\" for none"),
+    STR("log.file", "\"run/mocod.log\"", 0, S(log.file), "human-readable log; \"\" for standard error"),
+    ENUM("log.level", "notice", log_level_names, R, S(log.level), "lowest level written to log.file"),
+    INT("log.every_steps", 10, 1, 1e9, R, S(log.every_steps), "a progress event every N steps"),
     /* ---- service ---- */
-    STR("service.socket", "\"run/mocod.sock\"", 0, "control socket (Unix domain, mode 0600)"),
-    STR("service.metrics_listen", "\"\"", 0,
+    STR("service.socket", "\"run/mocod.sock\"", 0, S(service.socket), "control socket (Unix domain, mode 0600)"),
+    STR("service.metrics_listen", "\"\"", 0, S(service.metrics_listen),
         "HOST:PORT serving Prometheus /metrics over HTTP (e.g. 127.0.0.1:9464); \"\" for none"),
-    STR("service.pid_file", "\"run/mocod.pid\"", 0, "pid file, locked while mocod runs"),
-    BOOL("service.exit_on_finish", false, 0,
+    STR("service.pid_file", "\"run/mocod.pid\"", 0, S(service.pid_file), "pid file, locked while mocod runs"),
+    BOOL("service.exit_on_finish", false, 0, S(service.exit_on_finish),
          "exit once training has finished (status 0) or failed (status 1); otherwise keep answering until stopped"),
     /* ---- top level ---- */
-    INT("seed", 1, 0, 1e15, 0, "seed of every random stream (initialisation, shuffling, views, sampling)"),
-    INT("threads", 1, 1, 256, 0, "compute threads of the step (layers and matrix products, at most 16); results are reproducible for a fixed value"),
+    INT("seed", 1, 0, 1e15, 0, T(moco.seed), "seed of every random stream (initialisation, shuffling, views, sampling)"),
+    INT("threads", 1, 1, 256, 0, T(threads), "compute threads of the step (layers and matrix products, at most 16); results are reproducible for a fixed value"),
 };
 const size_t config_n_options = sizeof config_options / sizeof config_options[0];
 
 #undef R
+#undef S
+#undef T
 #undef INT
 #undef NUM
 #undef BOOL
@@ -355,14 +363,20 @@ static const char *type_name(config_type t) {
   return "?";
 }
 
-static int enum_has(const char *choices, const char *word) {
-  size_t n = strlen(word);
-  for (const char *p = choices; *p;) {
-    const char *bar = strchr(p, '|');
-    size_t len = bar ? (size_t)(bar - p) : strlen(p);
-    if (len == n && !strncmp(p, word, n)) return 1;
-    p += len + (bar ? 1 : 0);
+/* "a|b|c": the names of an enum row, for messages. */
+static void names_text(const enum_name *t, const char *sep, char *buf, size_t n) {
+  size_t k = 0;
+  buf[0] = '\0';
+  for (; t->name; t++) {
+    int w = snprintf(buf + k, n - k, "%s%s", k ? sep : "", t->name);
+    if (w < 0 || (size_t)w >= n - k) return;
+    k += (size_t)w;
   }
+}
+
+static int enum_has(const enum_name *t, const char *word) {
+  for (; t->name; t++)
+    if (!strcmp(t->name, word)) return 1;
   return 0;
 }
 
@@ -383,6 +397,15 @@ static void fmt_bound(char *buf, size_t n, double v) {
   else snprintf(buf, n, "%g", v);
 }
 
+/* "[0, 1]", "(0, 1]", "[0, 1)": the row's bounds as an interval. */
+static void range_text(const config_option *o, char *buf, size_t n) {
+  char lo[32], hi[32];
+  fmt_bound(lo, sizeof lo, o->min);
+  fmt_bound(hi, sizeof hi, o->max);
+  snprintf(buf, n, "%c%s, %s%c", o->flags & CONFIG_MIN_OPEN ? '(' : '[', lo, hi,
+           o->flags & CONFIG_MAX_OPEN ? ')' : ']');
+}
+
 static int check_layers(const json_t *v, char *why, size_t n) {
   if (!json_is_array(v)) return snprintf(why, n, "expected a layer list (JSON array)"), MOCO_ECONFIG;
   size_t i;
@@ -396,7 +419,7 @@ static int check_layers(const json_t *v, char *why, size_t n) {
 }
 
 int config_check_value(const config_option *o, const json_t *v, char *why, size_t n) {
-  char found[96], lo[32], hi[32];
+  char found[96], lo[80], hi[32];
   show_value(v, found, sizeof found);
   switch (o->type) {
   case CONFIG_INT:
@@ -407,11 +430,11 @@ int config_check_value(const config_option *o, const json_t *v, char *why, size_
     else return snprintf(why, n, "expected %s, found %s", type_name(o->type), found), MOCO_ECONFIG;
     if (o->type == CONFIG_INT && x != floor(x))
       return snprintf(why, n, "expected an integer, found %s", found), MOCO_ECONFIG;
-    if (!(x >= o->min && x <= o->max)) {
-      fmt_bound(lo, sizeof lo, o->min);
-      fmt_bound(hi, sizeof hi, o->max);
-      return snprintf(why, n, "value %s out of range, allowed [%s, %s]", found, lo, hi),
-             MOCO_ECONFIG;
+    int lo_ok = o->flags & CONFIG_MIN_OPEN ? x > o->min : x >= o->min;
+    int hi_ok = o->flags & CONFIG_MAX_OPEN ? x < o->max : x <= o->max;
+    if (!lo_ok || !hi_ok) {
+      range_text(o, lo, sizeof lo);
+      return snprintf(why, n, "value %s out of range, allowed %s", found, lo), MOCO_ECONFIG;
     }
     return 0;
   }
@@ -423,9 +446,11 @@ int config_check_value(const config_option *o, const json_t *v, char *why, size_
     if (!json_is_string(v)) return snprintf(why, n, "expected a string, found %s", found), MOCO_ECONFIG;
     return 0;
   case CONFIG_ENUM:
-    if (!json_is_string(v) || !enum_has(o->choices, json_string_value(v)))
-      return snprintf(why, n, "value %s not allowed, expected one of %s", found, o->choices),
-             MOCO_ECONFIG;
+    if (!json_is_string(v) || !enum_has(o->names, json_string_value(v))) {
+      char names[256];
+      names_text(o->names, "|", names, sizeof names);
+      return snprintf(why, n, "value %s not allowed, expected one of %s", found, names), MOCO_ECONFIG;
+    }
     return 0;
   case CONFIG_LAYERS: return check_layers(v, why, n);
   case CONFIG_INTS: {
@@ -479,7 +504,6 @@ static int rule_ranges(const json_t *root, char *why, size_t n) {
       {"views.erase_ratio_min", "views.erase_ratio_max"},
       {"views.noise_std_min", "views.noise_std_max"},
       {"views.mask_rate_min", "views.mask_rate_max"},
-      {"contrast.negatives.semi_hard_low", "contrast.negatives.semi_hard_high"},
       {"contrast.hardness.min", "contrast.hardness.max"},
   };
   for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++) {
@@ -524,8 +548,28 @@ static int rule_bn_groups(const json_t *root, char *why, size_t n) {
   return 0;
 }
 
+/* Nesterov's look-ahead is a momentum step: without momentum it would silently be plain SGD. */
+static int rule_nesterov(const json_t *root, char *why, size_t n) {
+  if (config_bool(root, "optim.nesterov") && !(config_num(root, "optim.momentum") > 0))
+    return snprintf(why, n, "optim.nesterov: true needs optim.momentum above 0, found %g",
+                    config_num(root, "optim.momentum")), 1;
+  return 0;
+}
+
+/* A dynamic controller needs a signal that the strategy's knob moves (contrast/hardness.h). */
+static int rule_signal(const json_t *root, char *why, size_t n) {
+  int mode = 0, signal = 0, strategy = 0;
+  enum_value_of(hardness_mode_names, config_str(root, "contrast.hardness.mode"), &mode);
+  enum_value_of(hardness_signal_names, config_str(root, "contrast.hardness.signal"), &signal);
+  enum_value_of(mine_strategy_names, config_str(root, "contrast.negatives.strategy"), &strategy);
+  hardness_config h = {.mode = (hardness_mode)mode, .signal = (hardness_signal)signal};
+  if (hardness_signal_moves(&h, (mine_strategy)strategy))
+    return snprintf(why, n, "contrast.%s", moco_errmsg()), 1;
+  return 0;
+}
+
 static const config_rule config_rules[] = {rule_length, rule_queue_batch, rule_ranges, rule_milestones,
-                                           rule_band, rule_bn_groups, rule_groups};
+                                           rule_band, rule_bn_groups, rule_groups, rule_nesterov, rule_signal};
 
 static void check_rules(const json_t *root, report_buf *rep) {
   char why[512];
@@ -765,28 +809,17 @@ int config_set(json_t *root, const char *path, const json_t *value, int runtime)
  * ------------------------------------------------------------------------------------------------- */
 
 static void allowed_text(const config_option *o, char *buf, size_t n) {
-  char lo[32], hi[32];
+  char range[80];
   switch (o->type) {
   case CONFIG_INT:
   case CONFIG_NUM:
-    fmt_bound(lo, sizeof lo, o->min);
-    fmt_bound(hi, sizeof hi, o->max);
-    snprintf(buf, n, "%s in [%s, %s]", type_name(o->type), lo, hi);
+    range_text(o, range, sizeof range);
+    snprintf(buf, n, "%s in %s", type_name(o->type), range);
     break;
   case CONFIG_ENUM: {
-    /* a|b|c  ->  `a`, `b`, `c` */
-    size_t k = 0;
-    buf[k++] = '`';
-    for (const char *p = o->choices; *p && k + 5 < n; p++) {
-      if (*p == '|') {
-        memcpy(buf + k, "`, `", 4);
-        k += 4;
-      } else {
-        buf[k++] = *p;
-      }
-    }
-    buf[k++] = '`';
-    buf[k] = '\0';
+    char names[256];
+    names_text(o->names, "`, `", names, sizeof names);
+    snprintf(buf, n, "`%s`", names);
     break;
   }
   default: snprintf(buf, n, "%s", type_name(o->type)); break;
@@ -839,28 +872,69 @@ void config_write_doc(FILE *out) {
  * The config as the modules' structs.
  * ------------------------------------------------------------------------------------------------- */
 
-/* An enum value's index in its choices ("a|b|c": "b" is 1); the schema has validated it. */
-static int enum_index(const json_t *root, const char *path) {
-  const config_option *o = config_option_find(path);
-  const char *word = config_str(root, path);
-  size_t n = strlen(word);
-  int i = 0;
-  for (const char *p = o->choices; *p; i++) {
-    const char *bar = strchr(p, '|');
-    size_t len = bar ? (size_t)(bar - p) : strlen(p);
-    if (len == n && !strncmp(p, word, n)) return i;
-    p += len + (bar ? 1 : 0);
+/* Writes one row's value into its field. The schema has validated the value; what is checked here is
+ * what the row cannot say: a string longer than its field, a field of a size the type does not bind. */
+static int bind(const config_option *o, const json_t *v, mocod_config *c) {
+  char *f = (char *)c + o->off;
+  switch (o->type) {
+  case CONFIG_INT: {
+    int64_t x = json_is_integer(v) ? json_integer_value(v) : (int64_t)json_number_value(v);
+    int32_t x32 = (int32_t)x;
+    if (o->size == sizeof x) memcpy(f, &x, sizeof x);
+    else if (o->size == sizeof x32) memcpy(f, &x32, sizeof x32);
+    else break;
+    return 0;
   }
-  return 0;
+  case CONFIG_NUM: {
+    double x = json_number_value(v);
+    float x32 = (float)x;
+    if (o->size == sizeof x) memcpy(f, &x, sizeof x);
+    else if (o->size == sizeof x32) memcpy(f, &x32, sizeof x32);
+    else break;
+    return 0;
+  }
+  case CONFIG_BOOL:
+  case CONFIG_ENUM: {
+    int x = json_is_true(v);
+    if (o->type == CONFIG_ENUM && enum_value_of(o->names, json_string_value(v), &x))
+      return moco_error_wrap(MOCO_ECONFIG, "%s", o->path);
+    if (o->size != sizeof x) break;
+    memcpy(f, &x, sizeof x);
+    return 0;
+  }
+  case CONFIG_STR: {
+    const char *x = json_string_value(v);
+    size_t len = strlen(x);
+    if (len >= o->size) return moco_error(MOCO_ECONFIG, "%s: %zu bytes, at most %zu", o->path, len, o->size - 1);
+    memcpy(f, x, len + 1);
+    return 0;
+  }
+  case CONFIG_LAYERS: {
+    const json_t *x = v;
+    if (o->size != sizeof x) break;
+    memcpy(f, &x, sizeof x);
+    return 0;
+  }
+  case CONFIG_INTS: {
+    int count = 0;
+    for (size_t i = 0; i < json_array_size(v); i++, count++) {
+      int64_t x = json_integer_value(json_array_get(v, i));
+      if ((i + 1) * sizeof x > o->size)
+        return moco_error(MOCO_ECONFIG, "%s: %zu elements, at most %zu", o->path, json_array_size(v),
+                          o->size / sizeof x);
+      memcpy(f + i * sizeof x, &x, sizeof x);
+    }
+    memcpy((char *)c + o->count_off, &count, sizeof count);
+    return 0;
+  }
+  }
+  return moco_error(MOCO_EINVAL, "schema: %s binds a field of %zu bytes, which its type cannot", o->path,
+                    o->size);
 }
-
-#define F(path) ((float)config_num(root, path))
-#define I(path) ((int)config_int(root, path))
 
 /* A data spec with data.dir applied: each comma-separated entry that is not absolute is taken from
  * the directory. */
-static int data_spec(const json_t *root, const char *key, char *out, size_t n) {
-  const char *dir = config_str(root, "data.dir"), *spec = config_str(root, key);
+static int data_spec(const char *dir, const char *spec, const char *key, char *out, size_t n) {
   size_t k = 0;
   out[0] = '\0';
   while (*spec) {
@@ -875,170 +949,48 @@ static int data_spec(const json_t *root, const char *key, char *out, size_t n) {
   return 0;
 }
 
-static void map_views(const json_t *root, view_config *v) {
-  v->crop_p = F("views.crop_p");
-  v->crop_scale_min = F("views.crop_scale_min");
-  v->crop_scale_max = F("views.crop_scale_max");
-  v->crop_ratio_min = F("views.crop_ratio_min");
-  v->crop_ratio_max = F("views.crop_ratio_max");
-  v->flip_p = F("views.flip_p");
-  v->translate_p = F("views.translate_p");
-  v->translate_max = F("views.translate_max");
-  v->brightness_p = F("views.brightness_p");
-  v->brightness_min = F("views.brightness_min");
-  v->brightness_max = F("views.brightness_max");
-  v->saturation_p = F("views.saturation_p");
-  v->saturation_min = F("views.saturation_min");
-  v->saturation_max = F("views.saturation_max");
-  v->hue_p = F("views.hue_p");
-  v->hue_max = F("views.hue_max");
-  v->grayscale_p = F("views.grayscale_p");
-  v->contrast_p = F("views.contrast_p");
-  v->contrast_min = F("views.contrast_min");
-  v->contrast_max = F("views.contrast_max");
-  v->erase_p = F("views.erase_p");
-  v->erase_scale_min = F("views.erase_scale_min");
-  v->erase_scale_max = F("views.erase_scale_max");
-  v->erase_ratio_min = F("views.erase_ratio_min");
-  v->erase_ratio_max = F("views.erase_ratio_max");
-  v->noise_p = F("views.noise_p");
-  v->noise_std_min = F("views.noise_std_min");
-  v->noise_std_max = F("views.noise_std_max");
-  v->mask_p = F("views.mask_p");
-  v->mask_rate_min = F("views.mask_rate_min");
-  v->mask_rate_max = F("views.mask_rate_max");
-}
-
-static void map_contrast(const json_t *root, moco_config *m) {
-  m->queue_size = I("contrast.queue_size");
-  m->symmetric = config_bool(root, "contrast.symmetric");
-  m->shuffle_bn_groups = I("contrast.shuffle_bn_groups");
-  m->sync_bn = config_bool(root, "model.sync_bn");
-  m->momentum.encoder_momentum = F("contrast.momentum");
-  m->momentum.schedule = enum_index(root, "contrast.momentum_schedule") ? MOMENTUM_COSINE : MOMENTUM_CONSTANT;
-  static const loss_kind losses[] = {LOSS_INFONCE, LOSS_HCL, LOSS_TRIPLET, LOSS_NTXENT};
-  m->loss.loss = losses[enum_index(root, "contrast.loss")];
-  m->loss.temperature = F("contrast.temperature");
-  m->loss.tau_plus = F("contrast.tau_plus");
-  m->loss.margin = F("contrast.triplet_margin");
-  m->loss.triplet_negative = enum_index(root, "contrast.triplet_negative") ? TRIPLET_MEAN : TRIPLET_HARDEST;
-  static const mine_strategy strategies[] = {MINE_ALL,  MINE_RANDOM, MINE_HARDEST,   MINE_SEMI_HARD,
-                                             MINE_BAND, MINE_MIXING, MINE_ADVERSARIAL};
-  mine_config *n = &m->mine;
-  n->strategy = strategies[enum_index(root, "contrast.negatives.strategy")];
-  n->in_batch_negatives = config_bool(root, "contrast.negatives.in_batch");
-  n->num_negatives = I("contrast.negatives.num_negatives");
-  n->num_negatives_easy = I("contrast.negatives.num_negatives_easy");
-  n->margin = F("contrast.negatives.margin");
-  n->band_lo = F("contrast.negatives.band_lo");
-  n->band_hi = F("contrast.negatives.band_hi");
-  n->mix_pairs = I("contrast.negatives.mix_pairs");
-  n->mix_query = I("contrast.negatives.mix_query");
-  n->bank_size = I("contrast.negatives.bank_size");
-  n->hcl_beta = F("contrast.hcl_beta");
-  static const mine_ceiling ceilings[] = {MINE_CEILING_NONE, MINE_CEILING_ABSOLUTE, MINE_CEILING_RELATIVE};
-  n->ceiling = ceilings[enum_index(root, "contrast.guards.ceiling")];
-  n->ceiling_value = F("contrast.guards.ceiling_value");
-  n->ceiling_delta = F("contrast.guards.ceiling_delta");
-  n->skip_hardest = F("contrast.guards.skip_hardest");
-  n->suspects_as_positives = config_bool(root, "contrast.guards.as_positives");
-  n->supervised = config_bool(root, "contrast.guards.supervised");
-  advbank_config *a = &m->advbank;
-  a->bank_size = n->bank_size;
-  a->lr = F("contrast.adversarial.lr");
-  a->temperature = F("contrast.adversarial.temperature");
-  a->momentum = F("contrast.adversarial.momentum");
-  a->weight_decay = F("contrast.adversarial.weight_decay");
-  a->init_from_queue = config_bool(root, "contrast.adversarial.init_from_queue");
-  hardness_config *h = &m->hardness;
-  static const hardness_mode modes[] = {HARDNESS_FIXED, HARDNESS_CURRICULUM, HARDNESS_DYNAMIC};
-  h->mode = modes[enum_index(root, "contrast.hardness.mode")];
-  h->value = F("contrast.hardness.value");
-  h->warmup = F("contrast.hardness.warmup");
-  h->shape = enum_index(root, "contrast.hardness.shape") ? HARDNESS_COSINE : HARDNESS_LINEAR;
-  h->start = F("contrast.hardness.start");
-  h->end = F("contrast.hardness.end");
-  static const hardness_signal signals[] = {HARDNESS_SIGNAL_ACCURACY, HARDNESS_SIGNAL_HARDEST_SIM,
-                                            HARDNESS_SIGNAL_NEG_SIM};
-  h->signal = signals[enum_index(root, "contrast.hardness.signal")];
-  h->target = F("contrast.hardness.target");
-  h->gain = F("contrast.hardness.gain");
-  h->max_step = F("contrast.hardness.max_step");
-  h->ema = F("contrast.hardness.ema");
-  h->min = F("contrast.hardness.min");
-  h->max = F("contrast.hardness.max");
-}
-
-static void map_optim(const json_t *root, moco_config *m) {
-  static const optim_kind kinds[] = {OPTIM_SGD, OPTIM_LARS, OPTIM_ADAMW};
-  optim_config *o = &m->optim;
-  o->optimizer = kinds[enum_index(root, "optim.optimizer")];
-  o->momentum = F("optim.momentum");
-  o->nesterov = config_bool(root, "optim.nesterov");
-  o->weight_decay = F("optim.weight_decay");
-  o->decay_all = config_bool(root, "optim.decay_all");
-  o->lars_eta = F("optim.lars_eta");
-  o->beta1 = F("optim.beta1");
-  o->beta2 = F("optim.beta2");
-  o->eps = F("optim.eps");
-  static const sched_kind scheds[] = {SCHED_CONSTANT, SCHED_STEP, SCHED_COSINE};
-  sched_config *s = &m->sched;
-  s->lr_schedule = scheds[enum_index(root, "optim.lr_schedule")];
-  s->lr = F("optim.lr");
-  s->final_lr = F("optim.final_lr");
-  s->warmup_steps = config_int(root, "optim.warmup_steps");
-  s->gamma = F("optim.gamma");
-  json_t *ms = config_get(root, "optim.milestones");
-  s->n_milestones = 0;
-  for (size_t i = 0; i < json_array_size(ms) && i < SCHED_MAX_MILESTONES; i++)
-    s->milestones[s->n_milestones++] = json_integer_value(json_array_get(ms, i));
+int config_read(const json_t *root, mocod_config *c) {
+  memset(c, 0, sizeof *c);
+  for (size_t i = 0; i < config_n_options; i++) {
+    const config_option *o = &config_options[i];
+    const json_t *v = config_get(root, o->path);
+    if (!v) return moco_error(MOCO_ECONFIG, "%s: missing (the config is not finalized)", o->path);
+    int rc = bind(o, v, c);
+    if (rc) return rc;
+  }
+  trainer_config *t = &c->trainer;
+  int rc = data_spec(c->data.dir, c->data.train, "data.train", t->train, sizeof t->train);
+  if (!rc) rc = data_spec(c->data.dir, c->data.train_labels, "data.train_labels", t->train_labels,
+                          sizeof t->train_labels);
+  if (!rc) rc = data_spec(c->data.dir, c->data.eval, "data.eval", t->eval, sizeof t->eval);
+  if (!rc) rc = data_spec(c->data.dir, c->data.eval_labels, "data.eval_labels", t->eval_labels,
+                          sizeof t->eval_labels);
+  return rc;
 }
 
 int config_to_trainer(const json_t *root, trainer_config *tc) {
-  trainer_config_default(tc);
-  int rc = data_spec(root, "data.train", tc->train, sizeof tc->train);
-  if (!rc) rc = data_spec(root, "data.train_labels", tc->train_labels, sizeof tc->train_labels);
-  if (!rc) rc = data_spec(root, "data.eval", tc->eval, sizeof tc->eval);
-  if (!rc) rc = data_spec(root, "data.eval_labels", tc->eval_labels, sizeof tc->eval_labels);
-  if (rc) return rc;
-  loader_config *l = &tc->loader;
-  l->shuffle_buffer = I("data.shuffle_buffer");
-  l->workers = I("data.workers");
-  l->prefetch = I("data.prefetch");
-  l->num_classes = I("data.num_classes");
-  l->bad_record = enum_index(root, "data.bad_record") ? LOADER_BAD_SKIP : LOADER_BAD_STOP;
-  l->view_mode = enum_index(root, "data.mode") ? VIEW_PAIR : VIEW_AUGMENT;
-  map_views(root, &l->augment);
-  tc->normalize = config_bool(root, "data.normalize");
-  tc->backbone = config_get(root, "model.backbone");
-  tc->head = config_get(root, "model.head");
-  tc->embed_dim = I("model.embed_dim");
-  moco_config *m = &tc->moco;
-  m->batch_size = I("optim.batch_size");
-  m->seed = (uint64_t)config_int(root, "seed");
-  map_contrast(root, m);
-  map_optim(root, m);
-  tc->steps = config_int(root, "optim.steps");
-  tc->epochs = I("optim.epochs");
-  tc->knn.k = I("eval.k");
-  tc->knn.temperature = F("eval.temperature");
-  tc->knn_small.k = I("eval.small_k");
-  tc->knn_small.temperature = F("eval.small_temperature");
-  json_t *groups = config_get(root, "eval.groups");
-  tc->n_groups = 0;
-  for (size_t i = 0; i < json_array_size(groups) && i < TRAINER_MAX_CLASSES; i++)
-    tc->groups[tc->n_groups++] = (int)json_integer_value(json_array_get(groups, i));
-  tc->retrieval_queries = I("eval.retrieval_queries");
-  tc->probe.max_iter = I("eval.probe_max_iter");
-  tc->probe.weight_decay = F("eval.probe_weight_decay");
-  tc->eval_encoder = enum_index(root, "eval.encoder") ? TRAINER_KEY : TRAINER_QUERY;
-  tc->eval_pairs = I("eval.pairs");
-  tc->threads = I("threads");
-  /* The modules' own checks catch what the schema cannot express; name the section. */
-  if ((rc = view_config_check(&l->augment))) return moco_error_wrap(rc, "views");
-  if ((rc = moco_config_check(m))) return moco_error_wrap(rc, "contrast/optim");
-  return 0;
+  mocod_config *c = malloc(sizeof *c);
+  if (!c) return moco_error(MOCO_ENOMEM, "config: %zu bytes", sizeof *c);
+  int rc = config_read(root, c);
+  if (!rc) *tc = c->trainer;
+  free(c);
+  return rc;
 }
 
-#undef F
-#undef I
+/* Built once: the tree stays alive because the struct's layer lists borrow from it. */
+static struct {
+  pthread_once_t once;
+  json_t *root;
+  mocod_config cfg;
+  int ok;
+} defaults = {.once = PTHREAD_ONCE_INIT};
+
+static void build_defaults(void) {
+  defaults.root = config_new();
+  defaults.ok = defaults.root && !config_finalize(defaults.root, NULL) && !config_read(defaults.root, &defaults.cfg);
+}
+
+const mocod_config *config_defaults(void) {
+  pthread_once(&defaults.once, build_defaults);
+  return defaults.ok ? &defaults.cfg : NULL;
+}

@@ -21,16 +21,8 @@ static struct {
   int main_set;
 } L = {.mu = PTHREAD_MUTEX_INITIALIZER, .level = LL_NOTICE};
 
-static const char *const level_names[] = {"debug", "verbose", "notice", "warning"};
-
-int log_level_parse(const char *name, log_level *out) {
-  for (int i = 0; i < 4; i++)
-    if (!strcmp(name, level_names[i])) {
-      *out = (log_level)i;
-      return 0;
-    }
-  return moco_error(MOCO_EINVAL, "log level '%s': expected debug, verbose, notice or warning", name);
-}
+const enum_name log_level_names[] = {
+    {"debug", LL_DEBUG}, {"verbose", LL_VERBOSE}, {"notice", LL_NOTICE}, {"warning", LL_WARNING}, {NULL, 0}};
 
 /* Opens L.path; on failure L.f is left as it was (still the file opened before, if any). */
 static int open_locked(void) {

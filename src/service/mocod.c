@@ -321,9 +321,9 @@ int main(int argc, char **argv) {
 /* Rank 0, or the only process: the check, or the daemon. */
 static int run(json_t *config, const char *config_path, int check, int daemon_mode, int resume) {
   if (check) {
-    trainer_config tc;
+    mocod_config mc;
     trainer *t = NULL;
-    if (config_to_trainer(config, &tc) || trainer_create(&t, &tc)) {
+    if (config_read(config, &mc) || trainer_create(&t, &mc.trainer)) {
       fprintf(stderr, "mocod: config %s: %s\n", config_path ? config_path : "(defaults)", moco_errmsg());
       json_decref(config);
       return 2;

@@ -80,7 +80,7 @@ typedef struct {
   int ctl_open;
   uv_signal_t sig_term, sig_int, sig_hup;
   json_t *config;
-  trainer_config tcfg;
+  mocod_config cfg;      /* s->config read into its fields (config_read); follows `set` */
   trainer *tr;
   progress_log plog;
   int plog_failing; /* the last progress_write failed */
@@ -281,8 +281,8 @@ static void start_checkpoint(server *s, job_reason why, ctl_call *call) {
   j->call = call;
   free(j->config_text);
   j->config_text = json_dumps(s->config, JSON_COMPACT);
-  snprintf(j->dir, sizeof j->dir, "%s", config_str(s->config, "checkpoint.dir"));
-  j->keep = (int)config_int(s->config, "checkpoint.keep");
+  snprintf(j->dir, sizeof j->dir, "%s", s->cfg.checkpoint.dir);
+  j->keep = s->cfg.checkpoint.keep;
   if (!j->config_text) {
     j->rc = MOCO_ENOMEM;
     snprintf(j->err, sizeof j->err, "checkpoint: out of memory");
@@ -290,19 +290,18 @@ static void start_checkpoint(server *s, job_reason why, ctl_call *call) {
   job_start(s, JOB_CHECKPOINT);
 }
 
-/* encoder: "query", "key", or NULL for eval.encoder. The periodic monitor may work on subsets
+/* encoder: TRAINER_QUERY, TRAINER_KEY, or -1 for eval.encoder. The periodic monitor may work on subsets
  * (eval.train_limit, eval.limit) to stay cheap; the final evaluation and the command use every sample
  * unless the command names limits (args). */
-static void start_eval(server *s, job_reason why, ctl_call *call, int probe, const char *encoder,
+static void start_eval(server *s, job_reason why, ctl_call *call, int probe, int encoder,
                        const json_t *args) {
   job *j = &s->job;
   j->reason = why;
   j->call = call;
-  if (!encoder) encoder = config_str(s->config, "eval.encoder");
-  j->ereq.encoder = strcmp(encoder, "key") ? TRAINER_QUERY : TRAINER_KEY;
-  j->ereq.train_limit = why == WHY_PERIODIC ? config_int(s->config, "eval.train_limit")
+  j->ereq.encoder = encoder < 0 ? s->cfg.trainer.eval_encoder : (trainer_encoder)encoder;
+  j->ereq.train_limit = why == WHY_PERIODIC ? s->cfg.eval.train_limit
                                             : json_integer_value(json_object_get(args, "train_limit"));
-  j->ereq.eval_limit = why == WHY_PERIODIC ? config_int(s->config, "eval.limit")
+  j->ereq.eval_limit = why == WHY_PERIODIC ? s->cfg.eval.limit
                                            : json_integer_value(json_object_get(args, "limit"));
   j->ereq.knn = 1;
   j->ereq.probe = probe;
@@ -375,7 +374,7 @@ static void enter_error(server *s, const char *what, const char *msg) {
   json_object_set_new(ev, "step", json_integer(s->snap.step));
   json_object_set_new(ev, "message", json_string(s->error));
   emit(s, ev);
-  if (config_bool(s->config, "service.exit_on_finish")) {
+  if (s->cfg.service.exit_on_finish) {
     /* Nobody is expected to come and look: exit, with a status that says it failed. */
     s->state = ST_STOPPING;
     s->exit_code = 1;
@@ -392,12 +391,12 @@ static void after_step(server *s, job *j) {
   s->have_last = 1;
   window_add(s, &j->stats);
   int64_t step = j->stats.step;
-  long long every_log = config_int(s->config, "log.every_steps");
+  int64_t every_log = s->cfg.log.every_steps;
   if (step % every_log == 0 || step >= j->stats.total_steps) emit_progress(s);
-  long long every_eval = config_int(s->config, "eval.every_steps");
+  int64_t every_eval = s->cfg.eval.every_steps;
   if (every_eval > 0 && step % every_eval == 0 && step < j->stats.total_steps) s->eval_due = 1;
-  long long every_ck = config_int(s->config, "checkpoint.every_steps");
-  long long every_sec = config_int(s->config, "checkpoint.every_seconds");
+  int64_t every_ck = s->cfg.checkpoint.every_steps;
+  int64_t every_sec = s->cfg.checkpoint.every_seconds;
   if ((every_ck > 0 && step % every_ck == 0) ||
       (every_sec > 0 && mono_now() - s->ckpt_time >= (double)every_sec))
     s->ckpt_due = 1;
@@ -612,11 +611,12 @@ static int apply_set(server *s, json_t *changes, json_t **applied) {
   json_object_foreach(changes, key, v) {
     if ((rc = config_set(next, key, v, 1))) break;
   }
-  trainer_config tc;
-  if (!rc) rc = config_to_trainer(next, &tc);
-  if (!rc) rc = trainer_check_runtime(s->tr, &tc);
-  if (!rc) rc = trainer_apply_runtime(s->tr, &tc);
+  mocod_config *mc = malloc(sizeof *mc);
+  if (!mc) rc = MOCO_ENOMEM;
+  if (!rc) rc = config_read(next, mc);
+  if (!rc) rc = trainer_apply_runtime(s->tr, &mc->trainer);
   if (rc) {
+    free(mc);
     json_decref(next);
     return rc;
   }
@@ -643,10 +643,10 @@ static int apply_set(server *s, json_t *changes, json_t **applied) {
   }
   json_decref(s->config);
   s->config = next;
-  s->tcfg = tc;
+  s->cfg = *mc;
+  free(mc);
   trainer_describe(s->tr, &s->snap);
-  log_level lvl;
-  if (!log_level_parse(config_str(s->config, "log.level"), &lvl)) log_set_level(lvl);
+  log_set_level(s->cfg.log.level);
   return 0;
 }
 
@@ -731,8 +731,8 @@ static int export_prepare(server *s, op *o) {
   split = split ? split : "eval";
   if (strcmp(split, "train") && strcmp(split, "eval"))
     return moco_error(MOCO_EINVAL, "args.split: \"%s\" not allowed, expected \"train\" or \"eval\"", split);
-  enc = enc ? enc : config_str(s->config, "eval.encoder");
-  if (strcmp(enc, "query") && strcmp(enc, "key"))
+  int e = (int)s->cfg.trainer.eval_encoder;
+  if (enc && enum_value_of(trainer_encoder_names, enc, &e))
     return moco_error(MOCO_EINVAL, "args.encoder: \"%s\" not allowed, expected \"query\" or \"key\"", enc);
   what = what ? what : "features";
   if (strcmp(what, "features") && strcmp(what, "embeddings"))
@@ -744,7 +744,7 @@ static int export_prepare(server *s, op *o) {
   if (rc) return rc;
   snprintf(j->split, sizeof j->split, "%s", split);
   snprintf(j->path, sizeof j->path, "%s", path);
-  j->enc = strcmp(enc, "key") ? TRAINER_QUERY : TRAINER_KEY;
+  j->enc = (trainer_encoder)e;
   j->embeddings = !strcmp(what, "embeddings");
   return 0;
 }
@@ -763,12 +763,13 @@ static int start_op_job(server *s, op *o) {
   case OP_EVAL:
   {
     const char *enc = json_string_value(json_object_get(o->args, "encoder"));
-    if (enc && strcmp(enc, "query") && strcmp(enc, "key")) {
+    int e = -1;
+    if (enc && enum_value_of(trainer_encoder_names, enc, &e)) {
       ctl_reply_error(o->call, "bad_args", "args.encoder: \"%s\" not allowed, expected \"query\" or \"key\"",
                       enc);
       return 0;
     }
-    start_eval(s, WHY_COMMAND, o->call, json_is_true(json_object_get(o->args, "probe")), enc, o->args);
+    start_eval(s, WHY_COMMAND, o->call, json_is_true(json_object_get(o->args, "probe")), e, o->args);
     return 1;
   }
   case OP_EXPORT: {
@@ -809,7 +810,7 @@ static void pump(server *s) {
   if (s->state != ST_RUNNING) return;
   if (s->eval_due) {
     s->eval_due = 0;
-    start_eval(s, WHY_PERIODIC, NULL, 0, NULL, NULL);
+    start_eval(s, WHY_PERIODIC, NULL, 0, -1, NULL);
     return;
   }
   if (s->ckpt_due) {
@@ -827,7 +828,7 @@ static void pump(server *s) {
   if (s->finish_stage == 0) {
     s->finish_stage = 1;
     log_msg(LL_NOTICE, "training finished at step %lld", (long long)s->snap.step);
-    start_eval(s, WHY_FINISH, NULL, config_bool(s->config, "eval.probe_at_end"), NULL, NULL);
+    start_eval(s, WHY_FINISH, NULL, s->cfg.eval.probe_at_end, -1, NULL);
     return;
   }
   if (s->finish_stage == 1) {
@@ -842,7 +843,7 @@ static void pump(server *s) {
   json_t *ev = progress_event("finished");
   json_object_set_new(ev, "step", json_integer(s->snap.step));
   emit(s, ev);
-  if (config_bool(s->config, "service.exit_on_finish")) {
+  if (s->cfg.service.exit_on_finish) {
     s->state = ST_STOPPING;
     pump(s);
   }
@@ -936,7 +937,7 @@ static void on_stop_signal(uv_signal_t *h, int signum) {
 static void on_hup(uv_signal_t *h, int signum) {
   (void)signum;
   server *s = h->loop->data;
-  const char *lf = config_str(s->config, "log.file"), *pf = config_str(s->config, "log.progress");
+  const char *lf = s->cfg.log.file, *pf = s->cfg.log.progress;
   int failed = 0;
   if (*lf && (server_make_dirs(lf, 0) || log_reopen())) {
     log_msg(LL_WARNING, "SIGHUP: %s; still writing to the log file opened before", moco_errmsg());
@@ -1191,7 +1192,7 @@ static void compare_configs(const json_t *then, const json_t *now) {
 static int resume_from_checkpoint(server *s, int mode, char *from, size_t from_len) {
   from[0] = '\0';
   if (mode == 0) return 0;
-  const char *dir = config_str(s->config, "checkpoint.dir");
+  const char *dir = s->cfg.checkpoint.dir;
   checkpoint_file f;
   int rc = checkpoint_read_latest(&f, dir, on_skip, NULL);
   if (rc == MOCO_ENOENT && mode < 0) return 0;
@@ -1247,16 +1248,16 @@ int server_check_paths(const json_t *config) {
 }
 
 int server_open_log(const json_t *config) {
-  log_level lvl = LL_NOTICE;
-  int rc = log_level_parse(config_str(config, "log.level"), &lvl);
+  int lvl = LL_NOTICE;
+  int rc = enum_value_of(log_level_names, config_str(config, "log.level"), &lvl);
   const char *lf = config_str(config, "log.file");
   if (!rc && *lf) rc = server_make_dirs(lf, 0);
-  if (!rc) rc = log_open(lf, lvl);
+  if (!rc) rc = log_open(lf, (log_level)lvl);
   return rc;
 }
 
 static int open_progress(server *s) {
-  const char *pf = config_str(s->config, "log.progress");
+  const char *pf = s->cfg.log.progress;
   int rc = *pf ? server_make_dirs(pf, 0) : 0;
   return rc ? rc : progress_open(&s->plog, pf);
 }
@@ -1277,7 +1278,7 @@ int server_run(json_t *config, const server_options *opt) {
   int rc = server_check_paths(config), code = 1;
   char from[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM] = "";
 
-  if (rc) {
+  if (rc || (rc = config_read(s->config, &s->cfg))) {
     code = fail(opt, rc, "config");
     goto out;
   }
@@ -1288,20 +1289,20 @@ int server_run(json_t *config, const server_options *opt) {
   if (s->plog.repaired)
     log_msg(LL_WARNING, "progress log %s: removed a torn last line of %ld bytes (killed mid-write)",
             s->plog.path, s->plog.repaired);
-  if ((rc = server_make_dirs(config_str(s->config, "checkpoint.dir"), 1))) {
+  if ((rc = server_make_dirs(s->cfg.checkpoint.dir, 1))) {
     code = fail(opt, rc, "checkpoint.dir");
     goto out;
   }
   ctl_config cc;
   ctl_config_default(&cc);
-  cc.path = config_str(s->config, "service.socket");
+  cc.path = s->cfg.service.socket;
   cc.gate = gate;
   if ((rc = ctl_init(&s->ctl, &loop, &cc, commands, s))) {
     code = fail(opt, rc, "control socket");
     goto out;
   }
   s->ctl_open = 1;
-  if ((rc = config_to_trainer(s->config, &s->tcfg)) || (rc = trainer_create(&s->tr, &s->tcfg))) {
+  if ((rc = trainer_create(&s->tr, &s->cfg.trainer))) {
     code = fail(opt, rc, "trainer");
     goto out;
   }
@@ -1311,7 +1312,7 @@ int server_run(json_t *config, const server_options *opt) {
   }
   if (!from[0]) world_send(WORLD_START, NULL, 0); /* a fresh start everywhere */
   trainer_describe(s->tr, &s->snap);
-  const char *ml = config_str(s->config, "service.metrics_listen");
+  const char *ml = s->cfg.service.metrics_listen;
   if (*ml && (rc = metrics_http_start(&s->metrics_http, ml))) {
     code = fail(opt, rc, "metrics");
     goto out;

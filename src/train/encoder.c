@@ -306,20 +306,19 @@ static int check_data(const encoder *e, const char *data, const char *labels) {
 static int open_data(const encoder *e, loader *l, const char *data, const char *labels, int chunk, int bad_skip) {
   int rc = check_data(e, data, labels);
   if (rc) return rc;
-  loader_config c;
-  loader_config_default(&c);
-  c.train = data;
-  c.train_labels = labels;
-  c.batch_size = chunk;
-  c.shuffle_buffer = 0;
-  c.prefetch = 1;
-  c.workers = 1;
-  c.drop_last = 0;
-  c.epochs = 1;
-  c.bad_record = bad_skip ? LOADER_BAD_SKIP : LOADER_BAD_STOP;
-  c.norm_len = e->norm_len;
-  c.mean = e->mean;
-  c.std = e->std;
+  /* A scan in stored order: no shuffling, and no views beyond the normalisation (augment stays zero:
+   * every probability 0). */
+  loader_config c = {.train = data,
+                     .train_labels = labels,
+                     .batch_size = chunk,
+                     .prefetch = 1,
+                     .workers = 1,
+                     .epochs = 1,
+                     .bad_record = bad_skip ? LOADER_BAD_SKIP : LOADER_BAD_STOP,
+                     .view_mode = VIEW_AUGMENT,
+                     .norm_len = e->norm_len,
+                     .mean = e->mean,
+                     .std = e->std};
   return loader_open(l, &c);
 }
 

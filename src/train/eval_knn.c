@@ -13,12 +13,6 @@
 /* Rows of the Gram block of eval_uniformity. */
 #define UNIFORMITY_BLOCK 256
 
-void eval_knn_config_default(eval_knn_config *c) {
-  c->k = 200;
-  c->temperature = 0.1f;
-  c->block_rows = 256;
-}
-
 static int check_shape(const char *what, int64_t n, int dim) {
   if (n < 1 || n > INT_MAX)
     return moco_error(MOCO_EINVAL, "%s: %lld rows, allowed 1..%d", what, (long long)n, INT_MAX);
@@ -153,7 +147,7 @@ static int check_knn_args(const eval_knn_config *c, int n_protocols, int64_t n_t
     if (!(c[p].temperature > 0.0f && isfinite(c[p].temperature)))
       return moco_error(MOCO_EINVAL, "knn protocol %d: temperature %g, allowed > 0", p, c[p].temperature);
   }
-  if (c->block_rows < 1) return moco_error(MOCO_EINVAL, "knn: block_rows %d, allowed >= 1", c->block_rows);
+  if (c->block_rows < 0) return moco_error(MOCO_EINVAL, "knn: block_rows %d, allowed >= 0", c->block_rows);
   if (num_classes < 1) return moco_error(MOCO_EINVAL, "knn: num_classes %d, allowed >= 1", num_classes);
   return 0;
 }
@@ -213,7 +207,8 @@ int eval_knn_protocols(const eval_knn_config *c, int n_protocols, const float *t
   if (!rc) rc = check_labels("knn train", train_labels, n_train, num_classes);
   if (!rc) rc = check_labels("knn test", test_labels, n_test, num_classes);
   if (rc) return rc;
-  int rows = c->block_rows < n_test ? c->block_rows : (int)n_test;
+  int block = c->block_rows > 0 ? c->block_rows : EVAL_KNN_BLOCK_ROWS;
+  int rows = block < n_test ? block : (int)n_test;
   int k_max = knn_k_max(c, n_protocols, n_train);
   knn_work w;
   if ((rc = knn_work_alloc(&w, n_train, rows, dim, num_classes))) return rc;

@@ -15,13 +15,6 @@
 #define LS_C1 1e-4
 #define LS_MAX 30
 
-void eval_probe_config_default(eval_probe_config *c) {
-  c->max_iter = 100;
-  c->weight_decay = 1e-3f;
-  c->history = 10;
-  c->tolerance = 1e-5;
-}
-
 int eval_probe_init(eval_probe *p, int dim, int num_classes) {
   memset(p, 0, sizeof *p);
   if (dim < 1 || num_classes < 2)
@@ -194,7 +187,7 @@ static double max_abs(const float *a, size_t n) {
  * γ = sᵀy / yᵀy of the newest pair. */
 static void lbfgs_direction(lbfgs *L) {
   const size_t P = L->P;
-  const int m = L->c->history;
+  const int m = EVAL_PROBE_HISTORY;
   float *q = L->d;
   for (size_t j = 0; j < P; j++) q[j] = -L->g[j];
   for (int k = 0; k < L->count; k++) {
@@ -218,7 +211,7 @@ static void lbfgs_direction(lbfgs *L) {
  * objective, up to rounding), which keeps H positive definite. */
 static void lbfgs_push(lbfgs *L, const float *theta) {
   const size_t P = L->P;
-  const int m = L->c->history;
+  const int m = EVAL_PROBE_HISTORY;
   float *s = L->S + (size_t)L->head * P, *yv = L->Y + (size_t)L->head * P;
   for (size_t j = 0; j < P; j++) {
     s[j] = theta[j] - L->x_old[j];
@@ -253,7 +246,7 @@ static double lbfgs_line_search(lbfgs *L, float *theta, double f, double gd, dou
 }
 
 static int lbfgs_alloc(lbfgs *L) {
-  const size_t P = L->P, m = (size_t)L->c->history;
+  const size_t P = L->P, m = (size_t)EVAL_PROBE_HISTORY;
   L->g = tensor_alloc(P);
   L->d = tensor_alloc(P);
   L->x_old = tensor_alloc(P);
@@ -280,7 +273,7 @@ static int lbfgs_run(eval_probe *p, lbfgs *L) {
   float *theta = p->params;
   double f = lbfgs_eval(L);
   int it = 0;
-  for (; it < L->c->max_iter && max_abs(L->g, P) > L->c->tolerance; it++) {
+  for (; it < L->c->max_iter && max_abs(L->g, P) > EVAL_PROBE_TOLERANCE; it++) {
     lbfgs_direction(L);
     double gd = dot(L->g, L->d, P);
     if (!(gd < 0.0)) { /* rounding broke H: restart from steepest descent */
@@ -305,10 +298,8 @@ static int lbfgs_run(eval_probe *p, lbfgs *L) {
 
 static int check_config(const eval_probe_config *c) {
   if (c->max_iter < 0) return moco_error(MOCO_EINVAL, "probe: max_iter %d, allowed >= 0", c->max_iter);
-  if (c->history < 1) return moco_error(MOCO_EINVAL, "probe: history %d, allowed >= 1", c->history);
   if (!(c->weight_decay >= 0.0f && isfinite(c->weight_decay)))
     return moco_error(MOCO_EINVAL, "probe: weight_decay %g, allowed >= 0", c->weight_decay);
-  if (!(c->tolerance >= 0.0)) return moco_error(MOCO_EINVAL, "probe: tolerance %g, allowed >= 0", c->tolerance);
   return 0;
 }
 

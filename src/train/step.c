@@ -10,51 +10,8 @@
 #include "core/par.h"
 #include "core/tensor.h"
 
-void moco_config_default(moco_config *c) {
-  memset(c, 0, sizeof *c);
-  c->batch_size = 256;
-  c->queue_size = 4096;
-  c->symmetric = 0;
-  c->shuffle_bn_groups = 8;
-  c->total_steps = 0;
-  c->seed = 1;
-  loss_config_default(&c->loss);
-  mine_config_default(&c->mine);
-  hardness_config_default(&c->hardness);
-  advbank_config_default(&c->advbank);
-  momentum_config_default(&c->momentum);
-  optim_config_default(&c->optim);
-  sched_config_default(&c->sched);
-}
-
 static int adversarial(const moco_config *c) {
   return c->loss.loss != LOSS_NTXENT && c->mine.strategy == MINE_ADVERSARIAL;
-}
-
-int moco_config_check(const moco_config *c) {
-  int rc;
-  if (c->batch_size < 1 || c->batch_size > (1 << 20))
-    return moco_error(MOCO_ECONFIG, "batch_size: %d, allowed [1, 2^20]", c->batch_size);
-  if (c->queue_size < 0 || c->queue_size > (1 << 24))
-    return moco_error(MOCO_ECONFIG, "queue_size: %d, allowed [0, 2^24]", c->queue_size);
-  if (c->queue_size == 0 && !adversarial(c) && !c->mine.in_batch_negatives && c->loss.loss != LOSS_NTXENT)
-    return moco_error(MOCO_ECONFIG,
-                      "queue_size: 0 leaves no negatives (enable in_batch_negatives, or adversarial)");
-  if (c->shuffle_bn_groups < 1 || c->shuffle_bn_groups > c->batch_size)
-    return moco_error(MOCO_ECONFIG, "shuffle_bn_groups: %d, allowed [1, batch_size = %d]",
-                      c->shuffle_bn_groups, c->batch_size);
-  if (c->total_steps < 0)
-    return moco_error(MOCO_ECONFIG, "total_steps: %lld, must be >= 0", (long long)c->total_steps);
-  if (adversarial(c) && c->advbank.bank_size != c->mine.bank_size)
-    return moco_error(MOCO_ECONFIG, "advbank.bank_size %d differs from mining bank_size %d",
-                      c->advbank.bank_size, c->mine.bank_size);
-  if ((rc = loss_config_check(&c->loss)) || (rc = mine_config_check(&c->mine)) ||
-      (rc = hardness_config_check(&c->hardness)) || (rc = hardness_signal_moves(&c->hardness, c->mine.strategy)) ||
-      (rc = momentum_config_check(&c->momentum)) ||
-      (rc = sched_validate(&c->sched)))
-    return rc;
-  if (adversarial(c) && (rc = advbank_config_check(&c->advbank))) return rc;
-  return 0;
 }
 
 /* Rows of the query (and key) batches: both views are queries when symmetric, and NT-Xent puts both
@@ -166,8 +123,7 @@ static int check_world(const moco_config *c, int W) {
 int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_shape in,
               const char *path) {
   memset(m, 0, sizeof *m);
-  int rc = moco_config_check(cfg);
-  if (rc) return rc;
+  int rc;
   m->cfg = *cfg;
   m->world = dist_size();
   m->rank = dist_rank();
@@ -195,7 +151,7 @@ int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_sha
   if ((rc = mine_init(&m->mine, &cfg->mine, B, adversarial(cfg) ? 0 : cfg->queue_size, m->dim)))
     goto fail;
   hardness_init(&m->hard, &cfg->hardness);
-  if (adversarial(cfg) && (rc = advbank_init(&m->bank, &cfg->advbank, m->dim, R, &init))) goto fail;
+  if (adversarial(cfg) && (rc = advbank_init(&m->bank, &cfg->advbank, cfg->mine.bank_size, m->dim, R, &init))) goto fail;
   if ((rc = alloc_buffers(m))) {
     moco_error(rc, "moco_init: work buffers for batch %d, queue %d", cfg->batch_size, cfg->queue_size);
     goto fail;

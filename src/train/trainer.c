@@ -37,25 +37,7 @@ enum { TRAINER_WORLD_CHECK_EVERY = 50 }; /* steps between comparisons of the ran
  * share of a batch, train/step.h). */
 static int chunk_of(const trainer *t) { return t->cfg.moco.batch_size / t->m.world; }
 
-void trainer_config_default(trainer_config *c) {
-  memset(c, 0, sizeof *c);
-  loader_config_default(&c->loader);
-  moco_config_default(&c->moco);
-  eval_knn_config_default(&c->knn);
-  eval_knn_config_default(&c->knn_small);
-  c->knn_small.k = 20;
-  c->knn_small.temperature = 0.07f;
-  static const int fashion_tops[] = {0, 2, 4, 6}; /* Fashion-MNIST T-shirt/top, Pullover, Coat, Shirt */
-  memcpy(c->groups, fashion_tops, sizeof fashion_tops);
-  c->n_groups = 4;
-  c->retrieval_queries = 2000;
-  eval_probe_config_default(&c->probe);
-  c->normalize = 1;
-  c->embed_dim = 128;
-  c->epochs = 1;
-  c->eval_pairs = 1024;
-  c->threads = 1;
-}
+const enum_name trainer_encoder_names[] = {{"query", TRAINER_QUERY}, {"key", TRAINER_KEY}, {NULL, 0}};
 
 /* ---------------------------------------------------------------------------------------------------
  * Building.
@@ -124,8 +106,8 @@ static int open_loader(trainer *t) {
 static int check_groups(const trainer *t, const trainer_config *cfg) {
   for (int g = 0; g < cfg->n_groups && t->num_classes > 0; g++)
     if (cfg->groups[g] < 0 || cfg->groups[g] >= t->num_classes)
-      return moco_error(MOCO_ECONFIG, "eval.groups[%d]: class %d, the data has classes 0..%d", g,
-                        cfg->groups[g], t->num_classes - 1);
+      return moco_error(MOCO_ECONFIG, "eval.groups[%d]: class %lld, the data has classes 0..%d", g,
+                        (long long)cfg->groups[g], t->num_classes - 1);
   return 0;
 }
 
@@ -274,16 +256,11 @@ int trainer_check_runtime(const trainer *t, const trainer_config *cfg) {
     return moco_error(MOCO_ESTATE,
                       "contrast.negatives.strategy: %s needs another similarity layout than %s "
                       "(mixing adds synthetic columns, adversarial a bank): start with it instead",
-                      mine_strategy_name(next->mine.strategy), mine_strategy_name(now->mine.strategy));
+                      enum_name_of(mine_strategy_names, (int)next->mine.strategy),
+                      enum_name_of(mine_strategy_names, (int)now->mine.strategy));
   if (next->loss.loss != now->loss.loss)
     return moco_error(MOCO_ESTATE, "contrast.loss: cannot change while training");
-  int rc = check_groups(t, cfg);
-  if (!rc) rc = mine_config_check(&next->mine);
-  if (!rc) rc = loss_config_check(&next->loss);
-  if (!rc) rc = hardness_config_check(&next->hardness);
-  if (!rc) rc = hardness_signal_moves(&next->hardness, next->mine.strategy);
-  if (!rc) rc = sched_validate(&next->sched);
-  return rc;
+  return check_groups(t, cfg);
 }
 
 int trainer_apply_runtime(trainer *t, const trainer_config *cfg) {
@@ -587,7 +564,7 @@ static void knn_figures(const trainer *t, const eval_knn_config *c, const eval_k
   for (int y = 0; y < classes && y < TRAINER_MAX_CLASSES; y++) f->class_acc[y] = (float)o->class_acc[y];
   double hit = 0, all = 0;
   for (int g = 0; g < t->cfg.n_groups; g++) {
-    int y = t->cfg.groups[g];
+    int y = (int)t->cfg.groups[g];
     if (y >= classes || class_n[y] == 0) continue;
     hit += o->class_acc[y] * (double)class_n[y];
     all += (double)class_n[y];

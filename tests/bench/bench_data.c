@@ -18,6 +18,7 @@
 #include "data/loader.h"
 #include "data/shard.h"
 #include "../testutil.h"
+#include "service/config.h"
 
 #define FMNIST "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
@@ -52,7 +53,7 @@ static int stream(const loader_config *c, uint64_t samples, double *rate, double
 static void bench_fmnist(void) {
   static const float mean[1] = {0.2860f}, std[1] = {0.3530f};
   loader_config c;
-  loader_config_default(&c);
+  c = config_defaults()->trainer.loader;
   c.train = FMNIST;
   c.norm_len = 1;
   c.mean = mean;
@@ -125,7 +126,7 @@ static void bench_memory(void) {
   }
   printf("memory: generated %.2f GB (%llu records of 3x32x32 u8) in %.1f s\n", gb, (unsigned long long)n, tg);
   loader_config c;
-  loader_config_default(&c);
+  c = config_defaults()->trainer.loader;
   c.train = spec;
   c.epochs = 1;
   long before = proc_status_kb("VmRSS:");

@@ -13,6 +13,7 @@
 #include "core/tensor.h"
 #include "../testutil.h"
 #include "train/eval.h"
+#include "service/config.h"
 
 static uint32_t be32(const unsigned char *b) {
   return (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
@@ -75,7 +76,7 @@ int main(void) {
   printf("fashion-mnist raw pixels: train %d x %d, test %d\n", tr.n, tr.dim, te.n);
 
   eval_knn_config kc;
-  eval_knn_config_default(&kc);
+  kc = config_defaults()->trainer.knn;
   double acc, class_acc[10], t0 = clock_now();
   if (eval_knn(&kc, tr.x, tr.y, tr.n, te.x, te.y, te.n, tr.dim, 10, &acc, class_acc, NULL)) {
     fprintf(stderr, "knn: %s\n", moco_errmsg());
@@ -90,7 +91,7 @@ int main(void) {
   printf("\n");
 
   eval_probe_config pc;
-  eval_probe_config_default(&pc);
+  pc = config_defaults()->trainer.probe;
   eval_probe p;
   double tr_acc, te_acc;
   t0 = clock_now();

@@ -20,6 +20,7 @@
 #include "core/par.h"
 #include "core/tensor.h"
 #include "../testutil.h"
+#include "service/config.h"
 
 enum { B = 256, D = 128, CLUSTERS = 64, REPS_MAX = 31, WARMUP = 2 };
 
@@ -35,8 +36,8 @@ static void clustered(float *x, int n, const float *centers, float noise, rng_t 
 int main(int argc, char **argv) {
   static const int Ks[] = {4096, 65536};
   int only_k = argc > 1 ? atoi(argv[1]) : 0;
-  mine_strategy only_s = MINE_ADVERSARIAL; /* not benchmarked: means every strategy */
-  if (argc > 2 && mine_strategy_parse(argv[2], &only_s)) return 2;
+  int only_s = MINE_ADVERSARIAL; /* not benchmarked: means every strategy */
+  if (argc > 2 && enum_value_of(mine_strategy_names, argv[2], &only_s)) return 2;
   /* Both the product and the selection run on mocod's compute team, as in the daemon. */
   int threads = openblas_get_num_threads();
   if (par_set_threads(threads)) {
@@ -69,9 +70,9 @@ int main(int argc, char **argv) {
     float *keys = tensor_alloc((size_t)K * D);
     clustered(keys, K, centers, 1.0f, &r);
     for (size_t si = 0; si < sizeof strategies / sizeof *strategies; si++) {
-      if (only_s != MINE_ADVERSARIAL && strategies[si] != only_s) continue;
+      if (only_s != MINE_ADVERSARIAL && (int)strategies[si] != only_s) continue;
       mine_config mc;
-      mine_config_default(&mc);
+      mc = config_defaults()->trainer.moco.mine;
       mc.strategy = strategies[si];
       mc.num_negatives = 1024;
       mine m;
@@ -97,7 +98,7 @@ int main(int argc, char **argv) {
         tg[rep] = t1 - t0, ts[rep] = t2 - t1, ratio[rep] = ts[rep] / tg[rep];
       }
       double sgemm = best_of(tg, reps), sel = best_of(ts, reps);
-      printf("%-6d %-10s %9.2f %9.2f %8.1f%% %8.1f%% %9.3f %9.1f\n", K, mine_strategy_name(mc.strategy),
+      printf("%-6d %-10s %9.2f %9.2f %8.1f%% %8.1f%% %9.3f %9.1f\n", K, enum_name_of(mine_strategy_names, (int)mc.strategy),
              sgemm * 1e3, sel * 1e3, 100.0 * sel / sgemm, 100.0 * median_of(ratio, reps), sel * 1e6 / K,
              st.negatives_per_query);
       free(mask);

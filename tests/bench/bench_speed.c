@@ -64,7 +64,10 @@ static int job_load(job *j, const char *path) {
   int rc = config_load_file(&j->root, path);
   if (!rc && (rc = config_finalize(j->root, &report)) && report) moco_error(rc, "%s", report);
   free(report);
-  if (!rc) rc = config_to_trainer(j->root, &j->tc);
+  mocod_config *mc = rc ? NULL : malloc(sizeof *mc);
+  if (!rc && !mc) rc = MOCO_ENOMEM;
+  if (!rc && !(rc = config_read(j->root, mc))) j->tc = mc->trainer;
+  free(mc);
   dataset ds;
   const trainer_config *c = &j->tc;
   if (!rc && !(rc = dataset_open(&ds, "train", c->train, c->train_labels[0] ? c->train_labels : NULL,
@@ -372,7 +375,7 @@ int main(int argc, char **argv) {
   /* The compared job: every negative of the queue, plain InfoNCE, one direction. */
   moco_config mc = j.tc.moco;
   mc.loss.loss = LOSS_INFONCE;
-  mine_config_default(&mc.mine);
+  mc.mine = config_defaults()->trainer.moco.mine;
   mc.mine.strategy = MINE_ALL;
   mc.symmetric = 0;
   mc.total_steps = 0;
@@ -395,8 +398,8 @@ int main(int argc, char **argv) {
   printf("encoder %s, %zu parameters\n", enc, m.query.n_params);
   printf("job: batch %d, queue %d, dim %d, InfoNCE over the whole queue (strategy all) for the "
          "comparison; configured: loss %s, strategy %s%s\n",
-         mc.batch_size, mc.queue_size, m.dim, loss_kind_name(j.tc.moco.loss.loss),
-         mine_strategy_name(j.tc.moco.mine.strategy), j.tc.moco.symmetric ? ", symmetric" : "");
+         mc.batch_size, mc.queue_size, m.dim, enum_name_of(loss_kind_names, (int)j.tc.moco.loss.loss),
+         enum_name_of(mine_strategy_names, (int)j.tc.moco.mine.strategy), j.tc.moco.symmetric ? ", symmetric" : "");
   double flops = step_flops(&m, mc.batch_size);
   int L = m.query.n_layers, rc = 0, trc = 0;
   measure x[MAX_COUNTS];

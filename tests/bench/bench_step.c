@@ -15,6 +15,7 @@
 #include "core/par.h"
 #include "core/tensor.h"
 #include "train/step.h"
+#include "service/config.h"
 
 static const char *MLP =
     "[{\"type\":\"linear\",\"out\":1024},{\"type\":\"batchnorm\"},{\"type\":\"relu\"},"
@@ -37,7 +38,7 @@ static phases as_phases(const moco_timing *t) {
 static int run(int K, mine_strategy strategy, int steps, const float *x1, const float *x2,
                const int64_t *ids) {
   moco_config c;
-  moco_config_default(&c);
+  c = config_defaults()->trainer.moco;
   c.batch_size = B;
   c.queue_size = K;
   c.total_steps = 1000;
@@ -79,7 +80,7 @@ static int run(int K, mine_strategy strategy, int steps, const float *x1, const 
     double tot = med[7];
     printf("K=%-6d %-8s %7.1f ms/step  keys %4.1f%% queries %4.1f%% sim %4.1f%% mining %4.1f%% "
            "loss %4.1f%% backward %4.1f%% update %4.1f%%  mining/sim-sgemm %.2f  negatives/query %.0f\n",
-           K, mine_strategy_name(strategy), tot * 1e3, 100 * med[0] / tot, 100 * med[1] / tot,
+           K, enum_name_of(mine_strategy_names, (int)strategy), tot * 1e3, 100 * med[0] / tot, 100 * med[1] / tot,
            100 * med[2] / tot, 100 * med[3] / tot, 100 * med[4] / tot, 100 * med[5] / tot,
            100 * med[6] / tot, med[3] / med[2], d.negatives_per_query);
   }

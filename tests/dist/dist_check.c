@@ -20,6 +20,7 @@
 #include "core/tensor.h"
 #include "data/loader.h"
 #include "train/step.h"
+#include "service/config.h"
 
 /* config/tiny.json's encoder with its embedding layers, on 1x28x28 inputs. */
 static const char *const SPEC =
@@ -44,8 +45,8 @@ int main(int argc, char **argv) {
   }
   if (dist_init(&argc, &argv)) return fail("joining the world");
   int steps = atoi(argv[2]), W = dist_size(), rank = dist_rank(), B = BATCH / W;
-  loader_config lc;
-  loader_config_default(&lc);
+  loader_config lc = config_defaults()->trainer.loader;
+  lc.drop_last = 1;
   lc.train = argv[1];
   lc.batch_size = BATCH;
   lc.shuffle_buffer = 2000;
@@ -54,8 +55,7 @@ int main(int argc, char **argv) {
   loader ld;
   if (loader_open(&ld, &lc)) return fail("loader_open");
   size_t in = (size_t)ld.shape.c * ld.shape.h * ld.shape.w;
-  moco_config c;
-  moco_config_default(&c);
+  moco_config c = config_defaults()->trainer.moco;
   c.batch_size = BATCH;
   c.queue_size = QUEUE;
   c.shuffle_bn_groups = 2;

@@ -14,13 +14,13 @@
 static trainer *tiny_trainer(void) {
   static trainer *t;
   static int tried;
-  static trainer_config tc;
+  static mocod_config mc;
   static json_t *c; /* kept: the trainer config borrows the model description from it */
   if (tried) return t;
   tried = 1;
   char *report = NULL;
   if (config_load_file(&c, "config/tiny.json") == 0 && config_override(c, "threads=1") == 0 &&
-      config_finalize(c, &report) == 0 && config_to_trainer(c, &tc) == 0 && trainer_create(&t, &tc))
+      config_finalize(c, &report) == 0 && config_read(c, &mc) == 0 && trainer_create(&t, &mc.trainer))
     t = NULL;
   free(report);
   return t;

@@ -12,8 +12,9 @@
 static void finalize(json_t *c) {
   char *report = NULL;
   if (config_finalize(c, &report) == 0) {
-    trainer_config tc;
-    config_to_trainer(c, &tc);
+    mocod_config *mc = malloc(sizeof *mc);
+    if (mc) config_read(c, mc);
+    free(mc);
   }
   free(report);
 }
