@@ -12,6 +12,7 @@
 #include "data/loader.h"
 #include "testutil.h"
 #include "train/checkpoint.h"
+#include "service/config.h"
 
 /* Under the sanitizers, Open MPI's own allocations kept past MPI_Finalize are not ours to report
  * (tests/lsan-mpi.supp); the full unwinder reaches them through its dlopen'ed components. */
@@ -129,8 +130,8 @@ END_TEST
 START_TEST(loader_shares_are_slices_of_the_batch) {
   enum { B = 24, N = 3, IN = 28 * 28 };
   loader whole, part[N];
-  loader_config c;
-  loader_config_default(&c);
+  loader_config c = config_defaults()->trainer.loader;
+  c.drop_last = 1;
   c.train = data_path("fmnist-train-images-idx3-ubyte.gz");
   c.batch_size = B;
   c.shuffle_buffer = 500;
