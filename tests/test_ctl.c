@@ -917,7 +917,7 @@ START_TEST(mococtl_exit_status_json_and_human_output) {
   for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
     run_mococtl(&r, ts, ts->path, bad[i]);
     ck_assert_msg(r.status == 3, "%s %s: status %d", bad[i][0], bad[i][1] ? bad[i][1] : "", r.status);
-    assert_has(r.err, "usage: mococtl");
+    assert_has(r.err, "(mococtl --help lists the commands)");
   }
   server_stop(ts);
 }

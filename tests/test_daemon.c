@@ -392,7 +392,7 @@ START_TEST(every_command_over_the_socket) {
   client *c = client_open();
   a = client_call(c, "{\"id\":2,\"cmd\":\"set\",\"args\":{\"contrast.queue_size\":64}}", 5);
   ck_assert(json_is_false(json_object_get(a, "ok")));
-  ck_assert_str_eq(error_code(a), "state");
+  ck_assert_str_eq(error_code(a), "bad_args");
   json_decref(a);
   a = client_call(c, "{\"id\":3,\"cmd\":\"set\",\"args\":{\"optim.lr\":-5}}", 5);
   ck_assert_str_eq(error_code(a), "bad_args");

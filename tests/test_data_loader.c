@@ -526,7 +526,7 @@ START_TEST(open_refuses_bad_configurations_and_data) {
   expect_open_error(&c, MOCO_ECONFIG, "workers");
   c = base_config();
   c.view_mode = VIEW_PAIR;
-  expect_open_error(&c, MOCO_ECONFIG, "view_mode pair needs pair records");
+  expect_open_error(&c, MOCO_ECONFIG, "data.mode pair needs pair records");
   c = base_config();
   c.drop_last = 1;
   c.batch_size = 2000;

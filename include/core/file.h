@@ -31,4 +31,9 @@ int file_write_atomic(const char *path, const char *tmp, const file_part *parts,
  * tmp over path and fsyncs the directory. f is closed and tmp removed whatever happens. */
 int file_commit_stream(FILE *f, const char *tmp, const char *path);
 
+/* mkdir -p of `path` (is_dir) or of the directory holding the file `path` (!is_dir), creating what is
+ * missing with `mode` (less the umask). Returns 0, MOCO_ERANGE for a path over FILE_PATH_MAX, or MOCO_EIO
+ * naming the directory that could not be made and why. */
+int file_make_dirs(const char *path, int is_dir, int mode);
+
 #endif

@@ -75,7 +75,9 @@ int dataset_reader_next(dataset_reader *r, data_record *rec);
 void dataset_reader_close(dataset_reader *r);
 
 /* Mean and standard deviation per channel (per feature for vectors) of the decoded values (u8 / 255)
- * over the whole data set, for the loader's normalisation: mean and std hold shape.c floats. */
-int dataset_stats(const dataset *ds, float *mean, float *std);
+ * over the whole data set, for the loader's normalisation: mean and std hold shape.c floats. A bad
+ * record stops it with its error, or, with skip_bad, is left out and counted in *skipped (may be NULL;
+ * moco_errmsg then holds the last such error). */
+int dataset_stats(const dataset *ds, int skip_bad, float *mean, float *std, uint64_t *skipped);
 
 #endif

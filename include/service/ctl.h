@@ -99,6 +99,7 @@ struct ctl_server {
   int clients, subscribers;  /* connected now */
   unsigned long dropped;     /* clients disconnected for unread output (slow subscribers) */
   unsigned long rejected;    /* connections refused over max_clients */
+  int replaced_stale;        /* ctl_init removed a stale socket left by a crashed run (for the log) */
   /* private */
   uv_pipe_t listener;
   uv_idle_t resume; /* runs requests queued behind a deferred call on the next loop turn */
@@ -141,6 +142,11 @@ void ctl_reply_errno(ctl_call *call, int rc);
 /* The protocol's code for a MOCO_E* code: EBUSY "busy", ESTATE "state", EINVAL/ERANGE/ECONFIG
  * "bad_args", ENOENT "not_found", anything else "internal". */
 const char *ctl_errcode_name(int rc);
+
+/* The server's command table as JSON, for a `commands` command (Redis's COMMAND): [{"name", "args": [{"name",
+ * "type", "required"}], "any_args", "changes_state", "help"}, ...]. Clients learn from it what they may
+ * send, so a new command reaches them as a new row of the table. */
+json_t *ctl_describe(const ctl_server *srv);
 
 /* Makes the call's connection a subscriber: it receives every ctl_broadcast line from now on. */
 void ctl_call_subscribe(ctl_call *call);

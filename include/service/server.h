@@ -15,6 +15,10 @@
 typedef struct {
   int resume;         /* -1: resume when a checkpoint exists (default), 0: start fresh, 1: must resume */
   const char *config_path; /* for messages; may be NULL */
+  /* The --set PATH=VALUE flags: on resume, values changed with `set` in earlier runs are restored
+   * except for the keys these name (the command line decides those). */
+  const char *const *sets;
+  int n_sets;
   /* Called once: rc 0 when the control socket accepts connections, else the failure (msg says why). */
   void (*ready)(void *ctx, int rc, const char *msg);
   void *ready_ctx;

@@ -71,6 +71,7 @@ typedef struct {
   int batch_size;
   double seconds;         /* wall time of the step, data included */
   double data_wait;       /* of which spent waiting for the data loader */
+  uint64_t skipped;       /* damaged records skipped by the stream so far (data.bad_record skip) */
 } trainer_stats;
 
 typedef struct {
@@ -126,6 +127,8 @@ int64_t trainer_step_count(const trainer *t);
 int64_t trainer_total_steps(const trainer *t);
 /* The current settings (lr, temperature, momentum, hardness at this step), queue fill, epoch. */
 void trainer_describe(const trainer *t, trainer_stats *st);
+/* Damaged records the stream has skipped so far; why (when not NULL) gets the last one's error. */
+uint64_t trainer_skipped(const trainer *t, char *why, size_t n);
 
 /* One line for the log: data sizes, the encoder (net_describe), parameter count, steps. */
 void trainer_summary(const trainer *t, char *buf, size_t cap);

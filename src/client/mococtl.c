@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/clock.h"
@@ -22,22 +23,79 @@ enum { EXIT_OK = 0, EXIT_ANSWERED_ERROR = 1, EXIT_UNREACHABLE = 2, EXIT_USAGE = 
 /* How long a command answered from mocod's loop may take before mocod counts as not answering. */
 #define DEFAULT_TIMEOUT 30.0
 
-static const char usage[] =
-    "usage: mococtl [-s SOCKET] [--json] [--timeout SEC] COMMAND\n"
-    "commands:\n"
-    "  status              state, progress, loss, diagnostics, speed, ETA\n"
-    "  metrics             the Prometheus text exposition (as served by service.metrics_listen)\n"
-    "  pause | resume      hold / continue training between steps\n"
-    "  stop                finish the step, write a checkpoint, exit\n"
-    "  checkpoint          write a checkpoint now (answers with the file)\n"
-    "  eval                run the evaluation now (answers with its figures)\n"
-    "  export-model PATH [query|key]  write the encoder as safetensors (scripts/load_encoder.py loads it)\n"
-    "  set KEY=VALUE...    change settings at run time (VALUE is JSON if it parses, else a string)\n"
-    "  config [KEY]        the effective config (or one key, e.g. contrast.temperature)\n"
-    "  watch               live progress until training stops\n"
-    "  raw JSON            send one request line as is, print the answer line\n"
-    "socket: -s, else $MOCOD_SOCKET, else " CTL_DEFAULT_SOCKET "\n"
-    "exit status: 0 ok, 1 mocod answered an error, 2 mocod not reachable, 3 usage\n";
+/* What mococtl knows of each command of mocod's table (src/service/server.c; `mococtl commands` lists
+ * the daemon's): how the words after it become the request's args, whether it waits for work off
+ * mocod's loop, and its usage line. A command the daemon has and this table lacks still works through
+ * the generic path (KEY=VALUE words as args); a row adds it to the usage, the completion script and the
+ * check in tests/test_mococtl.c that the two tables agree. */
+typedef enum {
+  W_NONE,  /* no words */
+  W_PAIRS, /* KEY=VALUE words, KEY one of `args` (NULL: any) */
+  W_SET,   /* KEY=VALUE words, any config key: the args object itself */
+  W_KEY,   /* an optional config key or section */
+  W_RAW,   /* one JSON request line, sent as is */
+  W_MODEL, /* PATH [query|key]: the path made absolute (the daemon may run elsewhere) */
+} words_kind;
+
+typedef struct {
+  const char *name;  /* as typed */
+  const char *cmd;   /* the protocol command */
+  words_kind words;
+  const char *args;  /* W_PAIRS: the argument names, space-separated */
+  int waits;         /* answered after work off mocod's loop: no default timeout */
+  const char *usage; /* the words, for the usage text */
+  const char *help;
+} client_cmd;
+
+static const client_cmd client_cmds[] = {
+    {"status", "status", W_NONE, NULL, 0, "", "state, progress, loss, diagnostics, speed, ETA"},
+    {"metrics", "metrics", W_NONE, NULL, 0, "",
+     "the Prometheus text exposition (as served by service.metrics_listen)"},
+    {"pause", "pause", W_NONE, NULL, 0, "", "hold training after the current step"},
+    {"resume", "resume", W_NONE, NULL, 0, "", "continue a paused run"},
+    {"stop", "stop", W_NONE, NULL, 1, "", "finish the step, write a checkpoint, exit"},
+    {"checkpoint", "checkpoint", W_NONE, NULL, 1, "", "write a checkpoint now (answers with the file)"},
+    {"eval", "eval", W_PAIRS, "probe encoder train_limit limit", 1,
+     "[probe=true] [encoder=query|key] [train_limit=N] [limit=N]",
+     "kNN accuracy, alignment, uniformity now (probe=true adds the linear probe)"},
+    {"export", "export", W_PAIRS, "path split encoder what", 1,
+     "path=FILE.npy [split=eval|train] [encoder=query|key] [what=features|embeddings]",
+     "write a split's features or embeddings as .npy (labels and ids beside it)"},
+    {"set", "set", W_SET, NULL, 0, "KEY=VALUE...",
+     "change runtime settings between steps (VALUE is JSON if it parses, else a string)"},
+    {"config", "config", W_KEY, NULL, 0, "[KEY|SECTION]",
+     "the effective config, one section (optim) or one key with its doc"},
+    {"watch", "subscribe", W_NONE, NULL, 0, "", "live progress until training stops"},
+    {"commands", "commands", W_NONE, NULL, 0, "", "the daemon's commands and their arguments"},
+    {"export-model", "export_model", W_MODEL, NULL, 1, "PATH [query|key]",
+     "write the encoder as safetensors (scripts/load_encoder.py loads it)"},
+    {"raw", NULL, W_RAW, NULL, 0, "JSON", "send one request line as is, print the answer line"},
+    {NULL, NULL, 0, NULL, 0, NULL, NULL},
+};
+
+static const client_cmd generic = {NULL, NULL, W_PAIRS, NULL, 0, "", ""};
+
+static const client_cmd *find_cmd(const char *name) {
+  for (const client_cmd *c = client_cmds; c->name; c++)
+    if (!strcmp(c->name, name)) return c;
+  return NULL;
+}
+
+static void print_usage(FILE *f) {
+  fputs("usage: mococtl [-s SOCKET] [--json] [--timeout SEC] COMMAND [WORDS]\ncommands:\n", f);
+  for (const client_cmd *c = client_cmds; c->name; c++) {
+    char head[160];
+    snprintf(head, sizeof head, "%s %s", c->name, c->usage);
+    if (strlen(head) > 22) fprintf(f, "  %s\n  %22s %s\n", head, "", c->help);
+    else fprintf(f, "  %-22s %s\n", head, c->help);
+  }
+  fputs("  OTHER KEY=VALUE...     any other command of the daemon (`commands` lists them)\n"
+        "options: --json prints answers and events as JSON lines, for scripts; --timeout defaults to 30 s\n"
+        "  (none for stop, checkpoint, eval, export); --bash-completion prints the completion script\n"
+        "socket: -s, else $MOCOD_SOCKET, else " CTL_DEFAULT_SOCKET "\n"
+        "exit status: 0 ok, 1 mocod answered an error, 2 mocod not reachable, 3 usage\n",
+        f);
+}
 
 typedef struct {
   int fd;
@@ -49,7 +107,7 @@ typedef struct {
 static int die_usage(const char *fmt, const char *arg) {
   fprintf(stderr, "mococtl: ");
   fprintf(stderr, fmt, arg);
-  fprintf(stderr, "\n%s", usage);
+  fputs(" (mococtl --help lists the commands)\n", stderr);
   return EXIT_USAGE;
 }
 
@@ -171,6 +229,28 @@ static void print_scalar(FILE *f, const json_t *v) {
   }
 }
 
+static void format_duration(char *out, size_t n, double sec);
+
+/* Times as dates, durations as h:mm:ss, the rest as they came: the key says which. */
+static void print_value(FILE *f, const char *key, const json_t *v) {
+  size_t n = strlen(key);
+  int is_time = !strcmp(key, "time") || (n > 5 && !strcmp(key + n - 5, "_time"));
+  int is_span = !strcmp(key, "eta_sec") || !strcmp(key, "uptime_sec");
+  if (json_is_number(v) && is_time) {
+    time_t t = (time_t)json_number_value(v);
+    struct tm tm;
+    char buf[64];
+    strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S %Z", localtime_r(&t, &tm));
+    fputs(buf, f);
+  } else if (json_is_number(v) && is_span) {
+    char buf[32];
+    format_duration(buf, sizeof buf, json_number_value(v));
+    fputs(buf, f);
+  } else {
+    print_scalar(f, v);
+  }
+}
+
 /* "key: value" lines with the values aligned; nested objects after them, indented under their key. */
 static void print_object(const json_t *obj, int indent) {
   const char *key;
@@ -186,7 +266,7 @@ static void print_object(const json_t *obj, int indent) {
         continue;
       }
       printf("%*s%s:%*s ", indent, "", key, width - (int)strlen(key), "");
-      print_scalar(stdout, v);
+      print_value(stdout, key, v);
       putchar('\n');
     }
   }
@@ -211,9 +291,9 @@ static double num(const json_t *obj, const char *key, int *found) {
 static void print_status(const json_t *result) {
   json_t *rest = json_deep_copy(result);
   json_t *top = json_object();
-  int has_step, has_total, has_progress, has_eta;
+  int has_step, has_total, has_progress;
   double step = num(result, "step", &has_step), total = num(result, "total_steps", &has_total);
-  double progress = num(result, "progress", &has_progress), eta = num(result, "eta_sec", &has_eta);
+  double progress = num(result, "progress", &has_progress);
   if (json_object_get(result, "state")) json_object_set(top, "state", json_object_get(result, "state"));
   if (has_step) {
     char s[96];
@@ -226,10 +306,10 @@ static void print_status(const json_t *result) {
                                 "eta_sec", "queue_fill", NULL};
   for (int i = 0; order[i]; i++) {
     json_t *v = json_object_get(result, order[i]);
-    if (v && !strcmp(order[i], "eta_sec") && has_eta) {
-      char s[32];
-      format_duration(s, sizeof s, eta);
-      json_object_set_new(top, "eta", json_string(s));
+    if (v && !strcmp(order[i], "eta_sec")) { /* the same h:mm:ss as watch's bar */
+      char d[32];
+      format_duration(d, sizeof d, json_is_number(v) ? json_number_value(v) : -1);
+      json_object_set_new(top, "eta", json_string(d));
     } else if (v) {
       json_object_set(top, order[i], v);
     }
@@ -281,7 +361,7 @@ static void print_event(const json_t *ev) {
   json_object_foreach((json_t *)ev, key, v) {
     if (!strcmp(key, "event") || !strcmp(key, "time")) continue;
     printf("  %s ", key);
-    print_scalar(stdout, v);
+    print_value(stdout, key, v);
   }
   putchar('\n');
 }
@@ -338,18 +418,31 @@ static int watch(conn *c, const json_t *subscribed, int as_json, size_t *consume
 
 /* ---- main ---- */
 
-/* set's KEY=VALUE words as an args object; VALUE is JSON when it parses (0.01, true, "x"), else text. */
-static json_t *parse_set(int argc, char **argv) {
+/* KEY=VALUE words as an args object; VALUE is JSON when it parses (0.01, true, "x"), else text. With
+ * `allowed` (space-separated names), KEY must be one of them. Returns NULL after writing the problem. */
+static int word_in(const char *list, const char *w, size_t n) {
+  for (const char *p = list; *p;) {
+    size_t k = strcspn(p, " ");
+    if (k == n && !strncmp(p, w, n)) return 1;
+    p += k + (p[k] == ' ');
+  }
+  return 0;
+}
+
+static json_t *parse_pairs(int argc, char **argv, const char *allowed, char *problem, size_t n) {
   json_t *args = json_object();
   for (int i = 0; i < argc; i++) {
     const char *eq = strchr(argv[i], '=');
-    if (!eq || eq == argv[i]) {
+    size_t klen = eq ? (size_t)(eq - argv[i]) : 0;
+    if (!klen || (allowed && !word_in(allowed, argv[i], klen))) {
+      if (!klen) snprintf(problem, n, "'%.100s': expected KEY=VALUE", argv[i]);
+      else snprintf(problem, n, "'%.100s': unknown argument; allowed: %s", argv[i], allowed);
       json_decref(args);
       return NULL;
     }
     json_t *v = json_loads(eq + 1, JSON_DECODE_ANY, NULL);
     if (!v) v = json_string(eq + 1);
-    json_object_setn_new(args, argv[i], (size_t)(eq - argv[i]), v);
+    json_object_setn_new(args, argv[i], klen, v);
   }
   return args;
 }
@@ -358,12 +451,16 @@ typedef struct {
   const char *path;
   int as_json;
   double timeout; /* seconds; 0: none */
-  const char *cmd;
+  const char *cmd;             /* the word typed */
+  const client_cmd *row;       /* its row, or &generic */
   char **words; /* the command's own words */
   int nwords;
 } options;
 
-/* Options may come before or after the command; "--" ends them. Returns 0, or an exit status. */
+static void print_completion(void);
+
+/* Options may come before or after the command; "--" ends them. Returns 0, or an exit status
+ * (-1: done, exit 0). */
 static int parse_options(int argc, char **argv, options *o) {
   const char *env = getenv("MOCOD_SOCKET");
   memset(o, 0, sizeof *o);
@@ -376,7 +473,10 @@ static int parse_options(int argc, char **argv, options *o) {
     if (done || a[0] != '-' || !a[1]) o->words[n++] = argv[i];
     else if (!strcmp(a, "--")) done = 1;
     else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-      fputs(usage, stdout);
+      print_usage(stdout);
+      return -1;
+    } else if (!strcmp(a, "--bash-completion")) {
+      print_completion();
       return -1;
     } else if (!strcmp(a, "--json")) o->as_json = 1;
     else if (!strcmp(a, "-s") || !strcmp(a, "--socket")) {
@@ -391,15 +491,13 @@ static int parse_options(int argc, char **argv, options *o) {
   }
   if (n == 0) return die_usage("%s", "no command given");
   o->cmd = o->words[0];
+  o->row = find_cmd(o->cmd);
+  if (!o->row) o->row = &generic;
   o->words++;
   o->nwords = n - 1;
   /* Commands that wait for work done off mocod's loop (a whole evaluation, a checkpoint write, the
    * last step before stopping) wait as long as it takes; the rest are answered from the loop at once. */
-  if (o->timeout < 0)
-    o->timeout = !strcmp(o->cmd, "eval") || !strcmp(o->cmd, "checkpoint") || !strcmp(o->cmd, "stop") ||
-                         !strcmp(o->cmd, "export-model")
-                     ? 0
-                     : DEFAULT_TIMEOUT;
+  if (o->timeout < 0) o->timeout = o->row->waits ? 0 : DEFAULT_TIMEOUT;
   return 0;
 }
 
@@ -418,37 +516,40 @@ static json_t *export_model_args(const char *path, const char *encoder) {
 
 /* The request line for the command, or NULL after a usage message. */
 static char *build_request(const options *o) {
-  static const char *plain[] = {"status", "pause", "resume", "stop", "checkpoint", "eval", "config",
-                                "watch", "metrics", NULL};
-  const char *cmd = o->cmd;
-  int known = 0;
-  for (int i = 0; plain[i]; i++) known |= !strcmp(cmd, plain[i]);
+  const client_cmd *r = o->row;
   json_t *args = NULL;
-  char problem[160] = "";
-  if (!strcmp(cmd, "raw")) {
+  char problem[400] = "";
+  switch (r->words) {
+  case W_RAW:
     if (o->nwords == 1) return strdup(o->words[0]);
     snprintf(problem, sizeof problem, "raw needs exactly one JSON request");
-  } else if (!strcmp(cmd, "config") && o->nwords == 1) {
-    args = json_pack("{s:s}", "key", o->words[0]);
-  } else if (!strcmp(cmd, "export-model")) {
+    break;
+  case W_KEY:
+    if (o->nwords == 1) args = json_pack("{s:s}", "key", o->words[0]);
+    else if (o->nwords > 1) snprintf(problem, sizeof problem, "%s takes at most one key", o->cmd);
+    break;
+  case W_SET:
+    if (o->nwords < 1) snprintf(problem, sizeof problem, "set needs KEY=VALUE words");
+    else args = parse_pairs(o->nwords, o->words, NULL, problem, sizeof problem);
+    break;
+  case W_PAIRS:
+    if (o->nwords) args = parse_pairs(o->nwords, o->words, r->args, problem, sizeof problem);
+    break;
+  case W_MODEL:
     if (o->nwords < 1 || o->nwords > 2 || (o->nwords == 2 && strcmp(o->words[1], "query") && strcmp(o->words[1], "key")))
       snprintf(problem, sizeof problem, "export-model needs PATH and optionally query or key");
     else if (!(args = export_model_args(o->words[0], o->nwords == 2 ? o->words[1] : NULL)))
       snprintf(problem, sizeof problem, "export-model: cannot resolve %.100s", o->words[0]);
-  } else if (!strcmp(cmd, "set")) {
-    if (o->nwords < 1 || !(args = parse_set(o->nwords, o->words)))
-      snprintf(problem, sizeof problem, "set needs KEY=VALUE words");
-  } else if (!known) {
-    snprintf(problem, sizeof problem, "unknown command '%.100s'", cmd);
-  } else if (o->nwords) {
-    snprintf(problem, sizeof problem, "%s takes no arguments", cmd);
+    break;
+  case W_NONE:
+    if (o->nwords) snprintf(problem, sizeof problem, "%s takes no arguments", o->cmd);
+    break;
   }
   if (problem[0]) {
     die_usage("%s", problem);
     return NULL;
   }
-  json_t *req = json_pack("{s:i, s:s}", "id", 1, "cmd",
-                          !strcmp(cmd, "watch") ? "subscribe" : !strcmp(cmd, "export-model") ? "export_model" : cmd);
+  json_t *req = json_pack("{s:i, s:s}", "id", 1, "cmd", r->cmd ? r->cmd : o->cmd);
   if (args) json_object_set_new(req, "args", args);
   char *line = json_dumps(req, JSON_COMPACT);
   json_decref(req);
@@ -459,14 +560,36 @@ static const char *str_or(const json_t *v, const char *fallback) {
   return json_is_string(v) ? json_string_value(v) : fallback;
 }
 
+/* commands: one line per command, its arguments, what it does. */
+static void print_commands(const json_t *result) {
+  size_t i;
+  json_t *c;
+  json_array_foreach(json_object_get(result, "commands"), i, c) {
+    char args[256] = "";
+    size_t k = 0, j;
+    json_t *a;
+    json_array_foreach(json_object_get(c, "args"), j, a) {
+      int req = json_is_true(json_object_get(a, "required"));
+      k += (size_t)snprintf(args + k, k < sizeof args ? sizeof args - k : 0, "%s%s%s=%s%s", k ? " " : "",
+                            req ? "" : "[", str_or(json_object_get(a, "name"), "?"),
+                            str_or(json_object_get(a, "type"), "?"), req ? "" : "]");
+    }
+    if (json_is_true(json_object_get(c, "any_args"))) snprintf(args, sizeof args, "KEY=VALUE...");
+    printf("%s%s%s\n    %s\n", str_or(json_object_get(c, "name"), "?"), args[0] ? " " : "", args,
+           str_or(json_object_get(c, "help"), ""));
+  }
+}
+
 static void print_result(const options *o, const json_t *result) {
-  if (o->as_json || !strcmp(o->cmd, "config")) {
+  if (o->as_json || (!strcmp(o->cmd, "config") && o->nwords == 0)) {
     /* For people, 10 digits: 0.2 rather than jansson's round-trip 0.20000000000000001. */
     char *s = json_dumps(result, o->as_json ? JSON_COMPACT : JSON_INDENT(2) | JSON_REAL_PRECISION(10));
     puts(s ? s : "{}");
     free(s);
   } else if (!strcmp(o->cmd, "status")) {
     print_status(result);
+  } else if (!strcmp(o->cmd, "commands")) {
+    print_commands(result);
   } else if (!strcmp(o->cmd, "metrics")) {
     fputs(str_or(json_object_get(result, "text"), ""), stdout); /* as a scraper would see it */
   } else if (json_object_size(result)) {
@@ -484,6 +607,65 @@ static void print_error(const options *o, const json_t *err) {
   }
   fprintf(stderr, "mococtl: %s (%s)\n", str_or(json_object_get(err, "message"), "no message"),
           str_or(json_object_get(err, "code"), "no code"));
+}
+
+/* ---- bash completion, generated from client_cmds (scripts/mococtl.bash-completion is this output) ---- */
+
+static void print_completion(void) {
+  fputs("# bash completion for mococtl, generated by `mococtl --bash-completion` from its command table\n"
+        "# (tests/test_mococtl.c checks that scripts/mococtl.bash-completion is current). Use:\n"
+        "#   . scripts/mococtl.bash-completion      or copy it to /etc/bash_completion.d/mococtl\n"
+        "_mococtl() {\n"
+        "  local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} cmd= i\n"
+        "  local -a sock=()\n"
+        "  for ((i = 1; i < COMP_CWORD; i++)); do\n"
+        "    case ${COMP_WORDS[i]} in\n"
+        "      -s|--socket) sock=(-s \"${COMP_WORDS[i+1]}\"); ((i++)) ;;\n"
+        "      --timeout) ((i++)) ;;\n"
+        "      -*) ;;\n"
+        "      *) [[ -z $cmd ]] && cmd=${COMP_WORDS[i]} ;;\n"
+        "    esac\n"
+        "  done\n"
+        "  case $prev in\n"
+        "    -s|--socket) COMPREPLY=($(compgen -f -- \"$cur\")); return ;;\n"
+        "    --timeout) return ;;\n"
+        "  esac\n"
+        "  if [[ $cur == -* ]]; then\n"
+        "    COMPREPLY=($(compgen -W \"-s --socket --json --timeout --help --bash-completion\" -- \"$cur\"))\n"
+        "    return\n"
+        "  fi\n"
+        "  if [[ -z $cmd ]]; then\n"
+        "    COMPREPLY=($(compgen -W \"",
+        stdout);
+  for (const client_cmd *c = client_cmds; c->name; c++) printf("%s%s", c == client_cmds ? "" : " ", c->name);
+  fputs("\" -- \"$cur\"))\n"
+        "    return\n"
+        "  fi\n"
+        "  local keys\n"
+        "  case $cmd in\n",
+        stdout);
+  for (const client_cmd *c = client_cmds; c->name; c++) {
+    if (c->words != W_PAIRS || !c->args) continue;
+    printf("    %s) keys=\"", c->name);
+    for (const char *p = c->args; *p;) {
+      size_t n = strcspn(p, " ");
+      printf("%s%.*s=", p == c->args ? "" : " ", (int)n, p);
+      p += n + (p[n] == ' ');
+    }
+    fputs("\" ;;\n", stdout);
+  }
+  /* set and config: the keys `set` may change, asked from the running daemon (no jq needed) */
+  fputs("    set|config)\n"
+        "      keys=$(mococtl \"${sock[@]}\" --json config 2>/dev/null | grep -o '\"runtime_keys\":\\[[^]]*' |\n"
+        "             grep -o '\"[a-z0-9_.]*\"' | tr -d '\"' | sed 1d)\n"
+        "      [[ $cmd == set ]] && keys=$(printf '%s= ' $keys) ;;\n"
+        "    *) return ;;\n"
+        "  esac\n"
+        "  COMPREPLY=($(compgen -W \"$keys\" -- \"$cur\"))\n"
+        "  [[ ${COMPREPLY[0]} == *= ]] && compopt -o nospace\n"
+        "}\n"
+        "complete -F _mococtl mococtl\n",
+        stdout);
 }
 
 int main(int argc, char **argv) {
@@ -505,10 +687,13 @@ int main(int argc, char **argv) {
   if (answer) {
     int ok = json_is_true(json_object_get(answer, "ok"));
     json_t *result = json_object_get(answer, "result");
+    json_t *err = json_object_get(answer, "error");
     rc = ok ? EXIT_OK : EXIT_ANSWERED_ERROR;
-    if (!strcmp(o.cmd, "raw")) puts(raw);
-    else if (!ok) print_error(&o, json_object_get(answer, "error"));
-    else if (!strcmp(o.cmd, "watch")) rc = watch(&c, result, o.as_json, &consumed);
+    if (o.row->words == W_RAW) puts(raw);
+    else if (!ok && o.row == &generic && !strcmp(str_or(json_object_get(err, "code"), ""), "unknown_command"))
+      rc = die_usage("unknown command '%s' (neither mococtl's nor the daemon's)", o.cmd);
+    else if (!ok) print_error(&o, err);
+    else if (o.row->cmd && !strcmp(o.row->cmd, "subscribe")) rc = watch(&c, result, o.as_json, &consumed);
     else print_result(&o, result);
   }
   free(raw);

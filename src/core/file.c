@@ -88,3 +88,27 @@ int file_write_atomic(const char *path, const char *tmp, const file_part *parts,
   }
   return commit(tmp, path);
 }
+
+int file_make_dirs(const char *path, int is_dir, int mode) {
+  char buf[FILE_PATH_MAX];
+  int rc = file_path_check(path, path, 0);
+  if (rc) return rc;
+  snprintf(buf, sizeof buf, "%s", path);
+  if (!is_dir) {
+    char *slash = strrchr(buf, '/');
+    if (!slash) return 0;
+    *slash = '\0';
+  }
+  if (!buf[0]) return 0;
+  for (char *p = buf + 1;; p++) {
+    if (*p == '/' || *p == '\0') {
+      char c = *p;
+      *p = '\0';
+      if (buf[0] && mkdir(buf, (mode_t)mode) && errno != EEXIST)
+        return moco_error(MOCO_EIO, "mkdir %s: %s", buf, strerror(errno));
+      *p = c;
+      if (!c) break;
+    }
+  }
+  return 0;
+}

@@ -398,18 +398,23 @@ int dataset_reader_next(dataset_reader *r, data_record *rec) {
   return 1;
 }
 
-int dataset_stats(const dataset *ds, float *mean, float *std) {
+int dataset_stats(const dataset *ds, int skip_bad, float *mean, float *std, uint64_t *skipped) {
   int C = ds->shape.c;
   size_t hw = (size_t)ds->shape.h * ds->shape.w, n = (size_t)C * hw;
   double *sum = calloc(2 * (size_t)C, sizeof *sum);
   float *x = malloc(n * sizeof *x);
-  uint64_t count = 0;
+  uint64_t count = 0, bad = 0;
   int rc = sum && x ? 0 : moco_error(MOCO_ENOMEM, "%s: stats buffers", ds->name);
   for (int fi = 0; !rc && fi < ds->n_files; fi++) {
     dataset_reader r;
     data_record rec;
     if ((rc = dataset_reader_open(&r, ds, fi, 0))) break;
-    while ((rc = dataset_reader_next(&r, &rec)) == 1) {
+    while ((rc = dataset_reader_next(&r, &rec)) != 0) {
+      if (rc < 0) {
+        if (!skip_bad) break;
+        bad += r.bad; /* the reader goes on after the records the fault covers */
+        continue;
+      }
       data_decode(ds->dtype, rec.sample, x, n);
       for (int c = 0; c < C; c++)
         for (size_t i = 0; i < hw; i++) {
@@ -421,6 +426,8 @@ int dataset_stats(const dataset *ds, float *mean, float *std) {
     }
     dataset_reader_close(&r);
   }
+  if (!rc && count == 0) rc = moco_error(MOCO_EEOF, "%s: no readable record for the statistics", ds->name);
+  if (skipped) *skipped = bad;
   for (int c = 0; !rc && c < C; c++) {
     double m = sum[c] / ((double)count * hw), var = sum[C + c] / ((double)count * hw) - m * m;
     mean[c] = (float)m;

@@ -398,8 +398,8 @@ static int open_splits(struct loader_impl *I) {
                         b.w, data_dtype_name(I->eval.dtype), a.c, a.h, a.w, data_dtype_name(I->train.dtype));
   }
   if (c->view_mode == VIEW_PAIR && !I->train.has_pair)
-    return moco_error(MOCO_ECONFIG, "loader: view_mode pair needs pair records; train (%s) holds single "
-                      "samples", c->train);
+    return moco_error(MOCO_ECONFIG, "loader: data.mode pair needs pair records; train (%s) holds single "
+                      "samples (mocopack raw --pair writes them)", c->train);
   if (c->drop_last && I->train.count < (uint64_t)c->batch_size)
     return moco_error(MOCO_ECONFIG, "loader: train holds %llu samples, fewer than batch_size %d with drop_last",
                       (unsigned long long)I->train.count, c->batch_size);

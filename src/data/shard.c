@@ -167,7 +167,9 @@ int shard_writer_open(shard_writer *w, const char *path, const shard_header *h) 
   memcpy(w->tmp_path, path, len);
   memcpy(w->tmp_path + len, ".tmp", 5);
   if (!(w->f = fopen(w->tmp_path, "wb"))) {
-    rc = moco_error(MOCO_EIO, "%s: cannot create: %s", w->tmp_path, strerror(errno));
+    /* A missing directory is the common cause: say so, under the code that means it. */
+    rc = errno == ENOENT ? moco_error(MOCO_ENOENT, "%s: cannot create: its directory does not exist", w->tmp_path)
+                         : moco_error(MOCO_EIO, "%s: cannot create: %s", w->tmp_path, strerror(errno));
     free(w->path);
     free(w->tmp_path);
     free(w->block);

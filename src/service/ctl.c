@@ -300,6 +300,20 @@ static const char *ctl_type_name(ctl_type t) {
   return names[t];
 }
 
+json_t *ctl_describe(const ctl_server *srv) {
+  json_t *list = json_array();
+  for (const ctl_command *c = srv->table; list && c->name; c++) {
+    json_t *args = json_array();
+    for (const ctl_arg *a = c->args; a && a->name; a++)
+      json_array_append_new(args, json_pack("{s:s, s:s, s:b}", "name", a->name, "type", ctl_type_name(a->type),
+                                            "required", (a->flags & CTL_ARG_REQUIRED) != 0));
+    json_array_append_new(list, json_pack("{s:s, s:o, s:b, s:b, s:s}", "name", c->name, "args", args, "any_args",
+                                          (c->flags & CTL_ANY_ARGS) != 0, "changes_state",
+                                          (c->flags & CTL_CHANGES_STATE) != 0, "help", c->help ? c->help : ""));
+  }
+  return list;
+}
+
 static int type_ok(ctl_type t, const json_t *v) {
   switch (t) {
   case CTL_T_STRING: return json_is_string(v);
@@ -577,8 +591,8 @@ void ctl_config_default(ctl_config *cfg) {
   cfg->max_clients = CTL_MAX_CLIENTS;
 }
 
-/* Something at the path: a live server (refuse), a stale socket from a crashed run (remove), or a file
- * that is not a socket (refuse: it is not ours to delete). */
+/* Something at the path: a live server (refuse), a stale socket from a crashed run (remove; returns 1),
+ * or a file that is not a socket (refuse: it is not ours to delete). */
 static int clear_stale(const char *path) {
   struct stat st;
   if (lstat(path, &st) != 0)
@@ -600,7 +614,7 @@ static int clear_stale(const char *path) {
                       strerror(err));
   if (unlink(path) != 0 && errno != ENOENT)
     return moco_error(MOCO_EIO, "socket %s: removing the stale socket: %s", path, strerror(errno));
-  return 0;
+  return 1;
 }
 
 static int make_parent(const char *path) {
@@ -671,7 +685,10 @@ int ctl_init(ctl_server *srv, uv_loop_t *loop, const ctl_config *cfg, const ctl_
   if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
 
   int fd = -1, rc = make_parent(path);
-  if (!rc) rc = clear_stale(path);
+  if (!rc && (rc = clear_stale(path)) == 1) {
+    srv->replaced_stale = 1;
+    rc = 0;
+  }
   if (!rc) rc = open_socket(srv, path, &fd);
   if (rc) {
     free(srv->path);

@@ -70,7 +70,14 @@ static int pidfile_acquire(const char *path, char *err, size_t errlen) {
   if (!*path) return 0;
   int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) return snprintf(err, errlen, "pid file %s: %s", path, strerror(errno)), -1;
-  if (flock(fd, LOCK_EX | LOCK_NB)) {
+  /* A mocod that has just answered `stop` releases the lock moments later, once it has freed its
+   * model: a start right after a stop waits up to 3 s for that rather than refusing. */
+  int locked = flock(fd, LOCK_EX | LOCK_NB);
+  for (int i = 0; locked && errno == EWOULDBLOCK && i < 30; i++) {
+    usleep(100000);
+    locked = flock(fd, LOCK_EX | LOCK_NB);
+  }
+  if (locked) {
     int e = errno, other = read_pid(fd);
     close(fd);
     if (e == EWOULDBLOCK)
@@ -190,6 +197,48 @@ static void say_not_ready(const char *fmt, const char *a) {
   on_ready(NULL, MOCO_EINVAL, msg);
 }
 
+/* The --set flag that gave the option a report line is about ("optim.lr: value -1 ..."), or NULL. */
+static const char *set_flag_of(const char *line, const char **sets, int n_sets) {
+  for (int i = 0; i < n_sets; i++) {
+    size_t n = strcspn(sets[i], "=");
+    if (!strncmp(line, sets[i], n) && line[n] == ':') return sets[i];
+  }
+  return NULL;
+}
+
+/* Every problem, each under the source it came from: the file, or the --set flag that gave the value. */
+static void report_invalid(const char *config_path, char *report, const char **sets, int n_sets) {
+  int from_file = 0, from_set = 0;
+  for (char *p = report; *p; p += strcspn(p, "\n"), p += *p == '\n') {
+    if (set_flag_of(p, sets, n_sets)) from_set = 1;
+    else from_file = 1;
+  }
+  const char *file = config_path ? config_path : "(defaults)";
+  if (from_set && !from_file) fprintf(stderr, "mocod: --set is invalid:\n");
+  else if (from_set) fprintf(stderr, "mocod: config %s and --set are invalid:\n", file);
+  else fprintf(stderr, "mocod: config %s is invalid:\n", file);
+  for (char *line = strtok(report, "\n"); line; line = strtok(NULL, "\n")) {
+    const char *flag = set_flag_of(line, sets, n_sets);
+    if (flag) fprintf(stderr, "  %s (from --set %s)\n", line, flag);
+    else fprintf(stderr, "  %s\n", line);
+  }
+}
+
+/* A daemon has no standard error: an empty log.file ("standard error") would lose the human log, so it
+ * goes to the schema's default file instead, said once on the terminal that started it. */
+static int keep_daemon_log(json_t *config) {
+  if (*config_str(config, "log.file")) return 0;
+  json_t *def = json_loads(config_option_find("log.file")->def, JSON_DECODE_ANY, NULL);
+  int rc = def ? config_set(config, "log.file", def, 0) : MOCO_ENOMEM;
+  if (!rc)
+    fprintf(stderr, "mocod: log.file is \"\" (standard error), which a daemon does not have: logging to %s\n",
+            config_str(config, "log.file"));
+  else
+    fprintf(stderr, "mocod: log.file: %s\n", moco_errmsg());
+  json_decref(def);
+  return rc ? 1 : 0;
+}
+
 /* Room for CTL_MAX_CLIENTS connections besides the logs, checkpoints and data files, up to the hard
  * limit (Redis does the same for maxclients): the soft default of 1024 would refuse clients early. */
 static void raise_fd_limit(void) {
@@ -202,7 +251,8 @@ static void raise_fd_limit(void) {
 
 enum { OPT_SET = 256, OPT_CHECK, OPT_PRINT, OPT_DOC, OPT_RESUME, OPT_NO_RESUME, OPT_EXPORT_MODEL, OPT_ENCODER };
 
-static int run(json_t *config, const char *config_path, int check, int daemon_mode, int resume);
+static int run(json_t *config, const char *config_path, int check, int daemon_mode, int resume,
+               const char *const *sets, int n_sets);
 
 int main(int argc, char **argv) {
   static const struct option longopts[] = {
@@ -214,7 +264,7 @@ int main(int argc, char **argv) {
       {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
   if (argc > 1 && !strcmp(argv[1], "embed")) return offline_embed(argc - 1, argv + 1);
   const char *config_path = NULL, *export_ckpt = NULL, *encoder = NULL;
-  int daemon_mode = 0, check = 0, print = 0, doc = 0, resume = -1, c;
+  int daemon_mode = 0, check = 0, print = 0, doc = 0, resume = -1, c, rc;
   const char *sets[argc > 0 ? argc : 1];
   int n_sets = 0;
   while ((c = getopt_long(argc, argv, "c:dh", longopts, NULL)) != -1) {
@@ -225,8 +275,14 @@ int main(int argc, char **argv) {
     case OPT_CHECK: check = 1; break;
     case OPT_PRINT: print = 1; break;
     case OPT_DOC: doc = 1; break;
-    case OPT_RESUME: resume = 1; break;
-    case OPT_NO_RESUME: resume = 0; break;
+    case OPT_RESUME:
+    case OPT_NO_RESUME:
+      if (resume >= 0 && resume != (c == OPT_RESUME)) {
+        fprintf(stderr, "mocod: --resume and --no-resume contradict each other; give one\n");
+        return 2;
+      }
+      resume = c == OPT_RESUME;
+      break;
     case OPT_EXPORT_MODEL: export_ckpt = optarg; break;
     case OPT_ENCODER: encoder = optarg; break;
     case 'h': usage(stdout); return 0;
@@ -266,13 +322,7 @@ int main(int argc, char **argv) {
     }
   char *report = NULL;
   if (config_finalize(config, &report)) {
-    fprintf(stderr, "mocod: config %s is invalid:\n", config_path ? config_path : "(defaults)");
-    if (report) {
-      for (char *line = strtok(report, "\n"); line; line = strtok(NULL, "\n"))
-        fprintf(stderr, "  %s\n", line);
-    } else {
-      fprintf(stderr, "  %s\n", moco_errmsg());
-    }
+    report_invalid(config_path, report ? report : (char *)moco_errmsg(), sets, n_sets);
     free(report);
     json_decref(config);
     return 2;
@@ -282,6 +332,10 @@ int main(int argc, char **argv) {
             moco_errmsg());
     json_decref(config);
     return 2;
+  }
+  if (daemon_mode && (rc = keep_daemon_log(config))) {
+    json_decref(config);
+    return rc;
   }
   if (print) {
     json_dumpf(config, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(15));
@@ -312,14 +366,15 @@ int main(int argc, char **argv) {
     dist_finalize();
     return code;
   }
-  int code = run(config, config_path, check, daemon_mode, resume);
+  int code = run(config, config_path, check, daemon_mode, resume, sets, n_sets);
   world_send(WORLD_STOP, NULL, 0); /* also when rank 0 could not start: the others end with it */
   dist_finalize();
   return code;
 }
 
 /* Rank 0, or the only process: the check, or the daemon. */
-static int run(json_t *config, const char *config_path, int check, int daemon_mode, int resume) {
+static int run(json_t *config, const char *config_path, int check, int daemon_mode, int resume,
+               const char *const *sets, int n_sets) {
   if (check) {
     mocod_config mc;
     trainer *t = NULL;
@@ -357,7 +412,8 @@ static int run(json_t *config, const char *config_path, int check, int daemon_mo
     json_decref(config);
     return 1;
   }
-  server_options opt = {.resume = resume, .config_path = config_path, .ready = on_ready};
+  server_options opt = {.resume = resume, .config_path = config_path, .sets = sets, .n_sets = n_sets,
+                        .ready = on_ready};
   int code = server_run(config, &opt);
   pidfile_release();
   json_decref(config);

@@ -58,6 +58,7 @@ typedef struct {
   trainer_eval_result eres;
   /* checkpoint */
   char *config_text; /* the effective config, serialised into the checkpoint */
+  char *sets_text;   /* set_values, likewise */
   char dir[FILE_PATH_MAX];
   int keep;
   int pruned; /* older checkpoints deleted to make room on a full disk */
@@ -81,6 +82,9 @@ typedef struct {
   uv_signal_t sig_term, sig_int, sig_hup;
   json_t *config;
   mocod_config cfg;      /* s->config read into its fields (config_read); follows `set` */
+  json_t *set_values; /* every key changed with `set` since the run began (resumes included): kept in
+                         checkpoints and restored on resume, so a resume does not undo a `set` */
+  json_t *restore;    /* on resume: the checkpoint's set values to apply before the first step */
   trainer *tr;
   progress_log plog;
   int plog_failing; /* the last progress_write failed */
@@ -116,6 +120,7 @@ typedef struct {
   double win_loss, win_pos, win_neg, win_hard, win_acc, win_negs, win_filt, win_fn, win_sec;
   int win_fn_n;
   double rate; /* samples/s over the last window */
+  uint64_t skipped_logged; /* damaged records skipped that the log has been told about */
 
   metrics_snapshot metrics; /* histograms kept here; the rest filled by fill_metrics */
   metrics_http *metrics_http; /* NULL unless service.metrics_listen is set */
@@ -241,6 +246,9 @@ static void job_work(uv_work_t *req) {
     blob_section_begin(&w, "CONF");
     blob_put_str(&w, j->config_text);
     blob_section_end(&w);
+    blob_section_begin(&w, "SETV");
+    blob_put_str(&w, j->sets_text);
+    blob_section_end(&w);
     j->rc = checkpoint_commit(&w, j->dir, step, j->path, sizeof j->path, &j->pruned);
     j->bytes = (int64_t)w.len;
     blob_writer_free(&w);
@@ -280,10 +288,12 @@ static void start_checkpoint(server *s, job_reason why, ctl_call *call) {
   j->reason = why;
   j->call = call;
   free(j->config_text);
+  free(j->sets_text);
   j->config_text = json_dumps(s->config, JSON_COMPACT);
+  j->sets_text = json_dumps(s->set_values, JSON_COMPACT);
   snprintf(j->dir, sizeof j->dir, "%s", s->cfg.checkpoint.dir);
   j->keep = s->cfg.checkpoint.keep;
-  if (!j->config_text) {
+  if (!j->config_text || !j->sets_text) {
     j->rc = MOCO_ENOMEM;
     snprintf(j->err, sizeof j->err, "checkpoint: out of memory");
   }
@@ -357,6 +367,7 @@ static void emit_progress(server *s) {
   json_object_set_new(ev, "world_size", json_integer(dist_size()));
   double eta = eta_seconds(s);
   json_object_set_new(ev, "eta_sec", eta >= 0 ? json_integer((json_int_t)llround(eta)) : json_null());
+  json_object_set_new(ev, "skipped", json_integer((json_int_t)st->skipped));
   emit(s, ev);
   log_msg(LL_VERBOSE, "step %lld/%lld loss %.4f inst_acc %.3f lr %.4g %.0f samples/s",
           (long long)st->step, (long long)st->total_steps, s->win_loss / n, s->win_acc / n, st->lr,
@@ -389,6 +400,13 @@ static void after_step(server *s, job *j) {
   metrics_observe(&s->metrics.step_seconds, j->stats.seconds);
   s->last = j->stats;
   s->have_last = 1;
+  if (j->stats.skipped > s->skipped_logged) {
+    char why[512];
+    trainer_skipped(s->tr, why, sizeof why);
+    log_msg(LL_WARNING, "skipped %llu damaged record(s), %llu so far (data.bad_record skip); the last: %s",
+            (unsigned long long)(j->stats.skipped - s->skipped_logged), (unsigned long long)j->stats.skipped, why);
+    s->skipped_logged = j->stats.skipped;
+  }
   window_add(s, &j->stats);
   int64_t step = j->stats.step;
   int64_t every_log = s->cfg.log.every_steps;
@@ -640,18 +658,35 @@ static int apply_set(server *s, json_t *changes, json_t **applied) {
     free(n);
     emit(s, ev);
     json_object_set(*applied, key, v);
+    json_object_set(s->set_values, key, v);
   }
   json_decref(s->config);
   s->config = next;
   s->cfg = *mc;
   free(mc);
+  s->ckpt_step = -1; /* the newest checkpoint lacks these values: the next checkpoint or stop writes one */
   trainer_describe(s->tr, &s->snap);
   log_set_level(s->cfg.log.level);
   return 0;
 }
 
+/* Lays {"optim": {"lr": 0.1}} out as {"optim.lr": 0.1}: sections may be given as nested objects. */
+static int flatten_into(json_t *out, const char *prefix, json_t *obj) {
+  const char *key;
+  json_t *v;
+  if (json_object_size(obj) == 0) return moco_error(MOCO_EINVAL, "args.%s: an empty object sets nothing", prefix);
+  json_object_foreach(obj, key, v) {
+    char path[256];
+    if (snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", key) >= (int)sizeof path)
+      return moco_error(MOCO_EINVAL, "args.%s...: key too long", prefix);
+    int rc = json_is_object(v) ? flatten_into(out, path, v) : json_object_set(out, path, v) ? MOCO_ENOMEM : 0;
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 /* Turns the set command's args into {dotted key: value}: either {"key": K, "value": V} or
- * {"optim.lr": 0.1, "contrast.temperature": 0.2, ...}. */
+ * {"optim.lr": 0.1, "contrast": {"temperature": 0.2}, ...}. */
 static int set_changes(json_t *args, json_t **out) {
   json_t *k = json_object_get(args, "key");
   if (k) {
@@ -662,8 +697,21 @@ static int set_changes(json_t *args, json_t **out) {
     return *out ? 0 : MOCO_ENOMEM;
   }
   if (json_object_size(args) == 0) return moco_error(MOCO_EINVAL, "set: no key given");
-  *out = json_incref(args);
-  return 0;
+  *out = json_object();
+  int rc = *out ? flatten_into(*out, "", args) : MOCO_ENOMEM;
+  if (rc) {
+    json_decref(*out);
+    *out = NULL;
+  }
+  return rc;
+}
+
+/* A refused key is a bad argument of the request, whatever the reason (unknown, not runtime, out of
+ * range): code bad_args, the message naming args.KEY. */
+static int set_refused(int rc) {
+  char msg[1024];
+  snprintf(msg, sizeof msg, "%s", moco_errmsg());
+  return rc == MOCO_ENOMEM ? rc : moco_error(MOCO_EINVAL, "args.%s", msg);
 }
 
 static void run_op(server *s, op *o) {
@@ -990,6 +1038,7 @@ static json_t *status_json(server *s) {
                                             d->queue_size));
   json_object_set_new(r, "batch_size", json_integer(d->batch_size));
   json_object_set_new(r, "world_size", json_integer(dist_size()));
+  json_object_set_new(r, "skipped", json_integer((json_int_t)d->skipped));
   json_object_set(r, "last_checkpoint", s->last_checkpoint ? s->last_checkpoint : json_null());
   json_object_set(r, "last_checkpoint_error", s->ckpt_error ? s->ckpt_error : json_null());
   json_object_set_new(r, "checkpoint_failures", json_integer(s->ckpt_failures));
@@ -1016,6 +1065,16 @@ static int cmd_config(ctl_call *call, json_t *args, void *data) {
     const char *k = json_string_value(key);
     const config_option *o = config_option_find(k);
     json_t *v = config_get(s->config, k);
+    if (!o && json_is_object(v)) { /* a section ("optim"): its values, and which of them set may change */
+      json_t *runtime = json_array();
+      size_t n = strlen(k);
+      for (size_t i = 0; i < config_n_options; i++)
+        if ((config_options[i].flags & CONFIG_RUNTIME) && !strncmp(config_options[i].path, k, n) &&
+            config_options[i].path[n] == '.')
+          json_array_append_new(runtime, json_string(config_options[i].path));
+      ctl_reply(call, json_pack("{s:s, s:O, s:o}", "key", k, "value", v, "runtime_keys", runtime));
+      return 0;
+    }
     if (!o || !v) return moco_error(MOCO_ENOENT, "args.key: unknown key '%s'", k);
     ctl_reply(call, json_pack("{s:s, s:O, s:b, s:s}", "key", k, "value", v, "runtime",
                               (o->flags & CONFIG_RUNTIME) != 0, "doc", o->doc));
@@ -1035,6 +1094,13 @@ static int cmd_metrics(ctl_call *call, json_t *args, void *data) {
   if (!text) return moco_error(MOCO_ENOMEM, "metrics: out of memory");
   ctl_reply(call, json_pack("{s:s}", "text", text));
   free(text);
+  return 0;
+}
+
+static int cmd_commands(ctl_call *call, json_t *args, void *data) {
+  (void)args;
+  server *s = data;
+  ctl_reply(call, json_pack("{s:o}", "commands", ctl_describe(&s->ctl)));
   return 0;
 }
 
@@ -1086,7 +1152,7 @@ static int cmd_set(ctl_call *call, json_t *args, void *data) {
   }
   json_decref(trial);
   json_decref(changes);
-  if (rc) return rc;
+  if (rc) return set_refused(rc);
   op_push(s, OP_SET, call, args);
   pump(s);
   return 0;
@@ -1139,6 +1205,8 @@ static const ctl_command commands[] = {
      "the Prometheus text exposition of status's figures, durations and process figures"},
     {"subscribe", cmd_subscribe, CTL_SAFE_WHILE_RUNNING, NULL,
      "receive every progress, eval, checkpoint and config_change event as a line"},
+    {"commands", cmd_commands, CTL_SAFE_WHILE_RUNNING, NULL,
+     "this table: every command with its arguments and what it does"},
     {NULL, NULL, 0, NULL, NULL},
 };
 
@@ -1146,41 +1214,47 @@ static const ctl_command commands[] = {
  * Start-up.
  * ------------------------------------------------------------------------------------------------- */
 
-/* mkdir -p for the directory part of a file path (or the whole path when is_dir). */
-int server_make_dirs(const char *path, int is_dir) {
-  char buf[FILE_PATH_MAX];
-  int rc = file_path_check(path, path, 0);
-  if (rc) return rc;
-  snprintf(buf, sizeof buf, "%s", path);
-  if (!is_dir) {
-    char *slash = strrchr(buf, '/');
-    if (!slash) return 0;
-    *slash = '\0';
-  }
-  for (char *p = buf + 1;; p++) {
-    if (*p == '/' || *p == '\0') {
-      char c = *p;
-      *p = '\0';
-      if (buf[0] && mkdir(buf, 0700) && errno != EEXIST)
-        return moco_error(MOCO_EIO, "mkdir %s: %s", buf, strerror(errno));
-      *p = c;
-      if (!c) break;
-    }
-  }
-  return 0;
-}
+int server_make_dirs(const char *path, int is_dir) { return file_make_dirs(path, is_dir, 0700); }
 
 static void on_skip(void *ctx, const char *path, const char *why) {
   (void)ctx;
   log_msg(LL_WARNING, "skipping damaged checkpoint %s: %s", path, why);
 }
 
-/* Warns about every option whose value differs between the checkpoint's config and this run's. */
-static void compare_configs(const json_t *then, const json_t *now) {
+/* A JSON section of a checkpoint ("CONF", "SETV"), or NULL when it has none (older checkpoints). */
+static json_t *section_json(blob_reader *body, const char tag[4]) {
+  blob_reader sub;
+  uint32_t n = 0;
+  if (blob_section(body, tag, &sub) || blob_get_u32(&sub, &n) || n > sub.len - sub.pos) return NULL;
+  return json_loadb((const char *)sub.data + sub.pos, n, 0, NULL);
+}
+
+/* The checkpoint's `set` values (taken) less the keys this command line's --set flags name and those
+ * the config already holds. */
+static json_t *restorable_sets(json_t *sets, const server_options *opt, const json_t *config) {
+  if (!json_is_object(sets)) {
+    json_decref(sets);
+    return json_object();
+  }
+  for (int i = 0; i < opt->n_sets; i++) {
+    char key[256];
+    snprintf(key, sizeof key, "%.*s", (int)strcspn(opt->sets[i], "="), opt->sets[i]);
+    json_object_del(sets, key);
+  }
+  const char *key;
+  json_t *v;
+  void *tmp;
+  json_object_foreach_safe(sets, tmp, key, v) if (json_equal(v, config_get(config, key))) json_object_del(sets, key);
+  return sets;
+}
+
+/* Warns about every option whose value differs between the checkpoint's config and this run's (the
+ * `set` values about to be restored aside). */
+static void compare_configs(const json_t *then, const json_t *now, const json_t *restore) {
   for (size_t i = 0; i < config_n_options; i++) {
     const char *p = config_options[i].path;
     json_t *a = config_get(then, p), *b = config_get(now, p);
-    if (a && b && !json_equal(a, b)) {
+    if (a && b && !json_equal(a, b) && !json_object_get(restore, p)) {
       char *x = json_dumps(a, LOG_JSON_FLAGS), *y = json_dumps(b, LOG_JSON_FLAGS);
       log_msg(LL_WARNING, "resume: %s was %.80s in the checkpoint, now %.80s", p, x ? x : "?", y ? y : "?");
       free(x);
@@ -1189,7 +1263,8 @@ static void compare_configs(const json_t *then, const json_t *now) {
   }
 }
 
-static int resume_from_checkpoint(server *s, int mode, char *from, size_t from_len) {
+static int resume_from_checkpoint(server *s, const server_options *opt, char *from, size_t from_len) {
+  int mode = opt->resume;
   from[0] = '\0';
   if (mode == 0) return 0;
   const char *dir = s->cfg.checkpoint.dir;
@@ -1201,14 +1276,10 @@ static int resume_from_checkpoint(server *s, int mode, char *from, size_t from_l
   rc = trainer_load(s->tr, &f.body);
   if (!rc) world_send(WORLD_START, body.data + body.pos, body.len - body.pos);
   if (!rc) {
-    blob_reader sub;
-    uint32_t n = 0;
-    if (blob_section(&f.body, "CONF", &sub) == 0 && blob_get_u32(&sub, &n) == 0 &&
-        n <= sub.len - sub.pos) {
-      json_t *then = json_loadb((const char *)sub.data + sub.pos, n, 0, NULL);
-      if (then) compare_configs(then, s->config);
-      json_decref(then);
-    }
+    json_t *then = section_json(&f.body, "CONF");
+    s->restore = restorable_sets(section_json(&f.body, "SETV"), opt, s->config);
+    if (then) compare_configs(then, s->config, s->restore);
+    json_decref(then);
   }
   if (rc) {
     checkpoint_file_free(&f);
@@ -1221,6 +1292,17 @@ static int resume_from_checkpoint(server *s, int mode, char *from, size_t from_l
                                  "time", f.time, "bytes", (json_int_t)f.len);
   checkpoint_file_free(&f);
   return 0;
+}
+
+/* Applies the checkpoint's `set` values (config_change events and log lines say which); one the trainer
+ * refuses now is left at the file's value, with a warning. */
+static void restore_sets(server *s) {
+  if (!s->restore || json_object_size(s->restore) == 0) return;
+  json_t *applied = NULL;
+  log_msg(LL_NOTICE, "resume: restoring %zu value(s) changed with set", json_object_size(s->restore));
+  if (apply_set(s, s->restore, &applied))
+    log_msg(LL_WARNING, "resume: the values changed with set could not be restored: %s", moco_errmsg());
+  json_decref(applied);
 }
 
 static int fail(const server_options *opt, int rc, const char *what) {
@@ -1270,6 +1352,7 @@ int server_run(json_t *config, const server_options *opt) {
   loop.data = s;
   s->loop = &loop;
   s->config = json_incref(config);
+  s->set_values = json_object();
   s->opt = opt;
   s->ckpt_step = -1;
   s->started = log_unix_time();
@@ -1306,12 +1389,15 @@ int server_run(json_t *config, const server_options *opt) {
     code = fail(opt, rc, "trainer");
     goto out;
   }
-  if ((rc = resume_from_checkpoint(s, opt->resume, from, sizeof from))) {
+  if ((rc = resume_from_checkpoint(s, opt, from, sizeof from))) {
     code = fail(opt, rc, "checkpoint");
     goto out;
   }
   if (!from[0]) world_send(WORLD_START, NULL, 0); /* a fresh start everywhere */
   trainer_describe(s->tr, &s->snap);
+  s->skipped_logged = s->snap.skipped; /* a resumed run's earlier skips were logged by that run */
+  if (s->ctl.replaced_stale)
+    log_msg(LL_WARNING, "replaced the stale socket %s (left by a mocod that did not stop cleanly)", cc.path);
   const char *ml = s->cfg.service.metrics_listen;
   if (*ml && (rc = metrics_http_start(&s->metrics_http, ml))) {
     code = fail(opt, rc, "metrics");
@@ -1343,7 +1429,9 @@ int server_run(json_t *config, const server_options *opt) {
   json_object_set_new(ev, "world_size", json_integer(dist_size()));
   json_object_set_new(ev, "resumed_from", from[0] ? json_string(from) : json_null());
   json_object_set(ev, "config", s->config);
+  json_object_set(ev, "restored", s->restore && json_object_size(s->restore) ? s->restore : json_null());
   emit(s, ev);
+  restore_sets(s);
   s->state = ST_RUNNING;
   if (opt->ready) opt->ready(opt->ready_ctx, 0, NULL);
   pump(s);
@@ -1360,6 +1448,9 @@ out:
   metrics_http_stop(s->metrics_http);
   if (s->tr) trainer_destroy(s->tr);
   free(s->job.config_text);
+  free(s->job.sets_text);
+  json_decref(s->set_values);
+  json_decref(s->restore);
   json_decref(s->last_eval);
   json_decref(s->last_checkpoint);
   json_decref(s->ckpt_error);

@@ -12,6 +12,7 @@
 
 #include "core/err.h"
 #include "core/rng.h"
+#include "core/file.h"
 #include "data/dataset.h"
 #include "data/image.h"
 #include "data/shard.h"
@@ -35,7 +36,7 @@ static const char usage[] =
     "         given, or named X.labels.npy beside X.npy (or images -> labels)\n"
     "  cifar  CIFAR-10 (data_batch_N.bin, test_batch.bin) or CIFAR-100 (train.bin, test.bin) binary batches\n"
     "  raw    DATA holds N samples of --shape as little-endian u8 or f32; --labels holds N labels (i32 or u8),\n"
-    "         --pair N second samples (pair records, for view_mode pair)\n"
+    "         --pair N second samples (pair records, for data.mode pair)\n"
     "  csv    numeric columns are the features of a vector sample; --label names the label column (index\n"
     "         from 0, or its header name); a header line is detected when a field is not a number\n"
     "  images PNG and JPEG files (libpng, libjpeg-turbo): DIR/<class>/*.png|jpg (ImageFolder: classes are the\n"
@@ -44,7 +45,8 @@ static const char usage[] =
     "         that will not decode stops the pack (default) or, with --on-error skip, is reported and skipped;\n"
     "         records are shuffled (seed --seed, default 0) unless --no-shuffle\n"
     "  info   per file: format, records, shape, labels; --verify reads every record (checksums, labels,\n"
-    "         finite values); --stats prints per-channel mean and std for the loader's normalisation\n"
+    "         finite values); --stats prints the per-channel mean and std that data.normalize standardises\n"
+    "         with (mocod computes them itself at start-up; no config key takes them)\n"
     "pack options:\n"
     "  --shard-size SIZE     bytes per shard (K, M, G suffixes; default 64M)\n"
     "  --shard-records N     records per shard (instead of --shard-size)\n"
@@ -122,7 +124,9 @@ static int pack_begin(packer *p, const opts *o, data_shape shape, data_dtype dty
   p->h.block_records = (uint32_t)(o->block_size / rec ? o->block_size / rec : 1);
   p->per_shard = o->shard_records ? o->shard_records : (o->shard_size / rec ? o->shard_size / rec : 1);
   if (!o->out) return moco_error(MOCO_EINVAL, "no output prefix (-o PREFIX)");
-  return 0;
+  /* -o data/fmnist/train: the directory is part of the name asked for, so make it. */
+  int rc = file_make_dirs(o->out, 0, 0777);
+  return rc ? moco_error_wrap(rc, "-o %s", o->out) : 0;
 }
 
 static int pack_add(packer *p, int32_t label, const void *sample, const void *pair) {
@@ -269,6 +273,9 @@ static int cmd_idx(const opts *o, int argc, char **argv) {
   if (rc) return rc;
   int classes = ds.num_classes;
   if (ds.has_labels && !classes) rc = max_label(&ds, &classes);
+  if (!rc && !ds.has_labels)
+    fprintf(stderr, "mocopack: notice: %s has no labels (none given, no labels file named like it): the "
+                    "shards hold none, so the kNN monitor and the probe cannot use them\n", argv[0]);
   packer p;
   if (!rc) rc = pack_begin(&p, o, ds.shape, ds.dtype, ds.has_labels, ds.has_pair, classes);
   if (rc) {
@@ -478,6 +485,15 @@ static int csv_layout_of(const opts *o, csv_reader *c, csv_layout *L) {
   int n, rc = csv_next(c, &n);
   if (rc <= 0) return rc ? rc : moco_error(MOCO_EEOF, "%s: no data", c->path);
   float v;
+  if (n == 1 && !is_number(c->fields[0], &v)) { /* one column that is no number: another delimiter? */
+    for (const char *d = ";\t|"; *d; d++) {
+      char shown[3] = {*d, 0, 0};
+      if (*d == '\t') memcpy(shown, "\\t", 3);
+      if (*d != c->delim && strchr(c->fields[0], *d))
+        return moco_error(MOCO_EFORMAT, "%s: line %llu: one column with delimiter '%c', but the line holds "
+                          "'%s': try --delimiter '%s'", c->path, (unsigned long long)c->lineno, c->delim, shown, shown);
+    }
+  }
   L->ncols = n;
   L->header = o->header;
   if (L->header < 0) {
@@ -520,12 +536,10 @@ static int csv_row(const csv_reader *c, const csv_layout *L, int n, float *x, in
   for (int i = 0; i < n; i++) {
     const char *s = c->fields[i];
     if (i == L->label_col) {
-      long long k;
-      char *end;
-      errno = 0;
-      k = strtoll(s, &end, 10);
-      if (end == s || *end || errno || k < -1 || k > INT32_MAX)
-        return moco_error(MOCO_ERANGE, "%s: line %llu, column %d (label): '%s', expected an integer >= 0 (-1: none)",
+      float k; /* "3" and "3.0" (as pandas writes integer columns with gaps) are both class 3 */
+      if (!is_number(s, &k) || k != floorf(k) || k < -1 || k > (float)(1 << 24))
+        return moco_error(MOCO_ERANGE, "%s: line %llu, column %d (label): '%s' is not a class index; labels are "
+                          "integers 0..K-1 (-1: none), so map class names to numbers first",
                           c->path, (unsigned long long)c->lineno, i, s);
       *label = (int32_t)k;
     } else if (!is_number(s, &x[d++])) {
@@ -772,7 +786,7 @@ static int cmd_info(const opts *o, int argc, char **argv) {
   }
   if (!rc && o->stats) {
     float *m = malloc(2 * (size_t)ds.shape.c * sizeof *m);
-    rc = m ? dataset_stats(&ds, m, m + ds.shape.c) : moco_error(MOCO_ENOMEM, "stats");
+    rc = m ? dataset_stats(&ds, 0, m, m + ds.shape.c, NULL) : moco_error(MOCO_ENOMEM, "stats");
     for (int k = 0; !rc && k < 2; k++) {
       printf("%s: [", k ? "std" : "mean");
       for (int c = 0; c < ds.shape.c; c++) printf("%s%.6g", c ? ", " : "", m[k * ds.shape.c + c]);
@@ -820,6 +834,7 @@ int main(int argc, char **argv) {
     case OPT_HEADER: o.header = 1; break;
     case OPT_NO_HEADER: o.header = 0; break;
     case OPT_DELIM:
+      if (!strcmp(optarg, "\\t")) optarg = "\t"; /* --delimiter '\t' as typed in a shell */
       if (strlen(optarg) != 1) rc = moco_error(MOCO_EINVAL, "--delimiter '%s': expected one character", optarg);
       o.delim = optarg[0];
       break;

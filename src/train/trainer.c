@@ -28,6 +28,8 @@ struct trainer {
   int num_classes;  /* 0 when the data has no labels */
   float *mean, *std; /* [norm_len] per-channel (per-feature) statistics of the training set */
   int norm_len;
+  uint64_t stats_skipped;   /* damaged records the statistics pass left out (data.bad_record skip) */
+  char stats_skip_why[512]; /* the last one's error */
   _Atomic int interrupt; /* set from another thread: evaluation and export stop at the next chunk */
 };
 
@@ -75,7 +77,10 @@ static int train_stats(trainer *t) {
   t->mean = malloc((size_t)ds.shape.c * sizeof(float));
   t->std = malloc((size_t)ds.shape.c * sizeof(float));
   if (!t->mean || !t->std) rc = moco_error(MOCO_ENOMEM, "normalisation statistics of %d channels", ds.shape.c);
-  if (!rc) rc = dataset_stats(&ds, t->mean, t->std);
+  if (!rc) {
+    rc = dataset_stats(&ds, t->cfg.loader.bad_record == LOADER_BAD_SKIP, t->mean, t->std, &t->stats_skipped);
+    if (!rc && t->stats_skipped) snprintf(t->stats_skip_why, sizeof t->stats_skip_why, "%s", moco_errmsg());
+  }
   if (!rc) t->norm_len = ds.shape.c;
   dataset_close(&ds);
   return rc;
@@ -191,7 +196,10 @@ void trainer_describe(const trainer *t, trainer_stats *st) {
   st->queue_filled = t->m.queue.filled;
   st->batch_size = c->batch_size;
   st->fn_rate = -1;
+  st->skipped = loader_skipped(&t->ld, NULL, 0);
 }
+
+uint64_t trainer_skipped(const trainer *t, char *why, size_t n) { return loader_skipped(&t->ld, why, n); }
 
 int trainer_step(trainer *t, trainer_stats *st) {
   double t0 = clock_now();
@@ -238,6 +246,10 @@ void trainer_summary(const trainer *t, char *buf, size_t cap) {
            t->cfg.moco.batch_size,
            (double)t->total_steps * t->cfg.moco.batch_size / (double)(t->ld.num_samples ? t->ld.num_samples : 1),
            net_num_params(&t->m.query), enc);
+  size_t len = strlen(buf);
+  if (t->stats_skipped && len < cap)
+    snprintf(buf + len, cap - len, "; the normalisation statistics skipped %llu damaged record(s), the last: %s",
+             (unsigned long long)t->stats_skipped, t->stats_skip_why);
 }
 
 /* ---------------------------------------------------------------------------------------------------
