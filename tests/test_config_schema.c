@@ -266,12 +266,11 @@ START_TEST(modules_built_from_defaults_keep_the_schema_values) {
     moco_model *m = calloc(1, sizeof *m);
     ck_assert_msg(moco_init(m, &mc, spec, (net_shape){4, 1, 1}, "model") == 0, "%s", moco_errmsg());
     ck_assert(!memcmp(&m->cfg, &mc, sizeof mc));
-    ck_assert(!memcmp(&m->mine.cfg, &mc.mine, sizeof mc.mine));
-    ck_assert(!memcmp(&m->hard.cfg, &mc.hardness, sizeof mc.hardness));
-    ck_assert(!memcmp(&m->opt.cfg, &mc.optim, sizeof mc.optim));
+    /* the modules read the model's one copy */
+    ck_assert(m->mine.cfg == &m->cfg.mine && m->hard.cfg == &m->cfg.hardness && m->opt.cfg == &m->cfg.optim);
     ck_assert_int_eq(m->queue.queue_size, mc.queue_size);
     if (adversarial) {
-      ck_assert(!memcmp(&m->bank.cfg, &mc.advbank, sizeof mc.advbank));
+      ck_assert(m->bank.cfg == &m->cfg.advbank);
       ck_assert_int_eq(m->bank.size, mc.mine.bank_size);
     }
     moco_free(m);

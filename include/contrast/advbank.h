@@ -22,7 +22,7 @@ typedef struct {
 } advbank_config;
 
 typedef struct {
-  advbank_config cfg;
+  const advbank_config *cfg; /* the owner's, read at every update (advbank_init keeps the pointer) */
   int size, dim;
   float *w; /* [M, d] unit rows */
   float *v; /* [M, d] velocity */

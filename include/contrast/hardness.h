@@ -59,7 +59,7 @@ int hardness_signal_moves(const hardness_config *c, mine_strategy strategy);
 float hardness_curriculum(const hardness_config *c, double progress, int *warmup);
 
 typedef struct {
-  hardness_config cfg;
+  const hardness_config *cfg; /* the owner's, read at every call (hardness_init keeps the pointer) */
   float hardness;   /* the controller's current value (dynamic) */
   float signal_ema; /* EMA of the observed signal */
   int64_t updates;  /* observations taken; the first seeds the EMA */

@@ -155,7 +155,7 @@ typedef struct {
 struct mine_row; /* a row's results, private to mine.c */
 
 typedef struct {
-  mine_config cfg;
+  const mine_config *cfg; /* the owner's (moco_model.cfg.mine), read at every call: `set` patches one copy */
   int max_batch, max_queue, dim;
   int max_cols;      /* largest layout.cols accepted */
   /* workspaces, sized at init */
@@ -173,7 +173,7 @@ typedef struct {
 /* Allocates workspaces for batches up to max_batch, queues up to max_queue slots and keys of dimension
  * dim (dim only matters for mixing), one per thread of the compute team as it is now: set the team's
  * size (par_set_threads) first. */
-int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int dim);
+int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int dim); /* keeps cfg */
 void mine_free(mine *m);
 
 /* Writes mask [B, l->cols] and, for mixing, the synthetic columns of S [B, l->cols]; the other

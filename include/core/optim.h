@@ -41,7 +41,7 @@ typedef struct {
 extern const enum_name optim_kind_names[];
 
 typedef struct {
-  optim_config cfg;
+  const optim_config *cfg; /* the owner's, read at every step (optim_init keeps the pointer) */
   size_t n_params;
   net_segment *segments; /* a copy, tiling [0, n_params) */
   int n_segments;
@@ -51,8 +51,8 @@ typedef struct {
   int64_t steps; /* updates done (AdamW's bias correction) */
 } optim;
 
-/* Checks cfg (momentum in [0,1), weight_decay >= 0, Nesterov only with momentum > 0, ...) and that the
- * segments tile [0, n_params) in order; n_segments == 0 means one segment, decayed, over everything.
+/* Keeps cfg (the caller's, read at every step: a weight decay changed between steps applies to the
+ * next one, the state is kept) and checks that the segments tile [0, n_params) in order; n_segments == 0 means one segment, decayed, over everything.
  * Allocates the state, zeroed. On failure nothing is left allocated. */
 int optim_init(optim *o, const optim_config *cfg, size_t n_params, const net_segment *segments,
                int n_segments);
@@ -69,9 +69,6 @@ void optim_step(optim *o, float *params, const float *grads, float lr);
  * parameter once instead of twice. */
 void optim_step_ema(optim *o, float *params, const float *grads, float lr, float *ema, float ema_m);
 
-/* Changes the runtime-tunable hyperparameters (momentum, weight_decay, lars_eta, ...) between steps;
- * the optimizer kind cannot change (MOCO_ECONFIG), the state is kept. */
-int optim_set_config(optim *o, const optim_config *cfg);
 
 /* One blob section ("OPTM"): kind, sizes, step count, state vectors. optim_load refuses another kind,
  * parameter count or segment layout with MOCO_ESHAPE. */

@@ -2,6 +2,7 @@
  *
  *     "MCKP" header: format version (u32), step (u64), Unix time (f64)
  *     the trainer's sections (each module's x_save, in a fixed order)
+ *     "CONF" the effective config and "SETV" the values changed with `set`, JSON text (u32 length + bytes)
  *     "CSUM" trailer: crc32 of every byte before the trailer (u32), their count (u64)
  *
  * Sections carry their own checksums; the trailer adds a whole-file one, so a truncated or damaged
@@ -17,6 +18,7 @@
 
 #include "core/blob.h"
 #include "core/file.h"
+#include "train/trainer.h"
 
 #define CHECKPOINT_VERSION 1u
 /* Bytes a checkpoint's name adds to checkpoint.dir: "/.ckpt-<12 digits>.mcp.tmp" and its NUL, rounded up. */
@@ -61,5 +63,26 @@ typedef void (*checkpoint_skip_fn)(void *ctx, const char *path, const char *why)
  * NULL) and passed over. MOCO_ENOENT when the directory holds no checkpoint (or does not exist),
  * MOCO_ECHECKSUM when it holds some and every one is damaged. */
 int checkpoint_read_latest(checkpoint_file *f, const char *dir, checkpoint_skip_fn skip, void *ctx);
+
+/* ---- a whole checkpoint of a trainer ---- */
+
+/* Where a checkpoint went. */
+typedef struct {
+  char path[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM];
+  int64_t step;
+  double time;   /* Unix seconds when it was written */
+  int64_t bytes; /* file size */
+  int pruned;    /* older checkpoints deleted to make room on a full disk */
+} checkpoint_info;
+
+/* Writes the whole checkpoint of t at its current step: header, trainer_save's sections, the config and
+ * the `set` values (JSON texts) and the trailer, atomically into dir (checkpoint_commit), then keeps the
+ * `keep` newest. Called from the thread that owns the trainer. */
+int checkpoint_save(const trainer *t, const char *config_text, const char *sets_text, const char *dir, int keep,
+                    checkpoint_info *info);
+
+/* A JSON section of a checkpoint's body ("CONF", "SETV"), a new reference, or NULL when it has none
+ * (older checkpoints) or it does not parse. */
+json_t *checkpoint_json(blob_reader *body, const char tag[4]);
 
 #endif

@@ -21,7 +21,7 @@ int advbank_init(advbank *b, const advbank_config *c, int size, int dim, int max
   if (size < 1 || dim < 1 || max_batch < 1)
     return moco_error(MOCO_EINVAL, "advbank_init: size %d, dim %d, max_batch %d: must be >= 1", size, dim,
                       max_batch);
-  b->cfg = *c;
+  b->cfg = c;
   b->size = size;
   b->dim = dim;
   b->max_batch = max_batch;
@@ -82,7 +82,7 @@ int advbank_grad(advbank *b, const float *dS_bank, int ld, const float *Q, int B
 int advbank_update(advbank *b, const float *dS_bank, int ld, const float *Q, int B) {
   int rc = advbank_grad(b, dS_bank, ld, Q, B);
   if (rc) return rc;
-  const advbank_config *c = &b->cfg;
+  const advbank_config *c = b->cfg;
   const int d = b->dim;
   for (int m = 0; m < b->size; m++) {
     float *w = b->w + (size_t)m * d, *v = b->v + (size_t)m * d, *g = b->g + (size_t)m * d;

@@ -40,12 +40,12 @@ float hardness_curriculum(const hardness_config *c, double progress, int *warmup
 
 void hardness_init(hardness_ctl *h, const hardness_config *c) {
   memset(h, 0, sizeof *h);
-  h->cfg = *c;
+  h->cfg = c;
   h->hardness = clampf(c->value, c->min, c->max);
 }
 
 float hardness_at(const hardness_ctl *h, double progress, int *warmup) {
-  const hardness_config *c = &h->cfg;
+  const hardness_config *c = h->cfg;
   if (c->mode == HARDNESS_CURRICULUM) return hardness_curriculum(c, progress, warmup);
   int warm = c->mode == HARDNESS_DYNAMIC && progress < c->warmup;
   if (warmup) *warmup = warm;
@@ -54,7 +54,7 @@ float hardness_at(const hardness_ctl *h, double progress, int *warmup) {
 }
 
 float hardness_observe(hardness_ctl *h, double progress, float signal) {
-  const hardness_config *c = &h->cfg;
+  const hardness_config *c = h->cfg;
   if (c->mode != HARDNESS_DYNAMIC || progress < c->warmup || signal != signal) return h->hardness;
   h->signal_ema = h->updates == 0 ? signal : c->ema * h->signal_ema + (1.0f - c->ema) * signal;
   h->updates++;
@@ -89,7 +89,7 @@ int hardness_load(hardness_ctl *h, blob_reader *r) {
   if (!in01(hard))
     return moco_error(MOCO_ERANGE, "hardness_load: %s: hardness %g outside [0, 1]",
                       r->name ? r->name : "blob", hard);
-  h->hardness = clampf(hard, h->cfg.min, h->cfg.max);
+  h->hardness = clampf(hard, h->cfg->min, h->cfg->max);
   h->signal_ema = ema;
   h->updates = (int64_t)n;
   return 0;

@@ -60,7 +60,7 @@ int mine_init(mine *m, const mine_config *cfg, int max_batch, int max_queue, int
                       max_batch, max_queue, dim);
   if (cfg->strategy == MINE_MIXING && dim < 1)
     return moco_error(MOCO_EINVAL, "mine_init: mixing needs the key dimension, got %d", dim);
-  m->cfg = *cfg;
+  m->cfg = cfg;
   m->max_batch = max_batch;
   m->max_queue = max_queue;
   m->dim = dim;
@@ -170,7 +170,7 @@ static void link_queue_ids(mine *m, const mine_input *in, int B) {
 }
 
 static int check_input(const mine *m, const mine_layout *l, const mine_input *in) {
-  const mine_config *c = &m->cfg;
+  const mine_config *c = m->cfg;
   int B = in->batch_size;
   if (B < 1 || B > m->max_batch)
     return moco_error(MOCO_ESHAPE, "mine_select: batch_size %d: allowed 1..%d", B, m->max_batch);
@@ -233,7 +233,7 @@ static int prepare_row(const mine *m, const mine_layout *l, const mine_input *in
       if (r != i) *c = MINE_OFF;
     }
   excl += (int32_t)o->same_id;
-  if (m->cfg.supervised && in->labels[i] >= 0) {
+  if (m->cfg->supervised && in->labels[i] >= 0) {
     int32_t y = in->labels[i];
     if (p->use_queue)
       for (int j = 0; j < in->queue_filled; j++)
@@ -283,7 +283,7 @@ static row_t row_view(const mine_layout *l, const mine_input *in, const plan_t *
 /* Guards, then the strategy, for one row; returns the count behind the knob (0 when none). */
 static int select_row(const mine *m, mine_ws *ws, const mine_layout *l, const mine_input *in,
                       const plan_t *p, int i, row_t *r, rng_t *rng, rowacc_t *ra) {
-  const mine_config *c = &m->cfg;
+  const mine_config *c = m->cfg;
   float u = INFINITY;
   if (c->ceiling == MINE_CEILING_ABSOLUTE) u = c->ceiling_value;
   if (c->ceiling == MINE_CEILING_RELATIVE) u = in->s_pos[i] - c->ceiling_delta;
@@ -407,7 +407,7 @@ int mine_select(mine *m, const mine_layout *l, const mine_input *in, float *S, u
                 rng_t *rng, mine_stats *st) {
   int rc = check_input(m, l, in);
   if (rc) return rc;
-  const mine_config *c = &m->cfg;
+  const mine_config *c = m->cfg;
   plan_t p = {.strat = c->strategy, .h = in->hardness};
   p.warm = in->warmup && c->strategy != MINE_ADVERSARIAL;
   if (p.warm) p.strat = MINE_RANDOM;

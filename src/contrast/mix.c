@@ -48,7 +48,7 @@ enum { PREFETCH_AHEAD = 4 };
 void mine_synthesize(const mine *m, mine_ws *ws, const mine_layout *l, const mine_input *in,
                      int row, const int32_t *P, int np, float *srow, uint8_t *mrow, rng_t *rng,
                        rowacc_t *ra) {
-  const mine_config *c = &m->cfg;
+  const mine_config *c = m->cfg;
   const int d = in->dim, X = l->synth_size, pairs = np >= 2 ? c->mix_pairs : 0;
   mine_synth *rec = m->synth + (size_t)row * X;
   float *wt = ws->vals, *xy = ws->tmp; /* [X] each: raw weight, then the mix's x.y */

@@ -654,7 +654,7 @@ BLOCK_FN pass2_out classify_row(const row_t *r, const cuts *ct, mine_ws *ws, int
 }
 
 int mine_top(const mine *m, mine_ws *ws, row_t *r, const want_t *w, top_mode mode, rowacc_t *ra) {
-  const mine_config *c = &m->cfg;
+  const mine_config *c = m->cfg;
   cuts ct = {.u = w->u, .suspect = w->suspect, .mode = mode};
   float sample[SAMPLE];
   int cands, ms = take_sample(r, w->u, sample, &cands);
@@ -766,7 +766,7 @@ void mine_pick_random(mine_ws *ws, row_t *r, int n, rng_t *rng, rowacc_t *ra) {
  * random; when the band holds fewer, the hardest below it fill up to n. */
 void mine_pick_semi_hard(const mine *m, mine_ws *ws, row_t *r, int n, float s_pos, rng_t *rng,
                          rowacc_t *ra) {
-  float low = s_pos - m->cfg.margin;
+  float low = s_pos - m->cfg->margin;
   int g = gather(ws, r, nextafterf(low, INFINITY), nextafterf(s_pos, -INFINITY));
   if (g >= n) {
     shuffle_prefix(ws->idx, g, n, rng);

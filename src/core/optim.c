@@ -34,7 +34,7 @@ int optim_init(optim *o, const optim_config *cfg, size_t n_params, const net_seg
   if (n_segments < 0) rc = moco_error(MOCO_EINVAL, "optimizer: %d segments", n_segments);
   if (!rc && n_segments > 0) rc = check_segments(n_params, segments, n_segments);
   if (rc) return rc;
-  o->cfg = *cfg;
+  o->cfg = cfg;
   o->n_params = n_params;
   o->n_segments = n_segments ? n_segments : 1;
   o->segments = malloc(sizeof *o->segments * o->n_segments);
@@ -58,14 +58,6 @@ void optim_free(optim *o) {
   tensor_free(o->m);
   tensor_free(o->v);
   memset(o, 0, sizeof *o);
-}
-
-int optim_set_config(optim *o, const optim_config *cfg) {
-  if (cfg->optimizer != o->cfg.optimizer)
-    return moco_error(MOCO_ECONFIG, "optimizer: cannot change from %s to %s while training",
-                      enum_name_of(optim_kind_names, (int)o->cfg.optimizer), enum_name_of(optim_kind_names, (int)cfg->optimizer));
-  o->cfg = *cfg;
-  return 0;
 }
 
 static double norm2(const float *x, size_t n) {
@@ -129,13 +121,13 @@ typedef struct {
 } update_call;
 
 static float segment_decay(const optim *o, const net_segment *sg) {
-  return sg->no_decay && !o->cfg.decay_all ? 0.0f : o->cfg.weight_decay;
+  return sg->no_decay && !o->cfg->decay_all ? 0.0f : o->cfg->weight_decay;
 }
 
 /* Arena entries [lo, hi) of segment s, block by block. */
 static void update_run(const update_call *a, int s, size_t lo, size_t hi) {
   const optim *o = a->o;
-  const optim_config *c = &o->cfg;
+  const optim_config *c = o->cfg;
   float wd = segment_decay(o, &o->segments[s]);
   for (size_t b = lo; b < hi; b += UPDATE_BLOCK) {
     size_t n = hi - b < UPDATE_BLOCK ? hi - b : UPDATE_BLOCK;
@@ -165,16 +157,16 @@ static void update_part(void *ctx, int part, int parts) {
 static void segment_scales(optim *o, const float *params, const float *grads) {
   for (int s = 0; s < o->n_segments; s++) {
     const net_segment *sg = &o->segments[s];
-    int excluded = sg->no_decay && !o->cfg.decay_all;
-    o->scale[s] = o->cfg.optimizer == OPTIM_LARS && !excluded
-                      ? lars_ratio(params + sg->off, grads + sg->off, sg->len, o->cfg.lars_eta,
+    int excluded = sg->no_decay && !o->cfg->decay_all;
+    o->scale[s] = o->cfg->optimizer == OPTIM_LARS && !excluded
+                      ? lars_ratio(params + sg->off, grads + sg->off, sg->len, o->cfg->lars_eta,
                                    segment_decay(o, sg))
                       : 1.0f;
   }
 }
 
 void optim_step_ema(optim *o, float *params, const float *grads, float lr, float *ema, float ema_m) {
-  const optim_config *c = &o->cfg;
+  const optim_config *c = o->cfg;
   o->steps++;
   segment_scales(o, params, grads);
   update_call a = {.o = o, .params = params, .ema = ema, .grads = grads, .lr = lr,
@@ -189,7 +181,7 @@ void optim_step(optim *o, float *params, const float *grads, float lr) {
 
 void optim_save(const optim *o, blob_writer *w) {
   blob_section_begin(w, "OPTM");
-  blob_put_u32(w, (uint32_t)o->cfg.optimizer);
+  blob_put_u32(w, (uint32_t)o->cfg->optimizer);
   blob_put_u64(w, o->n_params);
   blob_put_u32(w, (uint32_t)o->n_segments);
   for (int s = 0; s < o->n_segments; s++) {
@@ -210,9 +202,9 @@ static int load_header(const optim *o, blob_reader *s) {
   int rc;
   if ((rc = blob_get_u32(s, &kind)) || (rc = blob_get_u64(s, &n)) || (rc = blob_get_u32(s, &nseg)))
     return rc;
-  if (kind != (uint32_t)o->cfg.optimizer)
+  if (kind != (uint32_t)o->cfg->optimizer)
     return moco_error(MOCO_ESHAPE, "%s: optimizer state is for %s, this optimizer is %s", s->name,
-                      enum_name_of(optim_kind_names, (int)kind), enum_name_of(optim_kind_names, (int)o->cfg.optimizer));
+                      enum_name_of(optim_kind_names, (int)kind), enum_name_of(optim_kind_names, (int)o->cfg->optimizer));
   if (n != o->n_params || nseg != (uint32_t)o->n_segments)
     return moco_error(MOCO_ESHAPE,
                       "%s: optimizer state has %llu parameters in %u segments, expected %zu in %d",

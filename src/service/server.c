@@ -61,10 +61,10 @@ typedef struct {
   char *sets_text;   /* set_values, likewise */
   char dir[FILE_PATH_MAX];
   int keep;
-  int pruned; /* older checkpoints deleted to make room on a full disk */
-  int64_t bytes;
-  /* checkpoint and export (both checked against FILE_PATH_MAX where they were accepted) */
+  checkpoint_info saved;
+  /* export (its path checked against FILE_PATH_MAX where it was accepted) */
   char path[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM];
+  int64_t bytes;
   /* export (model: the encoder's weights as safetensors, else a split's features or embeddings) */
   int model;
   char split[16];
@@ -236,28 +236,9 @@ static void job_work(uv_work_t *req) {
     j->rc = j->model ? trainer_export_model(s->tr, j->enc, j->path, &j->bytes)
                      : trainer_export(s->tr, j->split, j->enc, j->embeddings, j->path, &j->rows, &j->dim);
     break;
-  case JOB_CHECKPOINT: {
-    blob_writer w;
-    blob_writer_init(&w);
-    int64_t step = trainer_step_count(s->tr); /* on the worker: the trainer is the job's now */
-    checkpoint_begin(&w, step);
-    trainer_save(s->tr, &w);
-    /* The effective config rides along, for the record and for warnings on resume. */
-    blob_section_begin(&w, "CONF");
-    blob_put_str(&w, j->config_text);
-    blob_section_end(&w);
-    blob_section_begin(&w, "SETV");
-    blob_put_str(&w, j->sets_text);
-    blob_section_end(&w);
-    j->rc = checkpoint_commit(&w, j->dir, step, j->path, sizeof j->path, &j->pruned);
-    j->bytes = (int64_t)w.len;
-    blob_writer_free(&w);
-    if (j->rc == 0) {
-      int pruned = checkpoint_prune(j->dir, j->keep);
-      if (pruned < 0) j->rc = pruned;
-    }
+  case JOB_CHECKPOINT:
+    j->rc = checkpoint_save(s->tr, j->config_text, j->sets_text, j->dir, j->keep, &j->saved);
     break;
-  }
   }
   j->seconds = mono_now() - t0;
   if (j->rc) snprintf(j->err, sizeof j->err, "%s", moco_errmsg()[0] ? moco_errmsg() : moco_strerror(j->rc));
@@ -487,27 +468,27 @@ static void after_checkpoint(server *s, job *j) {
     checkpoint_failed(s, j);
     return;
   }
-  if (j->pruned)
-    log_msg(LL_WARNING, "disk full: deleted %d older checkpoint%s of %s to write this one", j->pruned,
-            j->pruned == 1 ? "" : "s", j->dir);
+  const checkpoint_info *c = &j->saved;
+  if (c->pruned)
+    log_msg(LL_WARNING, "disk full: deleted %d older checkpoint%s of %s to write this one", c->pruned,
+            c->pruned == 1 ? "" : "s", j->dir);
   json_decref(s->ckpt_error);
   s->ckpt_error = NULL;
   int64_t step = s->snap.step;
   s->ckpt_step = step;
   s->ckpt_time = mono_now();
   json_decref(s->last_checkpoint);
-  s->last_checkpoint = json_pack("{s:s, s:I, s:f, s:I}", "path", j->path, "step", (json_int_t)step,
-                                 "time", round(log_unix_time() * 1000) / 1000, "bytes",
-                                 (json_int_t)j->bytes);
+  s->last_checkpoint = json_pack("{s:s, s:I, s:f, s:I}", "path", c->path, "step", (json_int_t)step,
+                                 "time", round(c->time * 1000) / 1000, "bytes", (json_int_t)c->bytes);
   json_t *ev = progress_event("checkpoint");
   json_object_set_new(ev, "step", json_integer(step));
-  json_object_set_new(ev, "path", json_string(j->path));
-  json_object_set_new(ev, "bytes", json_integer(j->bytes));
+  json_object_set_new(ev, "path", json_string(c->path));
+  json_object_set_new(ev, "bytes", json_integer(c->bytes));
   json_object_set_new(ev, "seconds", json_real(round(j->seconds * 1000) / 1000));
   json_object_set_new(ev, "reason", json_string(reason_names[j->reason]));
   emit(s, ev);
-  log_msg(LL_NOTICE, "checkpoint at step %lld: %s (%lld bytes, %.3f s)", (long long)step, j->path,
-          (long long)j->bytes, j->seconds);
+  log_msg(LL_NOTICE, "checkpoint at step %lld: %s (%lld bytes, %.3f s)", (long long)step, c->path,
+          (long long)c->bytes, j->seconds);
   if (j->call) ctl_reply(j->call, json_deep_copy(s->last_checkpoint));
 }
 
@@ -1221,14 +1202,6 @@ static void on_skip(void *ctx, const char *path, const char *why) {
   log_msg(LL_WARNING, "skipping damaged checkpoint %s: %s", path, why);
 }
 
-/* A JSON section of a checkpoint ("CONF", "SETV"), or NULL when it has none (older checkpoints). */
-static json_t *section_json(blob_reader *body, const char tag[4]) {
-  blob_reader sub;
-  uint32_t n = 0;
-  if (blob_section(body, tag, &sub) || blob_get_u32(&sub, &n) || n > sub.len - sub.pos) return NULL;
-  return json_loadb((const char *)sub.data + sub.pos, n, 0, NULL);
-}
-
 /* The checkpoint's `set` values (taken) less the keys this command line's --set flags name and those
  * the config already holds. */
 static json_t *restorable_sets(json_t *sets, const server_options *opt, const json_t *config) {
@@ -1276,8 +1249,8 @@ static int resume_from_checkpoint(server *s, const server_options *opt, char *fr
   rc = trainer_load(s->tr, &f.body);
   if (!rc) world_send(WORLD_START, body.data + body.pos, body.len - body.pos);
   if (!rc) {
-    json_t *then = section_json(&f.body, "CONF");
-    s->restore = restorable_sets(section_json(&f.body, "SETV"), opt, s->config);
+    json_t *then = checkpoint_json(&f.body, "CONF");
+    s->restore = restorable_sets(checkpoint_json(&f.body, "SETV"), opt, s->config);
     if (then) compare_configs(then, s->config, s->restore);
     json_decref(then);
   }

@@ -16,10 +16,14 @@
 /* Trailer: tag (4) | length (8) | crc (4) + covered length (8) | section crc (4). */
 enum { TRAILER_PAYLOAD = 12, TRAILER_SIZE = 4 + 8 + TRAILER_PAYLOAD + 4 };
 
-void checkpoint_begin(blob_writer *w, int64_t step) {
+static double unix_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
-  double t = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+void checkpoint_begin(blob_writer *w, int64_t step) {
+  double t = unix_now();
   blob_section_begin(w, "MCKP");
   blob_put_u32(w, CHECKPOINT_VERSION);
   blob_put_u64(w, (uint64_t)step);
@@ -252,4 +256,40 @@ int checkpoint_read_latest(checkpoint_file *f, const char *dir, checkpoint_skip_
   free(v);
   if (tried == 0) return moco_error(MOCO_ENOENT, "%s: no checkpoint", dir);
   return moco_error(MOCO_ECHECKSUM, "%s: all %d checkpoints are damaged", dir, tried);
+}
+
+/* ---- a whole checkpoint of a trainer ---- */
+
+static void put_json_section(blob_writer *w, const char tag[4], const char *text) {
+  blob_section_begin(w, tag);
+  blob_put_str(w, text);
+  blob_section_end(w);
+}
+
+int checkpoint_save(const trainer *t, const char *config_text, const char *sets_text, const char *dir, int keep,
+                    checkpoint_info *info) {
+  memset(info, 0, sizeof *info);
+  blob_writer w;
+  blob_writer_init(&w);
+  info->step = trainer_step_count(t);
+  checkpoint_begin(&w, info->step);
+  trainer_save(t, &w);
+  /* The effective config rides along, for the record and for warnings on resume; the `set` values so
+   * that a resumed run keeps them. */
+  put_json_section(&w, "CONF", config_text);
+  put_json_section(&w, "SETV", sets_text);
+  int rc = checkpoint_commit(&w, dir, info->step, info->path, sizeof info->path, &info->pruned);
+  info->bytes = (int64_t)w.len;
+  blob_writer_free(&w);
+  if (rc) return rc;
+  info->time = unix_now();
+  int pruned = checkpoint_prune(dir, keep);
+  return pruned < 0 ? pruned : 0;
+}
+
+json_t *checkpoint_json(blob_reader *body, const char tag[4]) {
+  blob_reader sub;
+  uint32_t n = 0;
+  if (blob_section(body, tag, &sub) || blob_get_u32(&sub, &n) || n > sub.len - sub.pos) return NULL;
+  return json_loadb((const char *)sub.data + sub.pos, n, 0, NULL);
 }

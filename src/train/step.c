@@ -144,14 +144,14 @@ int moco_init(moco_model *m, const moco_config *cfg, const json_t *spec, net_sha
   if ((rc = net_clone(&m->key, &m->query))) goto fail;
   m->query.sync_bn = cfg->sync_bn;
   m->key.bn_groups = cfg->shuffle_bn_groups / m->world;
-  if ((rc = optim_init(&m->opt, &cfg->optim, m->query.n_params, m->query.segments,
+  if ((rc = optim_init(&m->opt, &m->cfg.optim, m->query.n_params, m->query.segments,
                        m->query.n_segments)))
     goto fail;
   if (cfg->queue_size > 0 && (rc = queue_init(&m->queue, cfg->queue_size, m->dim))) goto fail;
-  if ((rc = mine_init(&m->mine, &cfg->mine, B, adversarial(cfg) ? 0 : cfg->queue_size, m->dim)))
+  if ((rc = mine_init(&m->mine, &m->cfg.mine, B, adversarial(cfg) ? 0 : cfg->queue_size, m->dim)))
     goto fail;
-  hardness_init(&m->hard, &cfg->hardness);
-  if (adversarial(cfg) && (rc = advbank_init(&m->bank, &cfg->advbank, cfg->mine.bank_size, m->dim, R, &init))) goto fail;
+  hardness_init(&m->hard, &m->cfg.hardness);
+  if (adversarial(cfg) && (rc = advbank_init(&m->bank, &m->cfg.advbank, cfg->mine.bank_size, m->dim, R, &init))) goto fail;
   if ((rc = alloc_buffers(m))) {
     moco_error(rc, "moco_init: work buffers for batch %d, queue %d", cfg->batch_size, cfg->queue_size);
     goto fail;

@@ -278,31 +278,13 @@ int trainer_check_runtime(const trainer *t, const trainer_config *cfg) {
 int trainer_apply_runtime(trainer *t, const trainer_config *cfg) {
   int rc = trainer_check_runtime(t, cfg);
   if (rc) return rc;
-  moco_config *now = &t->m.cfg;
-  const moco_config *next = &cfg->moco;
-  optim_config oc = t->m.opt.cfg;
-  oc.weight_decay = next->optim.weight_decay;
-  if ((rc = optim_set_config(&t->m.opt, &oc))) return rc;
-  now->optim.weight_decay = oc.weight_decay;
-  now->loss = next->loss;
-  now->mine = next->mine;
-  t->m.mine.cfg = next->mine; /* mine_select reads its own copy */
-  if (t->m.bank.w) {
-    /* The bank's size is fixed; its ascent settings follow (advbank_update reads its own copy). */
-    now->advbank = next->advbank;
-    t->m.bank.cfg = next->advbank;
-  }
-  now->hardness = next->hardness;
-  t->m.hard.cfg = next->hardness; /* the controller keeps its state, follows the new settings */
-  now->sched = next->sched;
-  t->cfg.knn = cfg->knn;
-  t->cfg.knn_small = cfg->knn_small;
-  memcpy(t->cfg.groups, cfg->groups, sizeof t->cfg.groups);
-  t->cfg.n_groups = cfg->n_groups;
-  t->cfg.retrieval_queries = cfg->retrieval_queries;
-  t->cfg.probe = cfg->probe;
-  t->cfg.eval_encoder = cfg->eval_encoder;
-  t->cfg.eval_pairs = cfg->eval_pairs;
+  /* One copy of the step's settings: the optimizer, mining, hardness controller and bank read theirs
+   * through pointers into t->m.cfg. What `set` may not change is equal in both; the training length
+   * is the trainer's own. The controller and the bank keep their state and follow the new settings. */
+  int64_t total_steps = t->m.cfg.total_steps;
+  t->m.cfg = cfg->moco;
+  t->m.cfg.total_steps = total_steps;
+  t->cfg = *cfg;
   return 0;
 }
 
