@@ -17,6 +17,7 @@
 #include "service/config.h"
 #include "service/ctl.h"
 #include "service/log.h"
+#include "service/stats.h"
 #include "service/metrics.h"
 #include "service/world.h"
 #include "train/checkpoint.h"
@@ -103,11 +104,9 @@ typedef struct {
   int finish_stage; /* 0 training, 1 final evaluation queued, 2 final checkpoint queued, 3 done */
   int stop_ckpt;    /* the checkpoint on stop has been started (once, even when it fails) */
 
-  /* Snapshots for status, taken by the loop between jobs: the loop reads nothing of the trainer
-   * while a job runs. snap: current settings and counters; last: the last step's figures. */
-  trainer_stats snap;
-  trainer_stats last;
-  int have_last;
+  /* Snapshots for status, taken by the loop between jobs (the loop reads nothing of the trainer while
+   * a job runs), the progress window and the rate: service/stats.h. */
+  stats stats;
   json_t *last_eval;       /* the last eval event's figures */
   json_t *last_checkpoint; /* {"path","step","time"} */
   json_t *ckpt_error;      /* the last failed checkpoint {"step","time","message"}, until one succeeds */
@@ -115,11 +114,6 @@ typedef struct {
   int stop_ckpt_failed;    /* the checkpoint on stop failed: stop answers an error */
   int64_t ckpt_step;       /* step of the newest checkpoint on disk, -1 none */
   double ckpt_time;        /* monotonic seconds of the last checkpoint (or start) */
-  /* progress window: means over the steps since the last progress event */
-  int win_n;
-  double win_loss, win_pos, win_neg, win_hard, win_acc, win_negs, win_filt, win_fn, win_sec;
-  int win_fn_n;
-  double rate; /* samples/s over the last window */
   uint64_t skipped_logged; /* damaged records skipped that the log has been told about */
 
   metrics_snapshot metrics; /* histograms kept here; the rest filled by fill_metrics */
@@ -154,53 +148,6 @@ static void emit(server *s, json_t *ev) {
     free(line);
   }
   json_decref(ev);
-}
-
-static json_t *f32_or_null(float x, int known) { return known ? progress_f32(x) : json_null(); }
-
-/* One kNN protocol's fields, named knn_acc, knn_k, knn_t, group_acc, class_acc plus suffix. */
-static void knn_fields(json_t *o, const char *suffix, const trainer_knn_figures *f, const trainer_eval_result *r) {
-  char key[32];
-  snprintf(key, sizeof key, "knn_acc%s", suffix);
-  json_object_set_new(o, key, progress_f32(f->acc));
-  snprintf(key, sizeof key, "knn_k%s", suffix);
-  json_object_set_new(o, key, json_integer(f->k));
-  snprintf(key, sizeof key, "knn_t%s", suffix);
-  json_object_set_new(o, key, progress_f32(f->t));
-  snprintf(key, sizeof key, "group_acc%s", suffix);
-  json_object_set_new(o, key, f32_or_null(f->group_acc, r->has_group));
-  json_t *per = json_array();
-  for (int y = 0; y < r->num_classes; y++)
-    json_array_append_new(per, f32_or_null(f->class_acc[y], f->class_acc[y] >= 0));
-  snprintf(key, sizeof key, "class_acc%s", suffix);
-  json_object_set_new(o, key, per);
-}
-
-static json_t *eval_figures(const trainer_eval_result *r) {
-  json_t *o = json_object();
-  json_object_set_new(o, "step", json_integer(r->step));
-  if (r->has_knn) {
-    knn_fields(o, "", &r->knn, r);
-    knn_fields(o, "_small", &r->knn_small, r);
-    json_object_set_new(o, "alignment", progress_f32(r->alignment));
-    json_object_set_new(o, "uniformity", progress_f32(r->uniformity));
-  }
-  if (r->has_retrieval) {
-    json_object_set_new(o, "recall1", progress_f32(r->recall1));
-    json_object_set_new(o, "recall10", progress_f32(r->recall10));
-    json_object_set_new(o, "recall1_emb", progress_f32(r->recall1_emb));
-    json_object_set_new(o, "recall10_emb", progress_f32(r->recall10_emb));
-    json_object_set_new(o, "retrieval_queries", json_integer(r->retrieval_queries));
-    json_object_set_new(o, "retrieval_gallery", json_integer(r->retrieval_gallery));
-  }
-  if (r->has_probe) {
-    json_object_set_new(o, "probe_acc", progress_f32(r->probe_acc));
-    json_object_set_new(o, "probe_train_acc", progress_f32(r->probe_train_acc));
-  }
-  json_object_set_new(o, "n_train", json_integer(r->n_train));
-  json_object_set_new(o, "n_eval", json_integer(r->n_eval));
-  json_object_set_new(o, "eval_sec", json_real(round(r->seconds * 1000) / 1000));
-  return o;
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -301,69 +248,12 @@ static void start_eval(server *s, job_reason why, ctl_call *call, int probe, int
 
 /* ---- what each finished job means ---- */
 
-static void window_add(server *s, const trainer_stats *st) {
-  s->win_n++;
-  s->win_loss += st->loss;
-  s->win_pos += st->pos_sim;
-  s->win_neg += st->neg_sim;
-  s->win_hard += st->hardest_neg_sim;
-  s->win_acc += st->inst_acc;
-  s->win_negs += st->negatives;
-  s->win_filt += st->filtered;
-  s->win_sec += st->seconds;
-  if (st->fn_rate >= 0) {
-    s->win_fn += st->fn_rate;
-    s->win_fn_n++;
-  }
-}
-
-static double eta_seconds(const server *s) {
-  const trainer_stats *st = &s->last;
-  if (s->rate <= 0 || st->batch_size <= 0) return -1;
-  return (double)(st->total_steps - st->step) * st->batch_size / s->rate;
-}
-
-static void emit_progress(server *s) {
-  const trainer_stats *st = &s->last;
-  double n = s->win_n;
-  s->rate = s->win_sec > 0 ? n * st->batch_size / s->win_sec : 0;
-  json_t *ev = progress_event("progress");
-  json_object_set_new(ev, "step", json_integer(st->step));
-  json_object_set_new(ev, "total_steps", json_integer(st->total_steps));
-  json_object_set_new(ev, "epoch", json_real(round(st->epoch * 1000) / 1000));
-  json_object_set_new(ev, "loss", progress_f32((float)(s->win_loss / n)));
-  json_object_set_new(ev, "lr", progress_f32(st->lr));
-  json_object_set_new(ev, "temperature", progress_f32(st->temperature));
-  json_object_set_new(ev, "momentum", progress_f32(st->momentum));
-  json_object_set_new(ev, "pos_sim", progress_f32((float)(s->win_pos / n)));
-  json_object_set_new(ev, "neg_sim", progress_f32((float)(s->win_neg / n)));
-  json_object_set_new(ev, "hardest_neg_sim", progress_f32((float)(s->win_hard / n)));
-  json_object_set_new(ev, "inst_acc", progress_f32((float)(s->win_acc / n)));
-  json_object_set_new(ev, "negatives", progress_f32((float)(s->win_negs / n)));
-  json_object_set_new(ev, "filtered", progress_f32((float)(s->win_filt / n)));
-  json_object_set_new(ev, "fn_rate",
-                      f32_or_null((float)(s->win_fn / (s->win_fn_n ? s->win_fn_n : 1)), s->win_fn_n));
-  json_object_set_new(ev, "hardness", progress_f32(st->hardness));
-  json_object_set_new(ev, "samples_per_sec", json_real(round(s->rate * 10) / 10));
-  json_object_set_new(ev, "world_size", json_integer(dist_size()));
-  double eta = eta_seconds(s);
-  json_object_set_new(ev, "eta_sec", eta >= 0 ? json_integer((json_int_t)llround(eta)) : json_null());
-  json_object_set_new(ev, "skipped", json_integer((json_int_t)st->skipped));
-  emit(s, ev);
-  log_msg(LL_VERBOSE, "step %lld/%lld loss %.4f inst_acc %.3f lr %.4g %.0f samples/s",
-          (long long)st->step, (long long)st->total_steps, s->win_loss / n, s->win_acc / n, st->lr,
-          s->rate);
-  s->win_n = s->win_fn_n = 0;
-  s->win_loss = s->win_pos = s->win_neg = s->win_hard = s->win_acc = s->win_negs = s->win_filt = 0;
-  s->win_fn = s->win_sec = 0;
-}
-
 static void enter_error(server *s, const char *what, const char *msg) {
   s->state = ST_ERROR;
   snprintf(s->error, sizeof s->error, "%s: %.1000s", what, msg);
   log_msg(LL_WARNING, "training stopped: %s", s->error);
   json_t *ev = progress_event("error");
-  json_object_set_new(ev, "step", json_integer(s->snap.step));
+  json_object_set_new(ev, "step", json_integer(s->stats.snap.step));
   json_object_set_new(ev, "message", json_string(s->error));
   emit(s, ev);
   if (s->cfg.service.exit_on_finish) {
@@ -379,8 +269,6 @@ static void after_step(server *s, job *j) {
     return;
   }
   metrics_observe(&s->metrics.step_seconds, j->stats.seconds);
-  s->last = j->stats;
-  s->have_last = 1;
   if (j->stats.skipped > s->skipped_logged) {
     char why[512];
     trainer_skipped(s->tr, why, sizeof why);
@@ -388,10 +276,10 @@ static void after_step(server *s, job *j) {
             (unsigned long long)(j->stats.skipped - s->skipped_logged), (unsigned long long)j->stats.skipped, why);
     s->skipped_logged = j->stats.skipped;
   }
-  window_add(s, &j->stats);
+  stats_step(&s->stats, &j->stats);
   int64_t step = j->stats.step;
   int64_t every_log = s->cfg.log.every_steps;
-  if (step % every_log == 0 || step >= j->stats.total_steps) emit_progress(s);
+  if (step % every_log == 0 || step >= j->stats.total_steps) emit(s, stats_progress_event(&s->stats));
   int64_t every_eval = s->cfg.eval.every_steps;
   if (every_eval > 0 && step % every_eval == 0 && step < j->stats.total_steps) s->eval_due = 1;
   int64_t every_ck = s->cfg.checkpoint.every_steps;
@@ -408,7 +296,7 @@ static void after_eval(server *s, job *j) {
     if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "evaluation failed: %s", j->err);
     return;
   }
-  json_t *fig = eval_figures(&j->eres);
+  json_t *fig = stats_eval_figures(&j->eres);
   json_t *ev = progress_event("eval");
   json_object_update(ev, fig);
   json_object_set_new(ev, "reason", json_string(reason_names[j->reason]));
@@ -438,7 +326,7 @@ static void after_eval(server *s, job *j) {
  * operator learns it from every channel, not only the human log: an error event, status, and the
  * answer to whoever asked (the stop command included). */
 static void checkpoint_failed(server *s, job *j) {
-  int64_t step = s->snap.step;
+  int64_t step = s->stats.snap.step;
   log_msg(LL_WARNING, "checkpoint failed at step %lld (%s): %s", (long long)step, reason_names[j->reason],
           j->err);
   s->ckpt_failures++;
@@ -474,7 +362,7 @@ static void after_checkpoint(server *s, job *j) {
             c->pruned == 1 ? "" : "s", j->dir);
   json_decref(s->ckpt_error);
   s->ckpt_error = NULL;
-  int64_t step = s->snap.step;
+  int64_t step = s->stats.snap.step;
   s->ckpt_step = step;
   s->ckpt_time = mono_now();
   json_decref(s->last_checkpoint);
@@ -500,11 +388,11 @@ static void after_export(server *s, job *j) {
   }
   const char *enc = j->enc == TRAINER_KEY ? "key" : "query";
   if (j->model) {
-    log_msg(LL_NOTICE, "exported the %s encoder of step %lld to %s (%lld bytes)", enc, (long long)s->snap.step,
+    log_msg(LL_NOTICE, "exported the %s encoder of step %lld to %s (%lld bytes)", enc, (long long)s->stats.snap.step,
             j->path, (long long)j->bytes);
     if (j->call)
       ctl_reply(j->call, json_pack("{s:s, s:s, s:I, s:I, s:s}", "path", j->path, "encoder", enc, "step",
-                                   (json_int_t)s->snap.step, "bytes", (json_int_t)j->bytes, "format", "safetensors"));
+                                   (json_int_t)s->stats.snap.step, "bytes", (json_int_t)j->bytes, "format", "safetensors"));
     return;
   }
   log_msg(LL_NOTICE, "exported %lld x %d %s of the %s split to %s", (long long)j->rows, j->dim,
@@ -518,21 +406,8 @@ static void after_export(server *s, job *j) {
 /* The figures of status, for Prometheus; the histograms are kept up to date as jobs end. */
 static const metrics_snapshot *fill_metrics(server *s) {
   metrics_snapshot *m = &s->metrics;
-  const trainer_stats *d = &s->snap;
   m->state = state_names[s->state];
-  m->step = d->step;
-  m->total_steps = d->total_steps;
-  m->epoch = d->epoch;
-  m->lr = d->lr;
-  m->temperature = d->temperature;
-  m->momentum = d->momentum;
-  m->hardness = d->hardness;
-  m->have_step = s->have_last;
-  m->loss = s->last.loss;
-  m->fn_rate = s->last.fn_rate;
-  m->samples_per_sec = s->rate;
-  m->queue_filled = d->queue_filled;
-  m->queue_size = d->queue_size;
+  stats_metrics(&s->stats, m);
   m->ckpt_step = s->last_checkpoint ? s->ckpt_step : -1;
   m->ckpt_time = json_number_value(json_object_get(s->last_checkpoint, "time"));
   m->ckpt_failures = (uint64_t)s->ckpt_failures;
@@ -545,7 +420,7 @@ static void job_done(uv_work_t *req, int status) {
   job *j = req->data;
   server *s = req->loop->data;
   s->busy = 0;
-  trainer_describe(s->tr, &s->snap);
+  trainer_describe(s->tr, &s->stats.snap);
   if (status == UV_ECANCELED && !j->rc) {
     j->rc = MOCO_ESTATE;
     snprintf(j->err, sizeof j->err, "cancelled");
@@ -596,7 +471,7 @@ static void op_free(op *o) {
 
 static json_t *state_reply(server *s) {
   return json_pack("{s:s, s:I}", "state", state_names[s->state], "step",
-                   (json_int_t)s->snap.step);
+                   (json_int_t)s->stats.snap.step);
 }
 
 /* Applies a set of dotted keys (already validated against the schema and the trainer) and logs each
@@ -628,7 +503,7 @@ static int apply_set(server *s, json_t *changes, json_t **applied) {
   json_object_foreach(changes, key, v) {
     json_t *old = config_get(s->config, key);
     json_t *ev = progress_event("config_change");
-    json_object_set_new(ev, "step", json_integer(s->snap.step));
+    json_object_set_new(ev, "step", json_integer(s->stats.snap.step));
     json_object_set_new(ev, "key", json_string(key));
     json_object_set(ev, "old", old ? old : json_null());
     json_object_set(ev, "new", v);
@@ -646,7 +521,7 @@ static int apply_set(server *s, json_t *changes, json_t **applied) {
   s->cfg = *mc;
   free(mc);
   s->ckpt_step = -1; /* the newest checkpoint lacks these values: the next checkpoint or stop writes one */
-  trainer_describe(s->tr, &s->snap);
+  trainer_describe(s->tr, &s->stats.snap);
   log_set_level(s->cfg.log.level);
   return 0;
 }
@@ -700,14 +575,14 @@ static void run_op(server *s, op *o) {
   case OP_PAUSE:
     if (s->state == ST_RUNNING) {
       s->state = ST_PAUSED;
-      log_msg(LL_NOTICE, "paused at step %lld", (long long)s->snap.step);
+      log_msg(LL_NOTICE, "paused at step %lld", (long long)s->stats.snap.step);
     }
     if (o->call) ctl_reply(o->call, state_reply(s));
     break;
   case OP_RESUME:
     if (s->state == ST_PAUSED) {
       s->state = ST_RUNNING;
-      log_msg(LL_NOTICE, "resumed at step %lld", (long long)s->snap.step);
+      log_msg(LL_NOTICE, "resumed at step %lld", (long long)s->stats.snap.step);
     }
     if (o->call) ctl_reply(o->call, state_reply(s));
     break;
@@ -726,7 +601,7 @@ static void run_op(server *s, op *o) {
   }
   case OP_STOP:
     if (s->state != ST_STOPPING) {
-      log_msg(LL_NOTICE, "stopping at step %lld (%s)", (long long)s->snap.step,
+      log_msg(LL_NOTICE, "stopping at step %lld (%s)", (long long)s->stats.snap.step,
               o->call ? "stop command" : "signal");
       s->stop_reason_signal = o->call == NULL;
     }
@@ -782,7 +657,7 @@ static int export_prepare(server *s, op *o) {
 static int start_op_job(server *s, op *o) {
   switch (o->kind) {
   case OP_CHECKPOINT:
-    if (s->ckpt_step == s->snap.step && s->last_checkpoint) {
+    if (s->ckpt_step == s->stats.snap.step && s->last_checkpoint) {
       /* Nothing changed since the newest checkpoint: it is the answer. */
       ctl_reply(o->call, json_deep_copy(s->last_checkpoint));
       return 0;
@@ -828,7 +703,7 @@ static void pump(server *s) {
     run_op(s, o);
   }
   if (s->state == ST_STOPPING) {
-    if (!s->stop_ckpt && s->ckpt_step != s->snap.step && !s->error[0]) {
+    if (!s->stop_ckpt && s->ckpt_step != s->stats.snap.step && !s->error[0]) {
       s->stop_ckpt = 1;
       start_checkpoint(s, WHY_STOP, NULL);
       return;
@@ -844,25 +719,25 @@ static void pump(server *s) {
   }
   if (s->ckpt_due) {
     s->ckpt_due = 0;
-    if (s->ckpt_step != s->snap.step) {
+    if (s->ckpt_step != s->stats.snap.step) {
       start_checkpoint(s, WHY_PERIODIC, NULL);
       return;
     }
   }
-  if (s->snap.step < s->snap.total_steps) {
+  if (s->stats.snap.step < s->stats.snap.total_steps) {
     job_start(s, JOB_STEP);
     return;
   }
   /* Training is done: a final evaluation (with the probe when configured), a final checkpoint. */
   if (s->finish_stage == 0) {
     s->finish_stage = 1;
-    log_msg(LL_NOTICE, "training finished at step %lld", (long long)s->snap.step);
+    log_msg(LL_NOTICE, "training finished at step %lld", (long long)s->stats.snap.step);
     start_eval(s, WHY_FINISH, NULL, s->cfg.eval.probe_at_end, -1, NULL);
     return;
   }
   if (s->finish_stage == 1) {
     s->finish_stage = 2;
-    if (s->ckpt_step != s->snap.step) {
+    if (s->ckpt_step != s->stats.snap.step) {
       start_checkpoint(s, WHY_FINISH, NULL);
       return;
     }
@@ -870,7 +745,7 @@ static void pump(server *s) {
   s->finish_stage = 3;
   s->state = ST_FINISHED;
   json_t *ev = progress_event("finished");
-  json_object_set_new(ev, "step", json_integer(s->snap.step));
+  json_object_set_new(ev, "step", json_integer(s->stats.snap.step));
   emit(s, ev);
   if (s->cfg.service.exit_on_finish) {
     s->state = ST_STOPPING;
@@ -887,7 +762,7 @@ static void on_handle_closed(uv_handle_t *h) { (void)h; }
 static void on_ctl_closed(ctl_server *c) { (void)c; }
 
 static void shutdown_server(server *s) {
-  int64_t step = s->snap.step;
+  int64_t step = s->stats.snap.step;
   json_t *ev = progress_event("stop");
   json_object_set_new(ev, "step", json_integer(step));
   json_object_set_new(ev, "reason",
@@ -943,9 +818,9 @@ static void on_lost_rank(server *s) {
   char who[256];
   if (!world_lost_rank(who, sizeof who)) return;
   log_msg(LL_WARNING, "%s: the world of %d cannot go on; ending the job at step %lld (resume from the "
-          "newest checkpoint with --resume)", who, dist_size(), (long long)s->snap.step);
+          "newest checkpoint with --resume)", who, dist_size(), (long long)s->stats.snap.step);
   json_t *ev = progress_event("error");
-  json_object_set_new(ev, "step", json_integer(s->snap.step));
+  json_object_set_new(ev, "step", json_integer(s->stats.snap.step));
   json_object_set_new(ev, "message", json_string(who));
   emit(s, ev);
   dist_abort(1);
@@ -984,42 +859,9 @@ static void on_hup(uv_signal_t *h, int signum) {
  * ------------------------------------------------------------------------------------------------- */
 
 static json_t *status_json(server *s) {
-  const trainer_stats *st = &s->last;
-  const trainer_stats *d = &s->snap;
-    json_t *r = json_object();
+  json_t *r = json_object();
   json_object_set_new(r, "state", json_string(state_names[s->state]));
-  json_object_set_new(r, "step", json_integer(s->snap.step));
-  json_object_set_new(r, "total_steps", json_integer(s->snap.total_steps));
-  json_object_set_new(r, "epoch", json_real(round(d->epoch * 1000) / 1000));
-  json_object_set_new(r, "progress", json_real(s->snap.total_steps > 0
-                                                   ? (double)s->snap.step /
-                                                         (double)s->snap.total_steps
-                                                   : 0));
-  json_object_set_new(r, "lr", progress_f32(d->lr));
-  json_object_set_new(r, "temperature", progress_f32(d->temperature));
-  json_object_set_new(r, "momentum", progress_f32(d->momentum));
-  json_object_set_new(r, "hardness", progress_f32(d->hardness));
-  if (s->have_last) {
-    json_object_set_new(r, "loss", progress_f32(st->loss));
-    json_object_set_new(r, "pos_sim", progress_f32(st->pos_sim));
-    json_object_set_new(r, "neg_sim", progress_f32(st->neg_sim));
-    json_object_set_new(r, "hardest_neg_sim", progress_f32(st->hardest_neg_sim));
-    json_object_set_new(r, "inst_acc", progress_f32(st->inst_acc));
-    json_object_set_new(r, "negatives", progress_f32(st->negatives));
-    json_object_set_new(r, "filtered", progress_f32(st->filtered));
-    json_object_set_new(r, "fn_rate", f32_or_null(st->fn_rate, st->fn_rate >= 0));
-    json_object_set_new(r, "step_sec", json_real(round(st->seconds * 1e6) / 1e6));
-  } else {
-    json_object_set_new(r, "loss", json_null());
-  }
-  json_object_set_new(r, "samples_per_sec", json_real(round(s->rate * 10) / 10));
-  double eta = s->state == ST_RUNNING ? eta_seconds(s) : -1;
-  json_object_set_new(r, "eta_sec", eta >= 0 ? json_integer((json_int_t)llround(eta)) : json_null());
-  json_object_set_new(r, "queue", json_pack("{s:i, s:i}", "filled", d->queue_filled, "size",
-                                            d->queue_size));
-  json_object_set_new(r, "batch_size", json_integer(d->batch_size));
-  json_object_set_new(r, "world_size", json_integer(dist_size()));
-  json_object_set_new(r, "skipped", json_integer((json_int_t)d->skipped));
+  stats_status(&s->stats, s->state == ST_RUNNING, r);
   json_object_set(r, "last_checkpoint", s->last_checkpoint ? s->last_checkpoint : json_null());
   json_object_set(r, "last_checkpoint_error", s->ckpt_error ? s->ckpt_error : json_null());
   json_object_set_new(r, "checkpoint_failures", json_integer(s->ckpt_failures));
@@ -1090,7 +932,7 @@ static int cmd_subscribe(ctl_call *call, json_t *args, void *data) {
   server *s = data;
   ctl_call_subscribe(call);
   ctl_reply(call, json_pack("{s:s, s:I}", "state", state_names[s->state], "step",
-                            (json_int_t)s->snap.step));
+                            (json_int_t)s->stats.snap.step));
   return 0;
 }
 
@@ -1367,8 +1209,8 @@ int server_run(json_t *config, const server_options *opt) {
     goto out;
   }
   if (!from[0]) world_send(WORLD_START, NULL, 0); /* a fresh start everywhere */
-  trainer_describe(s->tr, &s->snap);
-  s->skipped_logged = s->snap.skipped; /* a resumed run's earlier skips were logged by that run */
+  trainer_describe(s->tr, &s->stats.snap);
+  s->skipped_logged = s->stats.snap.skipped; /* a resumed run's earlier skips were logged by that run */
   if (s->ctl.replaced_stale)
     log_msg(LL_WARNING, "replaced the stale socket %s (left by a mocod that did not stop cleanly)", cc.path);
   const char *ml = s->cfg.service.metrics_listen;
@@ -1391,13 +1233,13 @@ int server_run(json_t *config, const server_options *opt) {
   trainer_summary(s->tr, summary, sizeof summary);
   log_msg(LL_NOTICE, "%s", summary);
   if (from[0])
-    log_msg(LL_NOTICE, "resumed from %s at step %lld", from, (long long)s->snap.step);
+    log_msg(LL_NOTICE, "resumed from %s at step %lld", from, (long long)s->stats.snap.step);
   log_msg(LL_NOTICE, "mocod %d ready on %s (config %s), step %lld of %lld, world of %d", (int)getpid(),
-          cc.path, opt->config_path ? opt->config_path : "defaults", (long long)s->snap.step,
-          (long long)s->snap.total_steps, dist_size());
+          cc.path, opt->config_path ? opt->config_path : "defaults", (long long)s->stats.snap.step,
+          (long long)s->stats.snap.total_steps, dist_size());
   json_t *ev = progress_event("start");
-  json_object_set_new(ev, "step", json_integer(s->snap.step));
-  json_object_set_new(ev, "total_steps", json_integer(s->snap.total_steps));
+  json_object_set_new(ev, "step", json_integer(s->stats.snap.step));
+  json_object_set_new(ev, "total_steps", json_integer(s->stats.snap.total_steps));
   json_object_set_new(ev, "pid", json_integer(getpid()));
   json_object_set_new(ev, "world_size", json_integer(dist_size()));
   json_object_set_new(ev, "resumed_from", from[0] ? json_string(from) : json_null());
