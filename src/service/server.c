@@ -22,106 +22,14 @@
 #include "service/world.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
+#include "server_int.h"
+#include "service/persist.h"
 
 enum { JOB_NICE = 5 }; /* nice levels the job threads give up to the loop thread */
 
-typedef enum { ST_RUNNING, ST_PAUSED, ST_STOPPING, ST_FINISHED, ST_ERROR } run_state;
+const char *const server_reason_names[] = {"periodic", "command", "stop", "finish"};
 static const char *const state_names[] = {"running", "paused", "stopping", "finished", "error"};
 
-/* Commands that need the trainer or change the run wait here until no job is in flight. */
-typedef enum { OP_PAUSE, OP_RESUME, OP_STOP, OP_SET, OP_CHECKPOINT, OP_EVAL, OP_EXPORT } op_kind;
-
-typedef struct op {
-  op_kind kind;
-  ctl_call *call; /* NULL for operations mocod starts itself (a signal's stop) */
-  json_t *args;   /* a reference of our own */
-  struct op *next;
-} op;
-
-typedef enum { JOB_STEP, JOB_EVAL, JOB_CHECKPOINT, JOB_EXPORT } job_kind;
-
-/* Why a checkpoint or an evaluation is taken, for the logs. */
-typedef enum { WHY_PERIODIC, WHY_COMMAND, WHY_STOP, WHY_FINISH } job_reason;
-static const char *const reason_names[] = {"periodic", "command", "stop", "finish"};
-
-/* One job off the loop. The worker touches the trainer and this struct only. */
-typedef struct {
-  uv_work_t req;
-  job_kind kind;
-  job_reason reason;
-  ctl_call *call;
-  int rc;
-  char err[1024];
-  /* step */
-  trainer_stats stats;
-  /* eval */
-  trainer_eval_request ereq;
-  trainer_eval_result eres;
-  /* checkpoint */
-  char *config_text; /* the effective config, serialised into the checkpoint */
-  char *sets_text;   /* set_values, likewise */
-  char dir[FILE_PATH_MAX];
-  int keep;
-  checkpoint_info saved;
-  /* export (its path checked against FILE_PATH_MAX where it was accepted) */
-  char path[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM];
-  int64_t bytes;
-  /* export (model: the encoder's weights as safetensors, else a split's features or embeddings) */
-  int model;
-  char split[16];
-  trainer_encoder enc;
-  int embeddings;
-  int64_t rows;
-  int dim;
-  double seconds;
-} job;
-
-typedef struct {
-  uv_loop_t *loop;
-  ctl_server ctl;
-  int ctl_open;
-  uv_signal_t sig_term, sig_int, sig_hup;
-  json_t *config;
-  mocod_config cfg;      /* s->config read into its fields (config_read); follows `set` */
-  json_t *set_values; /* every key changed with `set` since the run began (resumes included): kept in
-                         checkpoints and restored on resume, so a resume does not undo a `set` */
-  json_t *restore;    /* on resume: the checkpoint's set values to apply before the first step */
-  trainer *tr;
-  progress_log plog;
-  int plog_failing; /* the last progress_write failed */
-  run_state state;
-  char error[1024];
-  double started; /* Unix time */
-
-  job job;
-  int busy;
-  op *ops, *ops_tail;
-  op *stoppers; /* stop calls answered once the final checkpoint is written */
-  int stop_reason_signal;
-
-  /* what has to happen between steps */
-  int eval_due, ckpt_due;
-  int finish_stage; /* 0 training, 1 final evaluation queued, 2 final checkpoint queued, 3 done */
-  int stop_ckpt;    /* the checkpoint on stop has been started (once, even when it fails) */
-
-  /* Snapshots for status, taken by the loop between jobs (the loop reads nothing of the trainer while
-   * a job runs), the progress window and the rate: service/stats.h. */
-  stats stats;
-  json_t *last_eval;       /* the last eval event's figures */
-  json_t *last_checkpoint; /* {"path","step","time"} */
-  json_t *ckpt_error;      /* the last failed checkpoint {"step","time","message"}, until one succeeds */
-  int64_t ckpt_failures;   /* failed checkpoints since start */
-  int stop_ckpt_failed;    /* the checkpoint on stop failed: stop answers an error */
-  int64_t ckpt_step;       /* step of the newest checkpoint on disk, -1 none */
-  double ckpt_time;        /* monotonic seconds of the last checkpoint (or start) */
-  uint64_t skipped_logged; /* damaged records skipped that the log has been told about */
-
-  metrics_snapshot metrics; /* histograms kept here; the rest filled by fill_metrics */
-  metrics_http *metrics_http; /* NULL unless service.metrics_listen is set */
-
-  int exit_code;
-  const server_options *opt;
-} server;
 
 static void pump(server *s);
 
@@ -129,9 +37,8 @@ static void pump(server *s);
  * Small helpers.
  * ------------------------------------------------------------------------------------------------- */
 
-static double mono_now(void) { return uv_hrtime() * 1e-9; }
 
-static void emit(server *s, json_t *ev) {
+void server_emit(server *s, json_t *ev) {
   if (!ev) return;
   /* A progress log that cannot be written (disk full, file system gone) is said once, not per event,
    * and again when it works again; training goes on either way. */
@@ -171,7 +78,7 @@ static void job_work(uv_work_t *req) {
   job *j = req->data;
   server *s = j->req.loop->data;
   lower_priority_once();
-  double t0 = mono_now();
+  double t0 = server_now();
   moco_error_clear();
   switch (j->kind) {
   case JOB_STEP:
@@ -187,13 +94,13 @@ static void job_work(uv_work_t *req) {
     j->rc = checkpoint_save(s->tr, j->config_text, j->sets_text, j->dir, j->keep, &j->saved);
     break;
   }
-  j->seconds = mono_now() - t0;
+  j->seconds = server_now() - t0;
   if (j->rc) snprintf(j->err, sizeof j->err, "%s", moco_errmsg()[0] ? moco_errmsg() : moco_strerror(j->rc));
 }
 
 static void job_done(uv_work_t *req, int status);
 
-static void job_start(server *s, job_kind kind) {
+void server_job_start(server *s, job_kind kind) {
   job *j = &s->job;
   trainer_interrupt(s->tr, 0);
   j->kind = kind;
@@ -211,23 +118,6 @@ static void job_start(server *s, job_kind kind) {
   }
 }
 
-static void start_checkpoint(server *s, job_reason why, ctl_call *call) {
-  job *j = &s->job;
-  j->reason = why;
-  j->call = call;
-  free(j->config_text);
-  free(j->sets_text);
-  j->config_text = json_dumps(s->config, JSON_COMPACT);
-  j->sets_text = json_dumps(s->set_values, JSON_COMPACT);
-  snprintf(j->dir, sizeof j->dir, "%s", s->cfg.checkpoint.dir);
-  j->keep = s->cfg.checkpoint.keep;
-  if (!j->config_text || !j->sets_text) {
-    j->rc = MOCO_ENOMEM;
-    snprintf(j->err, sizeof j->err, "checkpoint: out of memory");
-  }
-  job_start(s, JOB_CHECKPOINT);
-}
-
 /* encoder: TRAINER_QUERY, TRAINER_KEY, or -1 for eval.encoder. The periodic monitor may work on subsets
  * (eval.train_limit, eval.limit) to stay cheap; the final evaluation and the command use every sample
  * unless the command names limits (args). */
@@ -243,7 +133,7 @@ static void start_eval(server *s, job_reason why, ctl_call *call, int probe, int
                                            : json_integer_value(json_object_get(args, "limit"));
   j->ereq.knn = 1;
   j->ereq.probe = probe;
-  job_start(s, JOB_EVAL);
+  server_job_start(s, JOB_EVAL);
 }
 
 /* ---- what each finished job means ---- */
@@ -255,7 +145,7 @@ static void enter_error(server *s, const char *what, const char *msg) {
   json_t *ev = progress_event("error");
   json_object_set_new(ev, "step", json_integer(s->stats.snap.step));
   json_object_set_new(ev, "message", json_string(s->error));
-  emit(s, ev);
+  server_emit(s, ev);
   if (s->cfg.service.exit_on_finish) {
     /* Nobody is expected to come and look: exit, with a status that says it failed. */
     s->state = ST_STOPPING;
@@ -279,13 +169,13 @@ static void after_step(server *s, job *j) {
   stats_step(&s->stats, &j->stats);
   int64_t step = j->stats.step;
   int64_t every_log = s->cfg.log.every_steps;
-  if (step % every_log == 0 || step >= j->stats.total_steps) emit(s, stats_progress_event(&s->stats));
+  if (step % every_log == 0 || step >= j->stats.total_steps) server_emit(s, stats_progress_event(&s->stats));
   int64_t every_eval = s->cfg.eval.every_steps;
   if (every_eval > 0 && step % every_eval == 0 && step < j->stats.total_steps) s->eval_due = 1;
   int64_t every_ck = s->cfg.checkpoint.every_steps;
   int64_t every_sec = s->cfg.checkpoint.every_seconds;
   if ((every_ck > 0 && step % every_ck == 0) ||
-      (every_sec > 0 && mono_now() - s->ckpt_time >= (double)every_sec))
+      (every_sec > 0 && server_now() - s->ckpt_time >= (double)every_sec))
     s->ckpt_due = 1;
 }
 
@@ -299,9 +189,9 @@ static void after_eval(server *s, job *j) {
   json_t *fig = stats_eval_figures(&j->eres);
   json_t *ev = progress_event("eval");
   json_object_update(ev, fig);
-  json_object_set_new(ev, "reason", json_string(reason_names[j->reason]));
+  json_object_set_new(ev, "reason", json_string(server_reason_names[j->reason]));
   json_object_set_new(ev, "encoder", json_string(j->ereq.encoder == TRAINER_KEY ? "key" : "query"));
-  emit(s, ev);
+  server_emit(s, ev);
   const trainer_eval_result *r = &j->eres;
   char group[64] = "", recall[128] = "";
   if (r->has_group)
@@ -320,87 +210,6 @@ static void after_eval(server *s, job *j) {
   s->metrics.have_knn = j->eres.has_knn;
   s->metrics.knn_acc = j->eres.knn.acc;
   if (j->call) ctl_reply(j->call, json_deep_copy(fig));
-}
-
-/* A checkpoint that could not be written: training goes on (the next one is tried as usual), and the
- * operator learns it from every channel, not only the human log: an error event, status, and the
- * answer to whoever asked (the stop command included). */
-static void checkpoint_failed(server *s, job *j) {
-  int64_t step = s->stats.snap.step;
-  log_msg(LL_WARNING, "checkpoint failed at step %lld (%s): %s", (long long)step, reason_names[j->reason],
-          j->err);
-  s->ckpt_failures++;
-  /* The next try comes after a full interval: with checkpoint.every_seconds, a failed write must not
-   * make every following step try again (and write and delete a whole checkpoint each time). */
-  s->ckpt_time = mono_now();
-  json_decref(s->ckpt_error);
-  s->ckpt_error = json_pack("{s:I, s:f, s:s, s:s}", "step", (json_int_t)step, "time",
-                            round(log_unix_time() * 1000) / 1000, "reason", reason_names[j->reason],
-                            "message", j->err);
-  json_t *ev = progress_event("error");
-  json_object_set_new(ev, "step", json_integer(step));
-  json_object_set_new(ev, "what", json_string("checkpoint"));
-  json_object_set_new(ev, "reason", json_string(reason_names[j->reason]));
-  json_object_set_new(ev, "message", json_string(j->err));
-  emit(s, ev);
-  if (j->reason == WHY_STOP) {
-    s->exit_code = 1; /* the steps since the last checkpoint are lost */
-    s->stop_ckpt_failed = 1;
-  }
-  if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "checkpoint failed: %s", j->err);
-}
-
-static void after_checkpoint(server *s, job *j) {
-  metrics_observe(&s->metrics.ckpt_seconds, j->seconds);
-  if (j->rc) {
-    checkpoint_failed(s, j);
-    return;
-  }
-  const checkpoint_info *c = &j->saved;
-  if (c->pruned)
-    log_msg(LL_WARNING, "disk full: deleted %d older checkpoint%s of %s to write this one", c->pruned,
-            c->pruned == 1 ? "" : "s", j->dir);
-  json_decref(s->ckpt_error);
-  s->ckpt_error = NULL;
-  int64_t step = s->stats.snap.step;
-  s->ckpt_step = step;
-  s->ckpt_time = mono_now();
-  json_decref(s->last_checkpoint);
-  s->last_checkpoint = json_pack("{s:s, s:I, s:f, s:I}", "path", c->path, "step", (json_int_t)step,
-                                 "time", round(c->time * 1000) / 1000, "bytes", (json_int_t)c->bytes);
-  json_t *ev = progress_event("checkpoint");
-  json_object_set_new(ev, "step", json_integer(step));
-  json_object_set_new(ev, "path", json_string(c->path));
-  json_object_set_new(ev, "bytes", json_integer(c->bytes));
-  json_object_set_new(ev, "seconds", json_real(round(j->seconds * 1000) / 1000));
-  json_object_set_new(ev, "reason", json_string(reason_names[j->reason]));
-  emit(s, ev);
-  log_msg(LL_NOTICE, "checkpoint at step %lld: %s (%lld bytes, %.3f s)", (long long)step, c->path,
-          (long long)c->bytes, j->seconds);
-  if (j->call) ctl_reply(j->call, json_deep_copy(s->last_checkpoint));
-}
-
-static void after_export(server *s, job *j) {
-  if (j->rc) {
-    log_msg(LL_WARNING, "export failed: %s", j->err);
-    if (j->call) ctl_reply_error(j->call, ctl_errcode_name(j->rc), "export failed: %s", j->err);
-    return;
-  }
-  const char *enc = j->enc == TRAINER_KEY ? "key" : "query";
-  if (j->model) {
-    log_msg(LL_NOTICE, "exported the %s encoder of step %lld to %s (%lld bytes)", enc, (long long)s->stats.snap.step,
-            j->path, (long long)j->bytes);
-    if (j->call)
-      ctl_reply(j->call, json_pack("{s:s, s:s, s:I, s:I, s:s}", "path", j->path, "encoder", enc, "step",
-                                   (json_int_t)s->stats.snap.step, "bytes", (json_int_t)j->bytes, "format", "safetensors"));
-    return;
-  }
-  log_msg(LL_NOTICE, "exported %lld x %d %s of the %s split to %s", (long long)j->rows, j->dim,
-          j->embeddings ? "embeddings" : "features", j->split, j->path);
-  if (j->call)
-    ctl_reply(j->call, json_pack("{s:s, s:s, s:I, s:i, s:s}", "path", j->path, "split", j->split, "rows",
-                                 (json_int_t)j->rows, "dim", j->dim, "what",
-                                 j->embeddings ? "embeddings" : "features"));
 }
 
 /* The figures of status, for Prometheus; the histograms are kept up to date as jobs end. */
@@ -428,8 +237,8 @@ static void job_done(uv_work_t *req, int status) {
   switch (j->kind) {
   case JOB_STEP: after_step(s, j); break;
   case JOB_EVAL: after_eval(s, j); break;
-  case JOB_CHECKPOINT: after_checkpoint(s, j); break;
-  case JOB_EXPORT: after_export(s, j); break;
+  case JOB_CHECKPOINT: persist_checkpoint_done(s, j); break;
+  case JOB_EXPORT: persist_export_done(s, j); break;
   }
   j->call = NULL;
   if (s->metrics_http) metrics_publish(s->metrics_http, fill_metrics(s));
@@ -474,101 +283,6 @@ static json_t *state_reply(server *s) {
                    (json_int_t)s->stats.snap.step);
 }
 
-/* Applies a set of dotted keys (already validated against the schema and the trainer) and logs each
- * change; the config and the trainer change together or not at all. */
-static int apply_set(server *s, json_t *changes, json_t **applied) {
-  json_t *next = json_deep_copy(s->config);
-  if (!next) return MOCO_ENOMEM;
-  const char *key;
-  json_t *v;
-  int rc = 0;
-  json_object_foreach(changes, key, v) {
-    if ((rc = config_set(next, key, v, 1))) break;
-  }
-  mocod_config *mc = malloc(sizeof *mc);
-  if (!mc) rc = MOCO_ENOMEM;
-  if (!rc) rc = config_read(next, mc);
-  if (!rc) rc = trainer_apply_runtime(s->tr, &mc->trainer);
-  if (rc) {
-    free(mc);
-    json_decref(next);
-    return rc;
-  }
-  if (dist_active()) { /* the other ranks apply it before the next step, as this one has */
-    char *text = json_dumps(next, JSON_COMPACT);
-    if (text) world_send(WORLD_SET, text, strlen(text));
-    free(text);
-  }
-  *applied = json_object();
-  json_object_foreach(changes, key, v) {
-    json_t *old = config_get(s->config, key);
-    json_t *ev = progress_event("config_change");
-    json_object_set_new(ev, "step", json_integer(s->stats.snap.step));
-    json_object_set_new(ev, "key", json_string(key));
-    json_object_set(ev, "old", old ? old : json_null());
-    json_object_set(ev, "new", v);
-    char *o = json_dumps(old ? old : json_null(), LOG_JSON_FLAGS);
-    char *n = json_dumps(v, LOG_JSON_FLAGS);
-    log_msg(LL_NOTICE, "set %s: %s -> %s", key, o ? o : "?", n ? n : "?");
-    free(o);
-    free(n);
-    emit(s, ev);
-    json_object_set(*applied, key, v);
-    json_object_set(s->set_values, key, v);
-  }
-  json_decref(s->config);
-  s->config = next;
-  s->cfg = *mc;
-  free(mc);
-  s->ckpt_step = -1; /* the newest checkpoint lacks these values: the next checkpoint or stop writes one */
-  trainer_describe(s->tr, &s->stats.snap);
-  log_set_level(s->cfg.log.level);
-  return 0;
-}
-
-/* Lays {"optim": {"lr": 0.1}} out as {"optim.lr": 0.1}: sections may be given as nested objects. */
-static int flatten_into(json_t *out, const char *prefix, json_t *obj) {
-  const char *key;
-  json_t *v;
-  if (json_object_size(obj) == 0) return moco_error(MOCO_EINVAL, "args.%s: an empty object sets nothing", prefix);
-  json_object_foreach(obj, key, v) {
-    char path[256];
-    if (snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", key) >= (int)sizeof path)
-      return moco_error(MOCO_EINVAL, "args.%s...: key too long", prefix);
-    int rc = json_is_object(v) ? flatten_into(out, path, v) : json_object_set(out, path, v) ? MOCO_ENOMEM : 0;
-    if (rc) return rc;
-  }
-  return 0;
-}
-
-/* Turns the set command's args into {dotted key: value}: either {"key": K, "value": V} or
- * {"optim.lr": 0.1, "contrast": {"temperature": 0.2}, ...}. */
-static int set_changes(json_t *args, json_t **out) {
-  json_t *k = json_object_get(args, "key");
-  if (k) {
-    json_t *v = json_object_get(args, "value");
-    if (!json_is_string(k) || !v || json_object_size(args) != 2)
-      return moco_error(MOCO_EINVAL, "set: expected {\"key\": \"a.b\", \"value\": V} or {\"a.b\": V, ...}");
-    *out = json_pack("{s:O}", json_string_value(k), v);
-    return *out ? 0 : MOCO_ENOMEM;
-  }
-  if (json_object_size(args) == 0) return moco_error(MOCO_EINVAL, "set: no key given");
-  *out = json_object();
-  int rc = *out ? flatten_into(*out, "", args) : MOCO_ENOMEM;
-  if (rc) {
-    json_decref(*out);
-    *out = NULL;
-  }
-  return rc;
-}
-
-/* A refused key is a bad argument of the request, whatever the reason (unknown, not runtime, out of
- * range): code bad_args, the message naming args.KEY. */
-static int set_refused(int rc) {
-  char msg[1024];
-  snprintf(msg, sizeof msg, "%s", moco_errmsg());
-  return rc == MOCO_ENOMEM ? rc : moco_error(MOCO_EINVAL, "args.%s", msg);
-}
 
 static void run_op(server *s, op *o) {
   switch (o->kind) {
@@ -588,8 +302,8 @@ static void run_op(server *s, op *o) {
     break;
   case OP_SET: {
     json_t *changes = NULL, *applied = NULL;
-    int rc = set_changes(o->args, &changes);
-    if (!rc) rc = apply_set(s, changes, &applied);
+    int rc = persist_set_changes(o->args, &changes);
+    if (!rc) rc = persist_apply_set(s, changes, &applied);
     json_decref(changes);
     if (o->call) {
       if (rc) ctl_reply_errno(o->call, rc);
@@ -625,35 +339,6 @@ static void run_op(server *s, op *o) {
 
 static void shutdown_server(server *s);
 
-static int export_prepare(server *s, op *o) {
-  job *j = &s->job;
-  json_t *a = o->args;
-  const char *split = json_string_value(json_object_get(a, "split"));
-  const char *enc = json_string_value(json_object_get(a, "encoder"));
-  const char *what = json_string_value(json_object_get(a, "what"));
-  j->model = !strcmp(ctl_call_command(o->call)->name, "export_model");
-  split = split ? split : "eval";
-  if (strcmp(split, "train") && strcmp(split, "eval"))
-    return moco_error(MOCO_EINVAL, "args.split: \"%s\" not allowed, expected \"train\" or \"eval\"", split);
-  int e = (int)s->cfg.trainer.eval_encoder;
-  if (enc && enum_value_of(trainer_encoder_names, enc, &e))
-    return moco_error(MOCO_EINVAL, "args.encoder: \"%s\" not allowed, expected \"query\" or \"key\"", enc);
-  what = what ? what : "features";
-  if (strcmp(what, "features") && strcmp(what, "embeddings"))
-    return moco_error(MOCO_EINVAL, "args.what: \"%s\" not allowed, expected \"features\" or \"embeddings\"",
-                      what);
-  const char *path = json_string_value(json_object_get(a, "path"));
-  /* room for the sibling files' suffix, ".labels.npy.tmp" */
-  int rc = file_path_check("args.path", path, 16);
-  if (rc) return rc;
-  snprintf(j->split, sizeof j->split, "%s", split);
-  snprintf(j->path, sizeof j->path, "%s", path);
-  j->enc = (trainer_encoder)e;
-  j->embeddings = !strcmp(what, "embeddings");
-  return 0;
-}
-
-/* Starts the job an operation needs; returns 1 when a job was started. */
 static int start_op_job(server *s, op *o) {
   switch (o->kind) {
   case OP_CHECKPOINT:
@@ -662,7 +347,7 @@ static int start_op_job(server *s, op *o) {
       ctl_reply(o->call, json_deep_copy(s->last_checkpoint));
       return 0;
     }
-    start_checkpoint(s, WHY_COMMAND, o->call);
+    persist_checkpoint_start(s, WHY_COMMAND, o->call);
     return 1;
   case OP_EVAL:
   {
@@ -677,13 +362,13 @@ static int start_op_job(server *s, op *o) {
     return 1;
   }
   case OP_EXPORT: {
-    int rc = export_prepare(s, o);
+    int rc = persist_export_prepare(s, o->call, o->args);
     if (rc) {
       ctl_reply_errno(o->call, rc);
       return 0;
     }
     s->job.call = o->call;
-    job_start(s, JOB_EXPORT);
+    server_job_start(s, JOB_EXPORT);
     return 1;
   }
   default: return 0;
@@ -705,7 +390,7 @@ static void pump(server *s) {
   if (s->state == ST_STOPPING) {
     if (!s->stop_ckpt && s->ckpt_step != s->stats.snap.step && !s->error[0]) {
       s->stop_ckpt = 1;
-      start_checkpoint(s, WHY_STOP, NULL);
+      persist_checkpoint_start(s, WHY_STOP, NULL);
       return;
     }
     shutdown_server(s);
@@ -720,12 +405,12 @@ static void pump(server *s) {
   if (s->ckpt_due) {
     s->ckpt_due = 0;
     if (s->ckpt_step != s->stats.snap.step) {
-      start_checkpoint(s, WHY_PERIODIC, NULL);
+      persist_checkpoint_start(s, WHY_PERIODIC, NULL);
       return;
     }
   }
   if (s->stats.snap.step < s->stats.snap.total_steps) {
-    job_start(s, JOB_STEP);
+    server_job_start(s, JOB_STEP);
     return;
   }
   /* Training is done: a final evaluation (with the probe when configured), a final checkpoint. */
@@ -738,7 +423,7 @@ static void pump(server *s) {
   if (s->finish_stage == 1) {
     s->finish_stage = 2;
     if (s->ckpt_step != s->stats.snap.step) {
-      start_checkpoint(s, WHY_FINISH, NULL);
+      persist_checkpoint_start(s, WHY_FINISH, NULL);
       return;
     }
   }
@@ -746,7 +431,7 @@ static void pump(server *s) {
   s->state = ST_FINISHED;
   json_t *ev = progress_event("finished");
   json_object_set_new(ev, "step", json_integer(s->stats.snap.step));
-  emit(s, ev);
+  server_emit(s, ev);
   if (s->cfg.service.exit_on_finish) {
     s->state = ST_STOPPING;
     pump(s);
@@ -771,7 +456,7 @@ static void shutdown_server(server *s) {
                                                                                 : "finished"));
   if (s->last_checkpoint) json_object_set(ev, "checkpoint", json_object_get(s->last_checkpoint, "path"));
   if (s->stop_ckpt_failed) json_object_set(ev, "checkpoint_error", json_object_get(s->ckpt_error, "message"));
-  emit(s, ev);
+  server_emit(s, ev);
   while (s->stoppers) {
     op *o = s->stoppers;
     s->stoppers = o->next;
@@ -822,7 +507,7 @@ static void on_lost_rank(server *s) {
   json_t *ev = progress_event("error");
   json_object_set_new(ev, "step", json_integer(s->stats.snap.step));
   json_object_set_new(ev, "message", json_string(who));
-  emit(s, ev);
+  server_emit(s, ev);
   dist_abort(1);
 }
 
@@ -964,7 +649,7 @@ static int cmd_queued(ctl_call *call, json_t *args, void *data) {
 static int cmd_set(ctl_call *call, json_t *args, void *data) {
   server *s = data;
   json_t *changes = NULL;
-  int rc = set_changes(args, &changes);
+  int rc = persist_set_changes(args, &changes);
   if (rc) return rc;
   /* Validate now, so that a bad request is refused at once even while a step runs. */
   json_t *trial = json_deep_copy(s->config);
@@ -975,7 +660,7 @@ static int cmd_set(ctl_call *call, json_t *args, void *data) {
   }
   json_decref(trial);
   json_decref(changes);
-  if (rc) return set_refused(rc);
+  if (rc) return persist_set_refused(rc);
   op_push(s, OP_SET, call, args);
   pump(s);
   return 0;
@@ -1039,86 +724,6 @@ static const ctl_command commands[] = {
 
 int server_make_dirs(const char *path, int is_dir) { return file_make_dirs(path, is_dir, 0700); }
 
-static void on_skip(void *ctx, const char *path, const char *why) {
-  (void)ctx;
-  log_msg(LL_WARNING, "skipping damaged checkpoint %s: %s", path, why);
-}
-
-/* The checkpoint's `set` values (taken) less the keys this command line's --set flags name and those
- * the config already holds. */
-static json_t *restorable_sets(json_t *sets, const server_options *opt, const json_t *config) {
-  if (!json_is_object(sets)) {
-    json_decref(sets);
-    return json_object();
-  }
-  for (int i = 0; i < opt->n_sets; i++) {
-    char key[256];
-    snprintf(key, sizeof key, "%.*s", (int)strcspn(opt->sets[i], "="), opt->sets[i]);
-    json_object_del(sets, key);
-  }
-  const char *key;
-  json_t *v;
-  void *tmp;
-  json_object_foreach_safe(sets, tmp, key, v) if (json_equal(v, config_get(config, key))) json_object_del(sets, key);
-  return sets;
-}
-
-/* Warns about every option whose value differs between the checkpoint's config and this run's (the
- * `set` values about to be restored aside). */
-static void compare_configs(const json_t *then, const json_t *now, const json_t *restore) {
-  for (size_t i = 0; i < config_n_options; i++) {
-    const char *p = config_options[i].path;
-    json_t *a = config_get(then, p), *b = config_get(now, p);
-    if (a && b && !json_equal(a, b) && !json_object_get(restore, p)) {
-      char *x = json_dumps(a, LOG_JSON_FLAGS), *y = json_dumps(b, LOG_JSON_FLAGS);
-      log_msg(LL_WARNING, "resume: %s was %.80s in the checkpoint, now %.80s", p, x ? x : "?", y ? y : "?");
-      free(x);
-      free(y);
-    }
-  }
-}
-
-static int resume_from_checkpoint(server *s, const server_options *opt, char *from, size_t from_len) {
-  int mode = opt->resume;
-  from[0] = '\0';
-  if (mode == 0) return 0;
-  const char *dir = s->cfg.checkpoint.dir;
-  checkpoint_file f;
-  int rc = checkpoint_read_latest(&f, dir, on_skip, NULL);
-  if (rc == MOCO_ENOENT && mode < 0) return 0;
-  if (rc) return moco_error_wrap(rc, "resume");
-  blob_reader body = f.body; /* before trainer_load reads through it */
-  rc = trainer_load(s->tr, &f.body);
-  if (!rc) world_send(WORLD_START, body.data + body.pos, body.len - body.pos);
-  if (!rc) {
-    json_t *then = checkpoint_json(&f.body, "CONF");
-    s->restore = restorable_sets(checkpoint_json(&f.body, "SETV"), opt, s->config);
-    if (then) compare_configs(then, s->config, s->restore);
-    json_decref(then);
-  }
-  if (rc) {
-    checkpoint_file_free(&f);
-    return moco_error_wrap(rc, "resume from %s (start with --no-resume or another checkpoint.dir)",
-                           f.path[0] ? f.path : dir);
-  }
-  snprintf(from, from_len, "%s", f.path);
-  s->ckpt_step = f.step;
-  s->last_checkpoint = json_pack("{s:s, s:I, s:f, s:I}", "path", f.path, "step", (json_int_t)f.step,
-                                 "time", f.time, "bytes", (json_int_t)f.len);
-  checkpoint_file_free(&f);
-  return 0;
-}
-
-/* Applies the checkpoint's `set` values (config_change events and log lines say which); one the trainer
- * refuses now is left at the file's value, with a warning. */
-static void restore_sets(server *s) {
-  if (!s->restore || json_object_size(s->restore) == 0) return;
-  json_t *applied = NULL;
-  log_msg(LL_NOTICE, "resume: restoring %zu value(s) changed with set", json_object_size(s->restore));
-  if (apply_set(s, s->restore, &applied))
-    log_msg(LL_WARNING, "resume: the values changed with set could not be restored: %s", moco_errmsg());
-  json_decref(applied);
-}
 
 static int fail(const server_options *opt, int rc, const char *what) {
   char msg[1400];
@@ -1171,7 +776,7 @@ int server_run(json_t *config, const server_options *opt) {
   s->opt = opt;
   s->ckpt_step = -1;
   s->started = log_unix_time();
-  s->ckpt_time = mono_now();
+  s->ckpt_time = server_now();
   log_set_main_thread();
   int rc = server_check_paths(config), code = 1;
   char from[FILE_PATH_MAX + CHECKPOINT_NAME_ROOM] = "";
@@ -1204,7 +809,7 @@ int server_run(json_t *config, const server_options *opt) {
     code = fail(opt, rc, "trainer");
     goto out;
   }
-  if ((rc = resume_from_checkpoint(s, opt, from, sizeof from))) {
+  if ((rc = persist_resume(s, opt, from, sizeof from))) {
     code = fail(opt, rc, "checkpoint");
     goto out;
   }
@@ -1245,8 +850,8 @@ int server_run(json_t *config, const server_options *opt) {
   json_object_set_new(ev, "resumed_from", from[0] ? json_string(from) : json_null());
   json_object_set(ev, "config", s->config);
   json_object_set(ev, "restored", s->restore && json_object_size(s->restore) ? s->restore : json_null());
-  emit(s, ev);
-  restore_sets(s);
+  server_emit(s, ev);
+  persist_restore_sets(s);
   s->state = ST_RUNNING;
   if (opt->ready) opt->ready(opt->ready_ctx, 0, NULL);
   pump(s);
