@@ -9,6 +9,7 @@
 
 #include "core/err.h"
 #include "service/log.h"
+#include "config_int.h"
 
 /* ---------------------------------------------------------------------------------------------------
  * The schema. One row per option; the order here is the order of --print-config and of the reference.
@@ -350,7 +351,7 @@ const char *config_str(const json_t *root, const char *path) {
  * Value checks.
  * ------------------------------------------------------------------------------------------------- */
 
-static const char *type_name(config_type t) {
+const char *config_type_name(config_type t) {
   switch (t) {
   case CONFIG_INT: return "integer";
   case CONFIG_NUM: return "number";
@@ -364,7 +365,7 @@ static const char *type_name(config_type t) {
 }
 
 /* "a|b|c": the names of an enum row, for messages. */
-static void names_text(const enum_name *t, const char *sep, char *buf, size_t n) {
+void config_names_text(const enum_name *t, const char *sep, char *buf, size_t n) {
   size_t k = 0;
   buf[0] = '\0';
   for (; t->name; t++) {
@@ -398,7 +399,7 @@ static void fmt_bound(char *buf, size_t n, double v) {
 }
 
 /* "[0, 1]", "(0, 1]", "[0, 1)": the row's bounds as an interval. */
-static void range_text(const config_option *o, char *buf, size_t n) {
+void config_range_text(const config_option *o, char *buf, size_t n) {
   char lo[32], hi[32];
   fmt_bound(lo, sizeof lo, o->min);
   fmt_bound(hi, sizeof hi, o->max);
@@ -427,13 +428,13 @@ int config_check_value(const config_option *o, const json_t *v, char *why, size_
     double x;
     if (json_is_integer(v)) x = (double)json_integer_value(v);
     else if (json_is_real(v)) x = json_real_value(v);
-    else return snprintf(why, n, "expected %s, found %s", type_name(o->type), found), MOCO_ECONFIG;
+    else return snprintf(why, n, "expected %s, found %s", config_type_name(o->type), found), MOCO_ECONFIG;
     if (o->type == CONFIG_INT && x != floor(x))
       return snprintf(why, n, "expected an integer, found %s", found), MOCO_ECONFIG;
     int lo_ok = o->flags & CONFIG_MIN_OPEN ? x > o->min : x >= o->min;
     int hi_ok = o->flags & CONFIG_MAX_OPEN ? x < o->max : x <= o->max;
     if (!lo_ok || !hi_ok) {
-      range_text(o, lo, sizeof lo);
+      config_range_text(o, lo, sizeof lo);
       return snprintf(why, n, "value %s out of range, allowed %s", found, lo), MOCO_ECONFIG;
     }
     return 0;
@@ -448,7 +449,7 @@ int config_check_value(const config_option *o, const json_t *v, char *why, size_
   case CONFIG_ENUM:
     if (!json_is_string(v) || !enum_has(o->names, json_string_value(v))) {
       char names[256];
-      names_text(o->names, "|", names, sizeof names);
+      config_names_text(o->names, "|", names, sizeof names);
       return snprintf(why, n, "value %s not allowed, expected one of %s", found, names), MOCO_ECONFIG;
     }
     return 0;
@@ -577,56 +578,6 @@ static void check_rules(const json_t *root, report_buf *rep) {
     if (config_rules[i](root, why, sizeof why)) report_add(rep, "%s", why);
 }
 
-/* ---------------------------------------------------------------------------------------------------
- * Unknown keys, with a suggestion.
- * ------------------------------------------------------------------------------------------------- */
-
-static size_t edit_distance(const char *a, const char *b) {
-  size_t la = strlen(a), lb = strlen(b);
-  if (la > 64 || lb > 64) return (size_t)-1;
-  size_t d[65], prev;
-  for (size_t j = 0; j <= lb; j++) d[j] = j;
-  for (size_t i = 1; i <= la; i++) {
-    prev = d[0];
-    d[0] = i;
-    for (size_t j = 1; j <= lb; j++) {
-      size_t keep = d[j];
-      size_t sub = prev + (a[i - 1] != b[j - 1]);
-      size_t del = d[j] + 1, ins = d[j - 1] + 1;
-      d[j] = sub < del ? (sub < ins ? sub : ins) : (del < ins ? del : ins);
-      prev = keep;
-    }
-  }
-  return d[lb];
-}
-
-/* The known option or section path closest to `path`, written to out, when it is close enough to be
- * a typo; returns 0 when nothing is. Candidates are every option and each of its enclosing sections. */
-static int suggest(const char *path, char *out, size_t n) {
-  size_t best_d = (size_t)-1;
-  char cand[256];
-  for (size_t i = 0; i < config_n_options; i++) {
-    const char *p = config_options[i].path;
-    for (const char *end = p;; end++) {
-      if (*end != '.' && *end != '\0') continue;
-      size_t len = (size_t)(end - p);
-      if (len < sizeof cand) {
-        memcpy(cand, p, len);
-        cand[len] = '\0';
-        size_t d = edit_distance(path, cand);
-        if (d < best_d) {
-          best_d = d;
-          snprintf(out, n, "%s", cand);
-        }
-      }
-      if (!*end) break;
-    }
-  }
-  size_t len = strlen(path);
-  size_t limit = len < 6 ? 1 : len < 12 ? 2 : 3;
-  return best_d <= limit;
-}
-
 static void walk(json_t *obj, const char *prefix, report_buf *rep) {
   const char *key;
   json_t *v;
@@ -645,7 +596,7 @@ static void walk(json_t *obj, const char *prefix, report_buf *rep) {
                       json_is_array(v) ? "an array" : "a value");
     } else {
       char s[256];
-      if (suggest(path, s, sizeof s)) report_add(rep, "%s: unknown key (did you mean '%s'?)", path, s);
+      if (config_suggest(path, s, sizeof s)) report_add(rep, "%s: unknown key (did you mean '%s'?)", path, s);
       else report_add(rep, "%s: unknown key", path);
     }
   }
@@ -778,7 +729,7 @@ int config_set(json_t *root, const char *path, const json_t *value, int runtime)
   const config_option *o = config_option_find(path);
   if (!o) {
     char s[256];
-    if (suggest(path, s, sizeof s)) return moco_error(MOCO_ENOENT, "%s: unknown key (did you mean '%s'?)", path, s);
+    if (config_suggest(path, s, sizeof s)) return moco_error(MOCO_ENOENT, "%s: unknown key (did you mean '%s'?)", path, s);
     return moco_error(MOCO_ENOENT, "%s: unknown key", path);
   }
   if (runtime && !(o->flags & CONFIG_RUNTIME))
@@ -802,70 +753,6 @@ int config_set(json_t *root, const char *path, const json_t *value, int runtime)
   free(rep.s);
   if (rep.count) return moco_error(MOCO_ECONFIG, "%s", rep.first);
   return set_path(root, path, json_deep_copy(value));
-}
-
-/* ---------------------------------------------------------------------------------------------------
- * The markdown reference.
- * ------------------------------------------------------------------------------------------------- */
-
-static void allowed_text(const config_option *o, char *buf, size_t n) {
-  char range[80];
-  switch (o->type) {
-  case CONFIG_INT:
-  case CONFIG_NUM:
-    range_text(o, range, sizeof range);
-    snprintf(buf, n, "%s in %s", type_name(o->type), range);
-    break;
-  case CONFIG_ENUM: {
-    char names[256];
-    names_text(o->names, "`, `", names, sizeof names);
-    snprintf(buf, n, "`%s`", names);
-    break;
-  }
-  default: snprintf(buf, n, "%s", type_name(o->type)); break;
-  }
-}
-
-/* The default layer lists, one layer per line. */
-static void write_layer_defaults(FILE *out) {
-  for (size_t i = 0; i < config_n_options; i++) {
-    const config_option *o = &config_options[i];
-    if (o->type != CONFIG_LAYERS) continue;
-    json_t *v = json_loads(o->def, 0, NULL);
-    fprintf(out, "\nDefault `%s`:\n\n```json\n[\n", o->path);
-    size_t k;
-    json_t *l;
-    json_array_foreach(v, k, l) {
-      char *t = json_dumps(l, LOG_JSON_FLAGS);
-      fprintf(out, "  %s%s\n", t ? t : "?", k + 1 < json_array_size(v) ? "," : "");
-      free(t);
-    }
-    fprintf(out, "]\n```\n");
-    json_decref(v);
-  }
-}
-
-void config_write_doc(FILE *out) {
-  char section[128] = "";
-  for (size_t i = 0; i < config_n_options; i++) {
-    const config_option *o = &config_options[i];
-    const char *dot = strchr(o->path, '.');
-    size_t n = dot ? (size_t)(dot - o->path) : 0;
-    char sec[128];
-    snprintf(sec, sizeof sec, "%.*s", (int)n, o->path);
-    if (i == 0 || strcmp(sec, section)) {
-      snprintf(section, sizeof section, "%s", sec);
-      fprintf(out, "%s### %s\n\n", i ? "\n" : "", n ? section : "top level");
-      fprintf(out, "| key | default | allowed | `set` | meaning |\n|---|---|---|---|---|\n");
-    }
-    char allowed[512];
-    allowed_text(o, allowed, sizeof allowed);
-    /* A layer list's default is long: it goes under the table, this row points there. */
-    fprintf(out, "| `%s` | %s%s%s | %s | %s | %s |\n", o->path, o->type == CONFIG_LAYERS ? "" : "`",
-            o->type == CONFIG_LAYERS ? "see below" : o->def, o->type == CONFIG_LAYERS ? "" : "`",
-            allowed, (o->flags & CONFIG_RUNTIME) ? "yes" : "no", o->doc);
-  }
-  write_layer_defaults(out);
 }
 
 /* ---------------------------------------------------------------------------------------------------
