@@ -8,17 +8,6 @@
 #include "data_fixtures.h"
 #include "testutil.h"
 
-static char dir[64];
-static char path_buf[4][512];
-
-static void setup(void) { strcpy(dir, test_tmpdir()); }
-static void teardown(void) { rm_rf(dir); }
-
-static const char *tmp(int k, const char *name) {
-  snprintf(path_buf[k], sizeof path_buf[k], "%s/%s", dir, name);
-  return path_buf[k];
-}
-
 /* Pixel k of record i: a function of both, so a shifted record shows. */
 static uint8_t px(uint64_t i, size_t k) { return (uint8_t)(i * 31 + k * 7); }
 
@@ -63,18 +52,18 @@ static long read_check(const char *spec, int classes, int global) {
 }
 
 START_TEST(cifar10_and_cifar100_batches_read_with_their_labels) {
-  write_batch(tmp(0, "data_batch_1.bin"), 12, 10);
-  write_batch(tmp(0, "data_batch_2.bin"), 12, 10);
-  ck_assert_int_eq(read_check(tmp(1, "data_batch_*.bin"), 10, 0), 24);
-  write_batch(tmp(0, "train.bin"), 9, 100);
-  ck_assert_int_eq(read_check(path_buf[0], 100, 0), 9);
+  write_batch(test_scratch_path(0, "data_batch_1.bin"), 12, 10);
+  write_batch(test_scratch_path(0, "data_batch_2.bin"), 12, 10);
+  ck_assert_int_eq(read_check(test_scratch_path(1, "data_batch_*.bin"), 10, 0), 24);
+  write_batch(test_scratch_path(0, "train.bin"), 9, 100);
+  ck_assert_int_eq(read_check(test_scratch_slot(0), 100, 0), 9);
 }
 END_TEST
 
 START_TEST(reading_from_any_record) {
-  write_batch(tmp(0, "test_batch.bin"), 20, 10);
+  write_batch(test_scratch_path(0, "test_batch.bin"), 20, 10);
   dataset ds;
-  ck_assert_int_eq(dataset_open(&ds, "t", path_buf[0], NULL, 0), 0);
+  ck_assert_int_eq(dataset_open(&ds, "t", test_scratch_slot(0), NULL, 0), 0);
   dataset_reader r;
   data_record rec;
   ck_assert_int_eq(dataset_reader_open(&r, &ds, 0, 13), 0);
@@ -88,23 +77,23 @@ START_TEST(reading_from_any_record) {
 END_TEST
 
 START_TEST(truncated_batch_is_refused_from_its_size) {
-  write_batch(tmp(0, "data_batch_1.bin"), 5, 10);
-  ck_assert_int_eq(fx_truncate(path_buf[0], 5 * 3073 - 10), 0);
+  write_batch(test_scratch_path(0, "data_batch_1.bin"), 5, 10);
+  ck_assert_int_eq(fx_truncate(test_scratch_slot(0), 5 * 3073 - 10), 0);
   dataset ds;
-  ck_assert_int_eq(dataset_open(&ds, "t", path_buf[0], NULL, 0), MOCO_EFORMAT);
+  ck_assert_int_eq(dataset_open(&ds, "t", test_scratch_slot(0), NULL, 0), MOCO_EFORMAT);
   ck_assert_msg(strstr(moco_errmsg(), "data_batch_1.bin") && strstr(moco_errmsg(), "truncated?"), "%s",
                 moco_errmsg());
 }
 END_TEST
 
 START_TEST(label_outside_the_classes_names_the_record_and_can_be_skipped) {
-  write_batch(tmp(0, "data_batch_1.bin"), 6, 10);
-  FILE *f = fopen(path_buf[0], "r+b");
+  write_batch(test_scratch_path(0, "data_batch_1.bin"), 6, 10);
+  FILE *f = fopen(test_scratch_slot(0), "r+b");
   fseek(f, 2 * 3073, SEEK_SET);
   fputc(10, f);
   fclose(f);
   dataset ds;
-  ck_assert_int_eq(dataset_open(&ds, "t", path_buf[0], NULL, 0), 0);
+  ck_assert_int_eq(dataset_open(&ds, "t", test_scratch_slot(0), NULL, 0), 0);
   dataset_reader r;
   data_record rec;
   ck_assert_int_eq(dataset_reader_open(&r, &ds, 0, 0), 0);
@@ -125,20 +114,20 @@ START_TEST(label_outside_the_classes_names_the_record_and_can_be_skipped) {
 END_TEST
 
 START_TEST(cifar_round_trip_through_mocopack) {
-  write_batch(tmp(0, "data_batch_1.bin"), 30, 10);
+  write_batch(test_scratch_path(0, "data_batch_1.bin"), 30, 10);
   char cmd[2048], out[4096];
-  snprintf(cmd, sizeof cmd, "%s cifar --shard-records 16 -o %s/c %s", bin_path("mocopack"), dir, path_buf[0]);
+  snprintf(cmd, sizeof cmd, "%s cifar --shard-records 16 -o %s/c %s", bin_path("mocopack"), test_scratch_dir(), test_scratch_slot(0));
   int st = run_capture(cmd, out, sizeof out);
   ck_assert_msg(st == 0, "%s -> %d: %s", cmd, st, out);
   ck_assert_msg(strstr(out, "30 records (3x32x32 u8, labels, 10 classes) in 2 shard(s)"), "%s", out);
-  ck_assert_int_eq(read_check(tmp(1, "c-*.shard"), 10, 1), 30);
+  ck_assert_int_eq(read_check(test_scratch_path(1, "c-*.shard"), 10, 1), 30);
 }
 END_TEST
 
 Suite *data_cifar_suite(void) {
   Suite *s = suite_create("data_cifar");
   TCase *tc = tcase_create("cifar");
-  tcase_add_checked_fixture(tc, setup, teardown);
+  tcase_add_checked_fixture(tc, test_scratch_setup, test_scratch_teardown);
   tcase_add_test(tc, cifar10_and_cifar100_batches_read_with_their_labels);
   tcase_add_test(tc, reading_from_any_record);
   tcase_add_test(tc, truncated_batch_is_refused_from_its_size);

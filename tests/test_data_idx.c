@@ -9,17 +9,6 @@
 #include "data_fixtures.h"
 #include "testutil.h"
 
-static char dir[64];
-static char path_buf[4][512];
-
-static void setup(void) { strcpy(dir, test_tmpdir()); }
-static void teardown(void) { rm_rf(dir); }
-
-static const char *tmp(int k, const char *name) {
-  snprintf(path_buf[k], sizeof path_buf[k], "%s/%s", dir, name);
-  return path_buf[k];
-}
-
 /* n images of h x w, pixel (i, k) = (i + k) % 256, and labels i % 10. */
 static void write_images(const char *images, const char *labels, uint32_t n, uint32_t h, uint32_t w, int gz) {
   uint8_t *px = malloc((size_t)n * h * w), *lb = malloc(n);
@@ -87,11 +76,11 @@ START_TEST(sample_gzip_reads_with_its_labels_found_by_name) {
 END_TEST
 
 START_TEST(plain_and_gzip_give_the_same_records_from_any_start) {
-  write_images(tmp(0, "a-images-idx3-ubyte"), tmp(1, "a-labels-idx1-ubyte"), 50, 4, 3, 0);
-  write_images(tmp(2, "b-images-idx3-ubyte.gz"), tmp(3, "b-labels-idx1-ubyte.gz"), 50, 4, 3, 1);
+  write_images(test_scratch_path(0, "a-images-idx3-ubyte"), test_scratch_path(1, "a-labels-idx1-ubyte"), 50, 4, 3, 0);
+  write_images(test_scratch_path(2, "b-images-idx3-ubyte.gz"), test_scratch_path(3, "b-labels-idx1-ubyte.gz"), 50, 4, 3, 1);
   dataset a, b;
-  ck_assert_int_eq(dataset_open(&a, "a", path_buf[0], NULL, 0), 0);
-  ck_assert_int_eq(dataset_open(&b, "b", path_buf[2], NULL, 0), 0);
+  ck_assert_int_eq(dataset_open(&a, "a", test_scratch_slot(0), NULL, 0), 0);
+  ck_assert_int_eq(dataset_open(&b, "b", test_scratch_slot(2), NULL, 0), 0);
   ck_assert(!a.files[0].idx.gz && b.files[0].idx.gz);
   for (uint64_t start = 0; start <= 50; start += 17) {
     dataset_reader ra, rb;
@@ -127,12 +116,12 @@ START_TEST(other_element_types_become_float32) {
   float f32[6] = {0.5f, -1.25f, 3e9f, 0.0f, 1.0f, -2.0f};
   double f64[6] = {1.5, -0.25, 100.0, 2.0, 3.0, 4.0};
   uint32_t d[2] = {2, 3};
-  ck_assert_int_eq(idx_write(tmp(0, "s16.idx"), 0, IDX_I16, 2, d, s16), 0);
-  ck_assert_int_eq(idx_write(tmp(1, "f32.idx.gz"), 1, IDX_F32, 2, d, f32), 0);
-  ck_assert_int_eq(idx_write(tmp(2, "f64.idx"), 0, IDX_F64, 2, d, f64), 0);
+  ck_assert_int_eq(idx_write(test_scratch_path(0, "s16.idx"), 0, IDX_I16, 2, d, s16), 0);
+  ck_assert_int_eq(idx_write(test_scratch_path(1, "f32.idx.gz"), 1, IDX_F32, 2, d, f32), 0);
+  ck_assert_int_eq(idx_write(test_scratch_path(2, "f64.idx"), 0, IDX_F64, 2, d, f64), 0);
   for (int t = 0; t < 3; t++) {
     dataset ds;
-    ck_assert_int_eq(dataset_open(&ds, "t", path_buf[t], NULL, 0), 0);
+    ck_assert_int_eq(dataset_open(&ds, "t", test_scratch_slot(t), NULL, 0), 0);
     ck_assert_int_eq(ds.dtype, DATA_F32);
     ck_assert_int_eq(ds.shape.c, 3); /* 2 dims: vectors of 3 features */
     ck_assert_int_eq(ds.shape.h * ds.shape.w, 1);
@@ -165,43 +154,43 @@ static void expect_open_error(const char *spec, int code, const char *name_in_ms
 }
 
 START_TEST(missing_file_and_empty_glob_are_refused) {
-  expect_open_error(tmp(0, "nope-images-idx3-ubyte.gz"), MOCO_ENOENT, "nope-images-idx3-ubyte.gz", "cannot open");
-  expect_open_error(tmp(1, "none-*.gz"), MOCO_ENOENT, "none-*.gz", "no file matches");
+  expect_open_error(test_scratch_path(0, "nope-images-idx3-ubyte.gz"), MOCO_ENOENT, "nope-images-idx3-ubyte.gz", "cannot open");
+  expect_open_error(test_scratch_path(1, "none-*.gz"), MOCO_ENOENT, "none-*.gz", "no file matches");
   expect_open_error("", MOCO_ECONFIG, "train", "no data set");
 }
 END_TEST
 
 START_TEST(bad_magic_is_refused_at_offset_0) {
-  write_images(tmp(0, "x-images-idx3-ubyte"), NULL, 4, 2, 2, 0);
+  write_images(test_scratch_path(0, "x-images-idx3-ubyte"), NULL, 4, 2, 2, 0);
   uint8_t bad[4] = {0, 0, 0x42, 3};
-  ck_assert_int_eq(fx_write(path_buf[0], 0, bad, 4), 0);
-  expect_open_error(path_buf[0], MOCO_EFORMAT, "x-images-idx3-ubyte: offset 0", "bad magic 0x00004203");
+  ck_assert_int_eq(fx_write(test_scratch_slot(0), 0, bad, 4), 0);
+  expect_open_error(test_scratch_slot(0), MOCO_EFORMAT, "x-images-idx3-ubyte: offset 0", "bad magic 0x00004203");
   /* not .bin: that name is taken as a CIFAR batch (data/cifar.h) */
-  FILE *f = fopen(tmp(1, "junk.dat"), "wb");
+  FILE *f = fopen(test_scratch_path(1, "junk.dat"), "wb");
   fputs("PK\x03\x04 not a data file", f);
   fclose(f);
-  expect_open_error(path_buf[1], MOCO_EFORMAT, "junk.dat", "unknown format");
+  expect_open_error(test_scratch_slot(1), MOCO_EFORMAT, "junk.dat", "unknown format");
 }
 END_TEST
 
 START_TEST(truncated_plain_file_is_refused_naming_the_record) {
-  write_images(tmp(0, "t-images-idx3-ubyte"), NULL, 10, 2, 2, 0);
-  ck_assert_int_eq(fx_truncate(path_buf[0], 16 + 4 * 7 + 2), 0);
-  expect_open_error(path_buf[0], MOCO_EEOF, "t-images-idx3-ubyte", "record 7 is incomplete");
-  write_images(tmp(1, "long-images-idx3-ubyte"), NULL, 10, 2, 2, 0);
-  FILE *f = fopen(path_buf[1], "ab");
+  write_images(test_scratch_path(0, "t-images-idx3-ubyte"), NULL, 10, 2, 2, 0);
+  ck_assert_int_eq(fx_truncate(test_scratch_slot(0), 16 + 4 * 7 + 2), 0);
+  expect_open_error(test_scratch_slot(0), MOCO_EEOF, "t-images-idx3-ubyte", "record 7 is incomplete");
+  write_images(test_scratch_path(1, "long-images-idx3-ubyte"), NULL, 10, 2, 2, 0);
+  FILE *f = fopen(test_scratch_slot(1), "ab");
   fputs("extra", f);
   fclose(f);
-  expect_open_error(path_buf[1], MOCO_EFORMAT, "long-images-idx3-ubyte: offset 56", "5 bytes after the 10 records");
+  expect_open_error(test_scratch_slot(1), MOCO_EFORMAT, "long-images-idx3-ubyte: offset 56", "5 bytes after the 10 records");
 }
 END_TEST
 
 START_TEST(truncated_gzip_is_found_while_reading_and_names_the_record) {
-  write_images(tmp(0, "g-images-idx3-ubyte.gz"), NULL, 400, 28, 28, 1);
-  long size = fx_file_size(path_buf[0]);
-  ck_assert_int_eq(fx_truncate(path_buf[0], size / 2), 0);
+  write_images(test_scratch_path(0, "g-images-idx3-ubyte.gz"), NULL, 400, 28, 28, 1);
+  long size = fx_file_size(test_scratch_slot(0));
+  ck_assert_int_eq(fx_truncate(test_scratch_slot(0), size / 2), 0);
   dataset ds;
-  ck_assert_int_eq(dataset_open(&ds, "train", path_buf[0], NULL, 0), 0); /* the header is intact */
+  ck_assert_int_eq(dataset_open(&ds, "train", test_scratch_slot(0), NULL, 0), 0); /* the header is intact */
   dataset_reader r;
   data_record rec;
   ck_assert_int_eq(dataset_reader_open(&r, &ds, 0, 0), 0);
@@ -222,31 +211,31 @@ START_TEST(truncated_gzip_is_found_while_reading_and_names_the_record) {
 END_TEST
 
 START_TEST(labels_count_that_disagrees_is_refused) {
-  write_images(tmp(0, "c-images-idx3-ubyte"), NULL, 10, 2, 2, 0);
+  write_images(test_scratch_path(0, "c-images-idx3-ubyte"), NULL, 10, 2, 2, 0);
   uint8_t lb[9] = {0};
   uint32_t d = 9;
-  ck_assert_int_eq(idx_write(tmp(1, "c-labels-idx1-ubyte"), 0, IDX_U8, 1, &d, lb), 0);
-  expect_open_error(path_buf[0], MOCO_ESHAPE, "c-labels-idx1-ubyte", "9 labels, but");
+  ck_assert_int_eq(idx_write(test_scratch_path(1, "c-labels-idx1-ubyte"), 0, IDX_U8, 1, &d, lb), 0);
+  expect_open_error(test_scratch_slot(0), MOCO_ESHAPE, "c-labels-idx1-ubyte", "9 labels, but");
   /* a labels file matched by a glob goes with its images, not into the samples */
-  ck_assert_int_eq(idx_write(path_buf[1], 0, IDX_U8, 1, (uint32_t[]){10}, (uint8_t[10]){0}), 0);
+  ck_assert_int_eq(idx_write(test_scratch_slot(1), 0, IDX_U8, 1, (uint32_t[]){10}, (uint8_t[10]){0}), 0);
   uint64_t sum;
-  ck_assert_int_eq(read_all(tmp(2, "c-*"), 0, &sum), 10);
+  ck_assert_int_eq(read_all(test_scratch_path(2, "c-*"), 0, &sum), 10);
 }
 END_TEST
 
 START_TEST(truncated_labels_are_found_at_open) {
-  write_images(tmp(0, "u-images-idx3-ubyte.gz"), tmp(1, "u-labels-idx1-ubyte.gz"), 3000, 2, 2, 1);
-  ck_assert_int_eq(fx_truncate(path_buf[1], fx_file_size(path_buf[1]) - 20), 0);
-  expect_open_error(path_buf[0], MOCO_EEOF, "u-labels-idx1-ubyte.gz: offset", "truncated in the labels");
+  write_images(test_scratch_path(0, "u-images-idx3-ubyte.gz"), test_scratch_path(1, "u-labels-idx1-ubyte.gz"), 3000, 2, 2, 1);
+  ck_assert_int_eq(fx_truncate(test_scratch_slot(1), fx_file_size(test_scratch_slot(1)) - 20), 0);
+  expect_open_error(test_scratch_slot(0), MOCO_EEOF, "u-labels-idx1-ubyte.gz: offset", "truncated in the labels");
 }
 END_TEST
 
 START_TEST(label_out_of_range_names_the_record) {
-  write_images(tmp(0, "r-images-idx3-ubyte.gz"), tmp(1, "r-labels-idx1-ubyte.gz"), 30, 2, 2, 1);
+  write_images(test_scratch_path(0, "r-images-idx3-ubyte.gz"), test_scratch_path(1, "r-labels-idx1-ubyte.gz"), 30, 2, 2, 1);
   uint64_t sum;
-  ck_assert_int_eq(read_all(path_buf[0], 10, &sum), 30);
+  ck_assert_int_eq(read_all(test_scratch_slot(0), 10, &sum), 30);
   dataset ds;
-  ck_assert_int_eq(dataset_open(&ds, "train", path_buf[0], NULL, 9), 0);
+  ck_assert_int_eq(dataset_open(&ds, "train", test_scratch_slot(0), NULL, 9), 0);
   dataset_reader r;
   data_record rec;
   ck_assert_int_eq(dataset_reader_open(&r, &ds, 0, 0), 0);
@@ -271,32 +260,32 @@ END_TEST
 
 START_TEST(empty_data_set_is_refused) {
   uint32_t d[3] = {0, 2, 2};
-  ck_assert_int_eq(idx_write(tmp(0, "e-images-idx3-ubyte"), 0, IDX_U8, 3, d, ""), 0);
-  expect_open_error(path_buf[0], MOCO_EEOF, "train", "empty data set");
+  ck_assert_int_eq(idx_write(test_scratch_path(0, "e-images-idx3-ubyte"), 0, IDX_U8, 3, d, ""), 0);
+  expect_open_error(test_scratch_slot(0), MOCO_EEOF, "train", "empty data set");
 }
 END_TEST
 
 START_TEST(shapes_that_disagree_across_files_are_refused) {
-  write_images(tmp(0, "p-images-idx3-ubyte"), NULL, 3, 2, 2, 0);
-  write_images(tmp(1, "q-images-idx3-ubyte"), NULL, 3, 2, 3, 0);
+  write_images(test_scratch_path(0, "p-images-idx3-ubyte"), NULL, 3, 2, 2, 0);
+  write_images(test_scratch_path(1, "q-images-idx3-ubyte"), NULL, 3, 2, 3, 0);
   char spec[1100];
-  snprintf(spec, sizeof spec, "%s,%s", path_buf[0], path_buf[1]);
+  snprintf(spec, sizeof spec, "%s,%s", test_scratch_slot(0), test_scratch_slot(1));
   expect_open_error(spec, MOCO_ESHAPE, "q-images-idx3-ubyte", "1x2x3 u8 disagree with 1x2x2 u8");
-  ck_assert_int_eq(read_all(tmp(2, "p-images-idx3-ubyte, ,"), 0, NULL), 3); /* empty list items are ignored */
+  ck_assert_int_eq(read_all(test_scratch_path(2, "p-images-idx3-ubyte, ,"), 0, NULL), 3); /* empty list items are ignored */
 }
 END_TEST
 
 /* The real mocopack binary packs the sample into shards that read back record for record. */
 START_TEST(idx_round_trip_through_mocopack) {
   char cmd[2048], out[4096];
-  snprintf(cmd, sizeof cmd, "%s idx --shard-records 700 --block-size 10K -o %s/fm %s", bin_path("mocopack"), dir,
+  snprintf(cmd, sizeof cmd, "%s idx --shard-records 700 --block-size 10K -o %s/fm %s", bin_path("mocopack"), test_scratch_dir(),
            data_path("fmnist-train-images-idx3-ubyte.gz"));
   int st = run_capture(cmd, out, sizeof out);
   ck_assert_msg(st == 0, "%s -> %d: %s", cmd, st, out);
   ck_assert_msg(strstr(out, "2000 records (1x28x28 u8, labels, 10 classes) in 3 shard(s)"), "%s", out);
   dataset a, b;
   ck_assert_int_eq(dataset_open(&a, "idx", data_path("fmnist-train-images-idx3-ubyte.gz"), NULL, 0), 0);
-  ck_assert_int_eq(dataset_open(&b, "shards", tmp(0, "fm-*.shard"), NULL, 0), 0);
+  ck_assert_int_eq(dataset_open(&b, "shards", test_scratch_path(0, "fm-*.shard"), NULL, 0), 0);
   ck_assert_int_eq(b.n_files, 3);
   ck_assert_int_eq(b.count, 2000);
   ck_assert_int_eq(b.num_classes, 10);
@@ -322,7 +311,7 @@ START_TEST(idx_round_trip_through_mocopack) {
   dataset_close(&a);
   dataset_close(&b);
   /* info agrees, and its statistics are those of Fashion-MNIST's first images */
-  snprintf(cmd, sizeof cmd, "%s info --verify --stats '%s/fm-*.shard'", bin_path("mocopack"), dir);
+  snprintf(cmd, sizeof cmd, "%s info --verify --stats '%s/fm-*.shard'", bin_path("mocopack"), test_scratch_dir());
   ck_assert_int_eq(run_capture(cmd, out, sizeof out), 0);
   ck_assert_msg(strstr(out, "total: 2000 records of 1x28x28 u8 in 3 file(s), labelled, 10 classes"), "%s", out);
   ck_assert_msg(strstr(out, "verify: 0 bad record(s)") && strstr(out, "mean: [0.2"), "%s", out);
@@ -330,14 +319,14 @@ START_TEST(idx_round_trip_through_mocopack) {
 END_TEST
 
 START_TEST(mocopack_reports_bad_input_and_writes_nothing) {
-  write_images(tmp(0, "m-images-idx3-ubyte.gz"), tmp(1, "m-labels-idx1-ubyte.gz"), 300, 28, 28, 1);
-  ck_assert_int_eq(fx_truncate(path_buf[0], fx_file_size(path_buf[0]) / 2), 0);
+  write_images(test_scratch_path(0, "m-images-idx3-ubyte.gz"), test_scratch_path(1, "m-labels-idx1-ubyte.gz"), 300, 28, 28, 1);
+  ck_assert_int_eq(fx_truncate(test_scratch_slot(0), fx_file_size(test_scratch_slot(0)) / 2), 0);
   char cmd[2048], out[4096];
-  snprintf(cmd, sizeof cmd, "%s idx --shard-records 50 -o %s/out %s", bin_path("mocopack"), dir, path_buf[0]);
+  snprintf(cmd, sizeof cmd, "%s idx --shard-records 50 -o %s/out %s", bin_path("mocopack"), test_scratch_dir(), test_scratch_slot(0));
   int st = run_capture(cmd, out, sizeof out);
   ck_assert_int_eq(st, 1);
   ck_assert_msg(strstr(out, "m-images-idx3-ubyte.gz") && strstr(out, "record "), "%s", out);
-  snprintf(cmd, sizeof cmd, "ls %s | grep -c shard", dir);
+  snprintf(cmd, sizeof cmd, "ls %s | grep -c shard", test_scratch_dir());
   run_capture(cmd, out, sizeof out);
   ck_assert_str_eq(out, "0\n");
   snprintf(cmd, sizeof cmd, "%s bogus", bin_path("mocopack"));
@@ -348,7 +337,7 @@ END_TEST
 Suite *data_idx_suite(void) {
   Suite *s = suite_create("data_idx");
   TCase *tc = tcase_create("idx");
-  tcase_add_checked_fixture(tc, setup, teardown);
+  tcase_add_checked_fixture(tc, test_scratch_setup, test_scratch_teardown);
   tcase_set_timeout(tc, 30);
   tcase_add_test(tc, sample_gzip_reads_with_its_labels_found_by_name);
   tcase_add_test(tc, plain_and_gzip_give_the_same_records_from_any_start);

@@ -128,6 +128,19 @@ char *test_tmpdir(void) {
   return buf;
 }
 
+static char scratch_dir[96];
+static char scratch_slots[4][512];
+
+void test_scratch_setup(void) { snprintf(scratch_dir, sizeof scratch_dir, "%s", test_tmpdir()); }
+void test_scratch_teardown(void) { rm_rf(scratch_dir); }
+const char *test_scratch_dir(void) { return scratch_dir; }
+const char *test_scratch_slot(int k) { return scratch_slots[k]; }
+
+const char *test_scratch_path(int k, const char *name) {
+  snprintf(scratch_slots[k], sizeof scratch_slots[k], "%s/%s", scratch_dir, name);
+  return scratch_slots[k];
+}
+
 /* The environment a process was started with (/proc/PID/environ: NUL-separated name=value entries),
  * into *buf (grown as needed); its length, 0 for a zombie or a process we may not read. */
 static size_t read_environ(int pid, char **buf, size_t *cap) {

@@ -94,6 +94,15 @@ void fill_uniform(float *x, size_t n, rng_t *r, float lo, float hi);
  * test_run_id); removed by rm_rf, or by test_reaper_sweep when a test ends before its teardown. */
 char *test_tmpdir(void);
 
+/* One scratch directory per test, as a checked fixture (test_scratch_setup / test_scratch_teardown).
+ * test_scratch_path(k, name) names a file in it in slot k (0..3), so one call can take four paths;
+ * test_scratch_slot(k) is the path slot k last named. */
+void test_scratch_setup(void);
+void test_scratch_teardown(void);
+const char *test_scratch_dir(void);
+const char *test_scratch_path(int k, const char *name);
+const char *test_scratch_slot(int k);
+
 /* ---- processes a test starts ----------------------------------------------------------------------
  *
  * A test that fails in Check's fork mode ends by _exit, before its teardown, and one that times out is
