@@ -19,6 +19,7 @@ struct lt {
   void (*forward)(lt *t);
   void (*backward)(lt *t); /* dx (written), dw, db (added) */
   double (*ref)(const lt *t, size_t o); /* output o by the layer's formula in double */
+  uint64_t (*regime)(void *t); /* NULL, or the piece of a piecewise-smooth map x falls in (gc_spec) */
   float *x, *w, *b, *out, *dout, *dx, *dw, *db;
   size_t nx, nw, nb, nout;
   int B, C, OC, S, chunk, parts;
@@ -84,7 +85,8 @@ static void lt_check(lt *t, const char *name, double h, double e_out, double e_g
   e_grad += t->nout * 0x1p-52 * mag / h;
   char what[96];
   snprintf(what, sizeof what, "%s dx", name);
-  gc_spec sx = {.name = what, .h = h, .atol = e_grad, .richardson = 1, .max_checks = 300};
+  gc_spec sx = {.name = what, .h = h, .atol = e_grad, .richardson = 1, .max_checks = 300,
+                .regime = t->regime};
   gc_assert(gc_check(lt_ref_loss, t, t->x, t->dx, t->nx, &sx), what);
   if (t->nw) {
     snprintf(what, sizeof what, "%s dw", name);
@@ -248,7 +250,7 @@ static void bn_f(lt *t) {
   batchnorm_forward(t->out, t->saved, t->rm, t->rv, t->x, t->w, t->b, &t->d);
 }
 static void bn_b(lt *t) {
-  batchnorm_backward(t->dx, t->dw, t->db, t->ws, t->dout, t->x, t->w, t->saved, &t->d);
+  batchnorm_backward(t->dx, t->dw, t->db, t->ws, t->dout, t->x, t->w, t->b, t->saved, &t->d);
 }
 
 /* Mean and 1/sqrt(var + eps) of output o's statistics: its group's batch values in training, the
@@ -274,11 +276,25 @@ static void bn_stats_ref(const lt *t, size_t o, double *mean, double *rstd) {
   *rstd = 1.0 / sqrt(v / n + d->eps);
 }
 
-static double bn_ref(const lt *t, size_t o) {
+/* The affine value, before the fused ReLU. */
+static double bn_affine_ref(const lt *t, size_t o) {
   double mean, rstd;
   bn_stats_ref(t, o, &mean, &rstd);
   int c = (int)(o / t->d.S % t->d.C);
   return (t->x[o] - mean) * rstd * t->w[c] + t->b[c];
+}
+
+static double bn_ref(const lt *t, size_t o) {
+  double y = bn_affine_ref(t, o);
+  return t->d.relu && !(y > 0) ? 0.0 : y;
+}
+
+/* BatchNorm + ReLU: the signs of every affine value (each depends on all of its group's inputs). */
+static uint64_t bn_relu_regime(void *ctx) {
+  const lt *t = ctx;
+  uint64_t h = 0xcbf29ce484222325ULL;
+  for (size_t o = 0; o < t->nout; o++) h = (h ^ (uint64_t)(bn_affine_ref(t, o) > 0)) * 0x100000001b3ULL;
+  return h;
 }
 
 /* Rounding bounds of BatchNorm (see lt_check). Training: the mean sums N = samples·S values (error N·u
@@ -308,7 +324,7 @@ static void bn_bounds(const lt *t, double *e_out, double *e_grad) {
 
 static void bn_setup(lt *t, int B, int C, int S, int G, int training, rng_t *r) {
   *t = (lt){.forward = bn_f, .backward = bn_b, .ref = bn_ref};
-  t->d = (bn_dims){B, C, S, G, 0.1f, 1e-5f, training, NULL};
+  t->d = (bn_dims){B, C, S, G, 0.1f, 1e-5f, training, NULL, 0};
   lt_alloc(t, (size_t)B * C * S, C, C, (size_t)B * C * S, r);
   for (int c = 0; c < C; c++) t->w[c] += 1.5f; /* gamma away from 0 */
   t->saved = fresh(batchnorm_saved_len(C, B), NULL, 0, 0);
@@ -334,8 +350,52 @@ START_TEST(batchnorm_gradients_match_finite_differences) {
              cases[k][3], cases[k][4] ? "" : " eval");
     /* eval mode is linear in x: a long step; training: small, truncation estimated */
     lt_check(&t, name, cases[k][4] ? 1e-3 : 0.5, e_out, e_grad);
+    /* The same with the ReLU fused: a ReLU adds no rounding (it passes or zeroes a value), so the
+     * bounds stand; coordinates whose steps flip an output's sign are skipped (regime). */
+    t.d.relu = 1, t.regime = bn_relu_regime;
+    vec_fill(t.dx, 0.0f, t.nx);
+    strcat(name, " + relu");
+    lt_check(&t, name, 1e-3, e_out, e_grad); /* short steps: a long one would cross most kinks */
     lt_free(&t);
   }
+}
+END_TEST
+
+/* BatchNorm + ReLU in one pass against batchnorm then relu_forward, relu_backward then batchnorm, on a
+ * team of two threads: outputs, gradients and running statistics equal bit for bit. Vectors, images,
+ * split groups and eval mode; sizes that split across both threads. */
+START_TEST(batchnorm_relu_fused_equals_the_two_layers) {
+  static const int cases[][5] = {{64, 40, 1, 1, 1}, {8, 6, 64 * 64, 3, 1}, {16, 5, 49, 1, 1},
+                                 {6, 4, 25, 2, 1},   {8, 6, 33 * 33, 1, 0}, {32, 9, 1, 1, 0}};
+  rng_t r;
+  rng_init(&r, 21, 1);
+  ck_assert_int_eq(par_set_threads(2), 0);
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    lt u, f;
+    bn_setup(&u, cases[k][0], cases[k][1], cases[k][2], cases[k][3], cases[k][4], &r);
+    bn_setup(&f, cases[k][0], cases[k][1], cases[k][2], cases[k][3], cases[k][4], &r);
+    float *pu[] = {u.x, u.w, u.b, u.dout, u.rm, u.rv}, *pf[] = {f.x, f.w, f.b, f.dout, f.rm, f.rv};
+    size_t len[] = {u.nx, u.nw, u.nb, u.nout, (size_t)u.d.C, (size_t)u.d.C};
+    for (int i = 0; i < 6; i++) memcpy(pf[i], pu[i], len[i] * sizeof(float));
+    float *y = fresh(u.nout, NULL, 0, 0), *dy = fresh(u.nout, NULL, 0, 0);
+    /* unfused: BN into out, ReLU into y; backward: the ReLU's dy, then BN */
+    bn_f(&u);
+    relu_forward(y, u.out, u.nout);
+    relu_backward(dy, u.dout, y, u.nout);
+    memcpy(u.dout, dy, u.nout * sizeof(float));
+    bn_b(&u);
+    f.d.relu = 1;
+    bn_f(&f);
+    bn_b(&f);
+    ck_assert_msg(memcmp(y, f.out, u.nout * sizeof(float)) == 0, "case %zu: out differs", k);
+    ck_assert_msg(memcmp(u.dx, f.dx, u.nx * sizeof(float)) == 0, "case %zu: dx differs", k);
+    ck_assert_msg(memcmp(u.dw, f.dw, u.nw * sizeof(float)) == 0, "case %zu: dgamma differs", k);
+    ck_assert_msg(memcmp(u.db, f.db, u.nb * sizeof(float)) == 0, "case %zu: dbeta differs", k);
+    ck_assert(memcmp(u.rm, f.rm, len[4] * sizeof(float)) == 0 && memcmp(u.rv, f.rv, len[5] * sizeof(float)) == 0);
+    tensor_free(y), tensor_free(dy);
+    lt_free(&u), lt_free(&f);
+  }
+  ck_assert_int_eq(par_set_threads(1), 0);
 }
 END_TEST
 
@@ -748,6 +808,7 @@ Suite *layers_suite(void) {
   tcase_add_test(tc, elementwise_gradients_match_finite_differences);
   tcase_add_test(tc, l2norm_gradient_is_exact);
   tcase_add_test(tc, batchnorm_gradients_match_finite_differences);
+  tcase_add_test(tc, batchnorm_relu_fused_equals_the_two_layers);
   tcase_add_test(tc, batchnorm_train_updates_running_stats_and_eval_uses_them);
   tcase_add_test(tc, split_batchnorm_normalises_each_group_alone);
   tcase_add_test(tc, conv2d_gradients_match_finite_differences);

@@ -57,6 +57,8 @@ typedef struct {
   size_t buf_off, buf_len;
   int chunk;               /* conv2d: samples per sgemm (see conv2d_chunk) */
   int parts;               /* conv2d: runs of chunks done side by side, par_threads() at build */
+  int fused_relu;          /* batchnorm followed by a relu: the relu runs inside it (bn_dims.relu) and
+                              writes the relu's output; this layer's own output is left unwritten */
   /* activation storage, sized for max_batch */
   float *out;   /* [B, out] */
   float *saved; /* per-layer state for backward: BN mean/rstd per group, row norms */
@@ -117,8 +119,12 @@ void net_init(net *n, rng_t *r);
  * next forward), or NULL with MOCO_ERANGE recorded when B is out of range. Keeps what backward needs,
  * including a copy of x, so the caller may reuse x at once. */
 const float *net_forward(net *n, const float *x, int B);
-/* The output of layer i of the last forward, [B, layers[i].out]. */
+/* The output of layer i of the last forward, [B, layers[i].out]. A BatchNorm followed by a ReLU runs
+ * the ReLU in its own pass and writes only the ReLU's output: call net_keep_output(n, i) after the
+ * build (before net_clone) for such a layer i whose output is read. */
 const float *net_layer_output(const net *n, int i);
+/* Keeps layer i's output: unfuses a BatchNorm from the ReLU after it (no-op for other layers). */
+void net_keep_output(net *n, int i);
 /* dout: [B, out] gradient of the loss w.r.t. the last forward's output. ADDS parameter gradients into
  * `grads` (call net_zero_grad first); writes the input gradient into dx [B, in] when dx is not NULL
  * (the first layer's input gradient is skipped otherwise). Returns 0, or MOCO_ESTATE when B is not the

@@ -378,6 +378,9 @@ int net_build(net *n, const json_t *spec, net_shape in, int max_batch, const cha
     cur = L->out_shape;
   }
   n->out_shape = cur;
+  for (int i = 0; i + 1 < n->n_layers; i++)
+    n->layers[i].fused_relu =
+        n->layers[i].kind == LAYER_BATCHNORM && n->layers[i + 1].kind == LAYER_RELU;
   return net_alloc(n);
 }
 
@@ -441,8 +444,15 @@ static float *net_workspace(const net *n) { return n->gbuf[1] + (n->gbuf[1] - n-
 static bn_dims layer_bn(const net *n, const layer *L, int B) {
   return (bn_dims){B,         L->in_shape.c, L->in_shape.h * L->in_shape.w,
                    n->bn_groups, L->bn_momentum, L->bn_eps, n->training,
-                   n->sync_bn && n->bn_groups == 1 ? n->bn_sync : NULL};
+                   n->sync_bn && n->bn_groups == 1 ? n->bn_sync : NULL, L->fused_relu};
 }
+
+void net_keep_output(net *n, int i) {
+  if (i >= 0 && i < n->n_layers) n->layers[i].fused_relu = 0;
+}
+
+/* A ReLU that its BatchNorm runs (layer.fused_relu): nothing of its own to do either way. */
+static int relu_fused(const net *n, int i) { return i > 0 && n->layers[i - 1].fused_relu; }
 
 /* A flatten layer only renames the shape: its output is its input, not a copy (3 MB a pass for the
  * default backbone, on one thread), and backward hands its gradient through. Layer i's output (the
@@ -462,7 +472,7 @@ static void layer_forward(net *n, layer *L, const float *x, int B) {
   case LAYER_LINEAR: linear_forward(L->out, x, w, b, B, L->in_shape.c, L->out_features); break;
   case LAYER_BATCHNORM:
     d = layer_bn(n, L, B);
-    batchnorm_forward(L->out, L->saved, n->buffers + L->buf_off,
+    batchnorm_forward(L->fused_relu ? L[1].out : L->out, L->saved, n->buffers + L->buf_off,
                       n->buffers + L->buf_off + L->in_shape.c, x, w, n->params + L->b_off, &d);
     break;
   case LAYER_RELU: relu_forward(L->out, x, len); break;
@@ -497,7 +507,7 @@ static void layer_backward(net *n, layer *L, float *dx, const float *dy, const f
     break;
   case LAYER_BATCHNORM:
     d = layer_bn(n, L, B);
-    batchnorm_backward(dx, dw, n->grads + L->b_off, ws, dy, x, w, L->saved, &d);
+    batchnorm_backward(dx, dw, n->grads + L->b_off, ws, dy, x, w, n->params + L->b_off, L->saved, &d);
     break;
   case LAYER_RELU: relu_backward(dx, dy, L->out, len); break;
   case LAYER_CONV2D:
@@ -528,6 +538,7 @@ const float *net_forward(net *n, const float *x, int B) {
   else
     memmove(n->input, x, len * sizeof(float)); /* the caller passed (part of) the input buffer */
   for (int i = 0; i < n->n_layers; i++) {
+    if (relu_fused(n, i)) continue; /* done by layer i - 1 */
     double t0 = n->prof ? clock_now() : 0.0;
     layer_forward(n, &n->layers[i], layer_input(n, i), B);
     if (n->prof) n->prof[2 * i] += clock_now() - t0;
@@ -551,7 +562,8 @@ int net_backward(net *n, const float *dout, float *dx, int B) {
   const float *dy = dout;
   int next = 0; /* the gradient buffer the next layer writes: never the one dy is in */
   for (int i = n->n_layers - 1; i >= stop; i--) {
-    if (n->layers[i].kind == LAYER_FLATTEN && i > stop) continue; /* dy passes through */
+    /* dy passes through a flatten, and a fused ReLU's BatchNorm takes the gradient at its output */
+    if ((n->layers[i].kind == LAYER_FLATTEN || relu_fused(n, i)) && i > stop) continue;
     float *din = i > stop ? n->gbuf[next] : i ? NULL : dx;
     double t0 = n->prof ? clock_now() : 0.0;
     layer_backward(n, &n->layers[i], din, dy, layer_input(n, i), B);

@@ -57,7 +57,19 @@ static void bn_stats(float *restrict mean, float *restrict var, const float *inp
   }
 }
 
-/* y = (x - mean) * rstd * gamma + beta over samples [b0, b1). */
+/* The affine map of a vector's entry c, as the forward computes it: the fused ReLU's backward recomputes
+ * its mask with the same expression, so both see the same sign. (Images use x k + sh, see bn_apply;
+ * hot_bn_sums and bn_dx repeat it.) */
+static inline float bn_affine_vec(const float *restrict x, const float *restrict mean,
+                                  const float *restrict rstd, const float *restrict gamma,
+                                  const float *restrict beta, int c) {
+  return (x[c] - mean[c]) * (rstd[c] * gamma[c]) + beta[c];
+}
+
+/* ReLU as relu_forward computes it, so the fused layer's output equals the two layers'. */
+static inline float bn_relu(float v) { return v > 0.0f ? v : 0.0f; }
+
+/* y = (x - mean) * rstd * gamma + beta over samples [b0, b1), then max(y, 0) with d->relu. */
 static void bn_apply(float *out, const float *inp, const float *restrict mean,
                      const float *restrict rstd, const float *restrict gamma,
                      const float *restrict beta, int b0, int b1, bn_span r, const bn_dims *d) {
@@ -66,7 +78,10 @@ static void bn_apply(float *out, const float *inp, const float *restrict mean,
     for (int b = b0; b < b1; b++) {
       const float *restrict x = inp + (size_t)b * C;
       float *restrict y = out + (size_t)b * C;
-      for (int c = r.c0; c < r.c1; c++) y[c] = (x[c] - mean[c]) * (rstd[c] * gamma[c]) + beta[c];
+      if (d->relu)
+        for (int c = r.c0; c < r.c1; c++) y[c] = bn_relu(bn_affine_vec(x, mean, rstd, gamma, beta, c));
+      else
+        for (int c = r.c0; c < r.c1; c++) y[c] = bn_affine_vec(x, mean, rstd, gamma, beta, c);
     }
     return;
   }
@@ -75,7 +90,10 @@ static void bn_apply(float *out, const float *inp, const float *restrict mean,
       const float *restrict x = inp + ((size_t)b * C + c) * S;
       float *restrict y = out + ((size_t)b * C + c) * S;
       float k = rstd[c] * gamma[c], sh = beta[c] - mean[c] * k;
-      for (int i = 0; i < S; i++) y[i] = x[i] * k + sh;
+      if (d->relu)
+        for (int i = 0; i < S; i++) y[i] = bn_relu(x[i] * k + sh);
+      else
+        for (int i = 0; i < S; i++) y[i] = x[i] * k + sh;
     }
 }
 
@@ -84,7 +102,7 @@ typedef struct {
   float *out, *saved, *running_mean, *running_var; /* forward */
   float *dinp, *dgamma, *dbeta, *ws;                /* backward */
   const float *stats;                               /* backward: what the forward saved */
-  const float *inp, *gamma, *beta, *dout;
+  const float *inp, *gamma, *beta, *dout; /* beta in backward: the fused ReLU's mask */
   const bn_dims *d;
 } bn_call;
 
@@ -198,18 +216,32 @@ void batchnorm_forward(float *out, float *saved, float *running_mean, float *run
     par_run(bn_parts(d), bn_forward_part, &a);
 }
 
-/* sum_dy[c] and sum_dyx[c] = sum dy (x - mean) over samples [b0, b1). */
-static void bn_grad_sums(float *restrict sum_dy, float *restrict sum_dyx, const float *dout,
-                         const float *inp, const float *restrict mean, int b0, int b1,
-                         bn_span r, const bn_dims *d) {
-  int C = d->C, S = d->S;
+/* With a fused ReLU (d->relu) the backward's dy is the gradient at the ReLU's output, and the
+ * BatchNorm's own output gradient is g = dy where the forward's affine value was positive, 0 elsewhere:
+ * the mask is recomputed from x (one multiply-add) instead of reading the output back. */
+static inline float bn_masked_vec(const float *restrict dy, const float *restrict x,
+                                  const float *restrict mean, const float *restrict rstd,
+                                  const float *restrict gamma, const float *restrict beta, int relu,
+                                  int c) {
+  return relu && !(bn_affine_vec(x, mean, rstd, gamma, beta, c) > 0.0f) ? 0.0f : dy[c];
+}
+
+/* sum_dy[c] = sum g and sum_dyx[c] = sum g (x - mean) over samples [b0, b1), g as above, for the
+ * statistics mean, rstd of those samples. */
+static void bn_grad_sums(float *restrict sum_dy, float *restrict sum_dyx, const bn_call *a,
+                         const float *restrict mean, const float *restrict rstd, int b0, int b1,
+                         bn_span r) {
+  const bn_dims *d = a->d;
+  const float *restrict gamma = a->gamma, *restrict beta = a->beta;
+  int C = d->C, S = d->S, relu = d->relu;
   for (int c = r.c0; c < r.c1; c++) sum_dy[c] = sum_dyx[c] = 0.0f;
   if (S == 1) {
     for (int b = b0; b < b1; b++) {
-      const float *restrict x = inp + (size_t)b * C, *restrict dy = dout + (size_t)b * C;
+      const float *restrict x = a->inp + (size_t)b * C, *restrict dy = a->dout + (size_t)b * C;
       for (int c = r.c0; c < r.c1; c++) {
-        sum_dy[c] += dy[c];
-        sum_dyx[c] += dy[c] * (x[c] - mean[c]);
+        float g = bn_masked_vec(dy, x, mean, rstd, gamma, beta, relu, c);
+        sum_dy[c] += g;
+        sum_dyx[c] += g * (x[c] - mean[c]);
       }
     }
     return;
@@ -217,33 +249,42 @@ static void bn_grad_sums(float *restrict sum_dy, float *restrict sum_dyx, const 
   for (int b = b0; b < b1; b++)
     for (int c = r.c0; c < r.c1; c++) {
       size_t off = ((size_t)b * C + c) * S;
-      sum_dy[c] += hot_sum(dout + off, S);
-      sum_dyx[c] += hot_dotdev(dout + off, inp + off, mean[c], S);
+      float k = rstd[c] * gamma[c], sh = relu ? beta[c] - mean[c] * k : 0.0f, s_dy, s_dyx;
+      hot_bn_sums(a->dout + off, a->inp + off, mean[c], k, sh, relu, S, &s_dy, &s_dyx);
+      sum_dy[c] += s_dy;
+      sum_dyx[c] += s_dyx;
     }
 }
 
-/* dx = gamma rstd (dy - k0 - (x - mean) k1) over samples [b0, b1), with k0, k1 per channel. */
-static void bn_dx(float *dinp, const float *dout, const float *inp, const float *restrict mean,
-                  const float *restrict rstd, const float *restrict gamma, const float *restrict k0,
-                  const float *restrict k1, int b0, int b1, bn_span r, const bn_dims *d) {
-  int C = d->C, S = d->S;
+/* dx = gamma rstd (g - k0 - (x - mean) k1) over samples [b0, b1), with k0, k1 per channel. */
+static void bn_dx(const bn_call *a, const float *restrict mean, const float *restrict rstd,
+                  const float *restrict k0, const float *restrict k1, int b0, int b1, bn_span r) {
+  const bn_dims *d = a->d;
+  const float *restrict gamma = a->gamma, *restrict beta = a->beta;
+  int C = d->C, S = d->S, relu = d->relu;
   if (S == 1) {
     for (int b = b0; b < b1; b++) {
-      const float *restrict x = inp + (size_t)b * C, *restrict dy = dout + (size_t)b * C;
-      float *restrict dx = dinp + (size_t)b * C;
+      const float *restrict x = a->inp + (size_t)b * C, *restrict dy = a->dout + (size_t)b * C;
+      float *restrict dx = a->dinp + (size_t)b * C;
       for (int c = r.c0; c < r.c1; c++)
-        dx[c] = gamma[c] * rstd[c] * (dy[c] - k0[c] - (x[c] - mean[c]) * k1[c]);
+        dx[c] = gamma[c] * rstd[c] *
+                (bn_masked_vec(dy, x, mean, rstd, gamma, beta, relu, c) - k0[c] - (x[c] - mean[c]) * k1[c]);
     }
     return;
   }
   for (int b = b0; b < b1; b++)
     for (int c = r.c0; c < r.c1; c++) {
       size_t off = ((size_t)b * C + c) * S;
-      const float *restrict x = inp + off, *restrict dy = dout + off;
-      float *restrict dx = dinp + off;
-      /* dy - k0 - (x - m) k1 = dy - x k1 - (k0 - m k1) */
-      float sc = gamma[c] * rstd[c], a = k0[c] - mean[c] * k1[c], kk = k1[c];
-      for (int i = 0; i < S; i++) dx[i] = sc * (dy[i] - x[i] * kk - a);
+      const float *restrict x = a->inp + off, *restrict dy = a->dout + off;
+      float *restrict dx = a->dinp + off;
+      /* g - k0 - (x - m) k1 = g - x k1 - (k0 - m k1) */
+      float sc = gamma[c] * rstd[c], o = k0[c] - mean[c] * k1[c], kk = k1[c];
+      if (relu) {
+        float k = rstd[c] * gamma[c], sh = beta[c] - mean[c] * k;
+        for (int i = 0; i < S; i++) dx[i] = sc * ((x[i] * k + sh > 0.0f ? dy[i] : 0.0f) - x[i] * kk - o);
+      } else {
+        for (int i = 0; i < S; i++) dx[i] = sc * (dy[i] - x[i] * kk - o);
+      }
     }
 }
 
@@ -257,7 +298,7 @@ static void bn_backward_part(void *ctx, int part, int parts) {
     int b0 = d->training ? (int)((long)g * d->B / G) : 0;
     int b1 = d->training ? (int)((long)(g + 1) * d->B / G) : d->B;
     const float *mean = a->stats + 2 * (size_t)C * g, *rstd = mean + C;
-    bn_grad_sums(sum_dy, sum_dyx, a->dout, a->inp, mean, b0, b1, r, d);
+    bn_grad_sums(sum_dy, sum_dyx, a, mean, rstd, b0, b1, r);
     /* Batch statistics depend on x (Ioffe & Szegedy eq. in sec. 3): with xhat = (x - m) rstd,
      *   dx = gamma rstd (dy - mean(dy) - xhat mean(dy xhat)).
      * In eval mode the statistics are constants and dx = gamma rstd dy. The sums are turned in place
@@ -270,8 +311,7 @@ static void bn_backward_part(void *ctx, int part, int parts) {
       sum_dy[c] *= inv_n;
       sum_dyx[c] *= inv_n * rstd[c] * rstd[c];
     }
-    if (a->dinp)
-      bn_dx(a->dinp, a->dout, a->inp, mean, rstd, a->gamma, sum_dy, sum_dyx, b0, b1, r, d);
+    if (a->dinp) bn_dx(a, mean, rstd, sum_dy, sum_dyx, b0, b1, r);
   }
 }
 
@@ -280,7 +320,7 @@ static void bn_sync_grad_part(void *ctx, int part, int parts) {
   const bn_dims *d = a->d;
   bn_span r = bn_part_span(a, part, parts);
   int C = d->C;
-  bn_grad_sums(a->ws, a->ws + C, a->dout, a->inp, a->stats, 0, d->B, r, d);
+  bn_grad_sums(a->ws, a->ws + C, a, a->stats, a->stats + C, 0, d->B, r);
   for (int c = r.c0; c < r.c1; c++) {
     d->sync[c] = a->ws[c];
     d->sync[C + c] = a->ws[C + c];
@@ -291,8 +331,7 @@ static void bn_sync_dx_part(void *ctx, int part, int parts) {
   const bn_call *a = ctx;
   const bn_dims *d = a->d;
   int C = d->C;
-  bn_dx(a->dinp, a->dout, a->inp, a->stats, a->stats + C, a->gamma, a->ws, a->ws + C, 0, d->B,
-        bn_part_span(a, part, parts), d);
+  bn_dx(a, a->stats, a->stats + C, a->ws, a->ws + C, 0, d->B, bn_part_span(a, part, parts));
 }
 
 /* SyncBN's backward: dgamma and dbeta take this rank's sums (the gradient all-reduce adds the others');
@@ -319,10 +358,10 @@ static void bn_sync_backward(bn_call *a) {
 }
 
 void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, float *ws, const float *dout,
-                        const float *inp, const float *gamma, const float *saved,
+                        const float *inp, const float *gamma, const float *beta, const float *saved,
                         const bn_dims *d) {
   bn_call a = {.dinp = dinp, .dgamma = dgamma, .dbeta = dbeta, .ws = ws, .inp = inp,
-               .gamma = gamma, .dout = dout, .stats = saved, .d = d};
+               .gamma = gamma, .beta = beta, .dout = dout, .stats = saved, .d = d};
   if (bn_synced(d))
     bn_sync_backward(&a);
   else

@@ -89,6 +89,7 @@ int encoder_load(encoder *e, const trainer_config *tc, const blob_reader *body, 
   e->net = &e->own;
   e->net->training = 0;
   e->backbone_len = (int)json_array_size(tc->backbone);
+  net_keep_output(e->net, e->backbone_len - 1); /* encoder_embed reads its features */
   if (!(rc = find_section(body, "NETW", which == TRAINER_KEY, &at))) rc = net_load(e->net, &at);
   if (rc) {
     encoder_free(e);

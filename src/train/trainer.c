@@ -152,6 +152,9 @@ int trainer_create(trainer **out, const trainer_config *cfg) {
   if (rc) goto fail;
   t->m_open = 1;
   t->backbone_len = (int)json_array_size(cfg->backbone);
+  /* evaluation and export read the backbone's last output (a BatchNorm there must not fuse a ReLU) */
+  net_keep_output(&t->m.query, t->backbone_len - 1);
+  net_keep_output(&t->m.key, t->backbone_len - 1);
   *out = t;
   return 0;
 fail:
