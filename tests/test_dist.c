@@ -257,29 +257,131 @@ START_TEST(daemon_two_ranks_train_as_one) {
 }
 END_TEST
 
+/* The float32 data of an .npy file that eval_export wrote (format 1.0: its header length at byte 8);
+ * the number of floats, 0 when unreadable. */
+static size_t npy_floats(const char *path, float *x, size_t cap) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return 0;
+  unsigned char head[10];
+  size_t n = 0;
+  if (fread(head, 1, sizeof head, f) == sizeof head && !fseek(f, 10 + head[8] + 256 * head[9], SEEK_SET))
+    n = fread(x, sizeof *x, cap, f);
+  fclose(f);
+  return n;
+}
+
+/* One number of the final eval event in dir's progress log (-1e9 when absent). */
+static double eval_figure(const char *dir, const char *name) {
+  char path[4200], line[16384], key[64];
+  snprintf(path, sizeof path, "%s/progress.jsonl", dir);
+  snprintf(key, sizeof key, "\"%s\":", name);
+  FILE *f = fopen(path, "r");
+  ck_assert_msg(f != NULL, "%s missing", path);
+  double v = -1e9;
+  while (fgets(line, sizeof line, f)) {
+    const char *at = strstr(line, key);
+    if (!strncmp(line, "{\"event\":\"eval\",", 16) && at) v = atof(at + strlen(key));
+  }
+  fclose(f);
+  return v;
+}
+
+/* Resumes dir's checkpoint in a world of np without exiting at the end: the final evaluation runs,
+ * then an export of the training split's features through mococtl, then a stop. */
+static void eval_and_export(const char *dir, int np) {
+  char cmd[8192], sh[12288], out[16384];
+  mocod_cmd(cmd, sizeof cmd, np, dir, "--resume --set optim.steps=20 --set service.exit_on_finish=false");
+  snprintf(sh, sizeof sh,
+           "%s > %s/run.out 2>&1 & p=$!; d=%s; "
+           "for i in $(seq 600); do grep -q '\"event\":\"finished\"' $d/progress.jsonl 2>/dev/null && break; "
+           "sleep 0.1; done; "
+           "%s -s $d/sock export path=$d/train.npy split=train || exit 11; "
+           "%s -s $d/sock stop || exit 12; wait $p || exit 13",
+           cmd, dir, dir, bin_path("mococtl"), bin_path("mococtl"));
+  int rc = run_capture(sh, out, sizeof out);
+  ck_assert_msg(rc == 0, "world of %d: exit %d (11: export failed, 12: stop failed, 13: mocod failed)\n%s", np, rc,
+                tail_of(out));
+}
+
+/* Evaluation and export run on every rank's shard of the data and are gathered on rank 0: from the same
+ * checkpoint a world of 2 exports the features one process exports and computes its figures. The
+ * features agree to float rounding (each rank encodes its shard in chunks of half the batch, and sgemm
+ * may sum in another order for another row count): seen 1.2e-7 of 1.0, bound 1e-5 of the largest value. The kNN
+ * votes, retrieval ranks and probe are discontinuous in the features, so a rounding-level change can
+ * move one sample: the bound is one sample of the 1,000 (500 for the probe's train accuracy of 2,000). */
+START_TEST(eval_and_export_on_two_ranks_match_one_process) {
+  char *a = strdup(test_tmpdir()), *b = strdup(test_tmpdir());
+  char cmd[8192], out[16384];
+  mocod_cmd(cmd, sizeof cmd, 1, a, "--set optim.steps=20");
+  ck_assert_msg(run_capture(cmd, out, sizeof out) == 0, "%s\n%s", cmd, tail_of(out));
+  snprintf(cmd, sizeof cmd, "rm -f %s/progress.jsonl && cp -r %s/ckpt %s/", a, a, b);
+  ck_assert_int_eq(run_capture(cmd, out, sizeof out), 0);
+  eval_and_export(a, 1);
+  eval_and_export(b, 2);
+  enum { CAP = 2000 * 16 + 1 };
+  float *fa = malloc(CAP * sizeof *fa), *fb = malloc(CAP * sizeof *fb);
+  char pa[4200], pb[4200];
+  snprintf(pa, sizeof pa, "%s/train.npy", a);
+  snprintf(pb, sizeof pb, "%s/train.npy", b);
+  size_t na = npy_floats(pa, fa, CAP), nb = npy_floats(pb, fb, CAP);
+  ck_assert_uint_eq(na, 2000 * 16); /* every training sample's 16 backbone features */
+  ck_assert_uint_eq(nb, na);
+  double worst = 0.0, scale = 0.0;
+  for (size_t i = 0; i < na; i++) {
+    worst = fmax(worst, fabs((double)fa[i] - fb[i]));
+    scale = fmax(scale, fabs((double)fa[i]));
+  }
+  ck_assert_msg(worst <= 1e-5 * scale, "features differ by %g (largest %g)", worst, scale);
+  static const struct {
+    const char *name;
+    double tol;
+  } fig[] = {{"n_train", 0},        {"n_eval", 0},       {"knn_acc", 1e-3},     {"knn_acc_small", 1e-3},
+             {"recall1", 1e-3},     {"recall10", 1e-3},  {"recall1_emb", 1e-3}, {"recall10_emb", 1e-3},
+             {"probe_acc", 1.001e-3}, {"probe_train_acc", 5.001e-4}};
+  for (size_t i = 0; i < sizeof fig / sizeof fig[0]; i++) {
+    double x = eval_figure(a, fig[i].name), y = eval_figure(b, fig[i].name);
+    ck_assert_msg(x > -1e9 && fabs(x - y) <= fig[i].tol + 1e-7, "%s: %g alone, %g on two ranks", fig[i].name, x, y);
+  }
+  ck_assert_double_eq(eval_figure(b, "n_train"), 2000);
+  for (int i = 0; i < 2; i++) {
+    const char *name = i ? "uniformity" : "alignment";
+    double x = eval_figure(a, name), y = eval_figure(b, name);
+    ck_assert_msg(fabs(x - y) <= 1e-4 * fabs(x), "%s: %g alone, %g on two ranks", name, x, y);
+  }
+  free(fa);
+  free(fb);
+  rm_rf(a);
+  rm_rf(b);
+  free(a);
+  free(b);
+}
+END_TEST
+
 /* A rank killed mid-run ends the whole job within seconds, rank 0's log names it, and the run resumes
  * from the newest checkpoint. A `set` during the run reaches every rank (the ranks compare their models
- * every 50 steps; a rank that missed it would fail the step). */
+ * every 50 steps; a rank that missed it would fail the step), and so does an export between two steps
+ * (every rank extracts its shard; one that missed it would leave rank 0 waiting in the gather). */
 START_TEST(killed_rank_ends_the_job_and_it_resumes) {
   char *dir = strdup(test_tmpdir());
   char cmd[8192], sh[12288], out[16384];
   mocod_cmd(cmd, sizeof cmd, 2, dir, "--set optim.steps=1000000 --set checkpoint.every_steps=20");
-  /* Start, wait for step 60, set the learning rate, wait for step 120, kill rank 1 (the mocod that is
+  /* Start, wait for step 60, set the learning rate, export features, wait for step 120, kill rank 1 (the mocod that is
    * mpirun's child and not rank 0's pid), then time how long mpirun takes to end. */
   snprintf(sh, sizeof sh,
            "( %s > %s/mpirun.out 2>&1 & ); d=%s; "
            "step() { tail -n 1 $d/progress.jsonl 2>/dev/null | sed -n 's/.*\"step\":\\([0-9]*\\).*/\\1/p'; }; "
            "for i in $(seq 600); do s=$(step); [ \"${s:-0}\" -ge 60 ] && break; sleep 0.1; done; "
            "%s -s $d/sock set optim.lr=0.02 || exit 11; "
+           "%s -s $d/sock export path=$d/mid.npy || exit 15; "
            "for i in $(seq 600); do s=$(step); [ \"${s:-0}\" -ge 120 ] && break; sleep 0.1; done; "
            "r0=$(cat $d/pid 2>/dev/null); [ -n \"$r0\" ] || { tail -n 3 $d/mocod.log; exit 14; }; "
            "mp=$(ps -o ppid= -p $r0 | tr -d ' '); "
            "r1=$(pgrep -P $mp -x mocod | grep -v \"^$r0$\" | head -n 1); [ -n \"$r1\" ] || exit 12; "
            "kill -9 $r1; for i in $(seq 300); do kill -0 $mp 2>/dev/null || exit 0; sleep 0.1; done; exit 13",
-           cmd, dir, dir, bin_path("mococtl"));
+           cmd, dir, dir, bin_path("mococtl"), bin_path("mococtl"));
   int rc = run_capture(sh, out, sizeof out);
   ck_assert_msg(rc == 0, "exit %d (11: set failed, 12: no rank 1, 13: mpirun still up 30 s after the "
-                "kill, 14: the job ended before the kill)\n%s", rc, tail_of(out));
+                "kill, 14: the job ended before the kill, 15: export failed)\n%s", rc, tail_of(out));
   char log[4200];
   snprintf(log, sizeof log, "grep -c 'rank 1 (pid .*) is gone' %s/mocod.log", dir);
   ck_assert_msg(run_capture(log, out, sizeof out) == 0, "rank 0's log does not name rank 1");
@@ -312,6 +414,7 @@ Suite *dist_suite(void) {
   tcase_add_test(tc, two_ranks_reproduce_one_process);
   tcase_add_test(tc, per_rank_batchnorm_is_not_one_process);
   tcase_add_test(tc, daemon_two_ranks_train_as_one);
+  tcase_add_test(tc, eval_and_export_on_two_ranks_match_one_process);
   tcase_add_test(tc, killed_rank_ends_the_job_and_it_resumes);
   suite_add_tcase(s, tc);
   return s;

@@ -45,6 +45,15 @@ void dist_bcast(void *buf, size_t bytes, int root);
  * this one for a given broadcast. */
 void dist_bcast_idle(void *buf, size_t bytes);
 void dist_barrier(void);
+/* 1 on every rank when flag is non-zero on any rank: a step of work done by each rank alone (a shard
+ * of an evaluation) agrees on failure before the collectives that follow it, so no rank waits in one
+ * that another has skipped. */
+int dist_any(int flag);
+/* Rows of row_bytes gathered on rank 0 in rank order (MPI_Gatherv): rank r holds counts[r] rows, every
+ * rank knows all counts (size entries). On rank 0 buf has room for the sum and holds its own rows first
+ * (they stay in place); on the others buf holds the rows to send. Rows are one MPI datatype, so a count
+ * is rows, not bytes, and a gather is not limited to 2 GiB. */
+void dist_gather_rows(void *buf, size_t row_bytes, const int64_t *counts);
 
 /* Seconds spent inside collectives since the process started (for the step's figures). */
 double dist_comm_seconds(void);

@@ -139,9 +139,16 @@ typedef struct {
   int64_t *ids;
   int32_t *labels;
   uint64_t samples, skipped, index;
+  uint64_t at, end; /* records [at, end) of the split are still to read (bad ones included) */
+  uint64_t start;   /* record of `file` where its reader opens next */
 } loader_scan;
 
 int loader_scan_open(loader_scan *s, const loader *l, loader_split split, int chunk);
+/* Narrows the scan to records [first, end) of the split, counted in file order with bad records
+ * included (one rank's shard of an evaluation, so that shards are disjoint and, taken in rank order,
+ * are the scan of one process); call before the first loader_scan_next. MOCO_EINVAL when the range
+ * is not within the split. */
+int loader_scan_range(loader_scan *s, uint64_t first, uint64_t end);
 /* 0 with b->size > 0: a chunk; 0 with b->size == 0: done; < 0: a bad record under LOADER_BAD_STOP. */
 int loader_scan_next(loader_scan *s, loader_batch *b);
 void loader_scan_close(loader_scan *s);

@@ -5,8 +5,10 @@
  * config and then does, at the same point of the run, what rank 0 tells it, one small broadcast per
  * event (not a poll): start (fresh, or from the checkpoint rank 0 resumed, whose bytes travel with the
  * message, so no rank but 0 needs the checkpoint directory), a step, the changed config of a `set`
- * (applied before the next step, as on rank 0), and stop. Pause, status, checkpoints, evaluation and
- * export involve rank 0 alone; the others wait for the next message asleep (dist_bcast_idle).
+ * (applied before the next step, as on rank 0), an evaluation or a feature export (each rank extracts
+ * its shard of the data, rank 0 gathers them, computes the figures and writes the files: train/trainer.h),
+ * and stop. Pause, status, checkpoints and the model export involve rank 0 alone; the others wait for
+ * the next message asleep (dist_bcast_idle).
  *
  * Every message goes from rank 0's trainer thread, or its loop thread while no job runs, so the world
  * sees them in one order. In a world of one, world_send does nothing. */
@@ -15,8 +17,16 @@
 
 #include <jansson.h>
 #include <stddef.h>
+#include <stdint.h>
 
-typedef enum { WORLD_START, WORLD_STEP, WORLD_SET, WORLD_STOP } world_kind;
+typedef enum { WORLD_START, WORLD_STEP, WORLD_SET, WORLD_STOP, WORLD_EVAL, WORLD_EXPORT } world_kind;
+
+/* The payload of WORLD_EXPORT: what trainer_export extracts (the path is rank 0's alone). */
+typedef struct {
+  int32_t train; /* 1: the "train" split, 0: "eval" */
+  int32_t encoder;
+  int32_t embeddings;
+} world_export;
 
 /* Rank 0: the next thing every rank does; payload[len] travels with it (len 0: none). */
 void world_send(world_kind kind, const void *payload, size_t len);

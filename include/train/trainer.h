@@ -145,10 +145,14 @@ int trainer_apply_runtime(trainer *t, const trainer_config *cfg);
 void trainer_interrupt(trainer *t, int on);
 
 /* Features of both splits in inference mode, then kNN, alignment, uniformity and / or the probe.
- * Changes no training state. */
+ * Changes no training state. In a world of several ranks (core/dist.h) it is collective: every rank
+ * calls it with the same request, extracts its shard of each split, and rank 0 gathers the features
+ * and computes every figure (res is filled on rank 0 only; the others return 0 with res empty). The
+ * shards are contiguous record ranges in rank order, so rank 0 holds the rows one process would. */
 int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_result *res);
 /* Writes the backbone features (or, with embeddings set, the L2-normalised embeddings) of the "train"
- * or "eval" split to path as .npy (eval.h's eval_export; labels and ids beside it). */
+ * or "eval" split to path as .npy (eval.h's eval_export; labels and ids beside it). Collective like
+ * trainer_evaluate: rank 0 gathers the shards and writes; path, rows and dim matter on rank 0 only. */
 int trainer_export(trainer *t, const char *split, trainer_encoder enc, int embeddings, const char *path,
                    int64_t *rows, int *dim);
 

@@ -104,4 +104,39 @@ void dist_barrier(void) {
   if (world_size > 1) MPI_Barrier(MPI_COMM_WORLD);
 }
 
+int dist_any(int flag) {
+  int any = flag != 0;
+  if (world_size > 1) MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  return any;
+}
+
+void dist_gather_rows(void *buf, size_t row_bytes, const int64_t *counts) {
+  if (world_size == 1 || row_bytes == 0) return;
+  double t0 = clock_now();
+  int *cnt = malloc((size_t)world_size * sizeof *cnt), *at = malloc((size_t)world_size * sizeof *at);
+  if (!cnt || !at) {
+    /* Nothing can be sent without them and every rank is inside the gather: end the job. */
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    return;
+  }
+  /* A split's rows are counted in int64 elsewhere; a gather of more than INT_MAX rows would need
+   * another datatype, far beyond any split mocod can hold in memory. */
+  for (int r = 0, off = 0; r < world_size; r++) {
+    cnt[r] = (int)counts[r];
+    at[r] = off;
+    off += cnt[r];
+  }
+  MPI_Datatype row;
+  MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &row);
+  MPI_Type_commit(&row);
+  if (world_rank == 0)
+    MPI_Gatherv(MPI_IN_PLACE, 0, row, buf, cnt, at, row, 0, MPI_COMM_WORLD);
+  else
+    MPI_Gatherv(buf, cnt[world_rank], row, NULL, NULL, NULL, row, 0, MPI_COMM_WORLD);
+  MPI_Type_free(&row);
+  free(cnt);
+  free(at);
+  comm_seconds += clock_now() - t0;
+}
+
 double dist_comm_seconds(void) { return comm_seconds; }

@@ -685,6 +685,21 @@ int loader_scan_open(loader_scan *s, const loader *l, loader_split split, int ch
     loader_scan_close(s);
     return moco_error(MOCO_ENOMEM, "loader_scan: chunk of %d samples", chunk);
   }
+  s->end = s->ds->count;
+  return 0;
+}
+
+int loader_scan_range(loader_scan *s, uint64_t first, uint64_t end) {
+  if (first > end || end > s->ds->count)
+    return moco_error(MOCO_EINVAL, "loader_scan: records [%llu, %llu) outside %s's %llu", (unsigned long long)first,
+                      (unsigned long long)end, s->ds->name, (unsigned long long)s->ds->count);
+  uint64_t before = 0;
+  s->file = 0;
+  while (s->file < s->ds->n_files && before + s->ds->files[s->file].count <= first)
+    before += s->ds->files[s->file++].count;
+  s->start = first - before;
+  s->at = first;
+  s->end = end;
   return 0;
 }
 
@@ -693,10 +708,11 @@ int loader_scan_next(loader_scan *s, loader_batch *b) {
   const view_pipeline *v = &I->views;
   memset(b, 0, sizeof *b);
   int n = 0, rc;
-  while (n < s->chunk && s->file < s->ds->n_files) {
+  while (n < s->chunk && s->file < s->ds->n_files && s->at < s->end) {
     if (!s->reading) {
-      if ((rc = dataset_reader_open(&s->rd, s->ds, s->file, 0))) return moco_error_wrap(rc, "%s", s->ds->name);
+      if ((rc = dataset_reader_open(&s->rd, s->ds, s->file, s->start))) return moco_error_wrap(rc, "%s", s->ds->name);
       s->reading = 1;
+      s->start = 0;
     }
     data_record rec;
     rc = dataset_reader_next(&s->rd, &rec);
@@ -710,8 +726,10 @@ int loader_scan_next(loader_scan *s, loader_batch *b) {
       moco_error_wrap(rc, "%s", s->ds->name);
       if (I->cfg.bad_record == LOADER_BAD_STOP) return rc;
       s->skipped += s->rd.bad;
+      s->at += s->rd.bad;
       continue;
     }
+    s->at++;
     view_plain(v, rec.sample, s->view1 + (size_t)n * v->n);
     if (rec.pair) view_plain(v, rec.pair, s->view2 + (size_t)n * v->n);
     s->ids[n] = rec.id;

@@ -85,8 +85,15 @@ static void job_work(uv_work_t *req) {
     world_send(WORLD_STEP, NULL, 0); /* every rank takes its share of the same step */
     j->rc = trainer_step(s->tr, &j->stats);
     break;
-  case JOB_EVAL: j->rc = trainer_evaluate(s->tr, &j->ereq, &j->eres); break;
+  case JOB_EVAL:
+    world_send(WORLD_EVAL, &j->ereq, sizeof j->ereq); /* every rank extracts its shard */
+    j->rc = trainer_evaluate(s->tr, &j->ereq, &j->eres);
+    break;
   case JOB_EXPORT:
+    if (!j->model) {
+      world_export ex = {!strcmp(j->split, "train"), (int32_t)j->enc, j->embeddings};
+      world_send(WORLD_EXPORT, &ex, sizeof ex);
+    }
     j->rc = j->model ? trainer_export_model(s->tr, j->enc, j->path, &j->bytes)
                      : trainer_export(s->tr, j->split, j->enc, j->embeddings, j->path, &j->rows, &j->dim);
     break;

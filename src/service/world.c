@@ -103,6 +103,11 @@ static int follow_start(follower *f, const void *bytes, size_t len) {
   return trainer_load(f->tr, &r);
 }
 
+static void follow_warn(const char *what) {
+  log_msg(LL_WARNING, "rank %d of %d: %s: %s", dist_rank(), dist_size(), what,
+          moco_errmsg()[0] ? moco_errmsg() : "failed");
+}
+
 /* One message from rank 0; 1 when it was the stop. */
 static int follow_one(follower *f, int *rc) {
   world_msg m;
@@ -116,11 +121,29 @@ static int follow_one(follower *f, int *rc) {
     dist_bcast(payload, m.len, 0);
   }
   trainer_stats st;
+  trainer_eval_result res;
+  world_export ex;
+  int64_t rows;
+  int dim;
   switch ((world_kind)m.kind) {
   case WORLD_START: *rc = follow_start(f, payload, m.len); break;
   case WORLD_STEP: *rc = trainer_step(f->tr, &st); break;
   case WORLD_SET: *rc = follow_set(f, payload, m.len); break;
   case WORLD_STOP: break;
+  /* An evaluation or export that fails is rank 0's to report (it fails there too: the ranks agree on
+   * failure before gathering); training goes on. */
+  case WORLD_EVAL:
+    if (m.len == sizeof(trainer_eval_request) && trainer_evaluate(f->tr, (const trainer_eval_request *)payload, &res))
+      follow_warn("evaluation");
+    break;
+  case WORLD_EXPORT:
+    if (m.len == sizeof ex) {
+      memcpy(&ex, payload, sizeof ex);
+      if (trainer_export(f->tr, ex.train ? "train" : "eval", (trainer_encoder)ex.encoder, ex.embeddings, NULL,
+                         &rows, &dim))
+        follow_warn("export");
+    }
+    break;
   default: *rc = moco_error(MOCO_EFORMAT, "unknown message %d from rank 0", (int)m.kind);
   }
   free(payload);

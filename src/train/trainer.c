@@ -312,52 +312,83 @@ static void features_free(features *f) {
   memset(f, 0, sizeof *f);
 }
 
-/* Runs a split through an encoder in inference mode (BatchNorm on running statistics: nothing of the
- * training state changes) and keeps the backbone features and / or the embeddings of up to `limit`
- * samples (0: all). */
+/* Rows [lo, hi) of the first `cap` records that this rank extracts: contiguous shards in rank order,
+ * so that the shards gathered on rank 0 are, row for row, the scan of one process. */
+static void shard_of(const trainer *t, int64_t cap, int64_t *lo, int64_t *hi) {
+  *lo = cap * t->m.rank / t->m.world;
+  *hi = cap * (t->m.rank + 1) / t->m.world;
+}
+
+/* This rank's rows of f (features, embeddings, labels, ids) gathered on rank 0 behind its own. */
+static void gather_features(features *f, int world) {
+  int64_t *counts = malloc((size_t)world * sizeof *counts);
+  if (!counts) { /* every rank is between collectives: nobody can be told */
+    dist_abort(1);
+    return;
+  }
+  dist_allgather(&f->n, counts, sizeof f->n);
+  if (f->feat) dist_gather_rows(f->feat, (size_t)f->feat_dim * sizeof(float), counts);
+  if (f->emb) dist_gather_rows(f->emb, (size_t)f->emb_dim * sizeof(float), counts);
+  dist_gather_rows(f->labels, sizeof(int32_t), counts);
+  dist_gather_rows(f->ids, sizeof(int64_t), counts);
+  f->n = 0;
+  for (int r = 0; r < world; r++) f->n += counts[r];
+  free(counts);
+}
+
+/* Runs the first `limit` records (0: all) of a split through an encoder in inference mode (BatchNorm
+ * on running statistics: nothing of the training state changes) and keeps the backbone features and /
+ * or the embeddings. In a world of several ranks each rank runs its shard (shard_of) and rank 0
+ * gathers them all; the other ranks end with nothing (f->n = 0). Every rank calls this for the same
+ * split and limit: it is collective. */
 static int extract(trainer *t, loader_split split, net *n, int want_feat, int want_emb, int64_t limit,
                    features *f) {
   memset(f, 0, sizeof *f);
   uint64_t total = split == LOADER_TRAIN ? t->ld.num_samples : t->ld.eval_samples;
-  int64_t cap = limit > 0 && (uint64_t)limit < total ? limit : (int64_t)total;
+  int64_t cap = limit > 0 && (uint64_t)limit < total ? limit : (int64_t)total, lo, hi;
+  shard_of(t, cap, &lo, &hi);
+  int64_t rows = t->m.rank == 0 ? cap : hi - lo; /* rank 0 receives every shard */
   f->feat_dim = (int)net_shape_size(n->layers[t->backbone_len - 1].out_shape);
   f->emb_dim = (int)net_shape_size(n->out_shape);
-  if ((want_feat && !(f->feat = malloc((size_t)cap * f->feat_dim * sizeof(float)))) ||
-      (want_emb && !(f->emb = malloc((size_t)cap * f->emb_dim * sizeof(float)))) ||
-      !(f->labels = malloc((size_t)cap * sizeof(int32_t))) || !(f->ids = malloc((size_t)cap * sizeof(int64_t)))) {
-    features_free(f);
-    return moco_error(MOCO_ENOMEM, "evaluation: features of %lld samples", (long long)cap);
-  }
+  int rc = 0;
   loader_scan s;
-  int rc = loader_scan_open(&s, &t->ld, split, chunk_of(t));
-  if (rc) {
-    features_free(f);
-    return rc;
-  }
+  memset(&s, 0, sizeof s);
+  if ((want_feat && !(f->feat = malloc((size_t)rows * f->feat_dim * sizeof(float)))) ||
+      (want_emb && !(f->emb = malloc((size_t)rows * f->emb_dim * sizeof(float)))) ||
+      !(f->labels = malloc((size_t)rows * sizeof(int32_t))) || !(f->ids = malloc((size_t)rows * sizeof(int64_t))))
+    rc = moco_error(MOCO_ENOMEM, "evaluation: features of %lld samples", (long long)rows);
+  if (!rc && !(rc = loader_scan_open(&s, &t->ld, split, chunk_of(t))))
+    rc = loader_scan_range(&s, (uint64_t)lo, (uint64_t)hi);
   int was_training = n->training;
   n->training = 0;
   loader_batch b;
-  while (f->n < cap && !(rc = loader_scan_next(&s, &b)) && b.size > 0) {
+  while (!rc && !(rc = loader_scan_next(&s, &b)) && b.size > 0) {
     if (atomic_load(&t->interrupt)) {
       rc = moco_error(MOCO_ESTATE, "interrupted after %lld samples", (long long)f->n);
       break;
     }
-    int take = (int)(cap - f->n < b.size ? cap - f->n : b.size);
-    const float *out = net_forward(n, b.view1, take);
+    const float *out = net_forward(n, b.view1, b.size);
     if (!out) {
       rc = MOCO_ERANGE;
       break;
     }
-    if (f->emb) memcpy(f->emb + f->n * f->emb_dim, out, (size_t)take * f->emb_dim * sizeof(float));
+    if (f->emb) memcpy(f->emb + f->n * f->emb_dim, out, (size_t)b.size * f->emb_dim * sizeof(float));
     if (f->feat)
       memcpy(f->feat + f->n * f->feat_dim, net_layer_output(n, t->backbone_len - 1),
-             (size_t)take * f->feat_dim * sizeof(float));
-    memcpy(f->labels + f->n, b.labels, (size_t)take * sizeof(int32_t));
-    memcpy(f->ids + f->n, b.ids, (size_t)take * sizeof(int64_t));
-    f->n += take;
+             (size_t)b.size * f->feat_dim * sizeof(float));
+    memcpy(f->labels + f->n, b.labels, (size_t)b.size * sizeof(int32_t));
+    memcpy(f->ids + f->n, b.ids, (size_t)b.size * sizeof(int64_t));
+    f->n += b.size;
   }
   n->training = was_training;
   loader_scan_close(&s);
+  if (t->m.world > 1) {
+    /* A rank that failed (or rank 0, interrupted) says so before the gather, which then nobody enters. */
+    if (dist_any(rc) && !rc)
+      rc = moco_error(MOCO_ESTATE, "another rank could not extract its shard of the %s split (its log "
+                      "says why)", split == LOADER_TRAIN ? "train" : "eval");
+    if (!rc) gather_features(f, t->m.world);
+  }
   if (rc) features_free(f);
   return rc;
 }
@@ -610,6 +641,11 @@ int trainer_evaluate(trainer *t, const trainer_eval_request *req, trainer_eval_r
     features_free(&tr);
     return moco_error_wrap(rc, "evaluation: evaluation features");
   }
+  if (t->m.rank > 0) { /* its shards are on rank 0, which computes the figures alone */
+    features_free(&tr);
+    features_free(&ev);
+    return 0;
+  }
   int classes = t->num_classes > 0 ? t->num_classes : count_classes(&tr, &ev);
   res->n_train = tr.n;
   res->n_eval = ev.n;
@@ -648,6 +684,10 @@ int trainer_export(trainer *t, const char *split, trainer_encoder enc, int embed
   features f;
   int rc = extract(t, sp, enc == TRAINER_KEY ? &t->m.key : &t->m.query, !embeddings, embeddings, 0, &f);
   if (rc) return moco_error_wrap(rc, "export");
+  if (t->m.rank > 0) { /* its shard is on rank 0, which writes the files */
+    features_free(&f);
+    return 0;
+  }
   *rows = f.n;
   *dim = embeddings ? f.emb_dim : f.feat_dim;
   rc = eval_export(path, embeddings ? f.emb : f.feat, f.n, *dim, t->ld.has_labels ? f.labels : NULL, f.ids);
