@@ -125,24 +125,33 @@ START_TEST(per_rank_batchnorm_is_not_one_process) {
 }
 END_TEST
 
-/* A rank's share of the stream is its slice of the batch one process gets: same ids and labels, the same
- * views to the bit (each view's randomness comes from (seed, epoch, id, view)), for three batches. */
-START_TEST(loader_shares_are_slices_of_the_batch) {
-  enum { B = 24, N = 3, IN = 28 * 28 };
-  loader whole, part[N];
+enum { SHARE_B = 24 };
+
+/* The loader settings of the share tests: batch 24 from `train`, a shuffle window of 500. */
+static loader_config share_config(const char *train) {
   loader_config c = config_defaults()->trainer.loader;
   c.drop_last = 1;
-  c.train = data_path("fmnist-train-images-idx3-ubyte.gz");
-  c.batch_size = B;
+  c.train = train;
+  c.batch_size = SHARE_B;
   c.shuffle_buffer = 500;
   c.workers = 2;
   c.seed = 5;
+  return c;
+}
+
+/* A rank's share of the stream is its slice of the batch one process gets: same ids and labels, the same
+ * views to the bit (each view's randomness comes from (seed, epoch, id, view)), for three batches. */
+static void check_slices(const char *train, int disjoint) {
+  enum { B = SHARE_B, N = 3, IN = 28 * 28 };
+  loader whole, part[N];
+  loader_config c = share_config(train);
   ck_assert_msg(loader_open(&whole, &c) == 0, "%s", moco_errmsg());
   for (int r = 0; r < N; r++) {
     loader_config cr = c;
     cr.share_index = r;
     cr.share_count = N;
     ck_assert_msg(loader_open(&part[r], &cr) == 0, "%s", moco_errmsg());
+    ck_assert_int_eq(loader_reads_share(&part[r]), disjoint);
   }
   for (int step = 0; step < 3; step++) {
     loader_batch w;
@@ -167,6 +176,78 @@ START_TEST(loader_shares_are_slices_of_the_batch) {
   ck_assert_ptr_nonnull(strstr(moco_errmsg(), "share_index"));
   for (int r = 0; r < N; r++) loader_close(&part[r]);
   loader_close(&whole);
+}
+
+START_TEST(loader_shares_are_slices_of_the_batch) { check_slices(data_path("fmnist-train-images-idx3-ubyte.gz"), 0); }
+END_TEST
+
+/* The records a share reads in one epoch of `train` (epochs = 1, so the reader stops at its end), and
+ * the rows it was handed. */
+static uint64_t epoch_reads(const char *train, int index, int count, uint64_t *rows) {
+  loader_config c = share_config(train);
+  c.epochs = 1;
+  c.share_index = index;
+  c.share_count = count;
+  loader l;
+  ck_assert_msg(loader_open(&l, &c) == 0, "%s", moco_errmsg());
+  loader_batch b;
+  *rows = 0;
+  while (loader_next(&l, &b) == 0 && b.size > 0) *rows += (uint64_t)b.size;
+  uint64_t n = loader_records_read(&l);
+  loader_close(&l);
+  return n;
+}
+
+/* On files that seek (the sample set as a plain IDX file) every share reads only the records of its
+ * rows: over one epoch the two shares' reads add up to the 2,000 records once (a record read by both
+ * would make the sum larger; each share reads at least its rows), and they still get exactly their
+ * slices of one process's batches. On the gzip file (a stream) each share reads all 2,000. A share
+ * resumed from a saved position mid-window continues as it would have. */
+START_TEST(loader_shares_read_disjoint_records) {
+  enum { RECORDS = 2000, IN = 28 * 28 };
+  char cmd[8192], out[1024];
+  static const char *const names[2] = {"train-images-idx3-ubyte", "train-labels-idx1-ubyte"};
+  for (int i = 0; i < 2; i++) { /* data_path's answer lasts until its next call */
+    char gz[64];
+    snprintf(gz, sizeof gz, "fmnist-%s.gz", names[i]);
+    snprintf(cmd, sizeof cmd, "gunzip -c %s > %s", data_path(gz), test_scratch_path(i, names[i]));
+    ck_assert_int_eq(run_capture(cmd, out, sizeof out), 0);
+  }
+  const char *plain = test_scratch_slot(0);
+  check_slices(plain, 1);
+  uint64_t rows[2], reads[2];
+  for (int r = 0; r < 2; r++) {
+    reads[r] = epoch_reads(plain, r, 2, &rows[r]);
+    ck_assert_uint_ge(reads[r], rows[r]);
+  }
+  ck_assert_uint_eq(rows[0] + rows[1], RECORDS / SHARE_B * SHARE_B);
+  ck_assert_uint_eq(reads[0] + reads[1], RECORDS);
+  uint64_t whole_rows;
+  ck_assert_uint_eq(epoch_reads(plain, 0, 1, &whole_rows), RECORDS);
+  ck_assert_uint_eq(epoch_reads(data_path("fmnist-train-images-idx3-ubyte.gz"), 1, 2, &rows[1]), RECORDS);
+
+  /* Resume: share 1 of 2 saved after 30 batches (window of 500 = 20.8 batches: mid-window) against the
+   * same share going on. */
+  loader_config c = share_config(plain);
+  c.share_index = 1;
+  c.share_count = 2;
+  loader a, b;
+  ck_assert_int_eq(loader_open(&a, &c), 0);
+  ck_assert_int_eq(loader_open(&b, &c), 0);
+  loader_batch x, y;
+  for (int i = 0; i < 30; i++) ck_assert_int_eq(loader_next(&a, &x), 0);
+  loader_pos p;
+  loader_position(&a, &p);
+  ck_assert_int_eq(loader_seek(&b, &p), 0);
+  for (int i = 0; i < 30; i++) {
+    ck_assert_int_eq(loader_next(&a, &x), 0);
+    ck_assert_int_eq(loader_next(&b, &y), 0);
+    ck_assert_int_eq(x.size, y.size);
+    ck_assert_mem_eq(x.ids, y.ids, (size_t)x.size * sizeof *x.ids);
+    ck_assert_mem_eq(x.view1, y.view1, (size_t)x.size * IN * sizeof(float));
+  }
+  loader_close(&a);
+  loader_close(&b);
 }
 END_TEST
 
@@ -417,5 +498,9 @@ Suite *dist_suite(void) {
   tcase_add_test(tc, eval_and_export_on_two_ranks_match_one_process);
   tcase_add_test(tc, killed_rank_ends_the_job_and_it_resumes);
   suite_add_tcase(s, tc);
+  TCase *files = tcase_create("files"); /* in-process shares on a plain file in a scratch directory */
+  tcase_add_checked_fixture(files, test_scratch_setup, test_scratch_teardown);
+  tcase_add_test(files, loader_shares_read_disjoint_records);
+  suite_add_tcase(s, files);
   return s;
 }

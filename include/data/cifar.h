@@ -38,6 +38,10 @@ typedef struct {
 } cifar_reader;
 
 int cifar_reader_open(cifar_reader *r, const char *path, const cifar_info *info, uint64_t start);
+/* A reader for records taken out of order (cifar_reader_seek, then cifar_reader_next), unbuffered, so
+ * that a read fetches that record's bytes alone. */
+int cifar_reader_open_seekable(cifar_reader *r, const char *path, const cifar_info *info);
+int cifar_reader_seek(cifar_reader *r, uint64_t index);
 /* 1: a record; 0: end; < 0: a label outside [0, classes) (that record, r->bad = 1) or a short read
  * (the rest of the file). */
 int cifar_reader_next(cifar_reader *r, data_record *rec);

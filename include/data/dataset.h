@@ -69,6 +69,13 @@ typedef struct {
 
 /* Reads file `file` of ds from record `start` (an index within that file). */
 int dataset_reader_open(dataset_reader *r, const dataset *ds, int file, uint64_t start);
+/* 1 when any record of every file can be read without those before it (plain IDX, .npy, CIFAR); 0 when
+ * a file is a gzip IDX (a stream) or a shard (a checksum covers a block of records). */
+int dataset_seekable(const dataset *ds);
+/* Opens file `file` of a seekable data set for records read out of order: dataset_reader_seek, then
+ * dataset_reader_next. Nothing is read ahead: a read fetches that record's bytes alone. */
+int dataset_reader_open_seekable(dataset_reader *r, const dataset *ds, int file);
+int dataset_reader_seek(dataset_reader *r, uint64_t index);
 /* 1: a record (ids of IDX, .npy and CIFAR records are global indices: file.first + index); 0: end of the file;
  * < 0: bad data covering r->bad records, after which reading may go on. */
 int dataset_reader_next(dataset_reader *r, data_record *rec);
@@ -79,5 +86,13 @@ void dataset_reader_close(dataset_reader *r);
  * record stops it with its error, or, with skip_bad, is left out and counted in *skipped (may be NULL;
  * moco_errmsg then holds the last such error). */
 int dataset_stats(const dataset *ds, int skip_bad, float *mean, float *std, uint64_t *skipped);
+/* dataset_stats in parts (one rank's contiguous range of a data-parallel world): adds the decoded
+ * values of records [first, end) (file order, bad ones included in the count of positions) to
+ * sums[c] and their squares to sums[C + c] (2 shape.c doubles), the records summed to *count and the
+ * bad ones skipped to *skipped; the parts' sums added together give dataset_stats_finish the statistics
+ * of the whole set. */
+int dataset_stats_sums(const dataset *ds, uint64_t first, uint64_t end, int skip_bad, double *sums,
+                       uint64_t *count, uint64_t *skipped);
+int dataset_stats_finish(const dataset *ds, const double *sums, uint64_t count, float *mean, float *std);
 
 #endif

@@ -54,6 +54,12 @@ typedef struct {
 /* Opens the samples file (and labels file, may be NULL) positioned at record `start`. Both paths must
  * stay valid while the reader is open. The headers are the ones idx_probe checked. */
 int idx_reader_open(idx_reader *r, const char *path, const char *labels_path, uint64_t start);
+/* A reader for records taken out of order (idx_reader_seek, then idx_reader_next): it reads ahead
+ * nothing, so a read fetches that record's bytes alone. Plain files only: MOCO_ESTATE for gzip, a
+ * stream that is read from its start. */
+int idx_reader_open_seekable(idx_reader *r, const char *path, const char *labels_path);
+/* The next idx_reader_next returns record `index` (of a seekable reader). */
+int idx_reader_seek(idx_reader *r, uint64_t index);
 /* 1: a record in *rec; 0: end of file; < 0: bad data (a truncated stream): r->bad records are lost and
  * the reader is at the end. */
 int idx_reader_next(idx_reader *r, data_record *rec);

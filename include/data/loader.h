@@ -25,11 +25,18 @@
  * after loader_load the stream continues exactly as it would have; restarting costs re-reading at most
  * one window.
  *
- * Shares. With share_count N > 1 (the ranks of a data-parallel world, core/dist.h), every process reads
- * the same stream of stored records, so the order, the epochs and the saved position are those of one
+ * Shares. With share_count N > 1 (the ranks of a data-parallel world, core/dist.h), every process follows
+ * the same stream of records, so the order, the epochs and the saved position are those of one
  * process whatever N is, and makes the views of rows [size i / N, size (i + 1) / N) of each batch only
- * (i = share_index): decoding and augmenting, the data's real cost, are split N ways. loader_next then
- * returns that share (size, views, ids, labels); epoch, index and samples stay the whole batch's.
+ * (i = share_index). loader_next then returns that share (size, views, ids, labels); epoch, index and
+ * samples stay the whole batch's. Where the files allow it, a share also READS only the records of its
+ * rows (disjoint shares, loader_reads_share): a shuffle window's length, and so its permutation, follow
+ * from the record counts alone, which tells each share which of the window's records land in its rows
+ * before anything is read; it reads those, each alone (no read-ahead), in file order. That needs files
+ * that seek (plain IDX, .npy, CIFAR: dataset_seekable), data.bad_record stop (a skipped record would
+ * change the windows, and only the share that read it would know) and drop_last. Otherwise (a gzip
+ * IDX is a stream; a shard's checksum covers a block of records) every share reads the whole stream
+ * and keeps its rows: the same batches either way.
  *
  * Bad input. loader_open refuses what headers show (dataset.h). A bad record found while streaming
  * either stops the stream (LOADER_BAD_STOP: loader_next returns the error, after every complete batch
@@ -123,6 +130,11 @@ void loader_save(const loader *l, blob_writer *w);
 int loader_load(loader *l, blob_reader *r);
 /* Bad records skipped so far and, when why != NULL, the message of the last one. */
 uint64_t loader_skipped(const loader *l, char *why, size_t n);
+/* Records this process has read from the training files since open (bad ones included): about
+ * 1/share_count of those of the batches delivered when loader_reads_share, all of them otherwise. */
+uint64_t loader_records_read(const loader *l);
+/* 1 when this share reads only its own records (see "Shares"). */
+int loader_reads_share(const loader *l);
 /* Seconds loader_next spent waiting for a batch: non-zero means training outran the data. */
 double loader_wait_seconds(const loader *l);
 void loader_close(loader *l);

@@ -52,6 +52,11 @@ typedef struct {
 /* Opens the samples file (and a labels file, may be NULL) at record `start`; both paths must stay valid
  * while the reader is open and both files must have been probed. */
 int npy_reader_open(npy_reader *r, const char *path, const char *labels_path, uint64_t start);
+/* A reader for records taken out of order (npy_reader_seek, then npy_reader_next), unbuffered, so that
+ * a read fetches that record's bytes alone. */
+int npy_reader_open_seekable(npy_reader *r, const char *path, const char *labels_path);
+/* The next npy_reader_next returns record `index`. */
+int npy_reader_seek(npy_reader *r, uint64_t index);
 /* 1: a record; 0: end; < 0: a short read (the file changed since it was probed): r->bad records, to
  * the end of the file, are lost. */
 int npy_reader_next(npy_reader *r, data_record *rec);

@@ -37,7 +37,7 @@ int cifar_probe(const char *path, cifar_info *info) {
   return 0;
 }
 
-int cifar_reader_open(cifar_reader *r, const char *path, const cifar_info *info, uint64_t start) {
+static int open_reader(cifar_reader *r, const char *path, const cifar_info *info, uint64_t start, int seekable) {
   memset(r, 0, sizeof *r);
   r->path = path;
   r->info = *info;
@@ -47,13 +47,33 @@ int cifar_reader_open(cifar_reader *r, const char *path, const cifar_info *info,
                       (unsigned long long)info->count);
   if (!(r->f = fopen(path, "rb")))
     return moco_error(errno == ENOENT ? MOCO_ENOENT : MOCO_EIO, "%s: cannot open: %s", path, strerror(errno));
-  setvbuf(r->f, NULL, _IOFBF, 1 << 17);
+  setvbuf(r->f, NULL, seekable ? _IONBF : _IOFBF, seekable ? 0 : 1 << 17);
   off_t to = (off_t)(start * (info->label_bytes + CIFAR_PIXELS));
   if (fseeko(r->f, to, SEEK_SET)) {
     int e = errno;
     cifar_reader_close(r);
     return moco_error(MOCO_EIO, "%s: seek to offset %lld: %s", path, (long long)to, strerror(e));
   }
+  return 0;
+}
+
+int cifar_reader_open(cifar_reader *r, const char *path, const cifar_info *info, uint64_t start) {
+  return open_reader(r, path, info, start, 0);
+}
+
+int cifar_reader_open_seekable(cifar_reader *r, const char *path, const cifar_info *info) {
+  return open_reader(r, path, info, 0, 1);
+}
+
+int cifar_reader_seek(cifar_reader *r, uint64_t index) {
+  if (index > r->info.count)
+    return moco_error(MOCO_ERANGE, "%s: record %llu beyond the %llu records", r->path, (unsigned long long)index,
+                      (unsigned long long)r->info.count);
+  if (index == r->next) return 0;
+  off_t to = (off_t)(index * (r->info.label_bytes + CIFAR_PIXELS));
+  if (fseeko(r->f, to, SEEK_SET))
+    return moco_error(MOCO_EIO, "%s: seek to offset %lld: %s", r->path, (long long)to, strerror(errno));
+  r->next = index;
   return 0;
 }
 

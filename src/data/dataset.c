@@ -333,6 +333,40 @@ int dataset_reader_open(dataset_reader *r, const dataset *ds, int file, uint64_t
   }
 }
 
+int dataset_seekable(const dataset *ds) {
+  for (int i = 0; i < ds->n_files; i++) {
+    const dataset_file *f = &ds->files[i];
+    if (f->format == DATA_SHARD || (f->format == DATA_IDX && f->idx.gz)) return 0;
+  }
+  return 1;
+}
+
+int dataset_reader_open_seekable(dataset_reader *r, const dataset *ds, int file) {
+  memset(r, 0, sizeof *r);
+  r->ds = ds;
+  r->file = file;
+  r->shard.fd = -1;
+  const dataset_file *f = &ds->files[file];
+  int rc;
+  switch (f->format) {
+  case DATA_NPY: rc = npy_reader_open_seekable(&r->npy, f->path, f->labels_path); break;
+  case DATA_CIFAR: rc = cifar_reader_open_seekable(&r->cifar, f->path, &f->cifar); break;
+  case DATA_IDX: rc = idx_reader_open_seekable(&r->idx, f->path, f->labels_path); break;
+  default: rc = moco_error(MOCO_ESTATE, "%s: a shard's checksum covers a block: records are read in order", f->path);
+  }
+  if (rc) r->ds = NULL;
+  return rc;
+}
+
+int dataset_reader_seek(dataset_reader *r, uint64_t index) {
+  switch (r->ds->files[r->file].format) {
+  case DATA_NPY: return npy_reader_seek(&r->npy, index);
+  case DATA_CIFAR: return cifar_reader_seek(&r->cifar, index);
+  case DATA_IDX: return idx_reader_seek(&r->idx, index);
+  default: return moco_error(MOCO_ESTATE, "%s: not opened for seeking", r->ds->files[r->file].path);
+  }
+}
+
 void dataset_reader_close(dataset_reader *r) {
   if (!r->ds) return;
   switch (r->ds->files[r->file].format) {
@@ -398,42 +432,63 @@ int dataset_reader_next(dataset_reader *r, data_record *rec) {
   return 1;
 }
 
-int dataset_stats(const dataset *ds, int skip_bad, float *mean, float *std, uint64_t *skipped) {
+int dataset_stats_sums(const dataset *ds, uint64_t first, uint64_t end, int skip_bad, double *sums,
+                       uint64_t *count, uint64_t *skipped) {
   int C = ds->shape.c;
   size_t hw = (size_t)ds->shape.h * ds->shape.w, n = (size_t)C * hw;
-  double *sum = calloc(2 * (size_t)C, sizeof *sum);
   float *x = malloc(n * sizeof *x);
-  uint64_t count = 0, bad = 0;
-  int rc = sum && x ? 0 : moco_error(MOCO_ENOMEM, "%s: stats buffers", ds->name);
-  for (int fi = 0; !rc && fi < ds->n_files; fi++) {
+  int rc = x ? 0 : moco_error(MOCO_ENOMEM, "%s: stats buffers", ds->name);
+  uint64_t at = 0; /* records of the files before fi */
+  for (int fi = 0; !rc && fi < ds->n_files && at < end; at += ds->files[fi++].count) {
+    uint64_t lo = first > at ? first - at : 0, hi = end - at < ds->files[fi].count ? end - at : ds->files[fi].count;
+    if (lo >= hi) continue;
     dataset_reader r;
     data_record rec;
-    if ((rc = dataset_reader_open(&r, ds, fi, 0))) break;
-    while ((rc = dataset_reader_next(&r, &rec)) != 0) {
+    if ((rc = dataset_reader_open(&r, ds, fi, lo))) break;
+    for (uint64_t pos = lo; pos < hi && (rc = dataset_reader_next(&r, &rec)) != 0;) {
       if (rc < 0) {
         if (!skip_bad) break;
-        bad += r.bad; /* the reader goes on after the records the fault covers */
+        *skipped += r.bad; /* the reader goes on after the records the fault covers */
+        pos += r.bad;
+        rc = 0;
         continue;
       }
       data_decode(ds->dtype, rec.sample, x, n);
       for (int c = 0; c < C; c++)
         for (size_t i = 0; i < hw; i++) {
           double v = x[c * hw + i];
-          sum[c] += v;
-          sum[C + c] += v * v;
+          sums[c] += v;
+          sums[C + c] += v * v;
         }
-      count++;
+      ++*count;
+      pos++;
+      rc = 0;
     }
     dataset_reader_close(&r);
   }
-  if (!rc && count == 0) rc = moco_error(MOCO_EEOF, "%s: no readable record for the statistics", ds->name);
-  if (skipped) *skipped = bad;
-  for (int c = 0; !rc && c < C; c++) {
-    double m = sum[c] / ((double)count * hw), var = sum[C + c] / ((double)count * hw) - m * m;
+  free(x);
+  return rc;
+}
+
+int dataset_stats_finish(const dataset *ds, const double *sums, uint64_t count, float *mean, float *std) {
+  int C = ds->shape.c;
+  size_t hw = (size_t)ds->shape.h * ds->shape.w;
+  if (count == 0) return moco_error(MOCO_EEOF, "%s: no readable record for the statistics", ds->name);
+  for (int c = 0; c < C; c++) {
+    double m = sums[c] / ((double)count * hw), var = sums[C + c] / ((double)count * hw) - m * m;
     mean[c] = (float)m;
     std[c] = (float)sqrt(var > 0 ? var : 0);
   }
-  free(sum);
-  free(x);
+  return 0;
+}
+
+int dataset_stats(const dataset *ds, int skip_bad, float *mean, float *std, uint64_t *skipped) {
+  double *sums = calloc(2 * (size_t)ds->shape.c, sizeof *sums);
+  uint64_t count = 0, bad = 0;
+  int rc = sums ? dataset_stats_sums(ds, 0, ds->count, skip_bad, sums, &count, &bad)
+                : moco_error(MOCO_ENOMEM, "%s: stats buffers", ds->name);
+  if (skipped) *skipped = bad;
+  if (!rc) rc = dataset_stats_finish(ds, sums, count, mean, std);
+  free(sums);
   return rc;
 }

@@ -126,10 +126,11 @@ int idx_max_label(const char *path, const idx_info *info, int32_t *max) {
   return rc;
 }
 
-static int open_at(gzFile *f, const char *path, idx_info *in, uint64_t start) {
+/* buf: zlib's buffer; a seekable reader's is one record, so that a read fetches that record alone. */
+static int open_at(gzFile *f, const char *path, idx_info *in, uint64_t start, unsigned buf) {
   int rc = open_gz(f, path);
   if (rc) return rc;
-  gzbuffer(*f, 1 << 17);
+  gzbuffer(*f, buf);
   rc = parse_header(*f, path, in);
   if (rc) return rc;
   if (start > in->count)
@@ -143,13 +144,18 @@ static int open_at(gzFile *f, const char *path, idx_info *in, uint64_t start) {
   return 0;
 }
 
-int idx_reader_open(idx_reader *r, const char *path, const char *labels_path, uint64_t start) {
+static int open_reader(idx_reader *r, const char *path, const char *labels_path, uint64_t start, int seekable) {
   memset(r, 0, sizeof *r);
   r->path = path;
   r->labels_path = labels_path;
   r->next = start;
-  int rc = open_at(&r->f, path, &r->info, start);
-  if (!rc && labels_path) rc = open_at(&r->lf, labels_path, &r->linfo, start);
+  /* zlib reads a request at least as large as its buffer straight into the caller's memory: with 64
+   * bytes, a seekable reader's read of a sample fetches that sample alone. */
+  unsigned buf = seekable ? 64 : 1u << 17;
+  int rc = open_at(&r->f, path, &r->info, start, buf);
+  if (!rc && seekable && !gzdirect(r->f))
+    rc = moco_error(MOCO_ESTATE, "%s: gzip-compressed: a stream, its records cannot be read out of order", path);
+  if (!rc && labels_path) rc = open_at(&r->lf, labels_path, &r->linfo, start, buf);
   if (rc) {
     idx_reader_close(r);
     return rc;
@@ -163,6 +169,33 @@ int idx_reader_open(idx_reader *r, const char *path, const char *labels_path, ui
     return moco_error(MOCO_ENOMEM, "%s: reader buffers for %zu elements", path, n);
   }
   return 0;
+}
+
+int idx_reader_open(idx_reader *r, const char *path, const char *labels_path, uint64_t start) {
+  return open_reader(r, path, labels_path, start, 0);
+}
+
+int idx_reader_open_seekable(idx_reader *r, const char *path, const char *labels_path) {
+  return open_reader(r, path, labels_path, 0, 1);
+}
+
+static int seek_to(gzFile f, const char *path, const idx_info *in, uint64_t index) {
+  z_off_t to = (z_off_t)(in->header_bytes + index * in->sample_elems * in->elem_size);
+  if (gzseek(f, to, SEEK_SET) != to)
+    return moco_error(MOCO_EIO, "%s: cannot seek to record %llu (offset %lld)", path, (unsigned long long)index,
+                      (long long)to);
+  return 0;
+}
+
+int idx_reader_seek(idx_reader *r, uint64_t index) {
+  if (index > r->info.count)
+    return moco_error(MOCO_ERANGE, "%s: record %llu beyond the %llu records", r->path, (unsigned long long)index,
+                      (unsigned long long)r->info.count);
+  if (index == r->next) return 0;
+  int rc = seek_to(r->f, r->path, &r->info, index);
+  if (!rc && r->lf) rc = seek_to(r->lf, r->labels_path, &r->linfo, index);
+  if (!rc) r->next = index;
+  return rc;
 }
 
 void idx_reader_close(idx_reader *r) {

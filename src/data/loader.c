@@ -51,6 +51,10 @@ typedef struct {
   uint64_t win_off, win_skipped;
   rng_t win_rng;
   uint64_t pending;               /* records of the next window already delivered (after a seek) */
+  /* disjoint shares (loader.h "Shares") */
+  uint8_t *need;                  /* [cap] window slots that land in this share's rows */
+  uint32_t rd_file;               /* index into order of the file rd has open */
+  uint64_t records_read;          /* records read from the files since open */
 } reader_state;
 
 typedef struct {
@@ -64,6 +68,7 @@ struct loader_impl {
   float *norm;                    /* mean then std, norm_len each */
   dataset train, eval;
   int has_eval;
+  int disjoint;                   /* this share reads only the records of its rows */
   view_pipeline views;
   size_t stride;                  /* stored bytes of one record: sample, then the pair's second */
   int n_slots;
@@ -77,6 +82,7 @@ struct loader_impl {
   pthread_t *workers;
   int running, stop;
   uint64_t skipped_seen;          /* under mu: the reader's count, for loader_skipped */
+  uint64_t read_seen;             /* under mu: the reader's records_read, for loader_records_read */
   char last_skip[512];            /* under mu */
 
   reader_state rs;
@@ -125,17 +131,125 @@ static void note_skip(struct loader_impl *I, uint64_t n) {
   pthread_mutex_unlock(&I->mu);
 }
 
-/* Reads up to `cap` good records from the reading position into the window and draws its permutation.
- * Records already delivered from it (a resumed window) are passed over. */
-static int refill(struct loader_impl *I) {
-  reader_state *rs = &I->rs;
-  const dataset *ds = &I->train;
-  size_t sb = ds->sample_bytes;
+/* Rows [lo, hi) of a batch of `size` that this process makes views of and hands out. */
+static void share_rows(const loader_config *c, int size, int *lo, int *hi) {
+  int n = c->share_count > 1 ? c->share_count : 1;
+  *lo = (int)((long)size * c->share_index / n);
+  *hi = (int)((long)size * (c->share_index + 1) / n);
+}
+
+/* A new window starts at the reading position; what is kept to rebuild it on resume. */
+static void window_begin(reader_state *rs) {
   rs->win_file = rs->cur_file;
   rs->win_off = rs->cur_off;
   rs->win_skipped = rs->skipped;
   rs->win_rng = rs->rng;
   rs->len = rs->next = 0;
+}
+
+/* The window's permutation (identity without shuffling); records already delivered from it (a resumed
+ * window) are passed over. */
+static int window_order(struct loader_impl *I) {
+  reader_state *rs = &I->rs;
+  for (size_t i = 0; i < rs->len; i++) rs->perm[i] = (uint32_t)i;
+  if (I->cfg.shuffle_buffer > 0) rng_shuffle_u32(&rs->rng, rs->perm, (uint32_t)rs->len);
+  if (rs->pending > rs->len)
+    return moco_error(MOCO_ESTATE, "%s: the saved position is record %llu of a shuffle window that now holds "
+                      "%zu: the data set changed since it was saved", I->train.name,
+                      (unsigned long long)rs->pending, rs->len);
+  rs->next = rs->pending;
+  rs->pending = 0;
+  return 0;
+}
+
+/* Slot i of the window gets the record. */
+static void window_store(struct loader_impl *I, size_t i, const data_record *rec) {
+  reader_state *rs = &I->rs;
+  size_t sb = I->train.sample_bytes;
+  uint8_t *dst = rs->wraw + i * I->stride;
+  memcpy(dst, rec->sample, sb);
+  if (I->train.has_pair) memcpy(dst + sb, rec->pair, sb);
+  rs->wid[i] = rec->id;
+  rs->wlabel[i] = rec->label;
+}
+
+static void publish_reads(struct loader_impl *I) {
+  pthread_mutex_lock(&I->mu);
+  I->read_seen = I->rs.records_read;
+  pthread_mutex_unlock(&I->mu);
+}
+
+/* Past files with no records left, so that the reading position names a record (or the epoch's end). */
+static void skip_spent_files(struct loader_impl *I) {
+  reader_state *rs = &I->rs;
+  while (!epoch_done(I) && rs->cur_off >= I->train.files[rs->order[rs->cur_file]].count) {
+    if (rs->rd_open && rs->rd_file == rs->cur_file) close_reader(rs);
+    rs->cur_file++;
+    rs->cur_off = 0;
+  }
+}
+
+/* Reads the record at the reading position into slot i, through a reader that seeks. */
+static int read_slot(struct loader_impl *I, size_t i) {
+  reader_state *rs = &I->rs;
+  const dataset *ds = &I->train;
+  int rc = 0;
+  if (rs->rd_open && rs->rd_file != rs->cur_file) close_reader(rs);
+  if (!rs->rd_open) {
+    if ((rc = dataset_reader_open_seekable(&rs->rd, ds, (int)rs->order[rs->cur_file])))
+      return moco_error_wrap(rc, "%s", ds->name);
+    rs->rd_open = 1;
+    rs->rd_file = rs->cur_file;
+  }
+  data_record rec;
+  if (!(rc = dataset_reader_seek(&rs->rd, rs->cur_off)) && (rc = dataset_reader_next(&rs->rd, &rec)) == 0)
+    rc = moco_error(MOCO_EEOF, "record %llu of file %d is missing", (unsigned long long)rs->cur_off,
+                    (int)rs->order[rs->cur_file]);
+  if (rc < 0) return moco_error_wrap(rc, "%s", ds->name);
+  rs->records_read++;
+  window_store(I, i, &rec);
+  return 0;
+}
+
+/* The window of a disjoint share (loader.h "Shares"). No record is bad (disjoint reading is for
+ * data.bad_record stop: a bad one ends the stream), so the window's length, and with it the
+ * permutation, follow from the files' record counts before anything is read; slot perm[j] goes to row
+ * (row + j - next) mod B of the batches being filled (`row`: rows of the current one already filled),
+ * and this share reads the slots of its rows only, in file order. */
+static int refill_share(struct loader_impl *I, int row) {
+  reader_state *rs = &I->rs;
+  const dataset *ds = &I->train;
+  window_begin(rs);
+  for (uint32_t f = rs->cur_file; f < (uint32_t)ds->n_files && rs->len < rs->cap; f++) {
+    uint64_t left = ds->files[rs->order[f]].count - (f == rs->cur_file ? rs->cur_off : 0);
+    rs->len += left < rs->cap - rs->len ? (size_t)left : rs->cap - rs->len;
+  }
+  int rc = window_order(I);
+  if (rc) return rc;
+  int B = I->cfg.batch_size, lo, hi;
+  share_rows(&I->cfg, B, &lo, &hi);
+  memset(rs->need, 0, rs->len);
+  for (size_t j = rs->next; j < rs->len; j++) {
+    int r = (int)(((size_t)row + j - rs->next) % (size_t)B);
+    rs->need[rs->perm[j]] = r >= lo && r < hi;
+  }
+  for (size_t i = 0; i < rs->len; i++, rs->cur_off++) {
+    skip_spent_files(I);
+    if (rs->need[i] && (rc = read_slot(I, i))) return rc;
+    if (!rs->need[i]) rs->wid[i] = -1, rs->wlabel[i] = -1; /* another share's record, never handed out here */
+  }
+  skip_spent_files(I);
+  publish_reads(I);
+  return 0;
+}
+
+/* Reads up to `cap` good records from the reading position into the window and draws its permutation
+ * (a disjoint share: refill_share). */
+static int refill(struct loader_impl *I, int row) {
+  if (I->disjoint) return refill_share(I, row);
+  reader_state *rs = &I->rs;
+  const dataset *ds = &I->train;
+  window_begin(rs);
   while (rs->len < rs->cap && !epoch_done(I)) {
     int rc;
     if (!rs->rd_open) {
@@ -155,26 +269,16 @@ static int refill(struct loader_impl *I) {
       moco_error_wrap(rc, "%s", ds->name);
       if (I->cfg.bad_record == LOADER_BAD_STOP) return rc;
       rs->cur_off += rs->rd.bad;
+      rs->records_read += rs->rd.bad;
       note_skip(I, rs->rd.bad);
       continue;
     }
     rs->cur_off++;
-    uint8_t *dst = rs->wraw + rs->len * I->stride;
-    memcpy(dst, rec.sample, sb);
-    if (ds->has_pair) memcpy(dst + sb, rec.pair, sb);
-    rs->wid[rs->len] = rec.id;
-    rs->wlabel[rs->len] = rec.label;
-    rs->len++;
+    rs->records_read++;
+    window_store(I, rs->len++, &rec);
   }
-  for (size_t i = 0; i < rs->len; i++) rs->perm[i] = (uint32_t)i;
-  if (I->cfg.shuffle_buffer > 0) rng_shuffle_u32(&rs->rng, rs->perm, (uint32_t)rs->len);
-  if (rs->pending > rs->len)
-    return moco_error(MOCO_ESTATE, "%s: the saved position is record %llu of a shuffle window that now holds "
-                      "%zu: the data set changed since it was saved", ds->name,
-                      (unsigned long long)rs->pending, rs->len);
-  rs->next = rs->pending;
-  rs->pending = 0;
-  return 0;
+  publish_reads(I);
+  return window_order(I);
 }
 
 /* The position from which the rest of the stream can be rebuilt: the current window's start when it
@@ -216,7 +320,7 @@ static int produce(struct loader_impl *I, slot *s) {
     while (n < B) {
       if (rs->next == rs->len) {
         if (epoch_done(I) && !rs->pending) break;
-        if ((rc = refill(I))) return rc;
+        if ((rc = refill(I, n))) return rc;
         continue;
       }
       uint32_t k = rs->perm[rs->next++];
@@ -283,13 +387,6 @@ static slot *oldest_raw(struct loader_impl *I) {
     if (s->state == SLOT_RAW && (!best || s->seq < best->seq)) best = s;
   }
   return best;
-}
-
-/* Rows [lo, hi) of a batch of `size` that this process makes views of and hands out. */
-static void share_rows(const loader_config *c, int size, int *lo, int *hi) {
-  int n = c->share_count > 1 ? c->share_count : 1;
-  *lo = (int)((long)size * c->share_index / n);
-  *hi = (int)((long)size * (c->share_index + 1) / n);
 }
 
 static void *worker_main(void *arg) {
@@ -417,12 +514,13 @@ static int alloc_buffers(struct loader_impl *I) {
   rs->wid = malloc(rs->cap * sizeof *rs->wid);
   rs->wlabel = malloc(rs->cap * sizeof *rs->wlabel);
   rs->perm = malloc(rs->cap * sizeof *rs->perm);
+  rs->need = malloc(rs->cap);
   I->n_slots = c->prefetch + 1;
   I->slots = calloc((size_t)I->n_slots, sizeof *I->slots);
   I->scratch = calloc((size_t)c->workers, sizeof *I->scratch);
   I->workers = calloc((size_t)c->workers, sizeof *I->workers);
   I->wargs = calloc((size_t)c->workers, sizeof *I->wargs);
-  if (!rs->order || !rs->wraw || !rs->wid || !rs->wlabel || !rs->perm || !I->slots || !I->scratch ||
+  if (!rs->order || !rs->wraw || !rs->wid || !rs->wlabel || !rs->perm || !rs->need || !I->slots || !I->scratch ||
       !I->workers || !I->wargs)
     return MOCO_ENOMEM;
   for (int i = 0; i < I->n_slots; i++) {
@@ -449,6 +547,7 @@ static void free_impl(struct loader_impl *I) {
   free(rs->wid);
   free(rs->wlabel);
   free(rs->perm);
+  free(rs->need);
   for (int i = 0; I->slots && i < I->n_slots; i++) {
     slot *s = &I->slots[i];
     free(s->raw);
@@ -499,6 +598,9 @@ int loader_open(loader *l, const loader_config *c) {
     moco_error_wrap(rc, "loader");
     goto fail;
   }
+  /* Reading only this share's records needs files that seek, windows whose length is known before
+   * reading (no skipped records) and no short last batch (whose rows would be split otherwise). */
+  I->disjoint = c->share_count > 1 && c->bad_record == LOADER_BAD_STOP && c->drop_last && dataset_seekable(&I->train);
   if ((rc = alloc_buffers(I))) goto fail;
   I->pos = start_pos(I);
   l->impl = I;
@@ -664,6 +766,16 @@ uint64_t loader_skipped(const loader *l, char *why, size_t n) {
 }
 
 double loader_wait_seconds(const loader *l) { return l->impl->wait; }
+
+uint64_t loader_records_read(const loader *l) {
+  struct loader_impl *I = l->impl;
+  pthread_mutex_lock(&I->mu);
+  uint64_t k = I->read_seen;
+  pthread_mutex_unlock(&I->mu);
+  return k;
+}
+
+int loader_reads_share(const loader *l) { return l->impl->disjoint; }
 
 /* ---- sequential scans ---- */
 

@@ -295,29 +295,55 @@ int npy_max_label(const char *path, const npy_info *info, int32_t *max) {
 
 /* ---- reading ---- */
 
-static int open_at(FILE **f, const char *path, npy_info *in, uint64_t start) {
+/* unbuffered: a seekable reader's reads fetch the record they ask for and nothing ahead of it. */
+static int open_at(FILE **f, const char *path, npy_info *in, uint64_t start, int unbuffered) {
   int rc = open_file(path, f);
   if (!rc) rc = read_header(*f, path, in);
   if (rc) return rc;
   if (start > in->count)
     return moco_error(MOCO_ERANGE, "%s: start record %llu beyond the %llu records", path, (unsigned long long)start,
                       (unsigned long long)in->count);
-  setvbuf(*f, NULL, _IOFBF, 1 << 17);
+  setvbuf(*f, NULL, unbuffered ? _IONBF : _IOFBF, unbuffered ? 0 : 1 << 17);
   off_t to = (off_t)(in->data_off + start * in->sample_elems * in->elem_size);
   if (fseeko(*f, to, SEEK_SET)) return moco_error(MOCO_EIO, "%s: seek to offset %lld: %s", path, (long long)to, strerror(errno));
   return 0;
 }
 
-int npy_reader_open(npy_reader *r, const char *path, const char *labels_path, uint64_t start) {
+static int open_reader(npy_reader *r, const char *path, const char *labels_path, uint64_t start, int seekable) {
   memset(r, 0, sizeof *r);
   r->path = path;
   r->labels_path = labels_path;
   r->next = start;
-  int rc = open_at(&r->f, path, &r->info, start);
-  if (!rc && labels_path) rc = open_at(&r->lf, labels_path, &r->linfo, start);
+  int rc = open_at(&r->f, path, &r->info, start, seekable);
+  if (!rc && labels_path) rc = open_at(&r->lf, labels_path, &r->linfo, start, seekable);
   if (!rc && !(r->buf = malloc(r->info.sample_elems * r->info.elem_size)))
     rc = moco_error(MOCO_ENOMEM, "%s: a record of %zu elements", path, r->info.sample_elems);
   if (rc) npy_reader_close(r);
+  return rc;
+}
+
+int npy_reader_open(npy_reader *r, const char *path, const char *labels_path, uint64_t start) {
+  return open_reader(r, path, labels_path, start, 0);
+}
+
+int npy_reader_open_seekable(npy_reader *r, const char *path, const char *labels_path) {
+  return open_reader(r, path, labels_path, 0, 1);
+}
+
+static int seek_to(FILE *f, const char *path, const npy_info *in, uint64_t index) {
+  off_t to = (off_t)(in->data_off + index * in->sample_elems * in->elem_size);
+  if (fseeko(f, to, SEEK_SET)) return moco_error(MOCO_EIO, "%s: seek to offset %lld: %s", path, (long long)to, strerror(errno));
+  return 0;
+}
+
+int npy_reader_seek(npy_reader *r, uint64_t index) {
+  if (index > r->info.count)
+    return moco_error(MOCO_ERANGE, "%s: record %llu beyond the %llu records", r->path, (unsigned long long)index,
+                      (unsigned long long)r->info.count);
+  if (index == r->next) return 0;
+  int rc = seek_to(r->f, r->path, &r->info, index);
+  if (!rc && r->lf) rc = seek_to(r->lf, r->labels_path, &r->linfo, index);
+  if (!rc) r->next = index;
   return rc;
 }
 

@@ -68,20 +68,37 @@ static int check_layers(const trainer_config *c, net_shape in) {
   return rc;
 }
 
-/* Per-channel mean and std of the training set, for the loader's normalisation. */
+/* Per-channel mean and std of the training set, for the loader's normalisation. In a world of several
+ * ranks each rank sums a contiguous range of the records and the sums are added (dist_sum_f64), so no
+ * rank reads the whole set (on a gzip file a range is still reached by decompressing what comes before). */
 static int train_stats(trainer *t) {
   dataset ds;
   int rc = dataset_open(&ds, "train", t->cfg.train, t->cfg.train_labels[0] ? t->cfg.train_labels : NULL,
                         t->cfg.loader.num_classes);
   if (rc) return rc;
-  t->mean = malloc((size_t)ds.shape.c * sizeof(float));
-  t->std = malloc((size_t)ds.shape.c * sizeof(float));
-  if (!t->mean || !t->std) rc = moco_error(MOCO_ENOMEM, "normalisation statistics of %d channels", ds.shape.c);
+  int C = ds.shape.c, world = dist_size(), rank = dist_rank();
+  double *sums = calloc(2 * (size_t)C + 2, sizeof *sums); /* the sums, then the records and the skipped */
+  t->mean = malloc((size_t)C * sizeof(float));
+  t->std = malloc((size_t)C * sizeof(float));
+  if (!sums || !t->mean || !t->std) rc = moco_error(MOCO_ENOMEM, "normalisation statistics of %d channels", C);
+  uint64_t count = 0, skipped = 0;
+  if (!rc)
+    rc = dataset_stats_sums(&ds, ds.count * (uint64_t)rank / (uint64_t)world,
+                            ds.count * (uint64_t)(rank + 1) / (uint64_t)world,
+                            t->cfg.loader.bad_record == LOADER_BAD_SKIP, sums, &count, &skipped);
+  if (world > 1 && dist_any(rc) && !rc)
+    rc = moco_error(MOCO_ESTATE, "train: another rank could not read its part of the normalisation statistics");
   if (!rc) {
-    rc = dataset_stats(&ds, t->cfg.loader.bad_record == LOADER_BAD_SKIP, t->mean, t->std, &t->stats_skipped);
-    if (!rc && t->stats_skipped) snprintf(t->stats_skip_why, sizeof t->stats_skip_why, "%s", moco_errmsg());
+    if (skipped) snprintf(t->stats_skip_why, sizeof t->stats_skip_why, "%s", moco_errmsg());
+    sums[2 * C] = (double)count; /* exact below 2^53 records */
+    sums[2 * C + 1] = (double)skipped;
+    dist_sum_f64(sums, 2 * (size_t)C + 2);
+    t->stats_skipped = (uint64_t)sums[2 * C + 1];
+    if (t->stats_skipped && !skipped) snprintf(t->stats_skip_why, sizeof t->stats_skip_why, "on another rank");
+    rc = dataset_stats_finish(&ds, sums, (uint64_t)sums[2 * C], t->mean, t->std);
   }
-  if (!rc) t->norm_len = ds.shape.c;
+  if (!rc) t->norm_len = C;
+  free(sums);
   dataset_close(&ds);
   return rc;
 }
@@ -250,6 +267,11 @@ void trainer_summary(const trainer *t, char *buf, size_t cap) {
            (double)t->total_steps * t->cfg.moco.batch_size / (double)(t->ld.num_samples ? t->ld.num_samples : 1),
            net_num_params(&t->m.query), enc);
   size_t len = strlen(buf);
+  if (t->m.world > 1 && len < cap)
+    len += (size_t)snprintf(buf + len, cap - len, "; %s", loader_reads_share(&t->ld)
+      ? "each rank reads only the training records of its share"
+      : "every rank reads the whole training stream (disjoint reads need plain IDX, .npy or CIFAR files and "
+        "data.bad_record stop; docs/scale.md)");
   if (t->stats_skipped && len < cap)
     snprintf(buf + len, cap - len, "; the normalisation statistics skipped %llu damaged record(s), the last: %s",
              (unsigned long long)t->stats_skipped, t->stats_skip_why);
