@@ -6,6 +6,7 @@
 #   make MARCH=-march=x86-64-v3 build/bin/bench_speed build/bin/mocod   # the new step; mocod is what
 #                                                     # scripts/torch_reference.py reads the config with
 #   scripts/device-bench.sh --prepare-old c7b7070     # the old step (main before issue 15) -> build-old/
+#                                                     # (MARCH=-march=native for a run on this machine)
 #   scripts/device-bench.sh --prepare-libs            # the shared libraries (ldd) -> devlibs/
 # then carry build/bin/bench_speed, build/bin/mocod, build-old and devlibs (about 53 MB) with the
 # worktree and run
@@ -25,9 +26,9 @@ if [ "${1:-}" = "--prepare-old" ]; then
   src=$(mktemp -d)
   git archive "$rev" | tar -x -C "$src" || exit 1
   cp tests/bench/bench_speed.c "$src/tests/bench/"
-  git diff "$rev" HEAD -- include/core/net.h | grep -q 'double \*prof' || { echo "no prof in net.h"; exit 1; }
-  # The timer hook: the same lines as this tree's net.c/net.h, applied to the old sources.
-  python3 - "$src" <<'EOF' || exit 1
+  # The timer hook: the same lines as this tree's net.c/net.h, applied to old sources that lack it
+  # (main before c7b7070's successors; later commits have it).
+  grep -q 'double \*prof' "$src/include/core/net.h" || python3 - "$src" <<'EOF' || exit 1
 import sys, re
 src = sys.argv[1]
 h = open(src + "/include/core/net.h").read()
@@ -46,9 +47,11 @@ c = c.replace("    layer_backward(n, &n->layers[i], din, dy, x, B);",
 c += '\nconst char *net_kind_name(layer_kind k) { return kind_name((uint32_t)k); }\n'
 open(src + "/src/core/net.c", "w").write(c)
 EOF
-  make -C "$src" -j"$(nproc)" MARCH=-march=x86-64-v3 build/bin/bench_speed >/dev/null || exit 1
+  # MARCH as the new build's (make's default is -march=native; a binary for another machine: x86-64-v3)
+  march=${MARCH:--march=x86-64-v3}
+  make -C "$src" -j"$(nproc)" MARCH="$march" build/bin/bench_speed >/dev/null || exit 1
   mkdir -p build-old && cp "$src/build/bin/bench_speed" build-old/ && rm -rf "$src"
-  echo "build-old/bench_speed: main at $rev, built with -march=x86-64-v3"
+  echo "build-old/bench_speed: main at $rev, built with $march"
   exit 0
 fi
 
@@ -88,23 +91,34 @@ echo "machine: $cpus CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2),
 echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-auto}, threads $list, $ROUNDS rounds, ${MOCOD_BENCH_SECONDS}s per count"
 start=$(date +%s)
 for r in $(seq "$ROUNDS"); do
-  for side in old new; do
+  # The order alternates too, so a load that rises or falls through a round favours neither side.
+  order="old new"; [ $((r % 2)) = 0 ] && order="new old"
+  for side in $order; do
     bin=$OLD; [ "$side" = new ] && bin=$NEW
     timeout 120 "$bin" --threads "$list" --no-torch --no-rss "$tmp/job.json" > "$tmp/$side.$r" 2>&1 ||
       { echo "$side round $r failed:"; tail -5 "$tmp/$side.$r"; }
   done
 done
-# One line per thread count: medians over the rounds of ms/step and share of sgemm, old and new.
+# KEEP=DIR keeps every round's output there.
+[ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$tmp"/old.* "$tmp"/new.* "$KEEP"/
+# One line per thread count: medians over the rounds of ms/step and share of sgemm, old and new, the
+# ratio of the medians, and the median of the rounds' own ratios (each round's pair ran minutes apart at
+# most, so on a shared machine this is the figure to read).
 echo "== old (main) and new step, medians of $ROUNDS alternated rounds"
-printf '%8s %10s %8s %10s %8s %9s\n' threads "old ms" "old/sg" "new ms" "new/sg" "old/new"
+printf '%8s %10s %8s %10s %8s %9s %9s\n' threads "old ms" "old/sg" "new ms" "new/sg" "old/new" "paired"
 for t in ${list//,/ }; do
   for side in old new; do
     grep -h "^ *$t threads " "$tmp"/$side.* | awk '{print $3, $5}' | sort -n |
       awk '{a[NR]=$1; b[NR]=$2} END {m=int((NR+1)/2); print a[m], b[m]}' > "$tmp/med.$side"
   done
+  pr=$(for r in $(seq "$ROUNDS"); do
+         o=$(grep -h "^ *$t threads " "$tmp/old.$r" | awk '{print $3}')
+         n=$(grep -h "^ *$t threads " "$tmp/new.$r" | awk '{print $3}')
+         [ -n "$o" ] && [ -n "$n" ] && awk -v o="$o" -v n="$n" 'BEGIN {print o / n}'
+       done | sort -n | awk '{a[NR]=$1} END {print NR ? a[int((NR+1)/2)] : 0}')
   read -r om os < "$tmp/med.old"; read -r nm ns < "$tmp/med.new"
-  awk -v t="$t" -v om="$om" -v os="$os" -v nm="$nm" -v ns="$ns" \
-    'BEGIN {printf "%8d %10.1f %8.2f %10.1f %8.2f %8.2fx\n", t, om, os, nm, ns, (nm > 0 ? om / nm : 0)}'
+  awk -v t="$t" -v om="$om" -v os="$os" -v nm="$nm" -v ns="$ns" -v pr="$pr" \
+    'BEGIN {printf "%8d %10.1f %8.2f %10.1f %8.2f %8.2fx %8.2fx\n", t, om, os, nm, ns, (nm > 0 ? om / nm : 0), pr}'
 done
 echo "== new step, last round: phases and per-layer split"
 grep -E "^-- [0-9]+ thread|phases" "$tmp/new.$ROUNDS"
