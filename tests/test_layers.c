@@ -250,7 +250,7 @@ static void bn_f(lt *t) {
   batchnorm_forward(t->out, t->saved, t->rm, t->rv, t->x, t->w, t->b, &t->d);
 }
 static void bn_b(lt *t) {
-  batchnorm_backward(t->dx, t->dw, t->db, t->ws, t->dout, t->x, t->w, t->b, t->saved, &t->d);
+  batchnorm_backward(t->dx, t->dw, t->db, t->ws, t->dout, t->x, t->w, t->out, t->saved, &t->d);
 }
 
 /* Mean and 1/sqrt(var + eps) of output o's statistics: its group's batch values in training, the

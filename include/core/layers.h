@@ -37,10 +37,9 @@ void relu_backward(float *dinp, const float *dout, const float *out, size_t N);
  * stay this rank's own part (the gradient all-reduce sums them). sync is 2 C doubles of workspace.
  *
  * BatchNorm + ReLU fused (relu = 1): the forward writes max(y, 0) in the same pass as y, and the backward
- * takes dout as the gradient at the ReLU's output and folds the ReLU's mask (y > 0, recomputed from inp
- * and the saved statistics, so it needs beta) into its own sums and dx: one pass over memory each way
- * where the two layers take three. Results equal batchnorm_forward + relu_forward and relu_backward +
- * batchnorm_backward bit for bit. */
+ * takes dout as the gradient at the ReLU's output and folds the ReLU's mask (where that output is
+ * positive) into its own sums and dx, so the ReLU's passes over memory and its buffers are saved.
+ * Results equal batchnorm_forward + relu_forward and relu_backward + batchnorm_backward bit for bit. */
 typedef struct {
   int B, C, S; /* samples, channels, pixels per channel (1 for vectors) */
   int G; /* statistics groups, 1 <= G <= B (clamped) */
@@ -55,10 +54,11 @@ size_t batchnorm_saved_len(int C, int max_batch);
 /* out, inp [B, C, S]; gamma, beta, running_mean, running_var [C]; saved [batchnorm_saved_len] */
 void batchnorm_forward(float *out, float *saved, float *running_mean, float *running_var,
                        const float *inp, const float *gamma, const float *beta, const bn_dims *d);
-/* dinp [B, C, S] or NULL, dgamma, dbeta [C] (+=), ws [2 * C] workspace; dout, inp [B, C, S]; beta [C]
- * (read only with d->relu, may be NULL without); saved as left by the forward with the same dims. */
+/* dinp [B, C, S] or NULL, dgamma, dbeta [C] (+=), ws [2 * C] workspace; dout, inp [B, C, S]; out
+ * [B, C, S] the forward's output (read only with d->relu, may be NULL without); saved as left by the
+ * forward with the same dims. */
 void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, float *ws, const float *dout,
-                        const float *inp, const float *gamma, const float *beta, const float *saved,
+                        const float *inp, const float *gamma, const float *out, const float *saved,
                         const bn_dims *d);
 
 /* ---- Conv2d and MaxPool2d geometry -------------------------------------------------------------- */

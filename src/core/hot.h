@@ -60,22 +60,21 @@ static inline float hot_dotdev(const float *restrict y, const float *restrict x,
   return hot_fold(acc, tail);
 }
 
-/* BatchNorm's gradient sums over one plane: *s_dy = sum g[i], *s_dyx = sum g[i] (x[i] - m), in one pass,
- * with g = dy, or with a ReLU fused after the affine map (relu) g[i] = dy[i] where x[i] k + sh > 0 and 0
- * elsewhere: the ReLU's mask recomputed from the input as the forward computed its output (norm.c's
- * bn_affine). Lanes as hot_sum and hot_dotdev, so the sums equal theirs on a masked copy of dy. */
-static inline void hot_bn_sums(const float *restrict dy, const float *restrict x, float m, float k,
-                               float sh, int relu, size_t n, float *s_dy, float *s_dyx) {
+/* BatchNorm + ReLU's gradient sums over one plane in one pass: *s_dy = sum g[i] and
+ * *s_dyx = sum g[i] (x[i] - m), g[i] = dy[i] where the forward's output y[i] > 0, else 0 (the ReLU's
+ * mask). Lanes as hot_sum and hot_dotdev, so the sums equal theirs on a masked copy of dy. */
+static inline void hot_relu_sums(const float *restrict dy, const float *restrict y,
+                                 const float *restrict x, float m, size_t n, float *s_dy, float *s_dyx) {
   float a0[HOT_LANES] = {0}, a1[HOT_LANES] = {0}, t0 = 0.0f, t1 = 0.0f;
   size_t i = 0;
   for (; i + HOT_LANES <= n; i += HOT_LANES)
     for (int j = 0; j < HOT_LANES; j++) {
-      float g = relu && !(x[i + j] * k + sh > 0.0f) ? 0.0f : dy[i + j];
+      float g = y[i + j] > 0.0f ? dy[i + j] : 0.0f;
       a0[j] += g;
       a1[j] += g * (x[i + j] - m);
     }
   for (; i < n; i++) {
-    float g = relu && !(x[i] * k + sh > 0.0f) ? 0.0f : dy[i];
+    float g = y[i] > 0.0f ? dy[i] : 0.0f;
     t0 += g;
     t1 += g * (x[i] - m);
   }

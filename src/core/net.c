@@ -507,7 +507,8 @@ static void layer_backward(net *n, layer *L, float *dx, const float *dy, const f
     break;
   case LAYER_BATCHNORM:
     d = layer_bn(n, L, B);
-    batchnorm_backward(dx, dw, n->grads + L->b_off, ws, dy, x, w, n->params + L->b_off, L->saved, &d);
+    batchnorm_backward(dx, dw, n->grads + L->b_off, ws, dy, x, w, L->fused_relu ? L[1].out : L->out,
+                       L->saved, &d);
     break;
   case LAYER_RELU: relu_backward(dx, dy, L->out, len); break;
   case LAYER_CONV2D:

@@ -57,15 +57,6 @@ static void bn_stats(float *restrict mean, float *restrict var, const float *inp
   }
 }
 
-/* The affine map of a vector's entry c, as the forward computes it: the fused ReLU's backward recomputes
- * its mask with the same expression, so both see the same sign. (Images use x k + sh, see bn_apply;
- * hot_bn_sums and bn_dx repeat it.) */
-static inline float bn_affine_vec(const float *restrict x, const float *restrict mean,
-                                  const float *restrict rstd, const float *restrict gamma,
-                                  const float *restrict beta, int c) {
-  return (x[c] - mean[c]) * (rstd[c] * gamma[c]) + beta[c];
-}
-
 /* ReLU as relu_forward computes it, so the fused layer's output equals the two layers'. */
 static inline float bn_relu(float v) { return v > 0.0f ? v : 0.0f; }
 
@@ -79,9 +70,9 @@ static void bn_apply(float *out, const float *inp, const float *restrict mean,
       const float *restrict x = inp + (size_t)b * C;
       float *restrict y = out + (size_t)b * C;
       if (d->relu)
-        for (int c = r.c0; c < r.c1; c++) y[c] = bn_relu(bn_affine_vec(x, mean, rstd, gamma, beta, c));
+        for (int c = r.c0; c < r.c1; c++) y[c] = bn_relu((x[c] - mean[c]) * (rstd[c] * gamma[c]) + beta[c]);
       else
-        for (int c = r.c0; c < r.c1; c++) y[c] = bn_affine_vec(x, mean, rstd, gamma, beta, c);
+        for (int c = r.c0; c < r.c1; c++) y[c] = (x[c] - mean[c]) * (rstd[c] * gamma[c]) + beta[c];
     }
     return;
   }
@@ -102,7 +93,8 @@ typedef struct {
   float *out, *saved, *running_mean, *running_var; /* forward */
   float *dinp, *dgamma, *dbeta, *ws;                /* backward */
   const float *stats;                               /* backward: what the forward saved */
-  const float *inp, *gamma, *beta, *dout; /* beta in backward: the fused ReLU's mask */
+  const float *inp, *gamma, *beta, *dout;
+  const float *y; /* backward with a fused ReLU: the forward's output, whose sign is the ReLU's mask */
   const bn_dims *d;
 } bn_call;
 
@@ -217,13 +209,10 @@ void batchnorm_forward(float *out, float *saved, float *running_mean, float *run
 }
 
 /* With a fused ReLU (d->relu) the backward's dy is the gradient at the ReLU's output, and the
- * BatchNorm's own output gradient is g = dy where the forward's affine value was positive, 0 elsewhere:
- * the mask is recomputed from x (one multiply-add) instead of reading the output back. */
-static inline float bn_masked_vec(const float *restrict dy, const float *restrict x,
-                                  const float *restrict mean, const float *restrict rstd,
-                                  const float *restrict gamma, const float *restrict beta, int relu,
-                                  int c) {
-  return relu && !(bn_affine_vec(x, mean, rstd, gamma, beta, c) > 0.0f) ? 0.0f : dy[c];
+ * BatchNorm's own output gradient is g = dy where the forward's output y is positive, 0 elsewhere (as
+ * relu_backward). */
+static inline float bn_masked(const float *restrict dy, const float *restrict y, int relu, size_t i) {
+  return relu && !(y[i] > 0.0f) ? 0.0f : dy[i];
 }
 
 /* sum_dy[c] = sum g and sum_dyx[c] = sum g (x - mean) over samples [b0, b1), g as above, for the
@@ -232,43 +221,62 @@ static void bn_grad_sums(float *restrict sum_dy, float *restrict sum_dyx, const 
                          const float *restrict mean, const float *restrict rstd, int b0, int b1,
                          bn_span r) {
   const bn_dims *d = a->d;
-  const float *restrict gamma = a->gamma, *restrict beta = a->beta;
   int C = d->C, S = d->S, relu = d->relu;
   for (int c = r.c0; c < r.c1; c++) sum_dy[c] = sum_dyx[c] = 0.0f;
   if (S == 1) {
     for (int b = b0; b < b1; b++) {
       const float *restrict x = a->inp + (size_t)b * C, *restrict dy = a->dout + (size_t)b * C;
+      const float *restrict y = relu ? a->y + (size_t)b * C : NULL;
       for (int c = r.c0; c < r.c1; c++) {
-        float g = bn_masked_vec(dy, x, mean, rstd, gamma, beta, relu, c);
+        float g = bn_masked(dy, y, relu, (size_t)c);
         sum_dy[c] += g;
         sum_dyx[c] += g * (x[c] - mean[c]);
       }
     }
     return;
   }
-  for (int b = b0; b < b1; b++)
+  /* With a fused ReLU, g goes into dx (when wanted): a sample's planes of the part's channels are one
+   * contiguous run, masked in one loop as relu_backward does (masking plane by plane costs a loop's
+   * set-up per 49 floats); the sums then read g back from cache and bn_dx turns it into dx in place. */
+  size_t run = (size_t)(r.c1 - r.c0) * S;
+  for (int b = b0; b < b1; b++) {
+    size_t off0 = ((size_t)b * C + r.c0) * S;
+    const float *gsrc = a->dout;
+    if (relu && a->dinp) {
+      const float *restrict dy = a->dout + off0, *restrict y = a->y + off0;
+      float *restrict g = a->dinp + off0;
+      for (size_t i = 0; i < run; i++) g[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+      gsrc = a->dinp;
+    }
     for (int c = r.c0; c < r.c1; c++) {
       size_t off = ((size_t)b * C + c) * S;
-      float k = rstd[c] * gamma[c], sh = relu ? beta[c] - mean[c] * k : 0.0f, s_dy, s_dyx;
-      hot_bn_sums(a->dout + off, a->inp + off, mean[c], k, sh, relu, S, &s_dy, &s_dyx);
-      sum_dy[c] += s_dy;
-      sum_dyx[c] += s_dyx;
+      if (relu && !a->dinp) {
+        float s_dy, s_dyx;
+        hot_relu_sums(a->dout + off, a->y + off, a->inp + off, mean[c], S, &s_dy, &s_dyx);
+        sum_dy[c] += s_dy;
+        sum_dyx[c] += s_dyx;
+      } else {
+        sum_dy[c] += hot_sum(gsrc + off, S);
+        sum_dyx[c] += hot_dotdev(gsrc + off, a->inp + off, mean[c], S);
+      }
     }
+  }
 }
 
-/* dx = gamma rstd (g - k0 - (x - mean) k1) over samples [b0, b1), with k0, k1 per channel. */
+/* dx = gamma rstd (g - k0 - (x - mean) k1) over samples [b0, b1), with k0, k1 per channel; on images
+ * with a fused ReLU, bn_grad_sums left g in dx. */
 static void bn_dx(const bn_call *a, const float *restrict mean, const float *restrict rstd,
                   const float *restrict k0, const float *restrict k1, int b0, int b1, bn_span r) {
   const bn_dims *d = a->d;
-  const float *restrict gamma = a->gamma, *restrict beta = a->beta;
+  const float *restrict gamma = a->gamma;
   int C = d->C, S = d->S, relu = d->relu;
   if (S == 1) {
     for (int b = b0; b < b1; b++) {
       const float *restrict x = a->inp + (size_t)b * C, *restrict dy = a->dout + (size_t)b * C;
+      const float *restrict y = relu ? a->y + (size_t)b * C : NULL;
       float *restrict dx = a->dinp + (size_t)b * C;
       for (int c = r.c0; c < r.c1; c++)
-        dx[c] = gamma[c] * rstd[c] *
-                (bn_masked_vec(dy, x, mean, rstd, gamma, beta, relu, c) - k0[c] - (x[c] - mean[c]) * k1[c]);
+        dx[c] = gamma[c] * rstd[c] * (bn_masked(dy, y, relu, (size_t)c) - k0[c] - (x[c] - mean[c]) * k1[c]);
     }
     return;
   }
@@ -280,8 +288,8 @@ static void bn_dx(const bn_call *a, const float *restrict mean, const float *res
       /* g - k0 - (x - m) k1 = g - x k1 - (k0 - m k1) */
       float sc = gamma[c] * rstd[c], o = k0[c] - mean[c] * k1[c], kk = k1[c];
       if (relu) {
-        float k = rstd[c] * gamma[c], sh = beta[c] - mean[c] * k;
-        for (int i = 0; i < S; i++) dx[i] = sc * ((x[i] * k + sh > 0.0f ? dy[i] : 0.0f) - x[i] * kk - o);
+        float *g = a->dinp + off; /* dx itself: no restrict */
+        for (int i = 0; i < S; i++) g[i] = sc * (g[i] - x[i] * kk - o);
       } else {
         for (int i = 0; i < S; i++) dx[i] = sc * (dy[i] - x[i] * kk - o);
       }
@@ -358,10 +366,10 @@ static void bn_sync_backward(bn_call *a) {
 }
 
 void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, float *ws, const float *dout,
-                        const float *inp, const float *gamma, const float *beta, const float *saved,
+                        const float *inp, const float *gamma, const float *out, const float *saved,
                         const bn_dims *d) {
   bn_call a = {.dinp = dinp, .dgamma = dgamma, .dbeta = dbeta, .ws = ws, .inp = inp,
-               .gamma = gamma, .beta = beta, .dout = dout, .stats = saved, .d = d};
+               .gamma = gamma, .y = out, .dout = dout, .stats = saved, .d = d};
   if (bn_synced(d))
     bn_sync_backward(&a);
   else
