@@ -16,9 +16,9 @@
 
 /* Under the sanitizers, Open MPI's own allocations kept past MPI_Finalize are not ours to report
  * (tests/lsan-mpi.supp); the full unwinder reaches them through its dlopen'ed components. */
-#define MPIRUN "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 " \
-               "LSAN_OPTIONS=suppressions=tests/lsan-mpi.supp ASAN_OPTIONS=fast_unwind_on_malloc=0 " \
-               "mpirun -np %d --oversubscribe "
+#define MPIENV "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 " \
+               "LSAN_OPTIONS=suppressions=tests/lsan-mpi.supp ASAN_OPTIONS=fast_unwind_on_malloc=0 "
+#define MPIRUN MPIENV "mpirun -np %d --oversubscribe "
 
 /* The end of a command's output, short enough for a check message. */
 static const char *tail_of(const char *out) {
@@ -255,15 +255,20 @@ END_TEST
 
 /* mocod on config/tiny.json with everything under dir, SyncBN, a progress event every step, exiting when
  * done; np 1 runs it without mpirun. `extra` adds --set options. */
-static void mocod_cmd(char *cmd, size_t n, int np, const char *dir, const char *extra) {
-  char pre[256] = "";
-  if (np > 1) snprintf(pre, sizeof pre, MPIRUN, np);
-  snprintf(cmd, n,
-           "%s%s -c config/tiny.json --set data.dir='\"data\"' --set log.progress='\"%s/progress.jsonl\"' "
+static void mocod_opts(char *opts, size_t n, const char *dir, const char *extra) {
+  snprintf(opts, n,
+           "-c config/tiny.json --set data.dir='\"data\"' --set log.progress='\"%s/progress.jsonl\"' "
            "--set log.file='\"%s/mocod.log\"' --set checkpoint.dir='\"%s/ckpt\"' "
            "--set service.socket='\"%s/sock\"' --set service.pid_file='\"%s/pid\"' "
            "--set log.every_steps=1 --set model.sync_bn=true --set service.exit_on_finish=true %s",
-           pre, bin_path("mocod"), dir, dir, dir, dir, dir, extra);
+           dir, dir, dir, dir, dir, extra);
+}
+
+static void mocod_cmd(char *cmd, size_t n, int np, const char *dir, const char *extra) {
+  char pre[256] = "", opts[4096];
+  if (np > 1) snprintf(pre, sizeof pre, MPIRUN, np);
+  mocod_opts(opts, sizeof opts, dir, extra);
+  snprintf(cmd, n, "%s%s %s", pre, bin_path("mocod"), opts);
 }
 
 /* The losses of the progress events, in step order; returns how many. */
@@ -438,6 +443,40 @@ START_TEST(eval_and_export_on_two_ranks_match_one_process) {
 }
 END_TEST
 
+/* `-d` is refused under mpirun, naming scripts/mocod-mpi.sh, which starts the 2-rank job in the
+ * background and returns once rank 0 answers: status then says world_size 2, and `stop` ends mpirun. A
+ * job that cannot start (a training file that is not there) makes the script fail with mocod's reason. */
+START_TEST(mpi_job_in_the_background) {
+  char *dir = strdup(test_tmpdir());
+  char cmd[8192], sh[16384], out[16384], opts[4096];
+  mocod_cmd(cmd, sizeof cmd, 2, dir, "-d");
+  ck_assert_msg(run_capture(cmd, out, sizeof out) != 0, "-d under mpirun was accepted");
+  ck_assert_msg(strstr(out, "scripts/mocod-mpi.sh") != NULL, "%s", tail_of(out));
+  mocod_opts(opts, sizeof opts, dir, "--set optim.steps=1000000");
+  char bins[2][1024]; /* bin_path's answer lasts until its next call */
+  snprintf(bins[0], sizeof bins[0], "%s", bin_path("mocod"));
+  snprintf(bins[1], sizeof bins[1], "%s", bin_path("mococtl"));
+  snprintf(sh, sizeof sh,
+           "d=%s; export MOCOD=%s MOCOCTL=%s; pid=$(" MPIENV "scripts/mocod-mpi.sh $d/mpirun.log -np 2 "
+           "--oversubscribe -- %s) || exit 11; "
+           "$MOCOCTL -s $d/sock --json status | grep -q '\"world_size\": *2' || exit 12; "
+           "$MOCOCTL -s $d/sock stop || exit 13; "
+           "for i in $(seq 300); do s=$(ps -o stat= -p $pid); [ -z \"$s\" ] || [ \"${s#Z}\" != \"$s\" ] && exit 0; "
+           "sleep 0.1; done; exit 14",
+           dir, bins[0], bins[1], opts);
+  int rc = run_capture(sh, out, sizeof out);
+  ck_assert_msg(rc == 0, "exit %d (11: the script failed, 12: status without world_size 2, 13: stop failed, "
+                "14: mpirun still up 30 s after stop)\n%s", rc, tail_of(out));
+  mocod_opts(opts, sizeof opts, dir, "--set data.train='\"missing-idx3-ubyte\"'");
+  snprintf(sh, sizeof sh, "MOCOD=%s MOCOCTL=%s " MPIENV "scripts/mocod-mpi.sh %s/bad.log -np 2 --oversubscribe -- %s",
+           bins[0], bins[1], dir, opts);
+  ck_assert_msg(run_capture(sh, out, sizeof out) == 1, "a job that cannot start: %s", tail_of(out));
+  ck_assert_msg(strstr(out, "missing-idx3-ubyte") != NULL, "the reason is not named: %s", tail_of(out));
+  rm_rf(dir);
+  free(dir);
+}
+END_TEST
+
 /* A rank killed mid-run ends the whole job within seconds, rank 0's log names it, and the run resumes
  * from the newest checkpoint. A `set` during the run reaches every rank (the ranks compare their models
  * every 50 steps; a rank that missed it would fail the step), and so does an export between two steps
@@ -496,6 +535,7 @@ Suite *dist_suite(void) {
   tcase_add_test(tc, per_rank_batchnorm_is_not_one_process);
   tcase_add_test(tc, daemon_two_ranks_train_as_one);
   tcase_add_test(tc, eval_and_export_on_two_ranks_match_one_process);
+  tcase_add_test(tc, mpi_job_in_the_background);
   tcase_add_test(tc, killed_rank_ends_the_job_and_it_resumes);
   suite_add_tcase(s, tc);
   TCase *files = tcase_create("files"); /* in-process shares on a plain file in a scratch directory */

@@ -349,8 +349,9 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (dist_active() && daemon_mode) {
-    fprintf(stderr, "mocod: -d under mpirun: mpirun must stay the parent of its ranks; run mpirun itself in "
-                    "the background instead (nohup mpirun ... &)\n");
+    fprintf(stderr, "mocod: -d under mpirun: mpirun must stay the parent of its ranks, so the ranks cannot "
+                    "detach; start the job in the background with scripts/mocod-mpi.sh LOG [mpirun options] -- "
+                    "[mocod options], which returns once rank 0 answers (README, \"Several processes\")\n");
     json_decref(config);
     dist_finalize();
     return 2;
