@@ -39,6 +39,9 @@ BENCH_SRC := $(wildcard tests/bench/bench_*.c)
 BENCHES  := $(patsubst tests/bench/%.c,$(BIN)/%,$(BENCH_SRC))
 # Helper programs the test suites start (test_dist.c runs dist-check under mpirun).
 TOOLS    := $(BIN)/dist-check
+# Suites run in this many worker processes at once (tests/runner.c): they mostly wait on daemons and
+# child programs, so 2 workers gain even on 2 cores (TEST_JOBS=1: one process, as before).
+TEST_JOBS ?= 2
 
 .PHONY: all deps test check asan bench run clean fuzz
 all: $(PROGS)
@@ -55,7 +58,7 @@ asan:
 
 .PHONY: test-run
 test-run: $(BIN)/mocod-tests $(PROGS) $(TOOLS)
-	@MOCOD_BIN=$(BIN) MOCOD_BUILD=$(BUILD) $(BIN)/mocod-tests
+	@MOCOD_TEST_JOBS=$(TEST_JOBS) MOCOD_BIN=$(BIN) MOCOD_BUILD=$(BUILD) $(BIN)/mocod-tests
 
 bench: deps
 	@$(MAKE) --no-print-directory bench-run
