@@ -71,7 +71,15 @@ run: deps
 	@$(MAKE) --no-print-directory all
 	@scripts/run-default.sh $(BIN)
 
-$(BUILD)/%.o: %.c
+# The compiler and flags an object was built with: rewritten only when they change (a new MARCH, say),
+# and every object depends on it, so objects of two flag sets are never linked together.
+FLAGS_STAMP := $(BUILD)/flags.stamp
+.PHONY: FORCE
+$(FLAGS_STAMP): FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(CC) $(CFLAGS)' | cmp -s - $@ || echo '$(CC) $(CFLAGS)' > $@
+
+$(BUILD)/%.o: %.c $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
