@@ -380,8 +380,8 @@ def plots(a, results, seeds):
                         f.write("%s %s %s %s\n" % (ev.get("step"), ev.get("hardness"), ev.get("neg_sim"),
                                                    ev.get("fn_rate") if ev.get("fn_rate") is not None else "?"))
             data.append((s, path))
-        plot = ["set terminal pngcairo size 1000,700", "set output '%s'" % png, "set multiplot layout 3,1",
-                "set key right bottom", "set xlabel 'step'"]
+        plot = ["set terminal pngcairo noenhanced size 1000,700", "set output '%s'" % png, "set multiplot layout 3,1",
+                "set key outside right center", "set xlabel 'step'"]
         for col, what in ((2, "hardness"), (3, "neg_sim (signal)"),
                           (4, "false-negative rate")):
             plot.append("set ylabel '%s'" % what)

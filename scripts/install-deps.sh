@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(build-essential pkg-config libuv1-dev libopenblas-dev libjansson-dev check
           zlib1g-dev libmicrohttpd-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev python3
-          libpng-dev libjpeg62-turbo-dev)
+          libpng-dev libjpeg62-turbo-dev procps)
 # The fuzzers (make fuzz), only with MOCOD_FUZZ=1 (CI): clang and its libFuzzer runtime.
 if [ "${MOCOD_FUZZ:-0}" = 1 ]; then
   PACKAGES+=(clang libfuzzer-14-dev)
