@@ -56,7 +56,8 @@ GRIDS = {
     # within 10 minutes on 2 cores): the default job and one change each, at its own budget. Run with
     # --jobs 8 --set threads=2 on 16 cores (each run then sees the 2 cores of the target machine).
     "recipe": {"configs": ["hardest", "recipe-t0.2", "recipe-t0.05", "recipe-symmetric", "recipe-crop0.3",
-                           "recipe-queue16k-all", "recipe-embed256", "recipe-momentum0.996"],
+                           "recipe-queue16k-all", "recipe-embed256", "recipe-momentum0.996",
+                           "recipe-symmetric-6ep"],
                "seeds": "1", "epochs": 12, "set": ["eval.every_steps=0"]},
 }
 # Named variants: a config plus overrides, for grids that change one thing at a time.
@@ -68,6 +69,9 @@ VARIANTS = {
     "recipe-queue16k-all": ("all", ["contrast.queue_size=16384"]),
     "recipe-embed256": ("hardest", ["model.embed_dim=256"]),
     "recipe-momentum0.996": ("hardest", ["contrast.momentum=0.996"]),
+    # The symmetric loss computes both encoders on both views, about 1.8x a step: at equal compute it
+    # gets half the epochs.
+    "recipe-symmetric-6ep": ("hardest", ["contrast.symmetric=true", "optim.epochs=6"]),
 }
 LABELS = {
     "random": "random negatives",
