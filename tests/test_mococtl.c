@@ -176,6 +176,15 @@ START_TEST(eval_and_export_take_their_arguments) {
   FIELD("time", "20"); /* a date */
   ck_assert_msg(strstr(out, "e+09") == NULL, "a time printed as a number: %s", out);
   FIELD("uptime_sec", "0:00:");
+  /* arrays of reals (the per-class accuracies) at the scalars' precision, not 0.97536944999999997 */
+  const char *cls = strstr(out, "class_acc:");
+  ck_assert_msg(cls != NULL, "no class_acc in:\n%s", out);
+  size_t run = 0, longest = 0;
+  for (const char *c = cls; *c && *c != '\n'; c++) {
+    run = (*c >= '0' && *c <= '9') ? run + 1 : 0;
+    if (run > longest) longest = run;
+  }
+  ck_assert_msg(longest <= 6, "a real in an array printed with %zu digits: %.300s", longest, cls);
 }
 END_TEST
 

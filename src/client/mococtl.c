@@ -221,8 +221,9 @@ static void print_scalar(FILE *f, const json_t *v) {
   case JSON_TRUE: fputs("true", f); break;
   case JSON_FALSE: fputs("false", f); break;
   case JSON_NULL: fputs("-", f); break;
-  default: { /* arrays (and objects where a scalar is expected) stay JSON */
-    char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+  default: { /* arrays (and objects where a scalar is expected) stay JSON, their reals as short as
+                 the scalars' %.6g rather than every digit a double holds */
+    char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(6));
     fputs(s ? s : "?", f);
     free(s);
   }
