@@ -53,7 +53,8 @@ GRIDS = {
     # The default budget for plain MoCo and the configs named with --configs (the best three of the screening).
     "default-budget": {"configs": ["all"], "seeds": "1,2,3", "epochs": 12, "set": ["log.every_steps=10"]},
     # Recipe changes for the default job's targets (kNN >= 88% at k=200, >= 90.5% at k=20, probe >= 91%
-    # within 10 minutes on 2 cores): the default job and one change each, at its own budget. Run with
+    # within 10 minutes on 2 cores): the default job, one change each at its own budget, and the symmetric
+    # loss again at the default's compute. Run with
     # --jobs 8 --set threads=2 on 16 cores (each run then sees the 2 cores of the target machine).
     "recipe": {"configs": ["hardest", "recipe-t0.2", "recipe-t0.05", "recipe-symmetric", "recipe-crop0.3",
                            "recipe-queue16k-all", "recipe-embed256", "recipe-momentum0.996",

@@ -22,6 +22,8 @@ enum { EXIT_OK = 0, EXIT_ANSWERED_ERROR = 1, EXIT_UNREACHABLE = 2, EXIT_USAGE = 
 #define MAX_ANSWER (64u << 20)
 /* How long a command answered from mocod's loop may take before mocod counts as not answering. */
 #define DEFAULT_TIMEOUT 30.0
+/* Significant digits of a real in human output, alone or inside an array. */
+#define HUMAN_REAL_DIGITS 6
 
 /* What mococtl knows of each command of mocod's table (src/service/server.c; `mococtl commands` lists
  * the daemon's): how the words after it become the request's args, whether it waits for work off
@@ -217,13 +219,13 @@ static void print_scalar(FILE *f, const json_t *v) {
   switch (json_typeof(v)) {
   case JSON_STRING: fputs(json_string_value(v), f); break;
   case JSON_INTEGER: fprintf(f, "%" JSON_INTEGER_FORMAT, json_integer_value(v)); break;
-  case JSON_REAL: fprintf(f, "%.6g", json_real_value(v)); break;
+  case JSON_REAL: fprintf(f, "%.*g", HUMAN_REAL_DIGITS, json_real_value(v)); break;
   case JSON_TRUE: fputs("true", f); break;
   case JSON_FALSE: fputs("false", f); break;
   case JSON_NULL: fputs("-", f); break;
   default: { /* arrays (and objects where a scalar is expected) stay JSON, their reals as short as
-                 the scalars' %.6g rather than every digit a double holds */
-    char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(6));
+                 the scalars' rather than every digit a double holds */
+    char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(HUMAN_REAL_DIGITS));
     fputs(s ? s : "?", f);
     free(s);
   }
